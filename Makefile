@@ -1,0 +1,63 @@
+# The README's commands. Each creates .venv if missing and installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# CPU wheel of torch: an unpinned torch would pull ~3 GB of CUDA wheels on a CPU machine.
+TORCH_VERSION ?= 2.13.0
+NVCC   ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+CUDA_ARCHS ?= 80 90
+PYTEST_ARGS ?=
+
+.PRECIOUS: $(VENV)/.installed-%
+.PHONY: help venv install build demo test test-all bench cuda-check clean
+
+help:
+	@echo "make demo        run the demo (mFTI on a real small model, before/after scores)"
+	@echo "make test        fast test suite (+ cuda-check when nvcc exists)"
+	@echo "make test-all    every test, slow end-to-end ones included"
+	@echo "make bench       pytest-benchmark suites; writes bench/results/<device>.md"
+	@echo "make cuda-check  compile every csrc/cuda/*.cu for sm_80 and sm_90 (no GPU needed)"
+	@echo "make build       rebuild mmt_kernels._C in place (incremental)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Marker files: reinstall when the packaging metadata or the C++/CUDA sources change.
+KERNEL_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*)
+$(VENV)/.installed-%: pyproject.toml setup.py $(KERNEL_SOURCES) | $(PY)
+	@$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$(TORCH_VERSION)' or torch.version.cuda else 1)" 2>/dev/null \
+		|| $(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q --no-build-isolation -e ".[$*]"
+	@$(PY) -c "import torch; print('torch', torch.__version__, '(cuda ' + str(torch.version.cuda) + ')')"
+	@touch $@
+
+venv install: $(VENV)/.installed-dev
+
+build: $(VENV)/.installed-dev
+	flock .build.lock $(PY) setup.py -q build_ext --inplace
+
+demo: $(VENV)/.installed-demo
+	$(VENV)/bin/mmt demo
+
+test: $(VENV)/.installed-dev
+	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory cuda-check; else echo "cuda-check skipped: nvcc not found"; fi
+	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+test-all: $(VENV)/.installed-dev
+	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+bench: $(VENV)/.installed-dev
+	$(PY) -m pytest bench -q --benchmark-only $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+cuda-check:
+	@test -n "$(NVCC)" || { echo "cuda-check: nvcc not found"; exit 1; }
+	@set -e; for f in csrc/cuda/*.cu; do \
+		for a in $(CUDA_ARCHS); do \
+			$(NVCC) -std=c++17 -O3 -Icsrc -gencode arch=compute_$$a,code=sm_$$a -c $$f -o /tmp/mmt-cuda-check-$$a.o; \
+		done; echo "cuda-check: $$f ok (sm_$(shell echo $(CUDA_ARCHS) | sed 's/ /, sm_/g'))"; \
+	done
+
+clean:
+	rm -rf build *.egg-info mmt_kernels/_C*.so .pytest_cache

@@ -1,0 +1,74 @@
+// Family 1, CPU: strict neuron-sparse AdamW. OpenMP over neurons (or param rows for column
+// neurons); the inner loop is contiguous so the compiler vectorises it.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <vector>
+
+#include "sparse_adamw_common.h"
+
+namespace mmt {
+namespace {
+
+template <typename scalar_t>
+void sparse_adamw_cpu_impl(const SparseAdamWArgs& a, scalar_t* param, const scalar_t* grad, float* m, float* v,
+                           const int64_t* rows, const float* row_scale, const float* step_size,
+                           const float* bc2_sqrt) {
+  const float decay = a.decay, b1 = a.beta1, b2 = a.beta2, eps = a.eps;
+  const float omb1 = a.one_minus_beta1, omb2 = a.one_minus_beta2;
+  auto update = [&](int64_t pidx, int64_t sidx, int64_t k) {
+    const float scale = row_scale ? row_scale[k] : 1.0f;
+    const float g = static_cast<float>(grad[pidx]) * scale;
+    float p = static_cast<float>(param[pidx]) * decay;
+    const float mk = b1 * m[sidx] + omb1 * g;
+    const float vk = b2 * v[sidx] + omb2 * g * g;
+    m[sidx] = mk;
+    v[sidx] = vk;
+    p -= step_size[k] * mk / (std::sqrt(vk) / bc2_sqrt[k] + eps);
+    param[pidx] = static_cast<scalar_t>(p);
+  };
+  const int64_t K = a.K, C = a.C, R = a.R;
+  if (a.neuron_dim == 0) {
+    at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t base = rows[k] * C;
+        const int64_t sbase = a.compact ? k * C : base;
+        for (int64_t c = 0; c < C; ++c) update(base + c, sbase + c, k);
+      }
+    });
+  } else {
+    // Neurons are columns: walk param rows so memory stays contiguous per thread.
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t pidx = c * R + rows[k];
+          update(pidx, a.compact ? k * C + c : pidx, k);
+        }
+      }
+    });
+  }
+}
+
+void sparse_adamw_cpu(at::Tensor param, at::Tensor exp_avg, at::Tensor exp_avg_sq, const at::Tensor& grad,
+                      const at::Tensor& rows, const std::optional<at::Tensor>& row_scale,
+                      const std::optional<at::Tensor>& row_step, double lr, double beta1, double beta2, double eps,
+                      double weight_decay, int64_t step, int64_t neuron_dim, bool compact) {
+  SparseAdamWArgs a = check_sparse_adamw(param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step, lr, beta1,
+                                         beta2, eps, weight_decay, step, neuron_dim, compact, at::kCPU);
+  if (a.K == 0 || a.C == 0) return;
+  std::vector<float> step_size(a.K), bc2_sqrt(a.K);
+  bias_corrections(a, row_step, step_size.data(), bc2_sqrt.data());
+  const float* scale = row_scale ? row_scale->data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "sparse_adamw_cpu", [&] {
+    sparse_adamw_cpu_impl<scalar_t>(a, param.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                                    exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(),
+                                    rows.data_ptr<int64_t>(), scale, step_size.data(), bc2_sqrt.data());
+  });
+}
+
+}  // namespace
+}  // namespace mmt
+
+TORCH_LIBRARY_IMPL(mmt, CPU, m) { m.impl("sparse_adamw_", &mmt::sparse_adamw_cpu); }

@@ -1,0 +1,72 @@
+// Family 1, CUDA: strict neuron-sparse AdamW. One thread per element of the selected neurons,
+// 4 elements per thread along the contiguous axis; fp32 math and state whatever the param dtype.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "sparse_adamw.h"
+
+namespace mmt {
+namespace cuda {
+namespace {
+
+template <typename T> __device__ __forceinline__ float to_f32(T x);
+template <> __device__ __forceinline__ float to_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <> __device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+
+constexpr int kThreads = 256;
+constexpr int kPerThread = 4;
+
+template <typename T>
+__global__ void sparse_adamw_kernel(SparseAdamWParams p) {
+  // blockIdx.x walks neurons (neuron_dim 0) or param rows (neuron_dim 1); y walks the contiguous axis.
+  const int64_t outer = blockIdx.x;
+  const int64_t inner0 = (static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x) * kPerThread;
+  const int64_t inner_len = p.neuron_dim == 0 ? p.C : p.K;
+  T* param = static_cast<T*>(p.param);
+  const T* grad = static_cast<const T*>(p.grad);
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int64_t inner = inner0 + i;
+    if (inner >= inner_len) return;
+    const int64_t k = p.neuron_dim == 0 ? outer : inner;
+    const int64_t c = p.neuron_dim == 0 ? inner : outer;
+    const int64_t n = p.rows[k];
+    const int64_t pidx = p.neuron_dim == 0 ? n * p.C + c : c * p.R + n;
+    const int64_t sidx = p.compact ? k * p.C + c : pidx;
+    const float step_size = p.step_size ? p.step_size[k] : p.step_size_all;
+    const float bc2_sqrt = p.bc2_sqrt ? p.bc2_sqrt[k] : p.bc2_sqrt_all;
+    const float g = to_f32(grad[pidx]) * (p.row_scale ? p.row_scale[k] : 1.0f);
+    const float m = p.beta1 * p.exp_avg[sidx] + p.one_minus_beta1 * g;
+    const float v = p.beta2 * p.exp_avg_sq[sidx] + p.one_minus_beta2 * g * g;
+    p.exp_avg[sidx] = m;
+    p.exp_avg_sq[sidx] = v;
+    const float w = to_f32(param[pidx]) * p.decay - step_size * m / (sqrtf(v) / bc2_sqrt + p.eps);
+    param[pidx] = from_f32<T>(w);
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_sparse_adamw(const SparseAdamWParams& p, DType dtype, cudaStream_t stream) {
+  if (p.K == 0 || p.C == 0) return cudaSuccess;
+  const int64_t outer = p.neuron_dim == 0 ? p.K : p.C;
+  const int64_t inner = p.neuron_dim == 0 ? p.C : p.K;
+  // outer on grid.x (up to 2^31-1), the contiguous axis on grid.y (65535 * 1024 elements per neuron).
+  const int64_t inner_blocks = (inner + kThreads * kPerThread - 1) / (kThreads * kPerThread);
+  if (inner_blocks > 65535) return cudaErrorInvalidConfiguration;
+  dim3 grid(static_cast<unsigned>(outer), static_cast<unsigned>(inner_blocks));
+  switch (dtype) {
+    case DType::kFloat32: sparse_adamw_kernel<float><<<grid, kThreads, 0, stream>>>(p); break;
+    case DType::kBFloat16: sparse_adamw_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p); break;
+    case DType::kFloat16: sparse_adamw_kernel<__half><<<grid, kThreads, 0, stream>>>(p); break;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace mmt

@@ -1,0 +1,86 @@
+// Argument checks and bias corrections shared by the CPU and CUDA bindings of sparse_adamw_.
+#pragma once
+#include <torch/torch.h>
+
+#include <cmath>
+#include <optional>
+
+namespace mmt {
+
+struct SparseAdamWArgs {
+  int64_t K, R, C;  // selected neurons, neurons in the tensor, elements per neuron
+  float lr, beta1, beta2, eps, weight_decay;
+  float one_minus_beta1, one_minus_beta2, decay;  // formed in double: 1 - 0.99f loses 5e-6 relative
+  int64_t step, neuron_dim;
+  bool compact;
+};
+
+inline SparseAdamWArgs check_sparse_adamw(const at::Tensor& param, const at::Tensor& exp_avg,
+                                          const at::Tensor& exp_avg_sq, const at::Tensor& grad,
+                                          const at::Tensor& rows, const std::optional<at::Tensor>& row_scale,
+                                          const std::optional<at::Tensor>& row_step, double lr, double beta1,
+                                          double beta2, double eps, double weight_decay, int64_t step,
+                                          int64_t neuron_dim, bool compact, c10::DeviceType device) {
+  TORCH_CHECK(param.device().type() == device, "sparse_adamw_: param is on ", param.device(), ", expected ", device);
+  TORCH_CHECK(param.dim() == 1 || param.dim() == 2, "sparse_adamw_: param must be 1-D or 2-D, got shape ",
+              param.sizes());
+  TORCH_CHECK(neuron_dim == 0 || (neuron_dim == 1 && param.dim() == 2),
+              "sparse_adamw_: neuron_dim must be 0, or 1 for a 2-D param; got ", neuron_dim);
+  TORCH_CHECK(param.is_contiguous() && grad.is_contiguous(), "sparse_adamw_: param and grad must be contiguous");
+  TORCH_CHECK(grad.sizes() == param.sizes(), "sparse_adamw_: grad shape ", grad.sizes(), " != param shape ",
+              param.sizes());
+  TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "sparse_adamw_: grad dtype ", grad.scalar_type(),
+              " != param dtype ", param.scalar_type());
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.is_contiguous(),
+              "sparse_adamw_: rows must be a contiguous 1-D int64 tensor");
+  TORCH_CHECK(rows.device() == param.device(), "sparse_adamw_: rows on ", rows.device(), ", param on ",
+              param.device());
+  SparseAdamWArgs a;
+  a.K = rows.numel();
+  const int64_t d0 = param.size(0), d1 = param.dim() == 2 ? param.size(1) : 1;
+  a.R = neuron_dim == 0 ? d0 : d1;
+  a.C = neuron_dim == 0 ? d1 : d0;
+  for (const at::Tensor* s : {&exp_avg, &exp_avg_sq}) {
+    TORCH_CHECK(s->scalar_type() == at::kFloat && s->is_contiguous() && s->device() == param.device(),
+                "sparse_adamw_: optimizer state must be contiguous fp32 on the param's device");
+    if (compact) {
+      TORCH_CHECK(s->numel() == a.K * a.C, "sparse_adamw_: compact state needs ", a.K, "x", a.C,
+                  " elements, got shape ", s->sizes());
+    } else {
+      TORCH_CHECK(s->sizes() == param.sizes(), "sparse_adamw_: full state shape ", s->sizes(),
+                  " != param shape ", param.sizes());
+    }
+  }
+  if (row_scale) {
+    TORCH_CHECK(row_scale->scalar_type() == at::kFloat && row_scale->numel() == a.K &&
+                    row_scale->is_contiguous() && row_scale->device() == param.device(),
+                "sparse_adamw_: row_scale must be contiguous fp32 [K=", a.K, "] on the param's device");
+  }
+  if (row_step) {
+    TORCH_CHECK(row_step->numel() == a.K && row_step->dim() == 1, "sparse_adamw_: row_step must be [K=", a.K, "]");
+  } else {
+    TORCH_CHECK(step >= 1, "sparse_adamw_: step must be >= 1, got ", step);
+  }
+  a.lr = lr; a.beta1 = beta1; a.beta2 = beta2; a.eps = eps; a.weight_decay = weight_decay;
+  a.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  a.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  a.decay = static_cast<float>(1.0 - lr * weight_decay);
+  a.step = step; a.neuron_dim = neuron_dim; a.compact = compact;
+  return a;
+}
+
+// step_size[k] = lr / (1 - beta1^s_k), bc2_sqrt[k] = sqrt(1 - beta2^s_k), computed in double on the host.
+inline void bias_corrections(const SparseAdamWArgs& a, const std::optional<at::Tensor>& row_step, float* step_size,
+                             float* bc2_sqrt) {
+  at::Tensor steps;
+  if (row_step) steps = row_step->to(at::kCPU, at::kLong).contiguous();
+  const int64_t* s = row_step ? steps.data_ptr<int64_t>() : nullptr;
+  for (int64_t k = 0; k < a.K; ++k) {
+    const double n = s ? static_cast<double>(s[k]) : static_cast<double>(a.step);
+    TORCH_CHECK(n >= 1, "sparse_adamw_: row_step[", k, "] must be >= 1, got ", n);
+    step_size[k] = static_cast<float>(a.lr / (1.0 - std::pow(static_cast<double>(a.beta1), n)));
+    bc2_sqrt[k] = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(a.beta2), n)));
+  }
+}
+
+}  // namespace mmt

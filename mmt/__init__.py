@@ -1,0 +1,9 @@
+"""mmt: post-training Hugging Face causal LMs for multilingual machine translation.
+
+The pipeline (``data`` -> ``methods`` -> ``train`` -> ``evaluate``) is imported lazily; importing
+``mmt`` is cheap and never loads ``mmt_kernels``.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

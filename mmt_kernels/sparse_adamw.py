@@ -1,0 +1,90 @@
+"""Family 1: neuron-sparse AdamW.
+
+``sparse_adamw_`` updates only the selected neurons of a parameter (rows of a ``[out, in]`` weight,
+or columns with ``neuron_dim=1``, e.g. a down projection), strictly: unselected neurons get no
+decay, no moment update, no change at all.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _backend
+from . import reference as _ref
+
+OP = "sparse_adamw_"
+
+
+@_backend.register_fake("mmt::sparse_adamw_")
+def _sparse_adamw_fake(param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step, lr, beta1, beta2, eps,
+                       weight_decay, step, neuron_dim, compact):
+    return None
+
+
+@torch.library.custom_op("mmt::sparse_adamw_triton_", mutates_args=("param", "exp_avg", "exp_avg_sq"))
+def _sparse_adamw_triton(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
+                         rows: torch.Tensor, row_scale: torch.Tensor | None, row_step: torch.Tensor | None,
+                         lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+                         neuron_dim: int, compact: bool) -> None:
+    from .triton.sparse_adamw import sparse_adamw_ as kernel
+
+    kernel(param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+           weight_decay=weight_decay, step=step, neuron_dim=neuron_dim, compact=compact)
+
+
+@_sparse_adamw_triton.register_fake
+def _(param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step, lr, beta1, beta2, eps, weight_decay, step,
+      neuron_dim, compact):
+    return None
+
+
+def _check(param, exp_avg, exp_avg_sq, grad, rows, row_scale, neuron_dim, compact):
+    """Python-side checks shared by every backend, so the reference fails as clearly as the kernels."""
+    if param.dim() not in (1, 2):
+        raise ValueError(f"sparse_adamw_: param must be 1-D or 2-D, got shape {tuple(param.shape)}")
+    if neuron_dim not in (0, 1) or (neuron_dim == 1 and param.dim() != 2):
+        raise ValueError(f"sparse_adamw_: neuron_dim must be 0, or 1 for a 2-D param; got {neuron_dim}")
+    if grad.shape != param.shape or grad.dtype != param.dtype:
+        raise ValueError(f"sparse_adamw_: grad {tuple(grad.shape)}/{grad.dtype} does not match param "
+                         f"{tuple(param.shape)}/{param.dtype}")
+    if param.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"sparse_adamw_: param dtype must be fp32, bf16 or fp16, got {param.dtype}")
+    if rows.dtype != torch.int64 or rows.dim() != 1:
+        raise TypeError(f"sparse_adamw_: rows must be a 1-D int64 tensor, got {rows.dtype} {tuple(rows.shape)}")
+    n_neurons = param.shape[neuron_dim] if param.dim() == 2 else param.shape[0]
+    per_neuron = param.numel() // max(n_neurons, 1)
+    for name, s in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if s.dtype != torch.float32:
+            raise TypeError(f"sparse_adamw_: {name} must be fp32, got {s.dtype}")
+        want = (rows.numel() * per_neuron) if compact else param.numel()
+        if s.numel() != want or (not compact and s.shape != param.shape):
+            raise ValueError(f"sparse_adamw_: {name} has shape {tuple(s.shape)}; expected "
+                             + (f"[{rows.numel()}, {per_neuron}] (compact)" if compact else f"{tuple(param.shape)}"))
+    if row_scale is not None and (row_scale.dtype != torch.float32 or row_scale.numel() != rows.numel()):
+        raise ValueError(f"sparse_adamw_: row_scale must be fp32 [{rows.numel()}], got {row_scale.dtype} "
+                         f"{tuple(row_scale.shape)}")
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("grad", grad), ("rows", rows)):
+        if t.device != param.device:
+            raise ValueError(f"sparse_adamw_: {name} is on {t.device}, param on {param.device}")
+
+
+def sparse_adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
+                  rows: torch.Tensor, *, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+                  weight_decay: float = 0.0, step: int = 1, row_scale: torch.Tensor | None = None,
+                  row_step: torch.Tensor | None = None, neuron_dim: int = 0, compact: bool = False,
+                  backend: str | None = None) -> None:
+    """One strict AdamW step on neurons ``rows`` (sorted int64) of ``param``, in place.
+
+    ``exp_avg``/``exp_avg_sq`` are fp32, either param-shaped or, with ``compact=True``, ``[K, C]`` with
+    one row per selected neuron. ``row_step`` ([K]) gives per-neuron step counts for bias correction
+    (neurons that train only for some language pairs); ``row_scale`` ([K] fp32) scales each gradient.
+    """
+    _check(param, exp_avg, exp_avg_sq, grad, rows, row_scale, neuron_dim, compact)
+    which = _backend.choose(OP, param.device, backend=backend)
+    args = (param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step)
+    if which in ("cpu", "cuda"):
+        torch.ops.mmt.sparse_adamw_(*args, lr, beta1, beta2, eps, weight_decay, step, neuron_dim, compact)
+    elif which == "triton":
+        _sparse_adamw_triton(*args, lr, beta1, beta2, eps, weight_decay, step, neuron_dim, compact)
+    else:
+        _ref.sparse_adamw_(*args, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
+                           neuron_dim=neuron_dim, compact=compact)

@@ -1,0 +1,75 @@
+"""Family 1, Triton: strict neuron-sparse AdamW over a [BLOCK_K, BLOCK_C] tile of selected neurons."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sparse_adamw_kernel(param_ptr, grad_ptr, m_ptr, v_ptr, rows_ptr, scale_ptr, step_size_ptr, bc2_sqrt_ptr,
+                         K, C, stride_n, stride_c, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, eps,
+                         step_size, bc2_sqrt,
+                         HAS_SCALE: tl.constexpr, HAS_ROW_STEP: tl.constexpr, COMPACT: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_k = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    kmask = ks < K
+    mask = kmask[:, None] & (cs < C)[None, :]
+    neurons = tl.load(rows_ptr + ks, mask=kmask, other=0)
+    pidx = neurons[:, None] * stride_n + cs[None, :] * stride_c
+    sidx = ks[:, None] * C + cs[None, :] if COMPACT else pidx
+
+    # Bias corrections come from the host (fp64): 1 - beta^s in fp32 loses up to 5e-6 relative.
+    if HAS_ROW_STEP:
+        step_size = tl.load(step_size_ptr + ks, mask=kmask, other=0.0)
+        bc2_sqrt = tl.load(bc2_sqrt_ptr + ks, mask=kmask, other=1.0)
+    else:
+        step_size = tl.zeros([BLOCK_K], dtype=tl.float32) + step_size
+        bc2_sqrt = tl.zeros([BLOCK_K], dtype=tl.float32) + bc2_sqrt
+
+    g = tl.load(grad_ptr + pidx, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = g * tl.load(scale_ptr + ks, mask=kmask, other=0.0)[:, None]
+    w = tl.load(param_ptr + pidx, mask=mask, other=0.0).to(tl.float32)
+    m = beta1 * tl.load(m_ptr + sidx, mask=mask, other=0.0) + one_minus_beta1 * g
+    v = beta2 * tl.load(v_ptr + sidx, mask=mask, other=0.0) + one_minus_beta2 * g * g
+    w = w * decay - step_size[:, None] * m / (tl.sqrt(v) / bc2_sqrt[:, None] + eps)
+    tl.store(m_ptr + sidx, m, mask=mask)
+    tl.store(v_ptr + sidx, v, mask=mask)
+    tl.store(param_ptr + pidx, w.to(param_ptr.dtype.element_ty), mask=mask)
+
+
+def bias_corrections(lr, beta1, beta2, step, row_step):
+    """(lr / (1 - beta1^s), sqrt(1 - beta2^s)) in fp64: Python floats for one step, fp32 [K] tensors per row."""
+    if row_step is None:
+        return lr / (1.0 - beta1 ** step), (1.0 - beta2 ** step) ** 0.5
+    s = row_step.to(torch.float64)
+    return (lr / (1.0 - beta1 ** s)).float(), (1.0 - beta2 ** s).sqrt().float()
+
+
+def sparse_adamw_(param, exp_avg, exp_avg_sq, grad, rows, row_scale=None, row_step=None, *, lr, beta1, beta2,
+                  eps, weight_decay, step, neuron_dim=0, compact=False):
+    K = rows.numel()
+    if param.dim() == 1:
+        C, stride_n, stride_c = 1, 1, 0
+    elif neuron_dim == 0:
+        C, stride_n, stride_c = param.shape[1], param.shape[1], 1
+    else:
+        C, stride_n, stride_c = param.shape[0], 1, param.shape[1]
+    if K == 0 or C == 0:
+        return
+    # Column neurons read strided along C, so favour a wide K tile there.
+    block_c = min(triton.next_power_of_2(C), 256 if neuron_dim == 0 else 16)
+    block_k = min(triton.next_power_of_2(K), max(1, 4096 // block_c))
+    grid = (triton.cdiv(K, block_k), triton.cdiv(C, block_c))
+    step_sizes, bc2_sqrts = bias_corrections(lr, beta1, beta2, step, row_step)
+    dummy = exp_avg
+    _sparse_adamw_kernel[grid](
+        param, grad, exp_avg, exp_avg_sq, rows, row_scale if row_scale is not None else dummy,
+        step_sizes if row_step is not None else dummy, bc2_sqrts if row_step is not None else dummy,
+        K, C, stride_n, stride_c, float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, 1.0 - lr * weight_decay,
+        float(eps), step_sizes if row_step is None else 0.0, bc2_sqrts if row_step is None else 0.0, HAS_SCALE=row_scale is not None, HAS_ROW_STEP=row_step is not None, COMPACT=compact,
+        BLOCK_K=block_k, BLOCK_C=block_c)

@@ -1,0 +1,29 @@
+"""Test-wide setup. TRITON_INTERPRET must be set before any @triton.jit runs, so it is set here."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors through the interpreter (see TOOLCHAIN.md).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _cpu_backends():
+    from mmt_kernels import _backend
+
+    return [b for b in ("reference", "cpu", "triton") if _backend.available(b, "cpu", "sparse_adamw_")[0]]
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu = torch.cuda.is_available()
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not gpu:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,156 @@
+"""sparse_adamw_: every available backend against the reference, strictness, opcheck, torch.compile."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmt_kernels
+from mmt_kernels import _backend
+from mmt_kernels import reference as ref
+
+from .tolerance import assert_close_to_golden
+
+BACKENDS = [b for b in ("reference", "cpu", "triton") if _backend.available(b, "cpu", "sparse_adamw_")[0]]
+HP = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+
+
+def make_case(shape, neuron_dim, k, dtype, compact, with_scale, with_row_step, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n_neurons = shape[neuron_dim] if len(shape) == 2 else shape[0]
+    rows = torch.randperm(n_neurons, generator=gen)[:k].sort().values
+    param = torch.randn(shape, generator=gen).to(dtype)
+    per_neuron = param.numel() // max(n_neurons, 1)
+    state_shape = (k, per_neuron) if compact else shape
+    m = torch.randn(state_shape, generator=gen) * 0.1
+    v = torch.rand(state_shape, generator=gen) * 0.01
+    scale = torch.rand(k, generator=gen) * 2 if with_scale else None
+    row_step = torch.randint(1, 20, (k,), generator=gen) if with_row_step else None
+    return param, m, v, rows, scale, row_step
+
+
+def run(fn, param, m, v, grads, rows, scale, row_step, neuron_dim, compact, **kw):
+    param, m, v = param.clone(), m.clone(), v.clone()
+    for i, g in enumerate(grads):
+        steps = None if row_step is None else row_step + i
+        fn(param, m, v, g.to(param.dtype), rows, row_scale=scale, row_step=steps, step=i + 1,
+           neuron_dim=neuron_dim, compact=compact, **HP, **kw)
+    return param, m, v
+
+
+def ref_fn(param, m, v, g, rows, **kw):
+    ref.sparse_adamw_(param, m, v, g, rows, kw.pop("row_scale"), kw.pop("row_step"), **kw)
+
+
+CASES = [
+    # shape, neuron_dim, k
+    ((1, 1), 0, 1),
+    ((7, 33), 0, 3),
+    ((7, 33), 1, 33),
+    ((130, 257), 0, 41),
+    ((130, 257), 1, 100),
+    ((37,), 0, 5),
+    ((64, 1), 0, 64),
+    ((5, 9), 0, 0),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,neuron_dim,k", CASES)
+@pytest.mark.parametrize("compact", [False, True])
+def test_matches_reference(backend, dtype, shape, neuron_dim, k, compact):
+    with_scale = k % 2 == 1
+    with_row_step = shape[0] % 2 == 1
+    param, m, v, rows, scale, row_step = make_case(shape, neuron_dim, k, dtype, compact, with_scale, with_row_step)
+    grads = [torch.randn(shape) for _ in range(3)]
+    golden = run(ref_fn, param.double(), m.double(), v.double(), [g.double() for g in grads], rows,
+                 None if scale is None else scale.double(), row_step, neuron_dim, compact)
+    low = run(ref_fn, param, m, v, grads, rows, scale, row_step, neuron_dim, compact)
+    out = run(mmt_kernels.sparse_adamw_, param, m, v, grads, rows, scale, row_step, neuron_dim, compact,
+              backend=backend)
+    for name, o, lo, gold in zip(("param", "exp_avg", "exp_avg_sq"), out, low, golden):
+        assert_close_to_golden(o, lo, gold.to(o.dtype) if o.dtype != torch.float32 else gold, name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("neuron_dim", [0, 1])
+def test_unselected_neurons_bit_identical_after_10_steps(backend, neuron_dim):
+    shape = (48, 70)
+    param = torch.randn(shape)
+    m, v = torch.zeros(shape), torch.zeros(shape)
+    rows = torch.tensor([0, 5, 6, 31, 47 if neuron_dim == 0 else 69])
+    before = param.clone()
+    for step in range(1, 11):
+        mmt_kernels.sparse_adamw_(param, m, v, torch.randn(shape), rows, lr=1e-2, weight_decay=0.5, step=step,
+                                  neuron_dim=neuron_dim, backend=backend)
+    keep = torch.ones(shape[neuron_dim], dtype=torch.bool)
+    keep[rows] = False
+    view = lambda t: t if neuron_dim == 0 else t.t()  # noqa: E731
+    assert torch.equal(view(param)[keep], view(before)[keep])
+    assert torch.all(view(m)[keep] == 0) and torch.all(view(v)[keep] == 0)
+    assert not torch.equal(view(param)[~keep], view(before)[~keep])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_equals_torch_adamw(backend):
+    w = torch.nn.Parameter(torch.randn(33, 17))
+    opt = torch.optim.AdamW([w], lr=3e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
+    p = w.detach().clone()
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    rows = torch.arange(33)
+    for step in range(1, 6):
+        g = torch.randn(33, 17)
+        w.grad = g.clone()
+        opt.step()
+        mmt_kernels.sparse_adamw_(p, m, v, g, rows, lr=3e-3, beta1=0.9, beta2=0.98, eps=1e-6, weight_decay=0.05,
+                                  step=step, backend=backend)
+    torch.testing.assert_close(p, w.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_forced_unavailable_backend_raises():
+    p = torch.randn(4, 4)
+    with pytest.raises(mmt_kernels.BackendUnavailableError, match="cuda"):
+        mmt_kernels.sparse_adamw_(p, torch.zeros_like(p), torch.zeros_like(p), torch.randn(4, 4),
+                                  torch.tensor([1]), lr=1e-3, backend="cuda")
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(grad=torch.randn(3, 4)), "grad"),
+    (dict(rows=torch.tensor([1], dtype=torch.int32)), "int64"),
+    (dict(exp_avg=torch.zeros(4, 3)), "exp_avg"),
+    (dict(neuron_dim=2), "neuron_dim"),
+])
+def test_bad_input_names_the_problem(bad, match):
+    args = dict(param=torch.randn(4, 4), exp_avg=torch.zeros(4, 4), exp_avg_sq=torch.zeros(4, 4),
+                grad=torch.randn(4, 4), rows=torch.tensor([1]), neuron_dim=0)
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        mmt_kernels.sparse_adamw_(args.pop("param"), args.pop("exp_avg"), args.pop("exp_avg_sq"), args.pop("grad"),
+                                  args.pop("rows"), lr=1e-3, **args)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="mmt_kernels._C not built")
+def test_opcheck_cpu():
+    p = torch.randn(9, 5)
+    args = (p, torch.zeros_like(p), torch.zeros_like(p), torch.randn(9, 5), torch.tensor([0, 4, 8]), None, None,
+            1e-3, 0.9, 0.999, 1e-8, 0.01, 1, 0, False)
+    torch.library.opcheck(torch.ops.mmt.sparse_adamw_.default, args)
+    compact = (p, torch.zeros(3, 5), torch.zeros(3, 5), torch.randn(9, 5), torch.tensor([0, 4, 8]),
+               torch.rand(3), torch.tensor([1, 2, 3]), 1e-3, 0.9, 0.999, 1e-8, 0.01, 1, 0, True)
+    torch.library.opcheck(torch.ops.mmt.sparse_adamw_.default, compact)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_torch_compile_fullgraph(backend):
+    def step(p, m, v, g, rows):
+        mmt_kernels.sparse_adamw_(p, m, v, g, rows, lr=1e-2, weight_decay=0.1, step=1, backend=backend)
+        return p.sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    p = torch.randn(16, 8)
+    g, rows = torch.randn(16, 8), torch.tensor([2, 3, 11])
+    p2, m, v, m2, v2 = p.clone(), torch.zeros(16, 8), torch.zeros(16, 8), torch.zeros(16, 8), torch.zeros(16, 8)
+    compiled(p, m, v, g, rows)
+    step(p2, m2, v2, g, rows)
+    torch.testing.assert_close(p, p2)
+    torch.testing.assert_close(m, m2)
