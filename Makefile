@@ -22,13 +22,13 @@ help:
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade pip "setuptools>=77" wheel
 
 # Marker files: reinstall when the packaging metadata or the C++/CUDA sources change.
 KERNEL_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*)
 $(VENV)/.installed-%: pyproject.toml setup.py $(KERNEL_SOURCES) | $(PY)
 	@$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$(TORCH_VERSION)' or torch.version.cuda else 1)" 2>/dev/null \
-		|| $(PIP) install -q torch==$(TORCH_VERSION)
+		|| $(PIP) install -q torch==$(TORCH_VERSION) numpy
 	$(PIP) install -q --no-build-isolation -e ".[$*]"
 	@$(PY) -c "import torch; print('torch', torch.__version__, '(cuda ' + str(torch.version.cuda) + ')')"
 	@touch $@
