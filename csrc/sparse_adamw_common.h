@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <optional>
+#include <vector>
 
 namespace mmt {
 
@@ -20,7 +21,8 @@ inline SparseAdamWArgs check_sparse_adamw(const at::Tensor& param, const at::Ten
                                           const at::Tensor& rows, const std::optional<at::Tensor>& row_scale,
                                           const std::optional<at::Tensor>& row_step, double lr, double beta1,
                                           double beta2, double eps, double weight_decay, int64_t step,
-                                          int64_t neuron_dim, bool compact, c10::DeviceType device) {
+                                          int64_t neuron_dim, bool compact, c10::DeviceType device,
+                                          bool has_state_rows = false) {
   TORCH_CHECK(param.device().type() == device, "sparse_adamw_: param is on ", param.device(), ", expected ", device);
   TORCH_CHECK(param.dim() == 1 || param.dim() == 2, "sparse_adamw_: param must be 1-D or 2-D, got shape ",
               param.sizes());
@@ -43,7 +45,10 @@ inline SparseAdamWArgs check_sparse_adamw(const at::Tensor& param, const at::Ten
   for (const at::Tensor* s : {&exp_avg, &exp_avg_sq}) {
     TORCH_CHECK(s->scalar_type() == at::kFloat && s->is_contiguous() && s->device() == param.device(),
                 "sparse_adamw_: optimizer state must be contiguous fp32 on the param's device");
-    if (compact) {
+    if (compact && has_state_rows) {  // [U, C] with U >= K: rows addressed through state_rows
+      TORCH_CHECK(a.C == 0 || s->numel() % a.C == 0, "sparse_adamw_: compact state needs whole rows of ", a.C,
+                  " elements, got shape ", s->sizes());
+    } else if (compact) {
       TORCH_CHECK(s->numel() == a.K * a.C, "sparse_adamw_: compact state needs ", a.K, "x", a.C,
                   " elements, got shape ", s->sizes());
     } else {
@@ -69,6 +74,42 @@ inline SparseAdamWArgs check_sparse_adamw(const at::Tensor& param, const at::Ten
   return a;
 }
 
+// Per-tensor checks of sparse_adamw_multi_ (list lengths, state_rows, int64 row_steps) on top of the
+// single-tensor ones; returns one SparseAdamWArgs per tensor.
+inline std::vector<SparseAdamWArgs> check_sparse_adamw_multi(
+    const at::TensorList params, const at::TensorList exp_avgs, const at::TensorList exp_avg_sqs,
+    const at::TensorList grads, const at::TensorList rows, const c10::List<std::optional<at::Tensor>>& state_rows,
+    const c10::List<std::optional<at::Tensor>>& row_scales, const c10::List<std::optional<at::Tensor>>& row_steps,
+    double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step, at::IntArrayRef neuron_dims,
+    bool compact, c10::DeviceType device) {
+  const size_t n = params.size();
+  TORCH_CHECK(exp_avgs.size() == n && exp_avg_sqs.size() == n && grads.size() == n && rows.size() == n &&
+                  state_rows.size() == n && row_scales.size() == n && row_steps.size() == n &&
+                  neuron_dims.size() == n,
+              "sparse_adamw_multi_: every list must have one entry per param (", n, " params)");
+  std::vector<SparseAdamWArgs> out;
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    const std::optional<at::Tensor> sr = state_rows.get(i), rs = row_scales.get(i), st = row_steps.get(i);
+    TORCH_CHECK(!sr || compact, "sparse_adamw_multi_: state_rows[", i, "] needs compact=true");
+    SparseAdamWArgs a = check_sparse_adamw(params[i], exp_avgs[i], exp_avg_sqs[i], grads[i], rows[i], rs, st, lr,
+                                           beta1, beta2, eps, weight_decay, step, neuron_dims[i], compact, device,
+                                           sr.has_value());
+    if (sr) {
+      TORCH_CHECK(sr->scalar_type() == at::kLong && sr->numel() == a.K && sr->is_contiguous() &&
+                      sr->device() == params[i].device(),
+                  "sparse_adamw_multi_: state_rows[", i, "] must be contiguous int64 [K=", a.K, "] on the param's device");
+      TORCH_CHECK(exp_avg_sqs[i].numel() == exp_avgs[i].numel(), "sparse_adamw_multi_: exp_avg and exp_avg_sq of "
+                  "param ", i, " differ in size");
+    }
+    if (st) {
+      TORCH_CHECK(st->scalar_type() == at::kLong, "sparse_adamw_multi_: row_steps[", i, "] must be int64");
+    }
+    out.push_back(a);
+  }
+  return out;
+}
+
 // step_size[k] = lr / (1 - beta1^s_k), bc2_sqrt[k] = sqrt(1 - beta2^s_k), computed in double on the host.
 inline void bias_corrections(const SparseAdamWArgs& a, const std::optional<at::Tensor>& row_step, float* step_size,
                              float* bc2_sqrt) {
@@ -81,6 +122,32 @@ inline void bias_corrections(const SparseAdamWArgs& a, const std::optional<at::T
     step_size[k] = static_cast<float>(a.lr / (1.0 - std::pow(static_cast<double>(a.beta1), n)));
     bc2_sqrt[k] = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(a.beta2), n)));
   }
+}
+
+// ---- taylor_accumulate_ (also family 1: it feeds the neuron selection) ----
+
+struct TaylorArgs {
+  int64_t N, M;  // tokens, neurons
+};
+
+inline TaylorArgs check_taylor(const at::Tensor& acc, const at::Tensor& act, const at::Tensor& grad,
+                               const at::Tensor& token_weight, c10::DeviceType device) {
+  TORCH_CHECK(act.device().type() == device, "taylor_accumulate_: act is on ", act.device(), ", expected ", device);
+  TORCH_CHECK(act.dim() == 2, "taylor_accumulate_: act must be [N tokens, M neurons], got shape ", act.sizes());
+  TORCH_CHECK(grad.sizes() == act.sizes() && grad.scalar_type() == act.scalar_type(),
+              "taylor_accumulate_: grad ", grad.sizes(), "/", grad.scalar_type(), " must match act ", act.sizes(), "/",
+              act.scalar_type());
+  TORCH_CHECK(act.is_contiguous() && grad.is_contiguous(), "taylor_accumulate_: act and grad must be contiguous");
+  TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.dim() == 1 && acc.numel() == act.size(1) && acc.is_contiguous(),
+              "taylor_accumulate_: acc must be contiguous fp32 [M=", act.size(1), "], got ", acc.scalar_type(), " ",
+              acc.sizes());
+  TORCH_CHECK(token_weight.scalar_type() == at::kFloat && token_weight.dim() == 1 &&
+                  token_weight.numel() == act.size(0) && token_weight.is_contiguous(),
+              "taylor_accumulate_: token_weight must be contiguous fp32 [N=", act.size(0), "], got ",
+              token_weight.scalar_type(), " ", token_weight.sizes());
+  TORCH_CHECK(acc.device() == act.device() && grad.device() == act.device() && token_weight.device() == act.device(),
+              "taylor_accumulate_: all tensors must be on ", act.device());
+  return {act.size(0), act.size(1)};
 }
 
 }  // namespace mmt

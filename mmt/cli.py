@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Callable
+
+# Sleeping (not spinning) OpenMP workers: on a 2-core machine shared with other processes, spinning
+# threads made decoding ~10x slower. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # name -> (module, function adding arguments, function running, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -73,7 +78,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             add, run = _resolve(name)
         except Unavailable as exc:
             p.set_defaults(_unavailable=str(exc))
-            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
             continue
         add(p)
         p.set_defaults(_run=run)
@@ -83,7 +87,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "_unavailable", None):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not args.command:
         parser.print_help()
         return 2

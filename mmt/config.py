@@ -130,6 +130,7 @@ class EvalConfig:
     shots: int = 0                      # k-shot in-context examples (from shots_from, never the test set)
     shots_from: str = "flores200/dev_subset"
     off_target: bool = True
+    spbleu: bool = False                # also spBLEU (sacrebleu tokenize=flores200; needs its SentencePiece model file)
     comet_model: str | None = None      # local path to a COMET checkpoint (needs unbabel-comet)
     output_dir: str | None = None       # default: <train.output_dir>/eval
 

@@ -110,6 +110,24 @@ def bleu(hyps: Sequence[str], refs: Sequence[str], tgt_lang: str) -> float:
     return float(sacrebleu.corpus_bleu(list(hyps), [list(refs)], tokenize=bleu_tokenizer(tgt_lang)).score)
 
 
+def spbleu(hyps: Sequence[str], refs: Sequence[str]) -> float | None:
+    """spBLEU (FLORES-200 SentencePiece tokenisation, the mFTI paper's metric). sacrebleu downloads
+    the SentencePiece model on first use; offline without a cached copy this returns None."""
+    import sacrebleu
+
+    try:
+        return float(sacrebleu.corpus_bleu(list(hyps), [list(refs)], tokenize="flores200").score)
+    except Exception as exc:  # missing sentencepiece package or model file
+        global _SPBLEU_WARNED
+        if not _SPBLEU_WARNED:
+            print(f"[mmt] spBLEU unavailable ({type(exc).__name__}: {exc}); reporting BLEU/chrF++ only")
+            _SPBLEU_WARNED = True
+        return None
+
+
+_SPBLEU_WARNED = False
+
+
 def chrf_pp(hyps: Sequence[str], refs: Sequence[str]) -> float:
     from sacrebleu.metrics import CHRF
 
@@ -120,28 +138,22 @@ def off_target_rate(hyps: Sequence[str], tgt_lang: str) -> float:
     """Share of non-empty hypotheses that py3langid assigns to a language other than ``tgt_lang``
     (empty outputs count as off-target)."""
     try:
-        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+        import py3langid
     except ImportError:
         return float("nan")
-    global _LANGID
-    if _LANGID is None:
-        _LANGID = LanguageIdentifier.from_pickled_model(MODEL_FILE, norm_probs=False)
     want = L.normalize(tgt_lang)
     bad = 0
     for h in hyps:
         if not h.strip():
             bad += 1
             continue
-        code, _ = _LANGID.classify(h)
+        code, _ = py3langid.classify(h)
         try:
             got = L.normalize(code)
         except ValueError:
             got = code
         bad += got != want
     return bad / max(len(hyps), 1)
-
-
-_LANGID = None
 
 
 def comet(model_path: str, srcs: Sequence[str], hyps: Sequence[str], refs: Sequence[str], batch_size: int = 8) -> float:
@@ -172,6 +184,7 @@ class DirectionResult:
     chrf: float
     off_target: float | None = None
     comet: float | None = None
+    spbleu: float | None = None
     seconds: float = 0.0
     bleu_tokenize: str = "13a"
 
@@ -195,9 +208,10 @@ class EvalReport:
             ots = [r.off_target for r in rs if r.off_target is not None and not np.isnan(r.off_target)]
             if ots:
                 row["off_target"] = float(np.mean(ots))
-            cs = [r.comet for r in rs if r.comet is not None]
-            if cs:
-                row["comet"] = float(np.mean(cs))
+            for key in ("comet", "spbleu"):
+                vals = [getattr(r, key) for r in rs if getattr(r, key) is not None]
+                if vals:
+                    row[key] = float(np.mean(vals))
             out[name] = row
         return out
 
@@ -265,6 +279,8 @@ def evaluate(model, tokenizer, eval_cfg: Any, *, template: str = "T1", data_dir:
                             bleu_tokenize=bleu_tokenizer(t))
         if eval_cfg.off_target:
             r.off_target = off_target_rate(hyps, t)
+        if getattr(eval_cfg, "spbleu", False):
+            r.spbleu = spbleu(hyps, refs)
         if eval_cfg.comet_model:
             r.comet = comet(eval_cfg.comet_model, srcs, hyps, refs)
         r.seconds = time.time() - t0

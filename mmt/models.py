@@ -422,7 +422,8 @@ def tiny_model(arch: str = "llama", vocab: int = 512, hidden: int = 64, layers: 
         cls = tf.Gemma3ForCausalLM
     elif arch == "gpt2":
         cfg = tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=intermediate,
-                            n_positions=max_positions, vocab_size=vocab, bos_token_id=1, eos_token_id=2)
+                            n_positions=max_positions, vocab_size=vocab, bos_token_id=1, eos_token_id=2,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         cls = tf.GPT2LMHeadModel
     else:
         raise ValueError(f"tiny_model: unknown arch {arch!r}; use llama, qwen2, gemma3 or gpt2")

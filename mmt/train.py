@@ -67,6 +67,34 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                        shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], use_logits_to_keep: bool) -> tuple[torch.Tensor, Any]:
+    """Forward + summed LM loss. With target-only labels the output projection (large for
+    multilingual vocabularies) runs only on the sequence positions where some row has a label."""
+    labels = batch["labels"]
+    if use_logits_to_keep:
+        has = (labels[:, 1:] != IGNORE_INDEX).any(dim=0)
+        pos = torch.nonzero(has, as_tuple=False).flatten()
+        if 0 < pos.numel() < labels.shape[1] - 1:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=pos)
+            logits = out.logits.float()
+            tgt = labels[:, pos + 1]
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
+                                               ignore_index=IGNORE_INDEX, reduction="sum")
+            return loss, out
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return token_loss_sum(out.logits, labels), out
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -114,6 +142,7 @@ class Trainer:
         if train_cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
         self.raw_model = model
+        self.use_logits_to_keep = _accepts_logits_to_keep(model)
         builder = plan.build_optimizer or default_optimizer
         optimizer = builder(model, train_cfg)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
@@ -251,8 +280,7 @@ class Trainer:
                 ctx = contextlib.nullcontext() if last or self.acc.num_processes == 1 else self.acc.no_sync(self.model)
                 with ctx:
                     with self.acc.autocast():
-                        out = self.model(input_ids=feats["input_ids"], attention_mask=feats["attention_mask"])
-                        loss_sum = token_loss_sum(out.logits, feats["labels"])
+                        loss_sum, out = lm_loss_sum(self.model, feats, self.use_logits_to_keep)
                         loss = loss_sum * scale
                         if self.plan.extra_loss is not None:
                             loss = loss + self.plan.extra_loss(self.raw_model) / len(micro)

@@ -88,3 +88,97 @@ def sparse_adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
     else:
         _ref.sparse_adamw_(*args, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
                            neuron_dim=neuron_dim, compact=compact)
+
+
+# ---- several tensors per call ---------------------------------------------------------------------------------
+MULTI_OP = "sparse_adamw_multi_"
+
+
+@_backend.register_fake("mmt::sparse_adamw_multi_")
+def _sparse_adamw_multi_fake(params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, lr, beta1,
+                             beta2, eps, weight_decay, step, neuron_dims, compact):
+    return None
+
+
+@torch.library.custom_op("mmt::sparse_adamw_multi_triton_", mutates_args=("params", "exp_avgs", "exp_avg_sqs"))
+def _sparse_adamw_multi_triton(params: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                               exp_avg_sqs: list[torch.Tensor], grads: list[torch.Tensor], rows: list[torch.Tensor],
+                               state_rows: list[torch.Tensor | None], row_scales: list[torch.Tensor | None],
+                               row_steps: list[torch.Tensor | None], lr: float, beta1: float, beta2: float,
+                               eps: float, weight_decay: float, step: int, neuron_dims: list[int],
+                               compact: bool) -> None:
+    from .triton.sparse_adamw import sparse_adamw_multi_ as kernel
+
+    kernel(params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, lr=lr, beta1=beta1,
+           beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, neuron_dims=neuron_dims, compact=compact)
+
+
+@_sparse_adamw_multi_triton.register_fake
+def _(params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, lr, beta1, beta2, eps,
+      weight_decay, step, neuron_dims, compact):
+    return None
+
+
+def sparse_adamw_multi_(params, exp_avgs, exp_avg_sqs, grads, rows, *, lr: float, beta1: float = 0.9,
+                        beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0, step: int = 1,
+                        neuron_dims=None, state_rows=None, row_scales=None, row_steps=None, compact: bool = False,
+                        backend: str | None = None) -> None:
+    """``sparse_adamw_`` on several tensors in one call (one kernel launch on the CUDA backend).
+
+    Lists are per tensor; ``neuron_dims``/``state_rows``/``row_scales``/``row_steps`` default to 0/None.
+    ``state_rows[i]`` (int64 [K_i], needs ``compact=True``) maps selected neuron k to its row of a compact state
+    ``[U_i, C_i]`` that may hold more neurons than are selected now (NeuronSparseAdamW keeps the union of every
+    selection a parameter has trained). ``row_steps[i]`` is int64. All tensors share one device.
+    """
+    params, exp_avgs, exp_avg_sqs, grads, rows = (list(x) for x in (params, exp_avgs, exp_avg_sqs, grads, rows))
+    n = len(params)
+    fill = lambda x, v: [v] * n if x is None else list(x)  # noqa: E731
+    neuron_dims, state_rows, row_scales, row_steps = (fill(neuron_dims, 0), fill(state_rows, None),
+                                                      fill(row_scales, None), fill(row_steps, None))
+    for name, lst in (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("grads", grads), ("rows", rows),
+                      ("neuron_dims", neuron_dims), ("state_rows", state_rows), ("row_scales", row_scales),
+                      ("row_steps", row_steps)):
+        if len(lst) != n:
+            raise ValueError(f"sparse_adamw_multi_: {name} has {len(lst)} entries for {n} params")
+    if n == 0:
+        return
+    device = params[0].device
+    for i in range(n):
+        sr = state_rows[i]
+        where = f"sparse_adamw_multi_[{i}]"
+        if params[i].device != device:
+            raise ValueError(f"{where}: param on {params[i].device}, param 0 on {device}: one device per call")
+        if sr is None:
+            try:
+                _check(params[i], exp_avgs[i], exp_avg_sqs[i], grads[i], rows[i], row_scales[i], neuron_dims[i],
+                       compact)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"{where}: {exc}") from None
+        else:
+            if not compact:
+                raise ValueError(f"{where}: state_rows need compact=True")
+            if sr.dtype != torch.int64 or sr.shape != rows[i].shape or sr.device != device:
+                raise ValueError(f"{where}: state_rows must be int64 {tuple(rows[i].shape)} on {device}, got "
+                                 f"{sr.dtype} {tuple(sr.shape)} on {sr.device}")
+            nd = neuron_dims[i]
+            per = params[i].numel() // max(params[i].shape[nd] if params[i].dim() == 2 else params[i].shape[0], 1)
+            fake_k = exp_avgs[i].numel() // max(per, 1)  # the check wants [K, C]; the state here is [U, C]
+            try:
+                _check(params[i], exp_avgs[i], exp_avg_sqs[i], grads[i], torch.empty(fake_k, dtype=torch.int64,
+                       device=device), None, nd, True)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"{where}: {exc}") from None
+            if rows[i].dtype != torch.int64 or rows[i].dim() != 1:
+                raise TypeError(f"{where}: rows must be a 1-D int64 tensor, got {rows[i].dtype}")
+        if row_steps[i] is not None and (row_steps[i].dtype != torch.int64 or row_steps[i].numel() != rows[i].numel()):
+            raise ValueError(f"{where}: row_steps must be int64 [{rows[i].numel()}], got {row_steps[i].dtype} "
+                             f"{tuple(row_steps[i].shape)}")
+    which = _backend.choose(MULTI_OP, device, backend=backend)
+    args = (params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps)
+    if which in ("cpu", "cuda"):
+        torch.ops.mmt.sparse_adamw_multi_(*args, lr, beta1, beta2, eps, weight_decay, step, neuron_dims, compact)
+    elif which == "triton":
+        _sparse_adamw_multi_triton(*args, lr, beta1, beta2, eps, weight_decay, step, neuron_dims, compact)
+    else:
+        _ref.sparse_adamw_multi_(*args, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                                 step=step, neuron_dims=neuron_dims, compact=compact)

@@ -27,5 +27,39 @@ struct SparseAdamWParams {
 
 cudaError_t launch_sparse_adamw(const SparseAdamWParams& p, DType dtype, cudaStream_t stream);
 
+// ---- several tensors in one launch (sparse_adamw_multi_) ----------------------------------------------------
+// One descriptor per tensor, in a device-side table (the idea of PyTorch's multi_tensor_apply, with the table in
+// global memory instead of kernel arguments so the tensor count is unbounded). Blocks are numbered across
+// tensors; block b belongs to the tensor with the last block_start <= b.
+struct SparseAdamWTensor {
+  void* param;
+  const void* grad;
+  float* exp_avg;
+  float* exp_avg_sq;
+  const int64_t* rows;        // [K]
+  const int64_t* state_rows;  // [K] compact-state row per selected neuron, or nullptr (row k)
+  const float* row_scale;     // [K] or nullptr
+  const int64_t* row_step;    // [K] per-neuron step counts, or nullptr (then step_size_all / bc2_sqrt_all)
+  int64_t K, R, C;
+  int64_t block_start;   // first block of this tensor
+  int64_t inner_blocks;  // blocks along the contiguous axis
+  float step_size_all, bc2_sqrt_all;
+  int neuron_dim;
+  int dtype;  // DType
+};
+
+struct SparseAdamWMultiArgs {
+  double lr, log_beta1, log_beta2;  // per-neuron bias corrections are formed in double on the device
+  float beta1, beta2, eps, one_minus_beta1, one_minus_beta2, decay;
+  bool compact;
+};
+
+// Blocks per tensor for the table's block_start/inner_blocks (host helper, same tiling as the kernel).
+void sparse_adamw_multi_tiling(int64_t K, int64_t C, int neuron_dim, int64_t* outer, int64_t* inner_blocks);
+
+// `table` is a device pointer to n descriptors; total_blocks = last block_start + its block count.
+cudaError_t launch_sparse_adamw_multi(const SparseAdamWTensor* table, int n, int64_t total_blocks,
+                                      const SparseAdamWMultiArgs& args, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace mmt

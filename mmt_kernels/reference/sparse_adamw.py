@@ -47,3 +47,22 @@ def sparse_adamw_(param, exp_avg, exp_avg_sq, grad, rows, row_scale=None, row_st
     else:
         m_full[rows] = m
         v_full[rows] = v
+
+
+def sparse_adamw_multi_(params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, *, lr, beta1,
+                        beta2, eps, weight_decay, step, neuron_dims, compact=False):
+    """``sparse_adamw_`` on each tensor i. With ``state_rows[i]`` the compact state is [U, C] (U >= K) and
+    selected neuron k owns state row ``state_rows[i][k]`` (e.g. the union of neurons over language pairs)."""
+    for i, p in enumerate(params):
+        m, v, sr = exp_avgs[i], exp_avg_sqs[i], state_rows[i]
+        if sr is None:
+            sparse_adamw_(p, m, v, grads[i], rows[i], row_scales[i], row_steps[i], lr=lr, beta1=beta1, beta2=beta2,
+                          eps=eps, weight_decay=weight_decay, step=step, neuron_dim=neuron_dims[i], compact=compact)
+            continue
+        per_neuron = neuron_view(p, neuron_dims[i]).shape[1]
+        m2, v2 = m.view(-1, per_neuron), v.view(-1, per_neuron)
+        ms, vs = m2[sr].clone(), v2[sr].clone()  # gather the selected neurons' state rows
+        sparse_adamw_(p, ms, vs, grads[i], rows[i], row_scales[i], row_steps[i], lr=lr, beta1=beta1, beta2=beta2,
+                      eps=eps, weight_decay=weight_decay, step=step, neuron_dim=neuron_dims[i], compact=True)
+        m2[sr] = ms
+        v2[sr] = vs

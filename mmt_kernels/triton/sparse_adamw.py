@@ -7,10 +7,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _sparse_adamw_kernel(param_ptr, grad_ptr, m_ptr, v_ptr, rows_ptr, scale_ptr, step_size_ptr, bc2_sqrt_ptr,
+def _sparse_adamw_kernel(param_ptr, grad_ptr, m_ptr, v_ptr, rows_ptr, srows_ptr, scale_ptr, step_size_ptr, bc2_sqrt_ptr,
                          K, C, stride_n, stride_c, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, eps,
                          step_size, bc2_sqrt,
                          HAS_SCALE: tl.constexpr, HAS_ROW_STEP: tl.constexpr, COMPACT: tl.constexpr,
+                         HAS_STATE_ROWS: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -20,7 +21,13 @@ def _sparse_adamw_kernel(param_ptr, grad_ptr, m_ptr, v_ptr, rows_ptr, scale_ptr,
     mask = kmask[:, None] & (cs < C)[None, :]
     neurons = tl.load(rows_ptr + ks, mask=kmask, other=0)
     pidx = neurons[:, None] * stride_n + cs[None, :] * stride_c
-    sidx = ks[:, None] * C + cs[None, :] if COMPACT else pidx
+    if HAS_STATE_ROWS:  # compact state [U, C] holding more neurons than are selected now
+        srows = tl.load(srows_ptr + ks, mask=kmask, other=0)
+        sidx = srows[:, None] * C + cs[None, :]
+    elif COMPACT:
+        sidx = ks[:, None] * C + cs[None, :]
+    else:
+        sidx = pidx
 
     # Bias corrections come from the host (fp64): 1 - beta^s in fp32 loses up to 5e-6 relative.
     if HAS_ROW_STEP:
@@ -51,7 +58,7 @@ def bias_corrections(lr, beta1, beta2, step, row_step):
 
 
 def sparse_adamw_(param, exp_avg, exp_avg_sq, grad, rows, row_scale=None, row_step=None, *, lr, beta1, beta2,
-                  eps, weight_decay, step, neuron_dim=0, compact=False):
+                  eps, weight_decay, step, neuron_dim=0, compact=False, state_rows=None):
     K = rows.numel()
     if param.dim() == 1:
         C, stride_n, stride_c = 1, 1, 0
@@ -68,8 +75,19 @@ def sparse_adamw_(param, exp_avg, exp_avg_sq, grad, rows, row_scale=None, row_st
     step_sizes, bc2_sqrts = bias_corrections(lr, beta1, beta2, step, row_step)
     dummy = exp_avg
     _sparse_adamw_kernel[grid](
-        param, grad, exp_avg, exp_avg_sq, rows, row_scale if row_scale is not None else dummy,
+        param, grad, exp_avg, exp_avg_sq, rows, state_rows if state_rows is not None else rows,
+        row_scale if row_scale is not None else dummy,
         step_sizes if row_step is not None else dummy, bc2_sqrts if row_step is not None else dummy,
         K, C, stride_n, stride_c, float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, 1.0 - lr * weight_decay,
         float(eps), step_sizes if row_step is None else 0.0, bc2_sqrts if row_step is None else 0.0, HAS_SCALE=row_scale is not None, HAS_ROW_STEP=row_step is not None, COMPACT=compact,
-        BLOCK_K=block_k, BLOCK_C=block_c)
+        HAS_STATE_ROWS=state_rows is not None, BLOCK_K=block_k, BLOCK_C=block_c)
+
+
+def sparse_adamw_multi_(params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, *, lr, beta1,
+                        beta2, eps, weight_decay, step, neuron_dims, compact=False):
+    """One launch per tensor: Triton has no portable way to walk a table of raw pointers of mixed dtypes
+    (the CUDA backend does the single-launch version)."""
+    for i, p in enumerate(params):
+        sparse_adamw_(p, exp_avgs[i], exp_avg_sqs[i], grads[i], rows[i], row_scales[i], row_steps[i], lr=lr,
+                      beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
+                      neuron_dim=neuron_dims[i], compact=compact, state_rows=state_rows[i])

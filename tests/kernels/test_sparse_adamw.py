@@ -154,3 +154,103 @@ def test_torch_compile_fullgraph(backend):
     step(p2, m2, v2, g, rows)
     torch.testing.assert_close(p, p2)
     torch.testing.assert_close(m, m2)
+
+
+# ---- sparse_adamw_multi_ ----------------------------------------------------------------------------------------
+MULTI_BACKENDS = [b for b in ("reference", "cpu", "triton") if _backend.available(b, "cpu", "sparse_adamw_multi_")[0]]
+
+
+def _multi_case(dtype, with_state_rows, seed=0):
+    """Tensors of mixed shapes/neuron axes in one call, including an empty selection and a 1-D bias."""
+    gen = torch.Generator().manual_seed(seed)
+    specs = [((13, 17), 0, 5), ((9, 70), 1, 33), ((29,), 0, 29), ((6, 3), 0, 0), ((1, 1), 0, 1)]
+    out = []
+    for shape, nd, k in specs:
+        n_neurons = shape[nd] if len(shape) == 2 else shape[0]
+        per = (shape[1 - nd] if len(shape) == 2 else 1)
+        rows = torch.randperm(n_neurons, generator=gen)[:k].sort().values
+        if with_state_rows:
+            U = k + 3  # state holds more neurons than are selected now
+            srows = torch.randperm(U, generator=gen)[:k]
+        else:
+            U, srows = k, None
+        out.append(dict(param=torch.randn(shape, generator=gen).to(dtype), m=torch.randn(U, per, generator=gen) * .1,
+                        v=torch.rand(U, per, generator=gen) * .01, rows=rows, srows=srows, nd=nd,
+                        scale=torch.rand(k, generator=gen) if k % 2 else None,
+                        step=torch.randint(1, 9, (k,), generator=gen), grad=torch.randn(shape, generator=gen)))
+    return out
+
+
+def _run_multi(fn, case, to, **kw):
+    ps = [to(c["param"]).clone() for c in case]
+    ms = [to(c["m"]).clone() for c in case]
+    vs = [to(c["v"]).clone() for c in case]
+    for i in range(2):
+        fn(ps, ms, vs, [to(c["grad"]).to(p.dtype) for c, p in zip(case, ps)], [c["rows"] for c in case],
+           lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=i + 1,
+           neuron_dims=[c["nd"] for c in case], state_rows=[c["srows"] for c in case],
+           row_scales=[None if c["scale"] is None else to(c["scale"]) for c in case],
+           row_steps=[c["step"] + i for c in case], compact=True, **kw)
+    return ps, ms, vs
+
+
+def _ref_multi(ps, ms, vs, gs, rows, *, state_rows, row_scales, row_steps, **kw):
+    ref.sparse_adamw_multi_(ps, ms, vs, gs, rows, state_rows, row_scales, row_steps, **kw)
+
+
+@pytest.mark.parametrize("backend", MULTI_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_state_rows", [False, True])
+def test_multi_matches_reference(backend, dtype, with_state_rows):
+    case = _multi_case(dtype, with_state_rows)
+    golden = _run_multi(_ref_multi, case, lambda t: t.double())
+    low = _run_multi(_ref_multi, case, lambda t: t)
+    out = _run_multi(mmt_kernels.sparse_adamw_multi_, case, lambda t: t, backend=backend)
+    for j, name in enumerate(("param", "exp_avg", "exp_avg_sq")):
+        for i in range(len(case)):
+            o, lo, gold = out[j][i], low[j][i], golden[j][i]
+            assert_close_to_golden(o, lo, gold.to(o.dtype) if o.dtype != torch.float32 else gold,
+                                   name=f"{name}[{i}]")
+
+
+@pytest.mark.parametrize("backend", MULTI_BACKENDS)
+def test_multi_equals_single_tensor_calls(backend):
+    shapes = [(11, 7), (5, 40)]
+    ps = [torch.randn(s) for s in shapes]
+    gs = [torch.randn(s) for s in shapes]
+    rows = [torch.tensor([0, 3, 10]), torch.tensor([1, 39])]
+    dims = [0, 1]
+    singles = [p.clone() for p in ps]
+    ms1 = [torch.zeros(3, 7), torch.zeros(2, 5)]
+    vs1 = [torch.zeros(3, 7), torch.zeros(2, 5)]
+    ms2, vs2 = [m.clone() for m in ms1], [v.clone() for v in vs1]
+    mmt_kernels.sparse_adamw_multi_(ps, ms1, vs1, gs, rows, lr=1e-2, weight_decay=0.1, step=3, neuron_dims=dims,
+                                    compact=True, backend=backend)
+    for i in range(2):
+        mmt_kernels.sparse_adamw_(singles[i], ms2[i], vs2[i], gs[i], rows[i], lr=1e-2, weight_decay=0.1, step=3,
+                                  neuron_dim=dims[i], compact=True, backend=backend)
+    for a, b in zip(ps + ms1 + vs1, singles + ms2 + vs2):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("cpu" not in MULTI_BACKENDS, reason="mmt_kernels._C not built")
+def test_multi_opcheck_cpu():
+    ps = [torch.randn(9, 5), torch.randn(4, 6)]
+    args = (ps, [torch.zeros(5, 5), torch.zeros(4, 6)], [torch.zeros(5, 5), torch.zeros(4, 6)],
+            [torch.randn(9, 5), torch.randn(4, 6)], [torch.tensor([0, 4, 8]), torch.tensor([1, 5])],
+            [torch.tensor([4, 0, 2]), torch.tensor([0, 1])], [torch.rand(3), None],
+            [torch.tensor([1, 2, 3]), None], 1e-3, 0.9, 0.999, 1e-8, 0.01, 1, [0, 1], True)
+    torch.library.opcheck(torch.ops.mmt.sparse_adamw_multi_.default, args)
+
+
+def test_multi_bad_input_names_the_tensor():
+    p = torch.randn(4, 4)
+    with pytest.raises(ValueError, match=r"\[1\].*grad"):
+        mmt_kernels.sparse_adamw_multi_([p, p.clone()], [torch.zeros(4, 4)] * 2, [torch.zeros(4, 4)] * 2,
+                                        [torch.randn(4, 4), torch.randn(3, 4)], [torch.tensor([1])] * 2, lr=1e-3)
+    with pytest.raises(ValueError, match="state_rows"):
+        mmt_kernels.sparse_adamw_multi_([p], [torch.zeros(4, 4)], [torch.zeros(4, 4)], [torch.randn(4, 4)],
+                                        [torch.tensor([1])], state_rows=[torch.tensor([0])], lr=1e-3)
+    with pytest.raises(ValueError, match="entries"):
+        mmt_kernels.sparse_adamw_multi_([p], [], [torch.zeros(4, 4)], [torch.randn(4, 4)], [torch.tensor([1])],
+                                        lr=1e-3)

@@ -1,0 +1,312 @@
+"""``NeuronSparseAdamW``: AdamW that trains only selected neurons of each parameter (family 1).
+
+A *neuron* is a row of a ``[out, in]`` weight (``neuron_dim=0``: gate/up projections, any output channel), a column
+(``neuron_dim=1``: the down projection's input channels, GPT-2 ``Conv1D`` fc weights) or an element of a 1-D bias.
+The active selection is switched between steps with :meth:`NeuronSparseAdamW.set_selection`, e.g. per language pair
+(LANDeRMT: general neurons plus the source's and the target's specific ones).
+
+Two modes:
+
+* ``strict=True`` (default): unselected neurons get no decay, no moment update, no change at all. State is
+  compact: each parameter keeps fp32 moments for the union of neurons it has ever trained (``[U, C]``) and a
+  step counter per neuron, so bias correction stays right when a neuron trains only on some steps. Memory is
+  proportional to that union, not to the parameter.
+* ``strict=False``: the original LANDeRMT scripts' behaviour: ``torch.optim.AdamW`` over the masked (and
+  optionally scaled) gradient with full-size state, so masked rows still decay and move on stale moments.
+
+All updates of a param group run through one ``sparse_adamw_multi_`` call (a single kernel launch on CUDA).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from .sparse_adamw import sparse_adamw_multi_
+
+__all__ = ["NeuronSparseAdamW"]
+
+
+def _neurons_and_width(p: torch.Tensor, neuron_dim: int) -> tuple[int, int]:
+    if p.dim() == 1:
+        return p.shape[0], 1
+    if p.dim() != 2:
+        raise ValueError(f"NeuronSparseAdamW: parameters must be 1-D or 2-D, got shape {tuple(p.shape)}")
+    return p.shape[neuron_dim], p.shape[1 - neuron_dim]
+
+
+class NeuronSparseAdamW(torch.optim.Optimizer):
+    """AdamW over selected neurons.
+
+    Args:
+        params: parameters or param groups (keys ``lr``, ``betas``, ``eps``, ``weight_decay``, ``neuron_dim``).
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled weight decay, default 0.01).
+        neuron_dim: default neuron axis of 2-D params (0 = rows, 1 = columns); per group via the group key, per
+            parameter via ``neuron_dims={param: dim}``.
+        strict: see the module docstring.
+        backend: force an ``mmt_kernels`` backend (``None`` = automatic).
+
+    With no selection set for a parameter, all its neurons train (plain AdamW). ``set_selection`` replaces the
+    selection of the parameters it names; an empty index tensor freezes a parameter for the next steps.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, neuron_dim: int = 0,
+                 neuron_dims: Mapping[torch.Tensor, int] | None = None, strict: bool = True,
+                 backend: str | None = None):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"NeuronSparseAdamW: lr, eps and weight_decay must be >= 0, got {lr}, {eps}, "
+                             f"{weight_decay}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"NeuronSparseAdamW: betas must be in [0, 1), got {betas}")
+        if neuron_dim not in (0, 1):
+            raise ValueError(f"NeuronSparseAdamW: neuron_dim must be 0 or 1, got {neuron_dim}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, neuron_dim=neuron_dim)
+        super().__init__(params, defaults)
+        self.strict = bool(strict)
+        self.backend = backend
+        self._dims: dict[torch.Tensor, int] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                    raise TypeError(f"NeuronSparseAdamW: parameter dtype must be fp32, bf16 or fp16, got {p.dtype}")
+                self._dims[p] = group["neuron_dim"]
+        for p, d in (neuron_dims or {}).items():
+            if p not in self._dims:
+                raise ValueError("NeuronSparseAdamW: neuron_dims names a tensor that is not an optimized parameter")
+            if d not in (0, 1) or (d == 1 and p.dim() != 2):
+                raise ValueError(f"NeuronSparseAdamW: neuron_dim {d} is invalid for shape {tuple(p.shape)}")
+            self._dims[p] = d
+        for p, d in self._dims.items():
+            _neurons_and_width(p, d)  # rejects 3-D+ parameters now rather than at the first step
+        self._rows: dict[torch.Tensor, torch.Tensor] = {}    # active selection (sorted int64 on p.device)
+        self._pos: dict[torch.Tensor, torch.Tensor] = {}     # its rows in the compact state (strict)
+        self._scale: dict[torch.Tensor, torch.Tensor] = {}   # optional fp32 per-selected-neuron grad scale
+        self._all: dict[torch.Tensor, torch.Tensor] = {}     # cached arange(R)
+
+    # ---- selections ---------------------------------------------------------------------------------------------
+    def neuron_dim(self, p: torch.Tensor) -> int:
+        return self._dims[p]
+
+    def set_selection(self, selection: Mapping[torch.Tensor, torch.Tensor | None],
+                      scales: Mapping[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Select the neurons each named parameter trains from the next step on.
+
+        ``selection[p]``: neuron indices (any int tensor/list; sorted and deduplicated here; ``None`` = all
+        neurons). ``scales[p]`` (optional): one gradient multiplier per selected neuron, in the sorted order of
+        the indices, or one per neuron of the parameter (``[R]``), e.g. LANDeRMT's importance-scaled variant.
+        Parameters not named keep their current selection. Validation runs here, on the host, so ``step``
+        itself never waits for the device.
+        """
+        scales = scales or {}
+        for p in scales:
+            if p not in selection:
+                raise ValueError("NeuronSparseAdamW.set_selection: a scale was given for a parameter without a "
+                                 "selection in the same call")
+        for p, rows in selection.items():
+            if p not in self._dims:
+                raise ValueError("NeuronSparseAdamW.set_selection: tensor is not an optimized parameter")
+            R, _ = _neurons_and_width(p, self._dims[p])
+            if rows is None:
+                self._rows.pop(p, None)
+                self._pos.pop(p, None)
+                rows_cpu = None
+            else:
+                rows_cpu = torch.as_tensor(rows).detach().to("cpu", torch.int64).reshape(-1)
+                rows_cpu = torch.unique(rows_cpu)  # sorted, deduplicated
+                if rows_cpu.numel() and (rows_cpu[0] < 0 or rows_cpu[-1] >= R):
+                    raise IndexError(f"NeuronSparseAdamW.set_selection: neuron indices must be in [0, {R}) for a "
+                                     f"parameter of shape {tuple(p.shape)} (neuron_dim {self._dims[p]}), got "
+                                     f"[{int(rows_cpu[0])}, {int(rows_cpu[-1])}]")
+                self._rows[p] = rows_cpu.to(p.device)
+            scale = scales.get(p)
+            if scale is None:
+                self._scale.pop(p, None)
+            else:
+                scale = torch.as_tensor(scale).detach().to("cpu", torch.float32).reshape(-1)
+                k = R if rows_cpu is None else rows_cpu.numel()
+                if scale.numel() == R and rows_cpu is not None and k != R:
+                    scale = scale[rows_cpu]
+                if scale.numel() != k:
+                    raise ValueError(f"NeuronSparseAdamW.set_selection: scale has {scale.numel()} values; expected "
+                                     f"{k} (one per selected neuron) or {R} (one per neuron)")
+                self._scale[p] = scale.to(p.device)
+            if self.strict and rows_cpu is not None:
+                self._pos[p] = self._grow(p, rows_cpu)
+
+    def selection(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The active neuron indices of ``p`` (None = all)."""
+        return self._rows.get(p)
+
+    def _all_rows(self, p: torch.Tensor) -> torch.Tensor:
+        rows = self._all.get(p)
+        if rows is None:
+            R, _ = _neurons_and_width(p, self._dims[p])
+            rows = self._all[p] = torch.arange(R, device=p.device)
+        return rows
+
+    def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            R, C = _neurons_and_width(p, self._dims[p])
+            if self.strict:
+                state["neurons"] = torch.empty(0, dtype=torch.int64, device=p.device)
+                state["exp_avg"] = torch.zeros(0, C, dtype=torch.float32, device=p.device)
+                state["exp_avg_sq"] = torch.zeros(0, C, dtype=torch.float32, device=p.device)
+                state["neuron_step"] = torch.zeros(0, dtype=torch.int64, device=p.device)
+            else:
+                state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["step"] = 0
+            state["neuron_dim"] = self._dims[p]
+        return state
+
+    def _grow(self, p: torch.Tensor, rows_cpu: torch.Tensor) -> torch.Tensor:
+        """Add ``rows`` to the compact state's neuron union (new neurons start at zero moments, step 0);
+        return each selected neuron's state row."""
+        state = self._init_state(p)
+        neurons = state["neurons"]
+        known = neurons.cpu()
+        new = rows_cpu[~torch.isin(rows_cpu, known)] if known.numel() else rows_cpu
+        if new.numel():
+            union = torch.cat([known, new]).sort().values
+            old_at = torch.searchsorted(union, known).to(p.device)
+            C = state["exp_avg"].shape[1]
+            for key, shape in (("exp_avg", (union.numel(), C)), ("exp_avg_sq", (union.numel(), C)),
+                               ("neuron_step", (union.numel(),))):
+                grown = torch.zeros(shape, dtype=state[key].dtype, device=p.device)
+                grown[old_at] = state[key]
+                state[key] = grown
+            state["neurons"] = neurons = union.to(p.device)
+            known = union
+        return torch.searchsorted(known, rows_cpu).to(p.device)
+
+    # ---- the step -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            by_device: dict[torch.device, dict[str, list]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("NeuronSparseAdamW does not take sparse gradients")
+                rows = self._rows.get(p)
+                if rows is not None and rows.numel() == 0:
+                    continue  # frozen for this selection
+                state = self._init_state(p)
+                lists = by_device.setdefault(p.device, {k: [] for k in (
+                    "params", "exp_avgs", "exp_avg_sqs", "grads", "rows", "state_rows", "row_scales", "row_steps",
+                    "neuron_dims")})
+                grad = p.grad if p.grad.dtype == p.dtype else p.grad.to(p.dtype)
+                grad = grad.contiguous()
+                scale = self._scale.get(p)
+                state["step"] += 1
+                if self.strict:
+                    if rows is None:
+                        rows = self._all_rows(p)
+                        pos = self._pos.get(p)
+                        if pos is None or pos.numel() != rows.numel():
+                            pos = self._pos[p] = self._grow(p, rows.cpu())
+                    else:
+                        pos = self._pos[p]
+                    # per-neuron step counts: a neuron's bias correction follows how often *it* trained
+                    state["neuron_step"].index_add_(0, pos, torch.ones_like(pos))
+                    lists["state_rows"].append(pos)
+                    lists["row_steps"].append(state["neuron_step"][pos])
+                    lists["row_scales"].append(scale)
+                else:
+                    # original LANDeRMT: AdamW over the masked (scaled) gradient; every row steps and decays
+                    grad = self._masked_grad(p, grad, rows, scale)
+                    rows = self._all_rows(p)
+                    lists["state_rows"].append(None)
+                    lists["row_steps"].append(None)
+                    lists["row_scales"].append(None)
+                lists["params"].append(p)
+                lists["exp_avgs"].append(state["exp_avg"])
+                lists["exp_avg_sqs"].append(state["exp_avg_sq"])
+                lists["grads"].append(grad)
+                lists["rows"].append(rows)
+                lists["neuron_dims"].append(self._dims[p])
+            for lists in by_device.values():
+                if self.strict:
+                    sparse_adamw_multi_(lists["params"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["grads"],
+                                        lists["rows"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                                        weight_decay=group["weight_decay"], step=1,
+                                        neuron_dims=lists["neuron_dims"], state_rows=lists["state_rows"],
+                                        row_scales=lists["row_scales"], row_steps=lists["row_steps"], compact=True,
+                                        backend=self.backend)
+                else:  # one global step count per param in this mode; group params by it
+                    by_step: dict[int, list[int]] = {}
+                    for i, p in enumerate(lists["params"]):
+                        by_step.setdefault(self.state[p]["step"], []).append(i)
+                    for step, idx in by_step.items():
+                        pick = lambda k: [lists[k][i] for i in idx]  # noqa: E731
+                        sparse_adamw_multi_(pick("params"), pick("exp_avgs"), pick("exp_avg_sqs"), pick("grads"),
+                                            pick("rows"), lr=group["lr"], beta1=beta1, beta2=beta2,
+                                            eps=group["eps"], weight_decay=group["weight_decay"], step=step,
+                                            neuron_dims=pick("neuron_dims"), compact=False, backend=self.backend)
+        return loss
+
+    def _masked_grad(self, p, grad, rows, scale):
+        if rows is None and scale is None:
+            return grad
+        d = self._dims[p] if p.dim() == 2 else 0
+        R, _ = _neurons_and_width(p, self._dims[p])
+        factor = torch.zeros(R, dtype=torch.float32, device=p.device)
+        if rows is None:
+            rows = self._all_rows(p)
+        factor[rows] = 1.0 if scale is None else scale
+        shape = [1] * grad.dim()
+        shape[d] = R
+        return (grad.float() * factor.view(shape)).to(grad.dtype)
+
+    # ---- (de)serialisation --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        sd["neuron_sparse"] = {
+            "strict": self.strict,
+            "selection": {index[p]: r.cpu() for p, r in self._rows.items()},
+            "scale": {index[p]: s.cpu() for p, s in self._scale.items()},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        extra = state_dict.get("neuron_sparse", {})
+        if extra and bool(extra.get("strict")) != self.strict:
+            raise ValueError(f"NeuronSparseAdamW.load_state_dict: checkpoint has strict={extra.get('strict')}, "
+                             f"this optimizer strict={self.strict}")
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        if len(saved_ids) != len(params):
+            raise ValueError(f"NeuronSparseAdamW.load_state_dict: {len(saved_ids)} saved parameters, "
+                             f"{len(params)} here")
+        base = {k: v for k, v in state_dict.items() if k != "neuron_sparse"}
+        super().load_state_dict(base)
+        # torch casts floating state to the param dtype; the moments here are fp32 whatever the param: restore
+        for sid, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(sid)
+            if saved is None:
+                continue
+            st = self.state[p]
+            for k, v in saved.items():
+                st[k] = v.detach().clone().to(p.device) if isinstance(v, torch.Tensor) else v
+            if st.get("neuron_dim", self._dims[p]) != self._dims[p]:
+                raise ValueError(f"NeuronSparseAdamW.load_state_dict: parameter {sid} was trained with "
+                                 f"neuron_dim {st['neuron_dim']}, here {self._dims[p]}")
+        self._rows.clear(), self._pos.clear(), self._scale.clear()
+        sel = {params[saved_ids.index(i)]: r for i, r in extra.get("selection", {}).items()}
+        scl = {params[saved_ids.index(i)]: s for i, s in extra.get("scale", {}).items()}
+        if sel:
+            self.set_selection(sel, {p: s for p, s in scl.items() if p in sel})
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state tensors (moments, neuron indices, step counters)."""
+        return sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values()
+                   if isinstance(v, torch.Tensor))
