@@ -13,7 +13,10 @@ Shapes: coarse (T 4096, d 1024, f 2816, E 8, k 2) and fine-grained (T 4096, d 10
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -68,9 +71,31 @@ def _providers():
              "loop+compile": None,
              "grouped_mm": (lambda *a, k: grouped_mm_moe(*a, k=k)) if hasattr(torch, "_grouped_mm") else None,
              "mmt": lambda *a, k: ours(*a, k)}
-    compiled = torch.compile(ref.moe_ffn)
+    compiled = torch.compile(ref.moe_ffn, dynamic=True)  # per-expert token counts vary: one dynamic graph
     provs["loop+compile"] = lambda *a, k: compiled(*a, k=k)
     return provs
+
+
+def _step_fn(fn, inputs, dout, k):
+    def run():
+        for t in inputs:
+            t.grad = None
+        out, aux, z = fn(*inputs, k=k)
+        ((out * dout).sum() + 0.01 * aux + 1e-3 * z).backward()
+    return run
+
+
+def _peak_memory(provider: str, shape: str) -> int:
+    """CPU peak memory of one forward+backward, in a fresh interpreter.
+
+    (common.peak_memory_bytes forks; a child forked after OpenMP/autograd ran in the parent can hang in
+    libgomp, so this spawns a new process instead: peak RSS minus RSS once the inputs exist.)"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, __file__, "--peak-memory", provider, shape], capture_output=True, text=True,
+                         env=env, timeout=900)
+    if res.returncode:
+        raise RuntimeError(res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "memory probe failed")
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak"]
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -81,12 +106,7 @@ def test_moe_layer_fwd_bwd(benchmark, shape):
     flops = 3 * 2 * cfg["T"] * cfg["k"] * cfg["d"] * cfg["f"] * 3  # 3 GEMMs; backward = 2x forward
 
     def step(fn):
-        def run():
-            for t in inputs:
-                t.grad = None
-            out, aux, z = fn(*inputs, k=cfg["k"])
-            ((out * dout).sum() + 0.01 * aux + 1e-3 * z).backward()
-        return run
+        return _step_fn(fn, inputs, dout, cfg["k"])
 
     rows, base = {}, None
     for name, fn in _providers().items():
@@ -96,7 +116,7 @@ def test_moe_layer_fwd_bwd(benchmark, shape):
         try:
             run = step(fn)
             t = common.median_time(run, device=DEVICE, **REPS)
-            mem = common.peak_memory_bytes(run, DEVICE)
+            mem = _peak_memory(name, shape) if DEVICE == "cpu" else common.peak_memory_bytes(run, DEVICE)
         except Exception as exc:  # a peer that cannot run here is reported, not fatal
             common.note(SUITE, f"{name} at {shape}: failed ({type(exc).__name__}: {str(exc)[:120]})")
             continue
@@ -135,3 +155,30 @@ def test_fft_features_vs_rfft(benchmark):
 def test_targets_note():
     common.note(SUITE, "CPU targets from the brief: >= 1.5x the loop at coarse, >= 3x at fine-grained, no more "
                        "peak memory. GFLOP/s counts the 3 expert GEMMs forward and 6 backward.")
+
+
+def _vm(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--peak-memory":
+    import gc
+
+    _, _, provider, shape = sys.argv
+    cfg = SHAPES[shape]
+    inputs = _inputs(**cfg)
+    dout = torch.randn(cfg["T"], cfg["d"], device=DEVICE, dtype=DTYPE)
+    run = _step_fn(_providers()[provider], inputs, dout, cfg["k"])
+    run()  # lazy initialisation and compilation are not counted
+    for t in inputs:
+        t.grad = None
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:  # reset the peak-RSS mark (Linux >= 4.0)
+        fh.write("5")
+    before = _vm("VmRSS")
+    run()
+    print(json.dumps({"peak": max(0, _vm("VmHWM") - before)}))

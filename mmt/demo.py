@@ -51,7 +51,7 @@ Writes before.json/.md, after.json/.md, demo_results.json, demo.png and loss.png
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmt.config import ConfigError, apply_overrides, from_dict, load_config
+    from mmt.config import apply_overrides, from_dict, load_config
     from mmt.data import resolve_data_dir
 
     t0 = time.time()

@@ -449,7 +449,8 @@ class MoEOutput:
 
 def moe_ffn(x: torch.Tensor, router_logits: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
             w_down: torch.Tensor, *, k: int = 2, act: str = "silu", expert_mask: torch.Tensor | None = None,
-            train_mask: torch.Tensor | None = None, scale: float = 1.0, backend: str | None = None) -> MoEOutput:
+            train_mask: torch.Tensor | None = None, scale: float = 1.0, backend: str | None = None,
+            n_active: int | None = None) -> MoEOutput:
     """Dropless top-k MoE FFN over tokens ``x [T, d]``: route, permute, dispatch, grouped MLP, combine.
 
     ``expert_mask`` (bool [E]) restricts routing to the allowed experts; ``train_mask`` (bool [E]) skips
@@ -459,7 +460,7 @@ def moe_ffn(x: torch.Tensor, router_logits: torch.Tensor, w_gate: torch.Tensor, 
         raise ValueError(f"moe_ffn: expected x [T, d] and router_logits [T, E={w_gate.shape[0]}], got "
                          f"{tuple(x.shape)} and {tuple(router_logits.shape)}")
     E = w_gate.shape[0]
-    weights, ids, aux, z = route(router_logits, k, expert_mask)
+    weights, ids, aux, z = route(router_logits, k, expert_mask, n_active)
     perm, inv, offsets = moe_permute(ids, E, backend=backend)
     xp = moe_dispatch(x, perm, inv, k, backend=backend)
     yp = grouped_mlp(xp, offsets, w_gate, w_up, w_down, act=act, train_mask=train_mask, backend=backend)
@@ -509,9 +510,26 @@ class MoEFFN(nn.Module):
         self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.float64, device=device),
                              persistent=False)
         self.track_load = False
+        self._mask_state = (num_experts, True)  # (allowed experts, all experts train): host-side copies
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.set_masks())
         self.last_aux_loss: torch.Tensor | None = None
         self.last_z_loss: torch.Tensor | None = None
         self.reset_parameters()
+
+    def set_masks(self, expert_mask: torch.Tensor | None = None, train_mask: torch.Tensor | None = None) -> None:
+        """Set which experts may be routed to and which train (bool [E] each; None keeps the current one).
+
+        Host-side summaries are cached here so that ``forward`` never reads the masks back from a GPU.
+        """
+        with torch.no_grad():
+            if expert_mask is not None:
+                self.expert_mask.copy_(expert_mask)
+            if train_mask is not None:
+                self.train_mask.copy_(train_mask)
+        n_allowed = int(self.expert_mask.sum())
+        if n_allowed < self.k:
+            raise ValueError(f"MoEFFN: {n_allowed} allowed experts is fewer than k={self.k}")
+        self._mask_state = (n_allowed, bool(self.train_mask.all()))
 
     def reset_parameters(self) -> None:
         for w, fan_in in ((self.w_gate, self.d_model), (self.w_up, self.d_model), (self.w_down, self.d_expert)):
@@ -533,10 +551,11 @@ class MoEFFN(nn.Module):
 
     def forward_with_aux(self, hidden: torch.Tensor) -> MoEOutput:
         x = hidden.reshape(-1, self.d_model)
+        n_allowed, all_train = self._mask_state
         res = moe_ffn(x, self.router_logits(x), self.w_gate, self.w_up, self.w_down, k=self.k, act=self.act,
-                      expert_mask=None if bool(self.expert_mask.all()) else self.expert_mask,
-                      train_mask=None if bool(self.train_mask.all()) else self.train_mask, scale=self.scale,
-                      backend=self.backend)
+                      expert_mask=None if n_allowed == self.num_experts else self.expert_mask,
+                      train_mask=None if all_train else self.train_mask, scale=self.scale,
+                      backend=self.backend, n_active=n_allowed)
         self.last_aux_loss, self.last_z_loss = res.aux_loss, res.z_loss
         if self.track_load:
             self.load_counts += res.counts.detach().to(self.load_counts)

@@ -93,70 +93,110 @@ at::Tensor merge_threshold_cpu(at::TensorList tensors, const std::optional<at::T
 
 constexpr int64_t kBlock = 512;
 
-template <typename scalar_t>
+// Accumulators of one block; every task adds its contribution in task order (the reference's order).
+struct Acc {
+  float bval[kBlock], tot[kBlock], pos[kBlock], neg[kBlock], cpos[kBlock], cneg[kBlock], vote[kBlock];
+};
+
+// One task's pass over a block. METHOD/FIRST/HAS_BASE are compile-time so the loop has no branches on
+// them and vectorises; FIRST assigns instead of adding (the reference starts from its first term, which
+// keeps -0.0 and makes linear of one model bit-exact).
+template <typename scalar_t, int METHOD, bool FIRST, bool HAS_BASE, bool COUNT>
+void accumulate(Acc& acc, const scalar_t* x, int64_t len, int64_t start, float w, float th, float sc, uint32_t key,
+                uint32_t keep24) {
+  constexpr bool kTiesLike = METHOD == merge::kTies || METHOD == merge::kDareTies;
+  constexpr bool kDare = METHOD == merge::kDareLinear || METHOD == merge::kDareTies;
+  for (int64_t i = 0; i < len; ++i) {
+    float t = static_cast<float>(x[i]);
+    if constexpr (METHOD != merge::kLinear && HAS_BASE) t -= acc.bval[i];
+    if constexpr (METHOD == merge::kTies) t = std::fabs(t) >= th ? t : 0.0f;
+    if constexpr (kDare) t = merge::dare_keep(key, static_cast<uint32_t>(start + i), keep24) ? t * sc : 0.0f;
+    if constexpr (!kTiesLike) {
+      const float term = w * t;
+      acc.tot[i] = FIRST ? term : acc.tot[i] + term;
+    } else {
+      const float v = COUNT ? static_cast<float>((t > 0.0f) - (t < 0.0f)) : t;
+      const float wt = w * t;
+      const float p = t > 0.0f ? wt : 0.0f, q = t < 0.0f ? wt : 0.0f;
+      const float cp = t > 0.0f ? 1.0f : 0.0f, cq = t < 0.0f ? 1.0f : 0.0f;
+      acc.vote[i] = FIRST ? v : acc.vote[i] + v;
+      acc.pos[i] = FIRST ? p : acc.pos[i] + p;
+      acc.neg[i] = FIRST ? q : acc.neg[i] + q;
+      acc.cpos[i] = FIRST ? cp : acc.cpos[i] + cp;
+      acc.cneg[i] = FIRST ? cq : acc.cneg[i] + cq;
+    }
+  }
+}
+
+template <typename scalar_t, int METHOD, bool HAS_BASE, bool COUNT>
 void merge_cpu_impl(const MergeArgs& a, const std::vector<const scalar_t*>& xs, const scalar_t* base, scalar_t* out,
-                    const float* thr, float lam, bool sign_by_count) {
+                    const float* thr, float lam) {
+  constexpr bool kTiesLike = METHOD == merge::kTies || METHOD == merge::kDareTies;
+  constexpr bool kDare = METHOD == merge::kDareLinear || METHOD == merge::kDareTies;
   at::parallel_for(0, (a.n + kBlock - 1) / kBlock, 16, [&](int64_t b0, int64_t b1) {
-    float bval[kBlock], tot[kBlock], pos[kBlock], neg[kBlock], cpos[kBlock], cneg[kBlock], vote[kBlock];
+    Acc acc;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t start = blk * kBlock;
       const int64_t len = std::min(kBlock, a.n - start);
-      if (a.has_base) {
-        for (int64_t i = 0; i < len; ++i) bval[i] = static_cast<float>(base[start + i]);
-      } else {
-        for (int64_t i = 0; i < len; ++i) bval[i] = 0.0f;
+      if constexpr (HAS_BASE && METHOD != merge::kLinear) {
+        for (int64_t i = 0; i < len; ++i) acc.bval[i] = static_cast<float>(base[start + i]);
       }
       for (int64_t k = 0; k < a.K; ++k) {
-        const scalar_t* x = xs[k] + start;
-        const float w = a.weights[k];
-        const bool first = k == 0;
-        if (a.method == merge::kLinear) {
-          for (int64_t i = 0; i < len; ++i) {
-            const float term = w * static_cast<float>(x[i]);
-            tot[i] = first ? term : tot[i] + term;
-          }
-          continue;
-        }
-        const float th = a.method == merge::kTies ? thr[k] : 0.0f;
-        const float sc = a.dare ? a.scale[k] : 1.0f;
-        const uint32_t key = a.dare ? a.keys[k] : 0u, keep24 = a.dare ? a.keep24[k] : 0u;
-        for (int64_t i = 0; i < len; ++i) {
-          float t = a.has_base ? static_cast<float>(x[i]) - bval[i] : static_cast<float>(x[i]);
-          if (a.method == merge::kTies) {
-            t = std::fabs(t) >= th ? t : 0.0f;
-          } else if (a.dare) {
-            t = merge::dare_keep(key, static_cast<uint32_t>(start + i), keep24) ? t * sc : 0.0f;
-          }
-          if (!a.ties_like) {
-            const float term = w * t;
-            tot[i] = first ? term : tot[i] + term;
-          } else {
-            const float v = sign_by_count ? static_cast<float>((t > 0.0f) - (t < 0.0f)) : t;
-            const float wt = w * t;
-            const float p = t > 0.0f ? wt : 0.0f, q = t < 0.0f ? wt : 0.0f;
-            const float cp = t > 0.0f ? 1.0f : 0.0f, cq = t < 0.0f ? 1.0f : 0.0f;
-            vote[i] = first ? v : vote[i] + v;
-            pos[i] = first ? p : pos[i] + p;
-            neg[i] = first ? q : neg[i] + q;
-            cpos[i] = first ? cp : cpos[i] + cp;
-            cneg[i] = first ? cq : cneg[i] + cq;
-          }
+        const float th = METHOD == merge::kTies ? thr[k] : 0.0f;
+        const float sc = kDare ? a.scale[k] : 1.0f;
+        const uint32_t key = kDare ? a.keys[k] : 0u, keep24 = kDare ? a.keep24[k] : 0u;
+        if (k == 0) {
+          accumulate<scalar_t, METHOD, true, HAS_BASE, COUNT>(acc, xs[k] + start, len, start, a.weights[k], th, sc,
+                                                              key, keep24);
+        } else {
+          accumulate<scalar_t, METHOD, false, HAS_BASE, COUNT>(acc, xs[k] + start, len, start, a.weights[k], th, sc,
+                                                               key, keep24);
         }
       }
       for (int64_t i = 0; i < len; ++i) {
         float r;
-        if (a.method == merge::kLinear) {
-          r = tot[i];
+        if constexpr (METHOD == merge::kLinear) {
+          r = acc.tot[i];
         } else {
-          const float m = a.ties_like ? (vote[i] >= 0.0f ? pos[i] / std::max(cpos[i], 1.0f)
-                                                         : neg[i] / std::max(cneg[i], 1.0f))
-                                      : tot[i];
-          r = a.has_base ? bval[i] + lam * m : lam * m;
+          float m;
+          if constexpr (kTiesLike) {
+            m = acc.vote[i] >= 0.0f ? acc.pos[i] / std::max(acc.cpos[i], 1.0f)
+                                    : acc.neg[i] / std::max(acc.cneg[i], 1.0f);
+          } else {
+            m = acc.tot[i];
+          }
+          r = HAS_BASE ? acc.bval[i] + lam * m : lam * m;
         }
         out[start + i] = static_cast<scalar_t>(r);
       }
     }
   });
+}
+
+template <typename scalar_t, int METHOD>
+void merge_dispatch_flags(const MergeArgs& a, const std::vector<const scalar_t*>& xs, const scalar_t* base,
+                          scalar_t* out, const float* thr, float lam, bool count) {
+  if (a.has_base) {
+    count ? merge_cpu_impl<scalar_t, METHOD, true, true>(a, xs, base, out, thr, lam)
+          : merge_cpu_impl<scalar_t, METHOD, true, false>(a, xs, base, out, thr, lam);
+  } else {
+    count ? merge_cpu_impl<scalar_t, METHOD, false, true>(a, xs, base, out, thr, lam)
+          : merge_cpu_impl<scalar_t, METHOD, false, false>(a, xs, base, out, thr, lam);
+  }
+}
+
+template <typename scalar_t>
+void merge_dispatch(const MergeArgs& a, const std::vector<const scalar_t*>& xs, const scalar_t* base, scalar_t* out,
+                    const float* thr, float lam, bool count) {
+  switch (a.method) {
+    case merge::kLinear: return merge_dispatch_flags<scalar_t, merge::kLinear>(a, xs, base, out, thr, lam, count);
+    case merge::kTaskArithmetic:
+      return merge_dispatch_flags<scalar_t, merge::kTaskArithmetic>(a, xs, base, out, thr, lam, count);
+    case merge::kTies: return merge_dispatch_flags<scalar_t, merge::kTies>(a, xs, base, out, thr, lam, count);
+    case merge::kDareLinear:
+      return merge_dispatch_flags<scalar_t, merge::kDareLinear>(a, xs, base, out, thr, lam, count);
+    case merge::kDareTies: return merge_dispatch_flags<scalar_t, merge::kDareTies>(a, xs, base, out, thr, lam, count);
+  }
 }
 
 at::Tensor merge_cpu(at::TensorList tensors, const std::optional<at::Tensor>& base, at::ArrayRef<double> weights,
@@ -166,12 +206,20 @@ at::Tensor merge_cpu(at::TensorList tensors, const std::optional<at::Tensor>& ba
   at::Tensor out = at::empty_like(tensors[0], at::MemoryFormat::Contiguous);
   if (a.n == 0) return out;
   const float* thr = a.method == merge::kTies ? thresholds->data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, tensors[0].scalar_type(), "merge_cpu", [&] {
+  // fp32 / bf16 / fp16 only (check_merge rejects the rest), to keep the instantiations few.
+  auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
     std::vector<const scalar_t*> xs;
     for (const auto& t : tensors) xs.push_back(t.data_ptr<scalar_t>());
-    merge_cpu_impl<scalar_t>(a, xs, a.has_base ? base->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+    merge_dispatch<scalar_t>(a, xs, a.has_base ? base->data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
                              thr, static_cast<float>(lam), sign_by_count);
-  });
+  };
+  switch (tensors[0].scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    case at::kHalf: run(c10::Half{}); break;
+    default: TORCH_CHECK(false, "merge: unsupported dtype ", tensors[0].scalar_type());
+  }
   return out;
 }
 

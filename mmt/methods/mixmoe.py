@@ -191,8 +191,7 @@ def set_stage(model: nn.Module, stage: int) -> None:
     for moe in moe_layers(model):
         lm = torch.zeros(moe.num_experts, dtype=torch.bool, device=moe.expert_mask.device)
         lm[: moe.lm_experts] = True
-        moe.expert_mask.copy_(lm if stage == 1 else torch.ones_like(lm))
-        moe.train_mask.copy_(lm if stage == 1 else ~lm)
+        moe.set_masks(expert_mask=lm if stage == 1 else torch.ones_like(lm), train_mask=lm if stage == 1 else ~lm)
 
 
 def aux_losses(model: nn.Module, aux_weight: float, z_weight: float) -> torch.Tensor:
@@ -210,8 +209,8 @@ def aux_losses(model: nn.Module, aux_weight: float, z_weight: float) -> torch.Te
 def _stage1_file(path: str | Path) -> Path:
     p = Path(path)
     candidates = [p] if p.is_file() else [p / ARTIFACT, p / "final" / ARTIFACT]
-    candidates += sorted(p.glob(f"checkpoint-*/{ARTIFACT}"), key=lambda q: int(q.parent.name.split("-")[-1]),
-                         reverse=True) if p.is_dir() else []
+    if p.is_dir():  # newest checkpoint first (Trainer: checkpoints/<prefix><step:07d>/)
+        candidates += sorted(p.glob(f"checkpoints/*/{ARTIFACT}"), key=lambda q: q.parent.name, reverse=True)
     for c in candidates:
         if c.is_file():
             return c

@@ -57,18 +57,20 @@ def dft_basis(d: int, n_freq: int, dtype=torch.float32, device=None) -> torch.Te
 
 # ---- routing --------------------------------------------------------------------------------
 
-def route(logits: torch.Tensor, k: int, expert_mask: torch.Tensor | None = None):
+def route(logits: torch.Tensor, k: int, expert_mask: torch.Tensor | None = None, n_active: int | None = None):
     """Top-k routing. Returns ``(weights [T,k], ids [T,k], aux_loss, z_loss)``.
 
     ``weights`` is the softmax over the k selected logits (Mixtral); ``expert_mask`` (bool [E]) keeps
     only the allowed experts (others get -inf). ``aux_loss = E_active * sum_e f_e * P_e`` with f_e the
     fraction of slots routed to e and P_e the mean router probability (Switch / Mixtral; 1.0 for a
     perfectly balanced router); ``z_loss = mean_t logsumexp(logits_t)^2`` (ST-MoE). Neither is scaled
-    by a loss weight here: the caller chooses the weights.
+    by a loss weight here: the caller chooses the weights. ``n_active`` (the number of allowed experts)
+    spares a device-to-host read of ``expert_mask.sum()`` when the caller knows it.
     """
     logits = logits.to(_acc(logits))
     E = logits.shape[-1]
-    n_active = E if expert_mask is None else int(expert_mask.sum())
+    if n_active is None:
+        n_active = E if expert_mask is None else int(expert_mask.sum())
     if not 1 <= k <= n_active:
         raise ValueError(f"route: k={k} must be between 1 and the number of allowed experts ({n_active})")
     if expert_mask is not None:

@@ -66,3 +66,9 @@ def test_demo_defaults_match_example_config():
     b = load_config(REPO / "examples" / "configs" / "mfti_demo.yaml").to_dict()
     a["train"].pop("output_dir"), b["train"].pop("output_dir")
     assert a == b
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.method is not None and cfg.train.batch_size % cfg.train.micro_batch_size == 0

@@ -215,3 +215,17 @@ def test_shared_data_sources(tok, shared_data):
     assert sizes == {("de", "en"): 5, ("en", "de"): 5, ("en", "fr"): 4, ("de", "ru"): 3}
     flores = D.load_flores(shared_data / "flores200" / "devtest", ["de", "en"])
     assert len(flores["de"]) == len(flores["en"]) == 1012
+
+
+def test_mono_train_set(tok, tmp_path):
+    _gz(tmp_path / "mono" / "deu_Latn.txt.gz", ["Guten Morgen.", "Wie geht es dir?", "Danke."])
+    (tmp_path / "mono" / "fra_Latn.txt").write_text("Bonjour.\nMerci.\n", encoding="utf-8")
+    cfg = load_config(None, [f"data.data_dir={tmp_path}", "data.train=[{kind: mono, directions: [de, fr]}]"])
+    plan = SimpleNamespace(sampler="mono", directions=None, loss_on=None, method="x")
+    ts = D.build_train_set(cfg.data, tok, plan=plan)
+    assert ts.mono and {k: len(v) for k, v in ts.streams.items()} == {"de": 3, "fr": 2}
+    assert ts.labels[0][0] == D.IGNORE_INDEX and ts.labels[0][1:] == ts.ids[0][1:]
+    s = D.StepSampler(ts, 5, mode="mono", seed=0)
+    assert sorted(s.next()[0]) == list(range(5))
+    with pytest.raises(D.DataError, match="does not fit"):
+        D.build_train_set(cfg.data, tok)  # mono data with a translation plan

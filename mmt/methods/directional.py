@@ -1,0 +1,346 @@
+"""Direction-aware training (DAT) with group-wise merging (DATM): Zheng et al., Findings of ACL 2025.
+
+METHODS.md section 4. XX->En suffers from conflict between languages, En->XX profits from synergy, so:
+
+* XX->En is trained **separately** per unit (an X-ALMA language group by default, or per language with
+  ``separate_unit: language``), each unit from the same base;
+* En->XX is trained **jointly** (``en_xx_unit: all``; or per group with ``en_xx_unit: group``);
+* the XX->En unit models are combined by **TIES** (``merge_method``) through :mod:`mmt.merge`
+  (LoRA adapters: dense delta, merge, SVD back to the rank; full fine-tuning: streamed checkpoints);
+  En->XX is never merged;
+* inference is **direction-gated**: :class:`DirectionGate` says, for a (src, tgt) pair, which weights or
+  adapter to use (tgt == en -> the merged XX->En model, else the En->XX model of that language's unit).
+
+One ``prepare()`` trains one unit (``Config.unit``); :func:`run_directional` trains every unit with the
+pipeline's Trainer, merges, and writes ``directional.json`` (the gate's manifest) in ``train.output_dir``.
+From the shell: ``python -m mmt.methods.directional -c examples/configs/directional_demo.yaml``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .base import MethodConfig, TrainingPlan
+
+PIVOT = "en"
+
+
+@dataclass
+class Config(MethodConfig):
+    """Direction-aware training options (defaults follow METHODS.md 4(b)/(c); [UNV] items are fields).
+
+    groups: language groups as {name: [codes]}; None = X-ALMA's eight groups (mmt.languages.GROUPS).
+    separate_unit: "group" (one XX->En model per group) or "language" (one per language).
+    en_xx_unit: "all" (one joint En->XX model, the paper's reading) or "group".
+    directions: restrict to these directions (e.g. ["de-en", "en-de"]); None = every direction of data.train.
+    unit: the unit this prepare() trains (set by run_directional); None is an error for prepare().
+    lora, lora_*: LoRA through peft (default; X-ALMA uses rank 512 at 13B, scaled down here);
+        lora=false trains all weights (then merging streams full checkpoints).
+    merge: merge the XX->En unit models with merge_method (ties), density, lam, sign.
+    lora_merge_mode: "svd" (dense delta -> merge -> rank-r SVD) or "factor" (peft-style factor merge).
+    freeze_embeddings: full fine-tuning only: keep (tied) embeddings frozen (a large share of a small model).
+    """
+
+    groups: dict[str, list[str]] | None = None
+    separate_unit: str = "group"
+    en_xx_unit: str = "all"
+    directions: list[str] | None = None
+    unit: str | None = None
+    lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | str = "all-linear"
+    freeze_embeddings: bool = True
+    merge: bool = True
+    merge_method: str = "ties"
+    merge_density: float = 0.2
+    merge_lam: float = 1.0
+    merge_sign: str = "total"
+    lora_merge_mode: str = "svd"
+    sampler: str = "mixed"
+
+
+@dataclass
+class Unit:
+    """One separately trained model: a name, its side (xx-en or en-xx) and its directions."""
+
+    name: str
+    side: str
+    directions: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _groups(config: Config) -> dict[str, list[str]]:
+    from mmt import languages as L
+
+    if config.groups is not None:
+        return {str(k): [L.normalize(c) for c in v] for k, v in config.groups.items()}
+    return {f"g{g}": list(langs) for g, langs in L.GROUPS.items()}
+
+
+def _group_of(lang: str, groups: dict[str, list[str]]) -> str:
+    for name, langs in groups.items():
+        if lang in langs:
+            return name
+    return f"other-{lang}"  # a language outside every group trains as its own unit
+
+
+def plan_units(config: Config, directions: list[tuple[str, str]]) -> list[Unit]:
+    """Split En-centric directions into training units (XX->En per group/language, En->XX joint/per group)."""
+    from mmt import languages as L
+
+    if config.separate_unit not in ("group", "language"):
+        raise ValueError(f"directional: separate_unit must be 'group' or 'language', got {config.separate_unit!r}")
+    if config.en_xx_unit not in ("all", "group"):
+        raise ValueError(f"directional: en_xx_unit must be 'all' or 'group', got {config.en_xx_unit!r}")
+    groups = _groups(config)
+    units: dict[str, Unit] = {}
+    for src, tgt in directions:
+        src, tgt = L.normalize(src), L.normalize(tgt)
+        if tgt == PIVOT and src != PIVOT:
+            key = _group_of(src, groups) if config.separate_unit == "group" else src
+            name = f"xx-en.{key}"
+            units.setdefault(name, Unit(name, "xx-en")).directions.append((src, tgt))
+        elif src == PIVOT and tgt != PIVOT:
+            name = "en-xx.all" if config.en_xx_unit == "all" else f"en-xx.{_group_of(tgt, groups)}"
+            units.setdefault(name, Unit(name, "en-xx")).directions.append((src, tgt))
+        else:
+            raise ValueError(f"directional: direction {src}-{tgt} is not English-centric; DAT splits XX->En "
+                             "and En->XX (drop it from data.train or method.directions)")
+    return sorted(units.values(), key=lambda u: (u.side != "xx-en", u.name))
+
+
+def _parse(items: list[str]) -> list[tuple[str, str]]:
+    from mmt import languages as L
+
+    return [L.parse_direction(d) for d in items]
+
+
+def prepare(model: nn.Module, config: Config, tokenizer=None) -> tuple[nn.Module, TrainingPlan]:
+    """Prepare ``model`` to train the unit ``config.unit`` (whose directions the orchestrator fills in)."""
+    if config.unit is None or config.directions is None:
+        raise ValueError(
+            "directional trains one model per unit; run every unit and the merge with "
+            "`python -m mmt.methods.directional -c <config.yaml>` (mmt.methods.directional.run_directional), "
+            "or set method.unit and method.directions to train a single unit")
+    info: dict[str, Any] = {"unit": config.unit}
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
+        model = get_peft_model(model, lcfg)
+        info["lora"] = f"r={config.lora_r} alpha={config.lora_alpha} targets={config.lora_target_modules}"
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if config.freeze_embeddings:
+            from .mfti import freeze_embeddings
+
+            info["frozen embedding parameters"] = f"{freeze_embeddings(model):,}"
+
+    save_artifacts = None
+    if config.lora:
+        def save_artifacts(path, _model=model):
+            _model.save_pretrained(str(Path(path) / "adapter"))
+
+    plan = TrainingPlan(method="directional", sampler=config.sampler, directions=_parse(config.directions),
+                        save_artifacts=save_artifacts, info=info, model=model)
+    return model, plan
+
+
+# ------------------------------------------------------------------------------------------
+# orchestration: every unit, then the merge
+
+
+def training_directions(cfg: Any) -> list[tuple[str, str]]:
+    """The directions of data.train (or method.directions), in order, without duplicates."""
+    if cfg.method.directions:
+        dirs = _parse(cfg.method.directions)
+    else:
+        dirs = []
+        for src in cfg.data.train:
+            if src.kind == "mono":
+                continue
+            if src.directions:
+                dirs += _parse(src.directions)
+            else:  # e.g. a JSONL file: its directions are in the data
+                from mmt.data import load_source, resolve_data_dir
+
+                data_dir = resolve_data_dir(cfg.data.data_dir, required=False)
+                items = load_source(src, data_dir, max_chars=cfg.data.max_chars, on_bad_line=cfg.data.on_bad_line,
+                                    seed=cfg.data.seed)
+                dirs += [(ex.src_lang, ex.tgt_lang) for ex in items]
+    if not dirs:
+        raise ValueError("directional: no directions; list them in data.train[*].directions or method.directions")
+    return list(dict.fromkeys(dirs))
+
+
+def run_directional(cfg: Any, *, model: nn.Module | None = None, tokenizer: Any = None) -> dict[str, Any]:
+    """Train every unit of ``cfg`` (a RunConfig whose method is ``directional``), merge the XX->En units,
+    and write ``<train.output_dir>/directional.json``. Returns that manifest."""
+    import torch
+
+    from mmt import train
+    from mmt.models import load_model, save_model
+
+    mcfg: Config = cfg.method
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if model is None:
+        model, tokenizer = load_model(cfg.model)
+    units = plan_units(mcfg, training_directions(cfg))
+    print("directional units: " + "; ".join(f"{u.name} ({', '.join('-'.join(d) for d in u.directions)})"
+                                             for u in units), flush=True)
+    base_dir = out / "base"
+    if not mcfg.lora and not (base_dir / "config.json").exists():
+        save_model(model, tokenizer, base_dir)  # the merge streams task vectors against this copy
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    manifest: dict[str, Any] = {"lora": mcfg.lora, "base": cfg.model.name_or_path, "units": {}, "gate": {}}
+    for unit in units:
+        ucfg = copy.deepcopy(cfg)
+        ucfg.method.unit = unit.name
+        ucfg.method.directions = ["-".join(d) for d in unit.directions]
+        ucfg.train.output_dir = str(out / unit.name)
+        model.load_state_dict(base_state)  # every unit starts from the same base
+        umodel, _, _, result = train.run(ucfg, model=copy.deepcopy(model), tokenizer=tokenizer)
+        final = out / unit.name / "final"
+        weights = final / "adapter" if mcfg.lora else final
+        manifest["units"][unit.name] = {"side": unit.side, "directions": ucfg.method.directions,
+                                        "weights": str(weights), "steps": result.steps,
+                                        "final_loss": result.final_loss}
+        del umodel
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    xx_units = [u for u in units if u.side == "xx-en"]
+    merged = None
+    if mcfg.merge and len(xx_units) > 1:
+        from mmt.merge import MergeConfig, run_merge
+
+        merged = out / "xx-en.merged"
+        paths = [manifest["units"][u.name]["weights"] for u in xx_units]
+        mc = dict(method=mcfg.merge_method, density=mcfg.merge_density, lam=mcfg.merge_lam, sign=mcfg.merge_sign,
+                  output=str(merged), overwrite=True)
+        if mcfg.lora:
+            mc.update(adapters=paths, lora_mode=mcfg.lora_merge_mode, rank=mcfg.lora_r)
+        else:
+            mc.update(models=paths, base_model=str(base_dir))
+        report = run_merge(MergeConfig.from_dict(mc), progress=cfg.train.progress)
+        print(report.summary(), flush=True)
+        if not mcfg.lora:  # a full checkpoint still needs the tokenizer next to it
+            tokenizer.save_pretrained(str(merged))
+        manifest["merged"] = {"weights": str(merged), "from": [u.name for u in xx_units], "method": mcfg.merge_method,
+                              "density": mcfg.merge_density}
+    elif len(xx_units) == 1:
+        merged = Path(manifest["units"][xx_units[0].name]["weights"])
+    for unit in units:
+        for s, t in unit.directions:
+            use = str(merged) if (unit.side == "xx-en" and merged is not None) else manifest["units"][unit.name]["weights"]
+            manifest["gate"][f"{s}-{t}"] = use
+    (out / "directional.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+class DirectionGate:
+    """Hard direction gate over a ``directional.json`` manifest.
+
+    ``weights_for("de", "en")`` -> the merged XX->En weights; ``weights_for("en", "de")`` -> En->XX.
+    ``model_for(direction, base_model)`` returns a ready model (LoRA: the base with that adapter).
+    """
+
+    def __init__(self, manifest: str | Path | dict[str, Any]):
+        if not isinstance(manifest, dict):
+            p = Path(manifest)
+            manifest = json.loads((p / "directional.json" if p.is_dir() else p).read_text())
+        self.manifest = manifest
+
+    def weights_for(self, src: str, tgt: str) -> str:
+        from mmt import languages as L
+
+        key = f"{L.normalize(src)}-{L.normalize(tgt)}"
+        gate = self.manifest["gate"]
+        if key in gate:
+            return gate[key]
+        # an unseen language: route by side (XX->En merged model, else the joint En->XX one)
+        side = "xx-en" if L.normalize(tgt) == PIVOT else "en-xx"
+        if side == "xx-en" and "merged" in self.manifest:
+            return self.manifest["merged"]["weights"]
+        for name, u in self.manifest["units"].items():
+            if u["side"] == side:
+                return u["weights"]
+        raise KeyError(f"direction gate: no weights for {key}")
+
+    def model_for(self, src: str, tgt: str, base_model: nn.Module | None = None):
+        path = self.weights_for(src, tgt)
+        if self.manifest.get("lora"):
+            if base_model is None:
+                raise ValueError("direction gate: LoRA weights need the base model")
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(base_model, path)
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+
+
+def evaluate_gated(cfg: Any, manifest: str | Path, *, label: str = "directional", merged: bool = True):
+    """Evaluate every eval direction with the weights the gate picks (merged=False: the unit models)."""
+    from mmt.evaluate import EvalReport, evaluate
+    from mmt.models import load_model
+
+    gate = DirectionGate(manifest)
+    results = []
+    by_weights: dict[str, list[str]] = {}
+    for d in cfg.eval.directions:
+        s, t = d.split("-")
+        w = gate.weights_for(s, t)
+        if not merged and t == PIVOT:
+            w = next(u["weights"] for u in gate.manifest["units"].values()
+                     if f"{s}-{t}" in u["directions"])
+        by_weights.setdefault(w, []).append(d)
+    for w, dirs in by_weights.items():
+        base, tok = load_model(cfg.model)
+        model = gate.model_for(*dirs[0].split("-"), base_model=base) if gate.manifest.get("lora") else \
+            load_model(cfg.model, name_or_path=w)[0]
+        if gate.manifest.get("lora") and w != gate.weights_for(*dirs[0].split("-")):
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(base, w)
+        ecfg = copy.deepcopy(cfg.eval)
+        ecfg.directions = dirs
+        rep = evaluate(model, tok, ecfg, template=cfg.data.template, data_dir=cfg.data.data_dir, label=label)
+        results.extend(rep.results)
+    return EvalReport(label=label, results=results) if results else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmt.methods.directional",
+                                     description="Direction-aware training: every unit, TIES merge of XX->En, gate")
+    parser.add_argument("--config", "-c", required=True)
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    parser.add_argument("--eval", action="store_true", help="evaluate with the direction gate afterwards")
+    args = parser.parse_args(argv)
+    from mmt.config import load_config
+
+    cfg = load_config(args.config, args.overrides, method="directional")
+    manifest = run_directional(cfg)
+    print(json.dumps(manifest["gate"], indent=1))
+    if args.eval:
+        from mmt.evaluate import write_report
+
+        out = Path(cfg.eval.output_dir or Path(cfg.train.output_dir) / "eval")
+        for merged in (True, False):
+            rep = evaluate_gated(cfg, Path(cfg.train.output_dir), label="datm" if merged else "dat", merged=merged)
+            if rep is not None:
+                write_report(rep, out)
+                print(rep.markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""Direction-aware training: unit planning, the one-unit prepare(), the full run with merge, and the gate."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmt.config import load_config
+from mmt.methods import directional as D
+from mmt.models import tiny_model
+
+
+def test_units_follow_xalma_groups():
+    cfg = D.Config()
+    units = D.plan_units(cfg, [("de", "en"), ("nl", "en"), ("fr", "en"), ("en", "de"), ("en", "fr")])
+    by = {u.name: u for u in units}
+    assert set(by) == {"xx-en.g1", "xx-en.g4", "en-xx.all"}
+    assert by["xx-en.g1"].directions == [("de", "en"), ("nl", "en")]
+    assert by["en-xx.all"].side == "en-xx" and len(by["en-xx.all"].directions) == 2
+
+
+def test_unit_switches_and_errors():
+    dirs = [("de", "en"), ("nl", "en"), ("en", "de"), ("en", "fr")]
+    units = D.plan_units(D.Config(separate_unit="language", en_xx_unit="group"), dirs)
+    assert [u.name for u in units] == ["xx-en.de", "xx-en.nl", "en-xx.g1", "en-xx.g4"]
+    custom = D.plan_units(D.Config(groups={"west": ["de", "nl"]}), dirs + [("sw", "en")])
+    assert {u.name for u in custom} == {"xx-en.west", "xx-en.other-sw", "en-xx.all"}
+    with pytest.raises(ValueError, match="not English-centric"):
+        D.plan_units(D.Config(), [("de", "fr")])
+    with pytest.raises(ValueError, match="separate_unit"):
+        D.plan_units(D.Config(separate_unit="pair"), dirs)
+    with pytest.raises(ValueError, match="python -m mmt.methods.directional"):
+        D.prepare(tiny_model(), D.Config())
+
+
+def test_prepare_one_unit_lora_and_full():
+    model, plan = D.prepare(tiny_model(), D.Config(unit="xx-en.g1", directions=["de-en"], lora_r=4))
+    assert plan.directions == [("de", "en")] and "lora" in plan.info
+    assert any("lora_A" in n for n, p in model.named_parameters() if p.requires_grad)
+    model, plan = D.prepare(tiny_model(), D.Config(unit="en-xx.all", directions=["en-de"], lora=False))
+    assert not model.get_input_embeddings().weight.requires_grad
+    assert model.model.layers[0].mlp.up_proj.weight.requires_grad
+
+
+def _cfg(jsonl, out, *extra):
+    return load_config(None, [f"data.train=[{{kind: jsonl, path: {jsonl}}}]", f"train.output_dir={out}",
+                              "train.progress=false", "train.lr=3e-3", "train.save_every=0", "train.max_steps=2",
+                              "train.batch_size=4", "train.micro_batch_size=4",
+                              "method.groups={a: [de], b: [fr]}", "method.lora_r=4", "method.merge_density=0.5",
+                              *extra], method="directional")
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_run_directional_trains_units_merges_and_gates(tok, jsonl_data, tmp_path, lora):
+    cfg = _cfg(jsonl_data, tmp_path / "run", f"method.lora={str(lora).lower()}")
+    base = tiny_model("llama", vocab=len(tok), seed=0)
+    manifest = D.run_directional(cfg, model=base, tokenizer=tok)
+    assert set(manifest["units"]) == {"xx-en.a", "xx-en.b", "en-xx.all"}
+    merged = manifest["merged"]["weights"]
+    assert manifest["gate"]["de-en"] == merged == manifest["gate"]["fr-en"]
+    assert manifest["gate"]["en-de"] == manifest["units"]["en-xx.all"]["weights"] == manifest["gate"]["en-fr"]
+    assert json.loads((tmp_path / "run" / "directional.json").read_text()) == manifest
+    gate = D.DirectionGate(tmp_path / "run")
+    m = gate.model_for("de", "en", base_model=tiny_model("llama", vocab=len(tok), seed=0))
+    assert torch.isfinite(m(torch.tensor([[1, 5, 7]])).logits).all()
+    # an unseen XX->En language routes to the merged model, an unseen En->XX one to the joint model
+    assert gate.weights_for("sw", "en") == merged
+    assert gate.weights_for("en", "sw") == manifest["units"]["en-xx.all"]["weights"]
