@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import statistics
 import time
 from collections import defaultdict
@@ -48,9 +47,10 @@ def median_time(fn: Callable[[], object], *, warmup: int = 2, reps: int = 5, dev
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
     """Peak extra memory while ``fn()`` runs.
 
-    CUDA: ``max_memory_allocated`` above the starting allocation. CPU: the rise of peak RSS in a
-    forked child (glibc returns large blocks to the OS on free, so RSS follows live tensors);
-    run ``fn`` once beforehand so lazy initialisation is not counted.
+    CUDA: ``max_memory_allocated`` above the starting allocation. CPU: the rise of resident memory,
+    sampled every 0.2 ms by a thread (glibc returns large blocks to the OS on free, so RSS follows
+    live tensors; a forked child would hang in libgomp once OpenMP has run). Run ``fn`` once
+    beforehand so lazy initialisation is not counted.
     """
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -59,22 +59,29 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cp
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - start
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        try:
-            os.close(read_fd)
-            before = _current_rss()
-            fn()
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            os.write(write_fd, str(max(0, peak - before)).encode())
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd) as reader:
-        text = reader.read()
-    os.waitpid(pid, 0)
-    return int(text) if text else -1
+    import gc
+    import threading
+
+    gc.collect()
+    before = _current_rss()
+    peak = before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _current_rss())
+            time.sleep(0.0002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+        peak = max(peak, _current_rss())
+    finally:
+        done.set()
+        sampler.join()
+    return max(0, peak - before)
 
 
 def _current_rss() -> int:
