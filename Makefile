@@ -10,7 +10,7 @@ CUDA_ARCHS ?= 80 90
 PYTEST_ARGS ?=
 
 .PRECIOUS: $(VENV)/.installed-%
-.PHONY: help venv install build demo test test-all bench cuda-check clean
+.PHONY: help venv install build demo test test-all bench cuda-check cuda-bind-check clean
 
 help:
 	@echo "make demo        run the demo (mFTI on a real small model, before/after scores)"
@@ -57,6 +57,21 @@ cuda-check:
 		for a in $(CUDA_ARCHS); do \
 			$(NVCC) -std=c++17 -O3 -Icsrc -gencode arch=compute_$$a,code=sm_$$a -c $$f -o /tmp/mmt-cuda-check-$$a.o; \
 		done; echo "cuda-check: $$f ok (sm_$(shell echo $(CUDA_ARCHS) | sed 's/ /, sm_/g'))"; \
+	done
+
+# Syntax-checks the torch glue (csrc/cuda/*.cpp) against the headers of a CUDA torch wheel, which
+# the CPU wheel lacks: TORCH_CUDA_INCLUDE=<unzipped wheel>/torch/include make cuda-bind-check
+# (get them with `pip download --no-deps torch==$(TORCH_VERSION) --index-url https://pypi.org/simple`
+# and `unzip <wheel> 'torch/include/*'`).
+CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda /usr/local/cuda-*))
+CUDA_INCLUDE ?= $(CUDA_HOME)/include
+cuda-bind-check:
+	@test -n "$(TORCH_CUDA_INCLUDE)" || { echo "cuda-bind-check: set TORCH_CUDA_INCLUDE to a CUDA torch's include dir"; exit 1; }
+	@set -e; for f in csrc/cuda/*.cpp; do \
+		g++ -std=c++20 -fsyntax-only -DMMT_WITH_CUDA=1 -Icsrc -I$(TORCH_CUDA_INCLUDE) \
+			-I$(TORCH_CUDA_INCLUDE)/torch/csrc/api/include -I$(CUDA_INCLUDE) \
+			-I$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])") $$f; \
+		echo "cuda-bind-check: $$f ok"; \
 	done
 
 clean:
