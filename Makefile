@@ -24,31 +24,37 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=77" wheel
 
-# Marker files: reinstall when the packaging metadata or the C++/CUDA sources change.
+# Marker files: reinstall when the packaging metadata changes; rebuild _C incrementally (ninja)
+# when a kernel source changes. A fresh install builds _C itself, so it also stamps .built.
 KERNEL_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*)
-$(VENV)/.installed-%: pyproject.toml setup.py $(KERNEL_SOURCES) | $(PY)
+$(VENV)/.installed-%: pyproject.toml setup.py | $(PY)
 	@$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$(TORCH_VERSION)' or torch.version.cuda else 1)" 2>/dev/null \
 		|| $(PIP) install -q torch==$(TORCH_VERSION) numpy
 	$(PIP) install -q --no-build-isolation -e ".[$*]"
 	@$(PY) -c "import torch; print('torch', torch.__version__, '(cuda ' + str(torch.version.cuda) + ')')"
+	@touch $@ $(VENV)/.built
+
+$(VENV)/.built: $(KERNEL_SOURCES) | $(PY)
+	flock .build.lock $(PY) setup.py -q build_ext --inplace
 	@touch $@
 
 venv install: $(VENV)/.installed-dev
 
 build: $(VENV)/.installed-dev
 	flock .build.lock $(PY) setup.py -q build_ext --inplace
+	@touch $(VENV)/.built
 
-demo: $(VENV)/.installed-demo
+demo: $(VENV)/.installed-demo $(VENV)/.built
 	$(VENV)/bin/mmt demo
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev $(VENV)/.built
 	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory cuda-check; else echo "cuda-check skipped: nvcc not found"; fi
 	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
-test-all: $(VENV)/.installed-dev
+test-all: $(VENV)/.installed-dev $(VENV)/.built
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
-bench: $(VENV)/.installed-dev
+bench: $(VENV)/.installed-dev $(VENV)/.built
 	$(PY) -m pytest bench -q --benchmark-only $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 cuda-check:

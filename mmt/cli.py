@@ -143,6 +143,10 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
         return 0
+    if cfg.method_name == "directional":  # several training runs + a merge, not one plan
+        from mmt.methods.directional import train_and_report
+
+        return train_and_report(cfg, with_eval=args.eval)
     from mmt import train
 
     model, tokenizer, plan, result = train.run(cfg)

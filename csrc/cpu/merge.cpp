@@ -12,7 +12,7 @@
 #include <limits>
 #include <vector>
 
-#include "cuda/merge_common.h"
+#include "merge_common.h"
 
 namespace mmt {
 namespace {
@@ -102,28 +102,36 @@ struct Acc {
 // them and vectorises; FIRST assigns instead of adding (the reference starts from its first term, which
 // keeps -0.0 and makes linear of one model bit-exact).
 template <typename scalar_t, int METHOD, bool FIRST, bool HAS_BASE, bool COUNT>
-void accumulate(Acc& acc, const scalar_t* x, int64_t len, int64_t start, float w, float th, float sc, uint32_t key,
-                uint32_t keep24) {
+void accumulate(Acc& acc, const scalar_t* __restrict__ x, int64_t len, int64_t start, float w, float th, float sc,
+                uint32_t key, uint32_t keep24) {
   constexpr bool kTiesLike = METHOD == merge::kTies || METHOD == merge::kDareTies;
   constexpr bool kDare = METHOD == merge::kDareLinear || METHOD == merge::kDareTies;
+  // restrict: without it the compiler must assume x aliases the accumulators and does not vectorise.
+  const float* __restrict__ bval = acc.bval;
+  float* __restrict__ tot = acc.tot;
+  float* __restrict__ vote = acc.vote;
+  float* __restrict__ pos = acc.pos;
+  float* __restrict__ neg = acc.neg;
+  float* __restrict__ cpos = acc.cpos;
+  float* __restrict__ cneg = acc.cneg;
   for (int64_t i = 0; i < len; ++i) {
     float t = static_cast<float>(x[i]);
-    if constexpr (METHOD != merge::kLinear && HAS_BASE) t -= acc.bval[i];
+    if constexpr (METHOD != merge::kLinear && HAS_BASE) t -= bval[i];
     if constexpr (METHOD == merge::kTies) t = std::fabs(t) >= th ? t : 0.0f;
     if constexpr (kDare) t = merge::dare_keep(key, static_cast<uint32_t>(start + i), keep24) ? t * sc : 0.0f;
     if constexpr (!kTiesLike) {
       const float term = w * t;
-      acc.tot[i] = FIRST ? term : acc.tot[i] + term;
+      tot[i] = FIRST ? term : tot[i] + term;
     } else {
       const float v = COUNT ? static_cast<float>((t > 0.0f) - (t < 0.0f)) : t;
       const float wt = w * t;
       const float p = t > 0.0f ? wt : 0.0f, q = t < 0.0f ? wt : 0.0f;
       const float cp = t > 0.0f ? 1.0f : 0.0f, cq = t < 0.0f ? 1.0f : 0.0f;
-      acc.vote[i] = FIRST ? v : acc.vote[i] + v;
-      acc.pos[i] = FIRST ? p : acc.pos[i] + p;
-      acc.neg[i] = FIRST ? q : acc.neg[i] + q;
-      acc.cpos[i] = FIRST ? cp : acc.cpos[i] + cp;
-      acc.cneg[i] = FIRST ? cq : acc.cneg[i] + cq;
+      vote[i] = FIRST ? v : vote[i] + v;
+      pos[i] = FIRST ? p : pos[i] + p;
+      neg[i] = FIRST ? q : neg[i] + q;
+      cpos[i] = FIRST ? cp : cpos[i] + cp;
+      cneg[i] = FIRST ? cq : cneg[i] + cq;
     }
   }
 }

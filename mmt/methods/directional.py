@@ -13,12 +13,13 @@ METHODS.md section 4. XX->En suffers from conflict between languages, En->XX pro
 
 One ``prepare()`` trains one unit (``Config.unit``); :func:`run_directional` trains every unit with the
 pipeline's Trainer, merges, and writes ``directional.json`` (the gate's manifest) in ``train.output_dir``.
-From the shell: ``python -m mmt.methods.directional -c examples/configs/directional_demo.yaml``.
+From the shell: ``mmt train -c examples/configs/directional_demo.yaml [--eval]``.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,7 +128,7 @@ def prepare(model: nn.Module, config: Config, tokenizer=None) -> tuple[nn.Module
     if config.unit is None or config.directions is None:
         raise ValueError(
             "directional trains one model per unit; run every unit and the merge with "
-            "`python -m mmt.methods.directional -c <config.yaml>` (mmt.methods.directional.run_directional), "
+            "`mmt train --method directional -c <config.yaml>` (mmt.methods.directional.run_directional), "
             "or set method.unit and method.directions to train a single unit")
     info: dict[str, Any] = {"unit": config.unit}
     if config.lora:
@@ -195,27 +196,38 @@ def run_directional(cfg: Any, *, model: nn.Module | None = None, tokenizer: Any 
     out.mkdir(parents=True, exist_ok=True)
     if model is None:
         model, tokenizer = load_model(cfg.model)
-    units = plan_units(mcfg, training_directions(cfg))
+    if mcfg.unit:  # one named unit over every direction (e.g. a joint baseline with the same LoRA settings)
+        units = [Unit(mcfg.unit, "joint", training_directions(cfg))]
+    else:
+        units = plan_units(mcfg, training_directions(cfg))
     print("directional units: " + "; ".join(f"{u.name} ({', '.join('-'.join(d) for d in u.directions)})"
                                              for u in units), flush=True)
     base_dir = out / "base"
     if not mcfg.lora and not (base_dir / "config.json").exists():
         save_model(model, tokenizer, base_dir)  # the merge streams task vectors against this copy
-    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # ``model`` itself is never trained (each unit trains a deep copy), so no snapshot of the base is kept:
+    # one less full copy of the weights in memory (several units of a 270M model OOM-ed a shared 23 GB box).
     manifest: dict[str, Any] = {"lora": mcfg.lora, "base": cfg.model.name_or_path, "units": {}, "gate": {}}
     for unit in units:
         ucfg = copy.deepcopy(cfg)
         ucfg.method.unit = unit.name
         ucfg.method.directions = ["-".join(d) for d in unit.directions]
         ucfg.train.output_dir = str(out / unit.name)
-        model.load_state_dict(base_state)  # every unit starts from the same base
-        umodel, _, _, result = train.run(ucfg, model=copy.deepcopy(model), tokenizer=tokenizer)
         final = out / unit.name / "final"
         weights = final / "adapter" if mcfg.lora else final
+        done = (weights / ("adapter_config.json" if mcfg.lora else "config.json")).exists()
+        if done and cfg.train.resume == "auto":  # a unit finished by an earlier (interrupted) run is reused
+            print(f"directional: unit {unit.name} already trained ({weights}); reusing it", flush=True)
+            manifest["units"][unit.name] = {"side": unit.side, "directions": ucfg.method.directions,
+                                            "weights": str(weights), "steps": None, "final_loss": None,
+                                            "reused": True}
+            continue
+        umodel, _, _, result = train.run(ucfg, model=copy.deepcopy(model), tokenizer=tokenizer)  # same base each
         manifest["units"][unit.name] = {"side": unit.side, "directions": ucfg.method.directions,
                                         "weights": str(weights), "steps": result.steps,
                                         "final_loss": result.final_loss}
-        del umodel
+        del umodel, result
+        gc.collect()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     xx_units = [u for u in units if u.side == "xx-en"]
     merged = None
@@ -288,34 +300,62 @@ class DirectionGate:
         return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
 
 
-def evaluate_gated(cfg: Any, manifest: str | Path, *, label: str = "directional", merged: bool = True):
-    """Evaluate every eval direction with the weights the gate picks (merged=False: the unit models)."""
+def evaluate_gated(cfg: Any, manifest: str | Path, *, label: str = "directional", merged: bool = True,
+                   skip: dict[str, Any] | None = None, done: dict[str, Any] | None = None):
+    """Evaluate every eval direction with the weights the gate picks (merged=False: the unit models).
+
+    skip: {weights: EvalReport} already scored (reused, not re-decoded); done: filled with {weights: EvalReport}
+    of what this call scored (pass it as ``skip`` to the next call)."""
     from mmt.evaluate import EvalReport, evaluate
     from mmt.models import load_model
 
     gate = DirectionGate(manifest)
-    results = []
     by_weights: dict[str, list[str]] = {}
     for d in cfg.eval.directions:
-        s, t = d.split("-")
-        w = gate.weights_for(s, t)
-        if not merged and t == PIVOT:
-            w = next(u["weights"] for u in gate.manifest["units"].values()
-                     if f"{s}-{t}" in u["directions"])
+        w = _eval_weights(gate, d, merged)
         by_weights.setdefault(w, []).append(d)
+    results, hyps, settings = {}, {}, {}
     for w, dirs in by_weights.items():
+        if skip and w in skip:  # the same weights were already scored (e.g. the En->XX unit in datm and dat)
+            for d in dirs:
+                r = next((r for r in skip[w].results if r.direction == d), None)
+                if r is not None:
+                    results[d], hyps[d] = r, skip[w].hypotheses.get(d, [])
+            settings = settings or skip[w].settings
+            dirs = [d for d in dirs if d not in results]
+            if not dirs:
+                continue
         base, tok = load_model(cfg.model)
-        model = gate.model_for(*dirs[0].split("-"), base_model=base) if gate.manifest.get("lora") else \
-            load_model(cfg.model, name_or_path=w)[0]
-        if gate.manifest.get("lora") and w != gate.weights_for(*dirs[0].split("-")):
+        if gate.manifest.get("lora"):
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(base, w)
+            model = PeftModel.from_pretrained(base, w)  # exactly the adapter picked (never stacked on another)
+        else:
+            model = load_model(cfg.model, name_or_path=w)[0]
         ecfg = copy.deepcopy(cfg.eval)
         ecfg.directions = dirs
         rep = evaluate(model, tok, ecfg, template=cfg.data.template, data_dir=cfg.data.data_dir, label=label)
-        results.extend(rep.results)
-    return EvalReport(label=label, results=results) if results else None
+        for r in rep.results:
+            results[r.direction] = r
+        hyps.update(rep.hypotheses)
+        settings = settings or rep.settings
+        if done is not None:
+            done[w] = rep
+        del model, base
+    if not results:
+        return None
+    order = [d for d in cfg.eval.directions if d in results]
+    return EvalReport(label=label, results=[results[d] for d in order], hypotheses={d: hyps[d] for d in order if d in hyps},
+                      settings=settings)
+
+
+def _eval_weights(gate: "DirectionGate", direction: str, merged: bool) -> str:
+    """The weights used for ``direction``: the gate's pick, or (merged=False) the unit that trained it."""
+    s, t = direction.split("-")
+    w = gate.weights_for(s, t)
+    if not merged and t == PIVOT:
+        w = next((u["weights"] for u in gate.manifest["units"].values() if direction in u["directions"]), w)
+    return w
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,15 +367,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from mmt.config import load_config
 
-    cfg = load_config(args.config, args.overrides, method="directional")
+    return train_and_report(load_config(args.config, args.overrides, method="directional"), with_eval=args.eval)
+
+
+def train_and_report(cfg: Any, *, with_eval: bool = False) -> int:
+    """Every unit, the XX->En merge and the gate; with ``with_eval``, direction-gated scores of the merged
+    ("datm") and unmerged ("dat") systems. Used by ``mmt train --method directional`` and ``main``."""
     manifest = run_directional(cfg)
     print(json.dumps(manifest["gate"], indent=1))
-    if args.eval:
+    if with_eval:
         from mmt.evaluate import write_report
 
         out = Path(cfg.eval.output_dir or Path(cfg.train.output_dir) / "eval")
-        for merged in (True, False):
-            rep = evaluate_gated(cfg, Path(cfg.train.output_dir), label="datm" if merged else "dat", merged=merged)
+        scored: dict[str, Any] = {}
+        runs = [(True, "datm"), (False, "dat")] if "merged" in manifest else [(False, cfg.method.unit or "dat")]
+        for merged, label in runs:
+            rep = evaluate_gated(cfg, Path(cfg.train.output_dir), label=label, merged=merged, skip=dict(scored),
+                                 done=scored)
             if rep is not None:
                 write_report(rep, out)
                 print(rep.markdown())

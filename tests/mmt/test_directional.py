@@ -30,7 +30,7 @@ def test_unit_switches_and_errors():
         D.plan_units(D.Config(), [("de", "fr")])
     with pytest.raises(ValueError, match="separate_unit"):
         D.plan_units(D.Config(separate_unit="pair"), dirs)
-    with pytest.raises(ValueError, match="python -m mmt.methods.directional"):
+    with pytest.raises(ValueError, match="mmt train --method directional"):
         D.prepare(tiny_model(), D.Config())
 
 
@@ -67,3 +67,75 @@ def test_run_directional_trains_units_merges_and_gates(tok, jsonl_data, tmp_path
     # an unseen XX->En language routes to the merged model, an unseen En->XX one to the joint model
     assert gate.weights_for("sw", "en") == merged
     assert gate.weights_for("en", "sw") == manifest["units"]["en-xx.all"]["weights"]
+
+
+def test_cli_train_runs_every_unit_and_merge(tmp_path, monkeypatch):
+    """`mmt train --method directional` hands the whole run (units + merge) to train_and_report."""
+    import mmt.methods.directional as directional
+    from mmt import cli
+
+    seen = {}
+
+    def fake(cfg, *, with_eval=False):
+        seen["method"], seen["eval"] = cfg.method_name, with_eval
+        return 0
+
+    monkeypatch.setattr(directional, "train_and_report", fake)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {name_or_path: x}\nmethod: {name: directional}\n")
+    assert cli.main(["train", "-c", str(cfg), "--eval"]) == 0
+    assert seen == {"method": "directional", "eval": True}
+
+
+def test_single_named_unit_is_a_joint_baseline(tok, jsonl_data, tmp_path):
+    """method.unit set: one unit over every direction (same LoRA), no merge; the gate sends all to it."""
+    cfg = _cfg(jsonl_data, tmp_path / "joint", "method.unit=joint")
+    manifest = D.run_directional(cfg, model=tiny_model("llama", vocab=len(tok), seed=0), tokenizer=tok)
+    assert list(manifest["units"]) == ["joint"] and "merged" not in manifest
+    assert len(manifest["units"]["joint"]["directions"]) == 4
+    assert len(set(manifest["gate"].values())) == 1
+
+
+def test_evaluate_gated_loads_exactly_the_picked_adapter_and_reuses_scores(tmp_path, monkeypatch):
+    """dat scores XX->En with each unit's own adapter (never stacked on the merged one); weights already
+    scored by datm (the En->XX unit) are reused, not decoded again."""
+    import peft
+
+    import mmt.evaluate as E
+    import mmt.models as M
+
+    manifest = {"lora": True, "units": {"xx-en.a": {"side": "xx-en", "directions": ["de-en"], "weights": "A"},
+                                        "xx-en.b": {"side": "xx-en", "directions": ["fr-en"], "weights": "B"},
+                                        "en-xx.all": {"side": "en-xx", "directions": ["en-de", "en-fr"],
+                                                      "weights": "E"}},
+                "merged": {"weights": "MRG"}, "gate": {"de-en": "MRG", "fr-en": "MRG", "en-de": "E", "en-fr": "E"}}
+    (tmp_path / "directional.json").write_text(json.dumps(manifest))
+    loaded, decoded = [], []
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: (object(), None))
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", classmethod(lambda cls, base, path: loaded.append(path) or path))
+
+    def fake_eval(model, tok, ecfg, **kw):
+        decoded.append((model, list(ecfg.directions)))
+        return E.EvalReport(label=kw["label"], results=[E.DirectionResult(d, 1, 1.0, 2.0) for d in ecfg.directions],
+                            hypotheses={d: [model] for d in ecfg.directions})
+
+    monkeypatch.setattr(E, "evaluate", fake_eval)
+    cfg = load_config(None, ["eval.directions=[de-en,fr-en,en-de,en-fr]"], method="directional")
+    scored = {}
+    datm = D.evaluate_gated(cfg, tmp_path, label="datm", merged=True, done=scored)
+    dat = D.evaluate_gated(cfg, tmp_path, label="dat", merged=False, skip=dict(scored))
+    assert loaded == ["MRG", "E", "A", "B"]
+    assert decoded == [("MRG", ["de-en", "fr-en"]), ("E", ["en-de", "en-fr"]), ("A", ["de-en"]), ("B", ["fr-en"])]
+    assert [r.direction for r in dat.results] == ["de-en", "fr-en", "en-de", "en-fr"] == [r.direction for r in datm.results]
+    assert dat.hypotheses == {"de-en": ["A"], "fr-en": ["B"], "en-de": ["E"], "en-fr": ["E"]}
+
+
+def test_rerun_reuses_finished_units(tok, jsonl_data, tmp_path):
+    """An interrupted run restarted with train.resume=auto does not retrain units whose final weights exist."""
+    cfg = _cfg(jsonl_data, tmp_path / "run")
+    D.run_directional(cfg, model=tiny_model("llama", vocab=len(tok), seed=0), tokenizer=tok)
+    again = D.run_directional(cfg, model=tiny_model("llama", vocab=len(tok), seed=0), tokenizer=tok)
+    assert all(u.get("reused") for u in again["units"].values()) and "merged" in again
+    fresh = D.run_directional(_cfg(jsonl_data, tmp_path / "run", "train.resume=never"),
+                              model=tiny_model("llama", vocab=len(tok), seed=0), tokenizer=tok)
+    assert not any(u.get("reused") for u in fresh["units"].values())
