@@ -27,7 +27,8 @@ SUITE = "merge"
 STREAM_SUITE = "merge_streaming"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = os.environ.get("MMT_BENCH_SMALL", "0") == "1"
-SIZES = [4 << 20] if SMALL else [16 << 20, 64 << 20]
+SIZES = ([int(x) << 20 for x in os.environ["MMT_BENCH_MERGE_SIZES_M"].split(",")]
+         if os.environ.get("MMT_BENCH_MERGE_SIZES_M") else ([4 << 20] if SMALL else [16 << 20, 64 << 20]))
 KS = [2, 4, 8]
 DENSITY = 0.2
 _BW: dict[str, float] = {}
@@ -133,7 +134,6 @@ def test_streaming_merge_8_checkpoints(benchmark):
     with tempfile.TemporaryDirectory(dir=os.environ.get("MMT_BENCH_TMP")) as tmp:
         root = Path(tmp)
         dirs = _synth_checkpoints(root, 8, params)
-        n_params = sum(1 for _ in [0])  # placeholder for readability below
         from safetensors import safe_open
 
         with safe_open(str(dirs[0] / "model-00001-of-00002.safetensors"), "pt") as f:

@@ -654,7 +654,7 @@ def run_merge(cfg: MergeConfig, progress: bool = True) -> MergeReport:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.epilog = """examples:
-  mmt merge examples/configs/merge_ties.yaml
+  mmt merge examples/merge/ties.yaml
   mmt merge merge.yaml output=runs/merged_d03 density=0.3 method=dare_ties seed=1
   mmt merge merge.yaml stats=true        # also write merge_stats.json and merge_conflicts.png
 

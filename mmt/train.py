@@ -337,6 +337,19 @@ class Trainer:
         return path
 
 
+    def save_method_artifacts(self) -> Path | None:
+        """Method artifacts alone (e.g. Mix-MoE's expert weights) in ``output_dir``, when the model is not
+        saved: a later stage must find them whatever the checkpoint settings."""
+        if self.plan.save_artifacts is None:
+            return None
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.plan.save_artifacts(self.out)
+        self.acc.wait_for_everyone()
+        return self.out
+
+
 def run(cfg: Any, model: nn.Module | None = None, tokenizer: Any = None, *, print_plan: bool = True):
     """Load (unless given) the model, prepare the method, build the data, train.
 
@@ -369,4 +382,6 @@ def run(cfg: Any, model: nn.Module | None = None, tokenizer: Any = None, *, prin
     result = trainer.train()
     if cfg.train.save_model:
         trainer.save_final()
+    else:
+        trainer.save_method_artifacts()
     return trainer.acc.unwrap_model(trainer.model), tokenizer, plan, result

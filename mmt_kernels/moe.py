@@ -447,14 +447,104 @@ class MoEOutput:
     counts: torch.Tensor       # [E] tokens per expert (slots), on the device
 
 
+class _FusedMoE(torch.autograd.Function):
+    """dispatch -> grouped MLP -> combine as one autograd node (CPU training path, lower peak memory).
+
+    The forward keeps only ``g``/``u`` (and ``yp`` until the combine-weight gradient is taken) instead of
+    ``xp``, ``g``, ``u`` and ``yp``; the backward never materialises the dispatched gradient ``dyp``,
+    the dispatched input ``xp`` or ``dxp`` ([T*k, d] each): it walks the experts in chunks of about
+    ``chunk_rows`` slots, gathers those rows of ``x`` and ``dout`` (scaled by the combine weights), runs
+    the grouped-MLP backward op on the chunk and adds the chunk's input gradient into ``dx`` in a fixed
+    order (deterministic).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, w_gate, w_up, w_down, perm, inv, offsets, train_mask, k, act, which, chunk_rows):
+        xp = _impl("moe_dispatch", which)(x, perm, None, k)
+        yp, g, u = _impl("moe_grouped_mlp", which)(xp, offsets, w_gate, w_up, w_down, act)
+        del xp
+        out = _impl("moe_combine", which)(yp, inv, w, k)
+        ctx.save_for_backward(x, g, u, perm, inv, offsets, w_gate, w_up, w_down, train_mask, w)
+        # Not a saved tensor, so that the backward can drop it as soon as the weight gradient is taken.
+        ctx.yp = yp if ctx.needs_input_grad[1] else None
+        ctx.k, ctx.act, ctx.which, ctx.chunk_rows = k, act, which, chunk_rows
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, g, u, perm, inv, offsets, w_gate, w_up, w_down, train_mask, w = ctx.saved_tensors
+        k, act, which = ctx.k, ctx.act, ctx.which
+        dout = dout.contiguous()
+        need_dx, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_dw = any(ctx.needs_input_grad[2:5])
+        dw_comb = None
+        if need_w:
+            dw_comb = _impl("moe_combine_weight_grad", which)(dout, ctx.yp, inv, k)
+        ctx.yp = None
+        if not (need_dx or need_dw):
+            return None, dw_comb, None, None, None, None, None, None, None, None, None, None, None
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_dx else None
+        dws = [torch.empty_like(t) for t in (w_gate, w_up, w_down)] if need_dw else None
+        off = offsets.tolist()
+        E = len(off) - 1
+        e0 = 0
+        while e0 < E:
+            e1 = e0 + 1
+            while e1 < E and off[e1 + 1] - off[e0] <= ctx.chunk_rows:
+                e1 += 1
+            lo, hi = off[e0], off[e1]
+            if hi == lo:
+                if need_dw:
+                    for t in dws:
+                        t[e0:e1].zero_()
+                e0 = e1
+                continue
+            rows = perm[lo:hi]
+            tok = torch.div(rows, k, rounding_mode="floor")
+            dy = (dout.index_select(0, tok).to(acc) * w.index_select(0, rows).to(acc).unsqueeze(1)).to(dout.dtype)
+            xp = x.index_select(0, tok)
+            dxc, dwg, dwu, dwd = _impl("moe_grouped_mlp_backward", which)(
+                dy, xp, g[lo:hi], u[lo:hi], offsets[e0:e1 + 1] - lo, w_gate[e0:e1], w_up[e0:e1], w_down[e0:e1],
+                None if train_mask is None else train_mask[e0:e1], act, need_dx, need_dw)
+            del dy, xp
+            if need_dw:
+                for t, c in zip(dws, (dwg, dwu, dwd)):
+                    t[e0:e1].copy_(c)
+            del dwg, dwu, dwd
+            if need_dx:
+                dx.index_add_(0, tok, dxc.to(acc))
+            del dxc
+            e0 = e1
+        return (None if dx is None else dx.to(x.dtype), dw_comb, *(dws if need_dw else (None, None, None)),
+                None, None, None, None, None, None, None, None)
+
+
+# CPU training path of moe_ffn: True = the chunked single-node backward (_FusedMoE: about 0.8x the
+# per-expert loop's peak memory at the fine-grained benchmark shape, but ~1.5x slower than the unfused
+# path there: per-chunk weight-gradient copies and an index_add_); False = dispatch / grouped MLP /
+# combine as three nodes (faster, ~1.1x the loop's peak). moe_ffn(low_memory=...) overrides it per call.
+LOW_MEMORY_CPU = True
+
+
+def _fused_cpu_ok(x, which_ops, low_memory) -> bool:
+    return ((LOW_MEMORY_CPU if low_memory is None else low_memory) and all(w == "cpu" for w in which_ops) and x.device.type == "cpu" and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
+
+
 def moe_ffn(x: torch.Tensor, router_logits: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
             w_down: torch.Tensor, *, k: int = 2, act: str = "silu", expert_mask: torch.Tensor | None = None,
             train_mask: torch.Tensor | None = None, scale: float = 1.0, backend: str | None = None,
-            n_active: int | None = None) -> MoEOutput:
+            n_active: int | None = None, low_memory: bool | None = None) -> MoEOutput:
     """Dropless top-k MoE FFN over tokens ``x [T, d]``: route, permute, dispatch, grouped MLP, combine.
 
     ``expert_mask`` (bool [E]) restricts routing to the allowed experts; ``train_mask`` (bool [E]) skips
     weight gradients of frozen experts; ``scale`` multiplies the combine weights.
+
+    On CPU with the C++ ops, when a gradient is needed (and not under ``torch.compile``), dispatch, grouped
+    MLP and combine run as one autograd node (:class:`_FusedMoE`) whose backward works expert chunk by
+    chunk, so no ``[T*k, d]`` tensor besides ``yp`` (freed early in the backward) outlives the forward.
+    ``low_memory=False`` (or ``mmt_kernels.moe.LOW_MEMORY_CPU = False``) keeps the faster three-node path.
     """
     if x.dim() != 2 or router_logits.shape != (x.shape[0], w_gate.shape[0]):
         raise ValueError(f"moe_ffn: expected x [T, d] and router_logits [T, E={w_gate.shape[0]}], got "
@@ -462,9 +552,21 @@ def moe_ffn(x: torch.Tensor, router_logits: torch.Tensor, w_gate: torch.Tensor, 
     E = w_gate.shape[0]
     weights, ids, aux, z = route(router_logits, k, expert_mask, n_active)
     perm, inv, offsets = moe_permute(ids, E, backend=backend)
+    w = weights * scale if scale != 1.0 else weights
+    which_ops = [_choose(op, x.device, backend, ck) for op, ck in (("moe_dispatch", True), ("moe_combine", True),
+                                                                   ("moe_grouped_mlp", False))]
+    if (_fused_cpu_ok(x, which_ops, low_memory) and x.dtype == w_gate.dtype == w_up.dtype == w_down.dtype
+            and w_gate.dim() == 3 and w_gate.shape[2] == x.shape[1] and w_up.shape == w_gate.shape
+            and tuple(w_down.shape) == (E, x.shape[1], w_gate.shape[1])
+            and (train_mask is None or (train_mask.dtype == torch.bool and train_mask.numel() == E))
+            and any(t.requires_grad for t in (x, w, w_gate, w_up, w_down))):
+        n = x.shape[0] * k
+        out = _FusedMoE.apply(x.contiguous(), w.reshape(-1).float().contiguous(), w_gate.contiguous(),
+                              w_up.contiguous(), w_down.contiguous(), perm, inv, offsets, train_mask, k,
+                              ACTS[_act_name(act)], which_ops[2], max(256, -(-n // 16)))
+        return MoEOutput(out, aux, z, ids, weights, offsets[1:] - offsets[:-1])
     xp = moe_dispatch(x, perm, inv, k, backend=backend)
     yp = grouped_mlp(xp, offsets, w_gate, w_up, w_down, act=act, train_mask=train_mask, backend=backend)
-    w = weights * scale if scale != 1.0 else weights
     out = moe_combine(yp, inv, perm, w.reshape(-1), k, backend=backend)
     return MoEOutput(out, aux, z, ids, weights, offsets[1:] - offsets[:-1])
 
@@ -510,7 +612,14 @@ class MoEFFN(nn.Module):
         self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.float64, device=device),
                              persistent=False)
         self.track_load = False
+        # Grouped routing (optional): experts [0, group_split) and [group_split, E) are routed separately,
+        # top-k inside the first group and top-k_second inside the second, outputs summed (the second
+        # group's combine weights multiplied by scale_second). None: one top-k over all allowed experts.
+        self.group_split: int | None = None
+        self.k_second: int = k
+        self.scale_second: float = 1.0
         self._mask_state = (num_experts, True)  # (allowed experts, all experts train): host-side copies
+        self._group_state = ((0, 0, 0), (0, 0, 0))  # set by set_groups / set_masks
         self.register_load_state_dict_post_hook(lambda module, _keys: module.set_masks())
         self.last_aux_loss: torch.Tensor | None = None
         self.last_z_loss: torch.Tensor | None = None
@@ -530,6 +639,23 @@ class MoEFFN(nn.Module):
         if n_allowed < self.k:
             raise ValueError(f"MoEFFN: {n_allowed} allowed experts is fewer than k={self.k}")
         self._mask_state = (n_allowed, bool(self.train_mask.all()))
+        G = self.group_split
+        if G is not None:
+            em, tm = self.expert_mask.cpu(), self.train_mask.cpu()
+            # per group: (allowed experts, experts that train, group size)
+            self._group_state = tuple((int(em[lo:hi].sum()), int(tm[lo:hi].sum()), hi - lo)
+                                      for lo, hi in ((0, G), (G, self.num_experts)))
+            (n1, _, _), (n2, _, _) = self._group_state
+            if (n1 and n1 < self.k) or (n2 and n2 < self.k_second) or not (n1 or n2):
+                raise ValueError("MoEFFN: grouped routing needs at least k allowed experts in each enabled group")
+
+    def set_groups(self, split: int, k_second: int, scale_second: float = 1.0) -> None:
+        """Route experts ``[0, split)`` (top-``k``) and ``[split, E)`` (top-``k_second``) separately."""
+        if not 1 <= split < self.num_experts or not 1 <= self.k <= split or not 1 <= k_second <= self.num_experts - split:
+            raise ValueError(f"MoEFFN.set_groups: need 1 <= k={self.k} <= split={split} and 1 <= k_second={k_second} "
+                             f"<= {self.num_experts - split}")
+        self.group_split, self.k_second, self.scale_second = split, k_second, scale_second
+        self.set_masks()
 
     def reset_parameters(self) -> None:
         for w, fan_in in ((self.w_gate, self.d_model), (self.w_up, self.d_model), (self.w_down, self.d_expert)):
@@ -549,8 +675,41 @@ class MoEFFN(nn.Module):
             z = torch.cat([x, pf], dim=-1) if self.router_input == "concat" else x + pf
         return F.linear(z.float(), self.router.weight.float())
 
+    def _forward_grouped(self, x: torch.Tensor) -> MoEOutput:
+        G, E = self.group_split, self.num_experts
+        (n1, t1, s1), (n2, t2, s2) = self._group_state
+        logits = self.router_logits(x)
+        parts = []
+        for lo, hi, k, scale, n_on, n_tr in ((0, G, self.k, self.scale, n1, t1),
+                                             (G, E, self.k_second, self.scale_second, n2, t2)):
+            if not n_on:
+                continue
+            ws = [w[lo:hi] if n_tr else w[lo:hi].detach() for w in (self.w_gate, self.w_up, self.w_down)]
+            res = moe_ffn(x, logits[:, lo:hi], *ws, k=k, act=self.act,
+                          expert_mask=None if n_on == hi - lo else self.expert_mask[lo:hi],
+                          train_mask=None if n_tr in (0, hi - lo) else self.train_mask[lo:hi], scale=scale,
+                          backend=self.backend, n_active=n_on)
+            parts.append((lo, hi, res))
+        out = parts[0][2].out
+        for _, _, r in parts[1:]:
+            out = out + r.out
+        counts = torch.zeros(E, dtype=parts[0][2].counts.dtype, device=x.device)
+        for lo, hi, r in parts:
+            counts[lo:hi] = r.counts
+        aux = sum(r.aux_loss for _, _, r in parts) / len(parts)
+        z = sum(r.z_loss for _, _, r in parts)
+        ids = torch.cat([r.expert_ids + lo for lo, _, r in parts], 1)
+        weights = torch.cat([r.weights for _, _, r in parts], 1)
+        return MoEOutput(out, aux, z, ids, weights, counts)
+
     def forward_with_aux(self, hidden: torch.Tensor) -> MoEOutput:
         x = hidden.reshape(-1, self.d_model)
+        if self.group_split is not None:
+            res = self._forward_grouped(x)
+            self.last_aux_loss, self.last_z_loss = res.aux_loss, res.z_loss
+            if self.track_load:
+                self.load_counts += res.counts.detach().to(self.load_counts)
+            return res
         n_allowed, all_train = self._mask_state
         res = moe_ffn(x, self.router_logits(x), self.w_gate, self.w_up, self.w_down, k=self.k, act=self.act,
                       expert_mask=None if n_allowed == self.num_experts else self.expert_mask,

@@ -83,6 +83,10 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
         self._pos: dict[torch.Tensor, torch.Tensor] = {}     # its rows in the compact state (strict)
         self._scale: dict[torch.Tensor, torch.Tensor] = {}   # optional fp32 per-selected-neuron grad scale
         self._all: dict[torch.Tensor, torch.Tensor] = {}     # cached arange(R)
+        # set_selection fast path: the same index/scale tensor objects as a previous call (a method switching
+        # between per-pair selections every step) skip validation and host-device copies. Entries keep the
+        # source object alive so its id cannot be reused; the union size tells whether positions are stale.
+        self._seen: dict[torch.Tensor, dict[tuple[int, int], tuple[Any, Any, torch.Tensor, Any, int]]] = {}
 
     # ---- selections ---------------------------------------------------------------------------------------------
     def neuron_dim(self, p: torch.Tensor) -> int:
@@ -96,7 +100,8 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
         neurons). ``scales[p]`` (optional): one gradient multiplier per selected neuron, in the sorted order of
         the indices, or one per neuron of the parameter (``[R]``), e.g. LANDeRMT's importance-scaled variant.
         Parameters not named keep their current selection. Validation runs here, on the host, so ``step``
-        itself never waits for the device.
+        itself never waits for the device. Passing the very same tensor objects again (e.g. one cached
+        selection per language pair) reuses the earlier validation: do not modify them in place.
         """
         scales = scales or {}
         for p in scales:
@@ -106,6 +111,19 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
         for p, rows in selection.items():
             if p not in self._dims:
                 raise ValueError("NeuronSparseAdamW.set_selection: tensor is not an optimized parameter")
+            scale_in = scales.get(p)
+            key = (id(rows), id(scale_in))
+            hit = self._seen.get(p, {}).get(key) if rows is not None else None
+            if hit is not None and hit[0] is rows and hit[1] is scale_in and (
+                    not self.strict or hit[4] == self.state[p]["neurons"].numel()):
+                self._rows[p], pos, scale_dev = hit[2], hit[3], hit[5] if len(hit) > 5 else None
+                if self.strict:
+                    self._pos[p] = pos
+                if scale_dev is None:
+                    self._scale.pop(p, None)
+                else:
+                    self._scale[p] = scale_dev
+                continue
             R, _ = _neurons_and_width(p, self._dims[p])
             if rows is None:
                 self._rows.pop(p, None)
@@ -133,6 +151,12 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                 self._scale[p] = scale.to(p.device)
             if self.strict and rows_cpu is not None:
                 self._pos[p] = self._grow(p, rows_cpu)
+            if rows is not None and isinstance(rows, torch.Tensor):
+                cache = self._seen.setdefault(p, {})
+                if len(cache) > 256:  # bounded: many distinct ad-hoc selections fall back to the slow path
+                    cache.clear()
+                cache[key] = (rows, scale_in, self._rows[p], self._pos.get(p),
+                              self.state[p]["neurons"].numel() if self.strict else 0, self._scale.get(p))
 
     def selection(self, p: torch.Tensor) -> torch.Tensor | None:
         """The active neuron indices of ``p`` (None = all)."""
@@ -300,7 +324,7 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
             if st.get("neuron_dim", self._dims[p]) != self._dims[p]:
                 raise ValueError(f"NeuronSparseAdamW.load_state_dict: parameter {sid} was trained with "
                                  f"neuron_dim {st['neuron_dim']}, here {self._dims[p]}")
-        self._rows.clear(), self._pos.clear(), self._scale.clear()
+        self._rows.clear(), self._pos.clear(), self._scale.clear(), self._seen.clear()
         sel = {params[saved_ids.index(i)]: r for i, r in extra.get("selection", {}).items()}
         scl = {params[saved_ids.index(i)]: s for i, s in extra.get("scale", {}).items()}
         if sel:

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -181,30 +182,30 @@ std::tuple<Tensor, Tensor, Tensor> moe_grouped_mlp_cpu(const Tensor& xp, const T
   const auto off = checked_offsets(offsets, s.E, s.N, "moe_grouped_mlp");
   Tensor y = at::empty({s.N, s.d}, xp.options());
   Tensor g = at::empty({s.N, s.f}, xp.options()), u = at::empty({s.N, s.f}, xp.options());
-  Tensor h = at::empty({s.N, s.f}, xp.options());
   if (s.N == 0) return {y, g, u};
+  // h = act(g) * u lives only per expert segment (a [max n_e, f] scratch), never as a full [N, f] tensor.
+  int64_t max_n = 0;
+  for (int64_t e = 0; e < s.E; ++e) max_n = std::max(max_n, off[e + 1] - off[e]);
+  Tensor h = at::empty({max_n, s.f}, xp.options());
   for (int64_t e = 0; e < s.E; ++e) {
     const int64_t n = off[e + 1] - off[e];
     if (n == 0) continue;
     const Tensor xe = xp.narrow(0, off[e], n);
-    mm_into(g.narrow(0, off[e], n), xe, w_gate[e].t());
-    mm_into(u.narrow(0, off[e], n), xe, w_up[e].t());
-  }
-  const int64_t M = s.N * s.f;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xp.scalar_type(), "moe_swiglu_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t *gp = g.data_ptr<scalar_t>(), *up = u.data_ptr<scalar_t>();
-    scalar_t* hp = h.data_ptr<scalar_t>();
-    at::parallel_for(0, M, 4096, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        hp[i] = static_cast<scalar_t>(act_fwd<acc_t>(static_cast<acc_t>(gp[i]), act) * static_cast<acc_t>(up[i]));
-      }
+    Tensor ge = g.narrow(0, off[e], n), ue = u.narrow(0, off[e], n), he = h.narrow(0, 0, n);
+    mm_into(ge, xe, w_gate[e].t());
+    mm_into(ue, xe, w_up[e].t());
+    const int64_t M = n * s.f;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xp.scalar_type(), "moe_swiglu_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t *gp = ge.data_ptr<scalar_t>(), *up = ue.data_ptr<scalar_t>();
+      scalar_t* hp = he.data_ptr<scalar_t>();
+      at::parallel_for(0, M, 4096, [&](int64_t b, int64_t end) {
+        for (int64_t i = b; i < end; ++i) {
+          hp[i] = static_cast<scalar_t>(act_fwd<acc_t>(static_cast<acc_t>(gp[i]), act) * static_cast<acc_t>(up[i]));
+        }
+      });
     });
-  });
-  for (int64_t e = 0; e < s.E; ++e) {
-    const int64_t n = off[e + 1] - off[e];
-    if (n == 0) continue;
-    mm_into(y.narrow(0, off[e], n), h.narrow(0, off[e], n), w_down[e].t());
+    mm_into(y.narrow(0, off[e], n), he, w_down[e].t());
   }
   return {y, g, u};
 }
@@ -251,44 +252,47 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moe_grouped_mlp_backward_cpu(
   }
   if (s.N == 0) return {dx, dwg, dwu, dwd};
 
-  Tensor dh = at::empty({s.N, s.f}, opts);
-  for (int64_t e = 0; e < s.E; ++e) {
-    const int64_t n = off[e + 1] - off[e];
-    if (n) mm_into(dh.narrow(0, off[e], n), dy.narrow(0, off[e], n), w_down[e]);
-  }
-  // One pass: h = act(g) * u (for dW_down, only if needed), dg = dh * u * act'(g), du = dh * act(g).
-  Tensor h = any_dw ? at::empty({s.N, s.f}, opts) : Tensor();
-  Tensor dg = at::empty({s.N, s.f}, opts), du = at::empty({s.N, s.f}, opts);
-  const int64_t M = s.N * s.f;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xp.scalar_type(), "moe_swiglu_bwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t *gp = g.data_ptr<scalar_t>(), *up = u.data_ptr<scalar_t>(), *dhp = dh.data_ptr<scalar_t>();
-    scalar_t *dgp = dg.data_ptr<scalar_t>(), *dup = du.data_ptr<scalar_t>();
-    scalar_t* hp = any_dw ? h.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, M, 4096, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const acc_t gv = static_cast<acc_t>(gp[i]), uv = static_cast<acc_t>(up[i]), dv = static_cast<acc_t>(dhp[i]);
-        const acc_t a = act_fwd<acc_t>(gv, act);
-        if (hp) hp[i] = static_cast<scalar_t>(a * uv);
-        dup[i] = static_cast<scalar_t>(dv * a);
-        dgp[i] = static_cast<scalar_t>(dv * uv * act_bwd<acc_t>(gv, act));
-      }
-    });
-  });
+  // Per expert segment: dh = dy W_down, then dg = dh * u * act'(g), du = dh * act(g) (and h = act(g) * u
+  // for dW_down) in [max n_e, f] scratch buffers reused across experts: no [N, f] temporaries.
+  int64_t max_n = 0;
+  for (int64_t e = 0; e < s.E; ++e) max_n = std::max(max_n, off[e + 1] - off[e]);
+  Tensor dh_buf = at::empty({max_n, s.f}, opts), dg_buf = at::empty({max_n, s.f}, opts);
+  Tensor h_buf = any_dw ? at::empty({max_n, s.f}, opts) : Tensor();
   for (int64_t e = 0; e < s.E; ++e) {
     const int64_t n = off[e + 1] - off[e];
     if (n == 0) continue;
-    const Tensor dge = dg.narrow(0, off[e], n), due = du.narrow(0, off[e], n);
+    const bool dw_e = wants_dw(e);
+    const Tensor dye = dy.narrow(0, off[e], n), ge = g.narrow(0, off[e], n), ue = u.narrow(0, off[e], n);
+    Tensor dh = dh_buf.narrow(0, 0, n), dg = dg_buf.narrow(0, 0, n);
+    Tensor h = dw_e ? h_buf.narrow(0, 0, n) : Tensor();
+    mm_into(dh, dye, w_down[e]);
+    const int64_t M = n * s.f;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xp.scalar_type(), "moe_swiglu_bwd_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t *gp = ge.data_ptr<scalar_t>(), *up = ue.data_ptr<scalar_t>();
+      scalar_t *dhp = dh.data_ptr<scalar_t>(), *dgp = dg.data_ptr<scalar_t>();
+      scalar_t* hp = dw_e ? h.data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, M, 4096, [&](int64_t b, int64_t end) {
+        for (int64_t i = b; i < end; ++i) {
+          const acc_t gv = static_cast<acc_t>(gp[i]), uv = static_cast<acc_t>(up[i]), dv = static_cast<acc_t>(dhp[i]);
+          const acc_t a = act_fwd<acc_t>(gv, act);
+          if (hp) hp[i] = static_cast<scalar_t>(a * uv);
+          dgp[i] = static_cast<scalar_t>(dv * uv * act_bwd<acc_t>(gv, act));
+          dhp[i] = static_cast<scalar_t>(dv * a);  // du overwrites dh in place
+        }
+      });
+    });
+    const Tensor& du = dh;
     if (need_dx) {
       Tensor dxe = dx.narrow(0, off[e], n);
-      mm_into(dxe, dge, w_gate[e]);
-      dxe.addmm_(due, w_up[e]);
+      mm_into(dxe, dg, w_gate[e]);
+      dxe.addmm_(du, w_up[e]);
     }
-    if (wants_dw(e)) {
+    if (dw_e) {
       const Tensor xe = xp.narrow(0, off[e], n);
-      mm_into(dwd[e], dy.narrow(0, off[e], n).t(), h.narrow(0, off[e], n));
-      mm_into(dwg[e], dge.t(), xe);
-      mm_into(dwu[e], due.t(), xe);
+      mm_into(dwd[e], dye.t(), h);
+      mm_into(dwg[e], dg.t(), xe);
+      mm_into(dwu[e], du.t(), xe);
     }
   }
   return {dx, dwg, dwu, dwd};

@@ -300,7 +300,7 @@ class NeuronMap:
         per_layer = torch.tensor([sum(u.size for u in self.units if u.layer == layer) for layer in self.layers])
         pct = 100.0 * counts / per_layer.clamp_min(1).float()
         return plot_heatmap(pct.numpy(), path, row_labels=self.languages, col_labels=[str(x) for x in self.layers],
-                            title="language-specific neurons (% of the layer's neurons)", xlabel="layer",
+                            title="specific neurons, % of layer", xlabel="layer",
                             ylabel="owner language", cmap="magma")
 
 

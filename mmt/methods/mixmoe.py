@@ -63,6 +63,12 @@ class Config(MethodConfig):
     train_fft_proj_stage2: keep training W_f in stage 2 (it is part of the router).
     seed: for the partition and the MT expert init.
     backend: force an mmt_kernels backend for the MoE ops (None: automatic).
+    routing: "joint" (one top-k over every allowed expert, default) or "grouped" (METHODS.md 3(c)3's
+        alternative: top-``top_k`` inside the LM group and top-``top_k_mt`` inside the MT group, outputs
+        summed; the MT combine weights are not scaled). With "grouped" and ``top_k == num_lm_experts``
+        stage 2 starts exactly from the stage-1 function (MT down projections are zero), whereas with
+        "joint" the MT experts take routing slots from the LM experts as soon as they are enabled.
+    top_k_mt: experts per token inside the MT group with ``routing: grouped`` (None: min(top_k, E_MT)).
     """
 
     stage: int = 1
@@ -88,6 +94,8 @@ class Config(MethodConfig):
     train_fft_proj_stage2: bool = True
     seed: int = 0
     backend: str | None = None
+    routing: str = "joint"
+    top_k_mt: int | None = None
     directions: list[str] | None = None
 
     def validate(self) -> None:
@@ -104,6 +112,17 @@ class Config(MethodConfig):
         if self.fft_variant not in ("hidden", "none"):
             raise ValueError(f"mixmoe: fft_variant must be 'hidden' or 'none', got {self.fft_variant!r} (the "
                              "sequence-axis variant B mixes future tokens into a decoder's router; not offered)")
+        if self.routing not in ("joint", "grouped"):
+            raise ValueError(f"mixmoe: routing must be 'joint' or 'grouped', got {self.routing!r}")
+        if self.routing == "grouped":
+            if self.num_mt_experts < 1:
+                raise ValueError("mixmoe: routing='grouped' needs num_mt_experts >= 1")
+            if not 1 <= self.top_k <= self.num_lm_experts:
+                raise ValueError(f"mixmoe: with routing='grouped', top_k={self.top_k} must be in "
+                                 f"[1, num_lm_experts={self.num_lm_experts}]")
+            if self.top_k_mt is not None and not 1 <= self.top_k_mt <= self.num_mt_experts:
+                raise ValueError(f"mixmoe: top_k_mt={self.top_k_mt} must be in [1, num_mt_experts={self.num_mt_experts}]")
+            return
         n_allowed = self.num_lm_experts if self.stage == 1 else self.num_lm_experts + self.num_mt_experts
         if not 1 <= self.top_k <= n_allowed:
             raise ValueError(f"mixmoe: top_k={self.top_k} must be in [1, {n_allowed}] (experts routable in stage "
@@ -155,6 +174,8 @@ def moe_from_dense(gate: nn.Linear, up: nn.Linear, down: nn.Linear, config: Conf
             if lin is not None:
                 lin.weight.copy_((torch.randn(lin.weight.shape, generator=gen) * config.router_init_std).to(w))
     moe.lm_experts = E_lm  # plain attribute: which experts are the LM group
+    if config.routing == "grouped":
+        moe.set_groups(E_lm, config.top_k_mt if config.top_k_mt is not None else min(config.top_k, E_mt))
     return moe
 
 
@@ -231,7 +252,8 @@ def prepare(model: nn.Module, config: Config, tokenizer=None) -> tuple[nn.Module
                             "experts": f"{config.num_lm_experts} LM + {config.num_mt_experts} MT, top-{config.top_k}, "
                                        f"{layers[0].d_expert} neurons each",
                             "router": f"fft={config.fft_variant} n_freq={layers[0].n_freq} "
-                                      f"input={config.router_input} scale={layers[0].scale}"}
+                                      f"input={config.router_input} scale={layers[0].scale} "
+                                      f"routing={config.routing}"}
     if config.stage == 2:
         src = _stage1_file(config.stage1_path)
         saved = torch.load(src, map_location="cpu", weights_only=True)

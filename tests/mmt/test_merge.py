@@ -259,3 +259,12 @@ def test_lora_ties_svd_and_factor_load_in_peft(adapters, tmp_path):
     u, s, vh = torch.linalg.svd(want)
     best = (u[:, :4] * s[:4]) @ vh[:4]
     torch.testing.assert_close(got[mod], best, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "examples" / "merge").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_merge_configs_load(path):
+    from mmt.merge import load_merge_config
+
+    cfg = load_merge_config(path)
+    assert (cfg.models or cfg.adapters) and cfg.output

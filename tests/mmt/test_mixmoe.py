@@ -128,3 +128,40 @@ def test_config_errors(kw, match, tok):
 def test_config_from_dict_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown"):
         mixmoe.Config.from_dict({"num_lm_expert": 2})
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_grouped_routing_stage2_starts_from_stage1(arch, tok, tmp_path):
+    """routing='grouped' with top_k == num_lm_experts: stage 1 is the dense FFN (uniform router) and
+    enabling the (silent) MT experts in stage 2 leaves the function unchanged; LM experts stay frozen."""
+    torch.manual_seed(0)
+    dense = _model(arch, tok)
+    enc = tok(TEXTS["de"] + TEXTS["en"], return_tensors="pt", padding=True)
+    want = dense(**enc).logits
+    cfg1 = mixmoe.Config(stage=1, routing="grouped", top_k=2, router_init_std=0.0, n_freq=6)
+    model, plan = mixmoe.prepare(dense, cfg1, tok)
+    torch.testing.assert_close(model(**enc).logits, want, rtol=1e-4, atol=1e-5)
+    opt = plan.build_optimizer(model, TRAIN)
+    _step(model, plan, opt, tok, TEXTS["de"] + TEXTS["en"])
+    after1 = model(**enc).logits
+    plan.save_artifacts(tmp_path / "s1")
+    cfg2 = mixmoe.Config(stage=2, stage1_path=str(tmp_path / "s1"), routing="grouped", top_k=2, top_k_mt=1, n_freq=6)
+    model2, plan2 = mixmoe.prepare(_model(arch, tok), cfg2, tok)
+    torch.testing.assert_close(model2(**enc).logits, after1, rtol=0, atol=0)
+    lm = [m.w_gate.detach()[:2].clone() for m in mixmoe.moe_layers(model2)]
+    opt2 = plan2.build_optimizer(model2, TRAIN)
+    for m in mixmoe.moe_layers(model2):
+        m.track_load = True
+    _step(model2, plan2, opt2, tok, TEXTS["fr"] + TEXTS["en"])
+    for m, w in zip(mixmoe.moe_layers(model2), lm):
+        assert torch.equal(m.w_gate.detach()[:2], w)
+        assert m.w_down.detach()[2:].abs().sum() > 0
+        # every token: both LM experts + one MT expert
+        assert m.load_counts[:2].sum() == 2 * m.load_counts[2:].sum() > 0
+
+
+def test_grouped_routing_config_errors(tok):
+    with pytest.raises(ValueError, match="top_k"):
+        mixmoe.prepare(_model("llama", tok), mixmoe.Config(routing="grouped", top_k=3, num_lm_experts=2), tok)
+    with pytest.raises(ValueError, match="routing"):
+        mixmoe.prepare(_model("llama", tok), mixmoe.Config(routing="mixed"), tok)
