@@ -84,7 +84,7 @@ def test_merge_vs_peft(benchmark, method, K, n):
 
 def test_notes():
     common.note(SUITE, f"target on CPU: >= 5x faster than peft at K=8 with at most half its peak memory; "
-                       f"density {DENSITY}; fp32 task vectors; peak memory = rise of peak RSS in a forked child "
+                       f"density {DENSITY}; fp32 task vectors; peak memory = rise of RSS sampled every 0.2 ms "
                        "(CPU) or max_memory_allocated (CUDA), inputs excluded.")
     common.note(SUITE, "GB/s counts the fused path's compulsory traffic (TIES: 3 select passes + 1 merge pass over "
                        "K inputs, 1 write), against a measured copy bandwidth.")

@@ -10,14 +10,6 @@ namespace mmt {
 namespace cuda {
 namespace {
 
-template <typename T> __device__ __forceinline__ float to_f32(T x);
-template <> __device__ __forceinline__ float to_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <> __device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
 
 constexpr int kThreads = 256;
 
@@ -161,27 +153,27 @@ cudaError_t launch_threshold_t(const ThresholdParams& p, cudaStream_t s) {
 
 }  // namespace
 
-cudaError_t launch_merge(const MergeParams& p, MergeDType dtype, cudaStream_t stream) {
+cudaError_t launch_merge(const MergeParams& p, DType dtype, cudaStream_t stream) {
   if (p.n == 0) return cudaSuccess;
   if (p.K < 1 || p.K > kMergeMaxTasks) return cudaErrorInvalidValue;
   switch (dtype) {
-    case MergeDType::kFloat32: return launch_merge_t<float>(p, stream);
-    case MergeDType::kBFloat16: return launch_merge_t<__nv_bfloat16>(p, stream);
-    case MergeDType::kFloat16: return launch_merge_t<__half>(p, stream);
+    case DType::kFloat32: return launch_merge_t<float>(p, stream);
+    case DType::kBFloat16: return launch_merge_t<__nv_bfloat16>(p, stream);
+    case DType::kFloat16: return launch_merge_t<__half>(p, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_magnitude_threshold(const ThresholdParams& p, MergeDType dtype, cudaStream_t stream) {
+cudaError_t launch_magnitude_threshold(const ThresholdParams& p, DType dtype, cudaStream_t stream) {
   if (p.K < 1 || p.K > kMergeMaxTasks) return cudaErrorInvalidValue;
   if (p.n == 0) {
     threshold_init_kernel<<<1, kMergeMaxTasks, 0, stream>>>(p);
     return cudaGetLastError();
   }
   switch (dtype) {
-    case MergeDType::kFloat32: return launch_threshold_t<float>(p, stream);
-    case MergeDType::kBFloat16: return launch_threshold_t<__nv_bfloat16>(p, stream);
-    case MergeDType::kFloat16: return launch_threshold_t<__half>(p, stream);
+    case DType::kFloat32: return launch_threshold_t<float>(p, stream);
+    case DType::kBFloat16: return launch_threshold_t<__nv_bfloat16>(p, stream);
+    case DType::kFloat16: return launch_threshold_t<__half>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

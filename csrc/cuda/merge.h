@@ -1,14 +1,16 @@
 // Raw-pointer launchers for family 3 (compiled by nvcc without torch headers; see TOOLCHAIN.md).
 #pragma once
 #include <cuda_runtime.h>
+
 #include <cstdint>
+
+#include "dtype.h"
 
 #include "merge_hash.h"
 
 namespace mmt {
 namespace cuda {
 
-enum class MergeDType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 constexpr int kMergeMaxTasks = 32;  // inputs travel by value in the kernel parameters (4 KiB limit)
 
@@ -28,7 +30,7 @@ struct MergeParams {
   bool sign_by_count;
 };
 
-cudaError_t launch_merge(const MergeParams& p, MergeDType dtype, cudaStream_t stream);
+cudaError_t launch_merge(const MergeParams& p, DType dtype, cudaStream_t stream);
 
 struct ThresholdParams {
   const void* x[kMergeMaxTasks];
@@ -44,7 +46,7 @@ struct ThresholdParams {
 };
 
 // Three histogram passes + on-device digit choice; no host synchronisation.
-cudaError_t launch_magnitude_threshold(const ThresholdParams& p, MergeDType dtype, cudaStream_t stream);
+cudaError_t launch_magnitude_threshold(const ThresholdParams& p, DType dtype, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace mmt

@@ -5,20 +5,12 @@
 
 #include <limits>
 
+#include "cuda/bind_common.h"
 #include "merge.h"
 #include "merge_common.h"
 
 namespace mmt {
 namespace {
-
-cuda::MergeDType to_merge_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::MergeDType::kFloat32;
-    case at::kBFloat16: return cuda::MergeDType::kBFloat16;
-    case at::kHalf: return cuda::MergeDType::kFloat16;
-    default: TORCH_CHECK(false, "mmt merge CUDA kernels take fp32, bf16 or fp16 tensors, got ", t);
-  }
-}
 
 at::Tensor merge_threshold_cuda(at::TensorList tensors, const std::optional<at::Tensor>& base, at::IntArrayRef ks) {
   check_merge_inputs("merge_threshold", tensors, base, at::kCUDA);
@@ -46,7 +38,7 @@ at::Tensor merge_threshold_cuda(at::TensorList tensors, const std::optional<at::
   p.hist = reinterpret_cast<uint32_t*>(hist.data_ptr<int32_t>());
   p.prefix = reinterpret_cast<uint32_t*>(prefix.data_ptr<int32_t>());
   p.remaining = remaining.data_ptr<int64_t>();
-  const cudaError_t err = cuda::launch_magnitude_threshold(p, to_merge_dtype(tensors[0].scalar_type()),
+  const cudaError_t err = cuda::launch_magnitude_threshold(p, to_cuda_dtype(tensors[0].scalar_type(), "mmt merge"),
                                                            c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "merge_threshold CUDA launch failed: ", cudaGetErrorString(err));
   return out;
@@ -79,7 +71,7 @@ at::Tensor merge_cuda(at::TensorList tensors, const std::optional<at::Tensor>& b
   p.method = static_cast<int>(a.method);
   p.lam = static_cast<float>(lam);
   p.sign_by_count = sign_by_count;
-  const cudaError_t err = cuda::launch_merge(p, to_merge_dtype(tensors[0].scalar_type()),
+  const cudaError_t err = cuda::launch_merge(p, to_cuda_dtype(tensors[0].scalar_type(), "mmt merge"),
                                              c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "merge CUDA launch failed: ", cudaGetErrorString(err));
   return out;

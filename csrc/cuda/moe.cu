@@ -10,14 +10,6 @@ namespace mmt {
 namespace cuda {
 namespace {
 
-template <typename T> __device__ __forceinline__ float to_f32(T x);
-template <> __device__ __forceinline__ float to_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <> __device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
 
 constexpr int kChunk = static_cast<int>(kMoePermuteChunk);
 
@@ -135,11 +127,11 @@ inline int row_threads(int64_t d) { return d >= 256 ? 256 : (d >= 128 ? 128 : (d
 inline unsigned row_blocks(int64_t rows) { return static_cast<unsigned>(rows < 65535 * 32 ? rows : 65535 * 32); }
 
 template <typename Fn>
-cudaError_t by_dtype(MoeDType dtype, Fn&& fn) {
+cudaError_t by_dtype(DType dtype, Fn&& fn) {
   switch (dtype) {
-    case MoeDType::kFloat32: fn(float{}); break;
-    case MoeDType::kBFloat16: fn(__nv_bfloat16{}); break;
-    case MoeDType::kFloat16: fn(__half{}); break;
+    case DType::kFloat32: fn(float{}); break;
+    case DType::kBFloat16: fn(__nv_bfloat16{}); break;
+    case DType::kFloat16: fn(__half{}); break;
   }
   return cudaGetLastError();
 }
@@ -161,7 +153,7 @@ cudaError_t launch_moe_permute(const int64_t* ids, int64_t n, int64_t E, int32_t
 }
 
 cudaError_t launch_moe_dispatch(const void* x, const int64_t* perm, const float* scale, void* out, int64_t n,
-                                int64_t d, int64_t k, MoeDType dtype, cudaStream_t stream) {
+                                int64_t d, int64_t k, DType dtype, cudaStream_t stream) {
   if (n == 0 || d == 0) return cudaSuccess;
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -171,7 +163,7 @@ cudaError_t launch_moe_dispatch(const void* x, const int64_t* perm, const float*
 }
 
 cudaError_t launch_moe_combine(const void* yp, const int64_t* inv, const float* w, void* out, int64_t T, int64_t d,
-                               int64_t k, MoeDType dtype, cudaStream_t stream) {
+                               int64_t k, DType dtype, cudaStream_t stream) {
   if (T == 0 || d == 0) return cudaSuccess;
   return by_dtype(dtype, [&](auto tag) {
     using U = decltype(tag);
@@ -181,7 +173,7 @@ cudaError_t launch_moe_combine(const void* yp, const int64_t* inv, const float* 
 }
 
 cudaError_t launch_moe_combine_weight_grad(const void* dout, const void* yp, const int64_t* inv, float* out,
-                                           int64_t n, int64_t d, int64_t k, MoeDType dtype, cudaStream_t stream) {
+                                           int64_t n, int64_t d, int64_t k, DType dtype, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   return by_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);

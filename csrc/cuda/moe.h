@@ -2,12 +2,14 @@
 // headers; see TOOLCHAIN.md). The grouped expert GEMM runs in Triton on GPUs.
 #pragma once
 #include <cuda_runtime.h>
+
 #include <cstdint>
+
+#include "dtype.h"
 
 namespace mmt {
 namespace cuda {
 
-enum class MoeDType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // Slots handled by one block of the permute kernels; the workspace holds one count per (chunk, expert).
 constexpr int64_t kMoePermuteChunk = 256;
@@ -21,15 +23,15 @@ cudaError_t launch_moe_permute(const int64_t* ids, int64_t n, int64_t E, int32_t
 
 // out[j] = x[perm[j] / k] * scale[perm[j]] (scale may be null); x [n/k, d], out [n, d].
 cudaError_t launch_moe_dispatch(const void* x, const int64_t* perm, const float* scale, void* out, int64_t n,
-                                int64_t d, int64_t k, MoeDType dtype, cudaStream_t stream);
+                                int64_t d, int64_t k, DType dtype, cudaStream_t stream);
 
 // out[t] = sum_s w[t*k+s] * yp[inv[t*k+s]] in fp32, s in order (w may be null); one block per token.
 cudaError_t launch_moe_combine(const void* yp, const int64_t* inv, const float* w, void* out, int64_t T, int64_t d,
-                               int64_t k, MoeDType dtype, cudaStream_t stream);
+                               int64_t k, DType dtype, cudaStream_t stream);
 
 // out[i] = <dout[i / k], yp[inv[i]]> in fp32, for i in [0, n).
 cudaError_t launch_moe_combine_weight_grad(const void* dout, const void* yp, const int64_t* inv, float* out,
-                                           int64_t n, int64_t d, int64_t k, MoeDType dtype, cudaStream_t stream);
+                                           int64_t n, int64_t d, int64_t k, DType dtype, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace mmt

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <tuple>
 
+#include "cuda/bind_common.h"
 #include "moe.h"
 #include "moe_common.h"
 
@@ -14,15 +15,6 @@ namespace mmt {
 namespace {
 
 using at::Tensor;
-
-cuda::MoeDType to_moe_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::MoeDType::kFloat32;
-    case at::kBFloat16: return cuda::MoeDType::kBFloat16;
-    case at::kHalf: return cuda::MoeDType::kFloat16;
-    default: TORCH_CHECK(false, "mmt MoE CUDA kernels take fp32, bf16 or fp16 tensors, got ", t);
-  }
-}
 
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, " CUDA launch failed: ", cudaGetErrorString(err));
@@ -57,7 +49,7 @@ Tensor moe_dispatch_cuda(const Tensor& x, const Tensor& perm, const std::optiona
   Tensor out = at::empty({perm.numel(), x.size(1)}, x.options());
   check_launch(cuda::launch_moe_dispatch(x.data_ptr(), perm.data_ptr<int64_t>(),
                                          scale ? scale->data_ptr<float>() : nullptr, out.data_ptr(), perm.numel(),
-                                         x.size(1), k, to_moe_dtype(x.scalar_type()),
+                                         x.size(1), k, to_cuda_dtype(x.scalar_type(), "mmt moe"),
                                          c10::cuda::getCurrentCUDAStream()),
                "moe_dispatch");
   return out;
@@ -74,7 +66,7 @@ Tensor moe_combine_cuda(const Tensor& yp, const Tensor& inv, const std::optional
   Tensor out = at::empty({T, yp.size(1)}, yp.options());
   check_launch(cuda::launch_moe_combine(yp.data_ptr(), inv.data_ptr<int64_t>(),
                                         weights ? weights->data_ptr<float>() : nullptr, out.data_ptr(), T, yp.size(1),
-                                        k, to_moe_dtype(yp.scalar_type()), c10::cuda::getCurrentCUDAStream()),
+                                        k, to_cuda_dtype(yp.scalar_type(), "mmt moe"), c10::cuda::getCurrentCUDAStream()),
                "moe_combine");
   return out;
 }
@@ -90,7 +82,7 @@ Tensor moe_combine_weight_grad_cuda(const Tensor& dout, const Tensor& yp, const 
   Tensor out = at::empty({inv.numel()}, yp.options().dtype(at::kFloat));
   check_launch(cuda::launch_moe_combine_weight_grad(dout.data_ptr(), yp.data_ptr(), inv.data_ptr<int64_t>(),
                                                     out.data_ptr<float>(), inv.numel(), yp.size(1), k,
-                                                    to_moe_dtype(yp.scalar_type()),
+                                                    to_cuda_dtype(yp.scalar_type(), "mmt moe"),
                                                     c10::cuda::getCurrentCUDAStream()),
                "moe_combine_weight_grad");
   return out;

@@ -1,12 +1,13 @@
 // Raw-pointer launchers for family 1 (compiled by nvcc without torch headers; see TOOLCHAIN.md).
 #pragma once
 #include <cuda_runtime.h>
+
 #include <cstdint>
+
+#include "dtype.h"
 
 namespace mmt {
 namespace cuda {
-
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 struct SparseAdamWParams {
   void* param;             // [R, C] (neuron_dim 0) or [C, R] (neuron_dim 1), contiguous

@@ -6,20 +6,12 @@
 #include <cmath>
 #include <vector>
 
+#include "cuda/bind_common.h"
 #include "sparse_adamw.h"
 #include "sparse_adamw_common.h"
 
 namespace mmt {
 namespace {
-
-cuda::DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    case at::kHalf: return cuda::DType::kFloat16;
-    default: TORCH_CHECK(false, "mmt CUDA kernels take fp32, bf16 or fp16 params, got ", t);
-  }
-}
 
 void sparse_adamw_cuda(at::Tensor param, at::Tensor exp_avg, at::Tensor exp_avg_sq, const at::Tensor& grad,
                        const at::Tensor& rows, const std::optional<at::Tensor>& row_scale,
@@ -51,7 +43,7 @@ void sparse_adamw_cuda(at::Tensor param, at::Tensor exp_avg, at::Tensor exp_avg_
   p.one_minus_beta1 = a.one_minus_beta1; p.one_minus_beta2 = a.one_minus_beta2; p.decay = a.decay;
   p.neuron_dim = static_cast<int>(a.neuron_dim);
   p.compact = a.compact;
-  const cudaError_t err = cuda::launch_sparse_adamw(p, to_dtype(param.scalar_type()),
+  const cudaError_t err = cuda::launch_sparse_adamw(p, to_cuda_dtype(param.scalar_type(), "sparse_adamw_"),
                                                     c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "sparse_adamw_ CUDA launch failed: ", cudaGetErrorString(err));
 }
@@ -97,7 +89,7 @@ void sparse_adamw_multi_cuda(at::TensorList params, at::TensorList exp_avgs, at:
     d.step_size_all = step_size_all;
     d.bc2_sqrt_all = bc2_sqrt_all;
     d.neuron_dim = static_cast<int>(a.neuron_dim);
-    d.dtype = static_cast<int>(to_dtype(params[i].scalar_type()));
+    d.dtype = static_cast<int>(to_cuda_dtype(params[i].scalar_type(), "sparse_adamw_"));
     int64_t outer = 0, inner_blocks = 1;
     cuda::sparse_adamw_multi_tiling(a.K, a.C, d.neuron_dim, &outer, &inner_blocks);
     d.inner_blocks = inner_blocks;

@@ -15,12 +15,7 @@ constexpr int kCols = 32;
 constexpr int kLanes = 8;
 constexpr int64_t kTokensPerChunk = 256;
 
-template <typename T> __device__ __forceinline__ float ld(const T* p, int64_t i);
-template <> __device__ __forceinline__ float ld<float>(const float* p, int64_t i) { return p[i]; }
-template <> __device__ __forceinline__ float ld<__nv_bfloat16>(const __nv_bfloat16* p, int64_t i) {
-  return __bfloat162float(p[i]);
-}
-template <> __device__ __forceinline__ float ld<__half>(const __half* p, int64_t i) { return __half2float(p[i]); }
+template <typename T> __device__ __forceinline__ float ld(const T* p, int64_t i) { return to_f32(p[i]); }
 
 template <typename T>
 __global__ void taylor_partial_kernel(float* out, const T* act, const T* grad, const float* w, int64_t N, int64_t M,

@@ -3,7 +3,7 @@
 #include <cuda_runtime.h>
 #include <cstdint>
 
-#include "sparse_adamw.h"  // DType
+#include "dtype.h"
 
 namespace mmt {
 namespace cuda {

@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/bind_common.h"
 #include "sparse_adamw_common.h"
 #include "taylor.h"
 
@@ -14,13 +15,7 @@ void taylor_accumulate_cuda(at::Tensor acc, const at::Tensor& act, const at::Ten
   const TaylorArgs a = check_taylor(acc, act, grad, token_weight, at::kCUDA);
   if (a.N == 0 || a.M == 0) return;
   const c10::cuda::CUDAGuard guard(act.device());
-  cuda::DType dtype;
-  switch (act.scalar_type()) {
-    case at::kFloat: dtype = cuda::DType::kFloat32; break;
-    case at::kBFloat16: dtype = cuda::DType::kBFloat16; break;
-    case at::kHalf: dtype = cuda::DType::kFloat16; break;
-    default: TORCH_CHECK(false, "taylor_accumulate_: act must be fp32, bf16 or fp16 on CUDA, got ", act.scalar_type());
-  }
+  const cuda::DType dtype = to_cuda_dtype(act.scalar_type(), "taylor_accumulate_");
   const int64_t chunks = cuda::taylor_chunks(a.N, a.M);
   at::Tensor workspace;
   if (chunks > 1) workspace = at::empty({chunks, a.M}, acc.options());
