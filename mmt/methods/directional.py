@@ -130,26 +130,10 @@ def prepare(model: nn.Module, config: Config, tokenizer=None) -> tuple[nn.Module
             "directional trains one model per unit; run every unit and the merge with "
             "`mmt train --method directional -c <config.yaml>` (mmt.methods.directional.run_directional), "
             "or set method.unit and method.directions to train a single unit")
-    info: dict[str, Any] = {"unit": config.unit}
-    if config.lora:
-        from peft import LoraConfig, get_peft_model
+    from .mfti import make_trainable
 
-        lcfg = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
-        model = get_peft_model(model, lcfg)
-        info["lora"] = f"r={config.lora_r} alpha={config.lora_alpha} targets={config.lora_target_modules}"
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        if config.freeze_embeddings:
-            from .mfti import freeze_embeddings
-
-            info["frozen embedding parameters"] = f"{freeze_embeddings(model):,}"
-
-    save_artifacts = None
-    if config.lora:
-        def save_artifacts(path, _model=model):
-            _model.save_pretrained(str(Path(path) / "adapter"))
+    model, info, save_artifacts = make_trainable(model, config)
+    info = {"unit": config.unit, **info}
 
     plan = TrainingPlan(method="directional", sampler=config.sampler, directions=_parse(config.directions),
                         save_artifacts=save_artifacts, info=info, model=model)

@@ -9,6 +9,9 @@ global batch 80, 2000 steps, max length 256, template T1) live in the train/data
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from typing import Callable
 
 from torch import nn
 
@@ -68,37 +71,46 @@ def freeze_embeddings(model: nn.Module) -> int:
     return frozen
 
 
-def prepare(model: nn.Module, config: Config, tokenizer=None) -> tuple[nn.Module, TrainingPlan]:
-    if config.sampler not in ("mixed", "pair"):
-        raise ValueError(f"mfti: sampler must be 'mixed' or 'pair', got {config.sampler!r}")
+def make_trainable(model: nn.Module, config) -> tuple[nn.Module, dict, Callable | None]:
+    """LoRA adapters (``config.lora``) or full fine-tuning minus frozen embeddings/patterns.
+
+    Shared by every method that fine-tunes whole models (mfti, directional). Returns the model, facts
+    for the plan's ``info`` and, for LoRA, a ``save_artifacts`` hook that writes the adapter alone.
+    """
     info: dict = {}
     if config.lora:
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError as exc:
-            raise ImportError("mfti with lora=true needs peft: pip install peft") from exc
+            raise ImportError("lora=true needs peft: pip install peft") from exc
         lcfg = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
         model = get_peft_model(model, lcfg)
         info["lora"] = f"r={config.lora_r} alpha={config.lora_alpha} targets={config.lora_target_modules}"
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        if config.freeze_embeddings:
-            info["frozen embedding parameters"] = f"{freeze_embeddings(model):,}"
-        if config.freeze_patterns:
-            n = 0
-            for name, p in model.named_parameters():
-                if any(pat in name for pat in config.freeze_patterns):
-                    p.requires_grad_(False)
-                    n += p.numel()
-            info["frozen by pattern"] = f"{n:,}"
 
-    save_artifacts = None
-    if config.lora:
         def save_artifacts(path, _model=model):  # adapters alone are small and reusable
-            _model.save_pretrained(str(path / "adapter"))
+            _model.save_pretrained(str(Path(path) / "adapter"))
 
+        return model, info, save_artifacts
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if config.freeze_embeddings:
+        info["frozen embedding parameters"] = f"{freeze_embeddings(model):,}"
+    patterns = getattr(config, "freeze_patterns", None)
+    if patterns:
+        n = 0
+        for name, p in model.named_parameters():
+            if any(pat in name for pat in patterns):
+                p.requires_grad_(False)
+                n += p.numel()
+        info["frozen by pattern"] = f"{n:,}"
+    return model, info, None
+
+
+def prepare(model: nn.Module, config: Config, tokenizer=None) -> tuple[nn.Module, TrainingPlan]:
+    if config.sampler not in ("mixed", "pair"):
+        raise ValueError(f"mfti: sampler must be 'mixed' or 'pair', got {config.sampler!r}")
+    model, info, save_artifacts = make_trainable(model, config)
     plan = TrainingPlan(method="mfti", sampler=config.sampler, directions=_parse_directions(config.directions),
                         save_artifacts=save_artifacts, info=info, model=model)
     return model, plan
