@@ -88,10 +88,14 @@ def plot_heatmap(matrix: Any, path: str | Path, *, row_labels: Sequence[str] | N
     if annotate is None:
         annotate = h * w <= 400
     if annotate:
+        lo, hi = np.nanmin(m), np.nanmax(m)
         for i in range(h):
             for j in range(w):
                 if np.isfinite(m[i, j]):
-                    ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", fontsize=7, color="w")
+                    # dark text on the bright end of the colormap, white on the dark end
+                    bright = hi > lo and (m[i, j] - lo) / (hi - lo) > 0.6
+                    ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", fontsize=7,
+                            color="k" if bright else "w")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
