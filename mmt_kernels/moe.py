@@ -522,20 +522,24 @@ class _FusedMoE(torch.autograd.Function):
 
 # CPU training path of moe_ffn: True = the chunked single-node backward (_FusedMoE: about 0.8x the
 # per-expert loop's peak memory at the fine-grained benchmark shape, but ~1.5x slower than the unfused
-# path there: per-chunk weight-gradient copies and an index_add_); False = dispatch / grouped MLP /
-# combine as three nodes (faster, ~1.1x the loop's peak). moe_ffn(low_memory=...) overrides it per call.
-LOW_MEMORY_CPU = True
+# path: per-chunk weight-gradient copies and an index_add_); False = dispatch / grouped MLP / combine as
+# three nodes (faster, ~1.1x the loop's peak at fine-grained shapes). "auto" takes the chunked path only
+# where the [T*k, d] dispatch tensors outweigh the experts' [T*k, f] intermediates (k*d > f: fine-grained
+# experts), which is where the three-node path costs memory. moe_ffn(low_memory=...) overrides it per call.
+LOW_MEMORY_CPU: bool | str = "auto"
 
 
-def _fused_cpu_ok(x, which_ops, low_memory) -> bool:
-    return ((LOW_MEMORY_CPU if low_memory is None else low_memory) and all(w == "cpu" for w in which_ops) and x.device.type == "cpu" and torch.is_grad_enabled()
+def _fused_cpu_ok(x, which_ops, low_memory, k: int, d_expert: int) -> bool:
+    mode = LOW_MEMORY_CPU if low_memory is None else low_memory
+    wanted = (k * x.shape[-1] > d_expert) if mode == "auto" else bool(mode)
+    return (wanted and all(w == "cpu" for w in which_ops) and x.device.type == "cpu" and torch.is_grad_enabled()
             and not torch.compiler.is_compiling())
 
 
 def moe_ffn(x: torch.Tensor, router_logits: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
             w_down: torch.Tensor, *, k: int = 2, act: str = "silu", expert_mask: torch.Tensor | None = None,
             train_mask: torch.Tensor | None = None, scale: float = 1.0, backend: str | None = None,
-            n_active: int | None = None, low_memory: bool | None = None) -> MoEOutput:
+            n_active: int | None = None, low_memory: bool | str | None = None) -> MoEOutput:
     """Dropless top-k MoE FFN over tokens ``x [T, d]``: route, permute, dispatch, grouped MLP, combine.
 
     ``expert_mask`` (bool [E]) restricts routing to the allowed experts; ``train_mask`` (bool [E]) skips
@@ -544,7 +548,8 @@ def moe_ffn(x: torch.Tensor, router_logits: torch.Tensor, w_gate: torch.Tensor, 
     On CPU with the C++ ops, when a gradient is needed (and not under ``torch.compile``), dispatch, grouped
     MLP and combine run as one autograd node (:class:`_FusedMoE`) whose backward works expert chunk by
     chunk, so no ``[T*k, d]`` tensor besides ``yp`` (freed early in the backward) outlives the forward.
-    ``low_memory=False`` (or ``mmt_kernels.moe.LOW_MEMORY_CPU = False``) keeps the faster three-node path.
+    ``low_memory=True|False`` (or ``mmt_kernels.moe.LOW_MEMORY_CPU``; default ``"auto"``: only when
+    ``k * d > f``) forces the chunked or the faster three-node path.
     """
     if x.dim() != 2 or router_logits.shape != (x.shape[0], w_gate.shape[0]):
         raise ValueError(f"moe_ffn: expected x [T, d] and router_logits [T, E={w_gate.shape[0]}], got "
@@ -555,7 +560,7 @@ def moe_ffn(x: torch.Tensor, router_logits: torch.Tensor, w_gate: torch.Tensor, 
     w = weights * scale if scale != 1.0 else weights
     which_ops = [_choose(op, x.device, backend, ck) for op, ck in (("moe_dispatch", True), ("moe_combine", True),
                                                                    ("moe_grouped_mlp", False))]
-    if (_fused_cpu_ok(x, which_ops, low_memory) and x.dtype == w_gate.dtype == w_up.dtype == w_down.dtype
+    if (_fused_cpu_ok(x, which_ops, low_memory, k, w_gate.shape[1]) and x.dtype == w_gate.dtype == w_up.dtype == w_down.dtype
             and w_gate.dim() == 3 and w_gate.shape[2] == x.shape[1] and w_up.shape == w_gate.shape
             and tuple(w_down.shape) == (E, x.shape[1], w_gate.shape[1])
             and (train_mask is None or (train_mask.dtype == torch.bool and train_mask.numel() == E))

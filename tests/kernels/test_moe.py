@@ -399,3 +399,27 @@ def test_torch_compile_fullgraph_cpu():
     want = f(x, logits)
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="mmt_kernels._C not built")
+@pytest.mark.parametrize("T,d,f,E,k", [(29, 24, 10, 5, 2), (33, 8, 40, 4, 2)])
+def test_cpu_low_memory_and_three_node_paths_agree(T, d, f, E, k):
+    """The chunked single-node CPU backward and the dispatch/MLP/combine path give the same gradients,
+    and "auto" picks the chunked one exactly when k*d > f."""
+    gen = torch.Generator().manual_seed(7)
+    x, logits = torch.randn(T, d, generator=gen), torch.randn(T, E, generator=gen)
+    weights = expert_weights(E, f, d, torch.float32, gen)
+    dout = torch.randn(T, d, generator=gen)
+
+    def run(low_memory):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, logits, *weights)]
+        r = moe.moe_ffn(*leaves, k=k, backend="cpu", low_memory=low_memory)
+        (r.out * dout).sum().add(r.aux_loss).backward()
+        return [r.out.detach()] + [t.grad for t in leaves]
+
+    chunked, three_node, auto = run(True), run(False), run("auto")
+    for a, b in zip(chunked, three_node):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    expected = chunked if k * d > f else three_node
+    for a, b in zip(auto, expected):
+        assert torch.equal(a, b)
