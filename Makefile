@@ -57,11 +57,13 @@ test-all: $(VENV)/.installed-dev $(VENV)/.built
 bench: $(VENV)/.installed-dev $(VENV)/.built
 	$(PY) -m pytest bench -q --benchmark-only $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
+CUDA_CHECK_OUT := build/cuda-check
 cuda-check:
 	@test -n "$(NVCC)" || { echo "cuda-check: nvcc not found"; exit 1; }
+	@mkdir -p $(CUDA_CHECK_OUT)
 	@set -e; for f in csrc/cuda/*.cu; do \
 		for a in $(CUDA_ARCHS); do \
-			$(NVCC) -std=c++17 -O3 -Icsrc -gencode arch=compute_$$a,code=sm_$$a -c $$f -o /tmp/mmt-cuda-check-$$a.o; \
+			$(NVCC) -std=c++17 -O3 -Icsrc -gencode arch=compute_$$a,code=sm_$$a -c $$f -o $(CUDA_CHECK_OUT)/$$(basename $$f .cu)-sm$$a.o; \
 		done; echo "cuda-check: $$f ok (sm_$(shell echo $(CUDA_ARCHS) | sed 's/ /, sm_/g'))"; \
 	done
 
@@ -69,8 +71,8 @@ cuda-check:
 # the CPU wheel lacks: TORCH_CUDA_INCLUDE=<unzipped wheel>/torch/include make cuda-bind-check
 # (get them with `pip download --no-deps torch==$(TORCH_VERSION) --index-url https://pypi.org/simple`
 # and `unzip <wheel> 'torch/include/*'`).
-CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda /usr/local/cuda-*))
-CUDA_INCLUDE ?= $(CUDA_HOME)/include
+# The toolkit's include dir, as nvcc itself reports it (nvcc may be a wrapper script on PATH).
+CUDA_INCLUDE ?= $(shell $(NVCC) -v --dryrun -c -x cu /dev/null 2>&1 | sed -n 's/^\#\$$ TOP=//p')/include
 cuda-bind-check:
 	@test -n "$(TORCH_CUDA_INCLUDE)" || { echo "cuda-bind-check: set TORCH_CUDA_INCLUDE to a CUDA torch's include dir"; exit 1; }
 	@set -e; for f in csrc/cuda/*.cpp; do \
