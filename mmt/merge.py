@@ -459,9 +459,7 @@ def merge_checkpoints(cfg: MergeConfig, progress: bool = True) -> MergeReport:
             (tmp / "merge_stats.json").write_text(json.dumps(report.stats, indent=1))
             if cfg.plot:
                 _plot_stats(report.stats, tmp / "merge_conflicts.png", report)
-        (tmp / "merge_report.json").write_text(json.dumps(
-            {"config": _cfg_dict(cfg), **{k: v for k, v in report.__dict__.items() if k != "stats"}}, indent=2))
-        _commit(tmp, output)
+        _write_report_and_commit(tmp, output, cfg, report)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -480,6 +478,13 @@ def _write_config(src: Path, dst: Path, plan, cfg: MergeConfig) -> None:
             if key in data or key == "torch_dtype":
                 data[key] = name
     (dst / "config.json").write_text(json.dumps(data, indent=2))
+
+
+def _write_report_and_commit(tmp: Path, output: Path, cfg: MergeConfig, report: "MergeReport") -> None:
+    """The last file of a merge, then the atomic rename that makes the output visible."""
+    (tmp / "merge_report.json").write_text(json.dumps(
+        {"config": _cfg_dict(cfg), **{k: v for k, v in report.__dict__.items() if k != "stats"}}, indent=2))
+    _commit(tmp, output)
 
 
 def _cfg_dict(cfg: MergeConfig) -> dict[str, Any]:
@@ -509,9 +514,9 @@ def _plot_stats(stats: dict[str, dict[str, float]], path: Path, report: MergeRep
     ax.set_ylabel("sign conflict rate")
     ax.set_xlabel("tensor (checkpoint order)")
     ax.set_title(f"{report.method}: sign disagreement among active task values")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from mmt.plots import save_figure
+
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------
@@ -630,9 +635,7 @@ def merge_lora_adapters(cfg: MergeConfig, progress: bool = True) -> MergeReport:
         else:
             report.notes.append("factor-space merge (peft-style): the product of merged factors is not the merged "
                                 "product; use lora_mode: svd for the dense definition")
-        (tmp / "merge_report.json").write_text(json.dumps(
-            {"config": _cfg_dict(cfg), **{k: v for k, v in report.__dict__.items() if k != "stats"}}, indent=2))
-        _commit(tmp, output)
+        _write_report_and_commit(tmp, output, cfg, report)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -42,6 +42,12 @@ def plot_before_after(before: Any, after: Any, path: str | Path, metrics: Sequen
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title or f"{before.label} vs {after.label}")
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close ``fig``; every mmt plot ends here."""
+    plt = _plt()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,12 +69,7 @@ def plot_loss(log_jsonl: str | Path, path: str | Path, losses: Sequence[float] |
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (per label token)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_heatmap(matrix: Any, path: str | Path, *, row_labels: Sequence[str] | None = None,
@@ -99,12 +100,7 @@ def plot_heatmap(matrix: Any, path: str | Path, *, row_labels: Sequence[str] | N
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_score_matrix(report: Any, path: str | Path, metric: str = "chrf") -> Path:

@@ -377,9 +377,6 @@ def plot_expert_load(loads_by_stage: dict[str, dict[str, torch.Tensor]], path: s
                 ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
         ax.set_title(f"expert load, {stage}")
         fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from mmt.plots import save_figure
+
+    return save_figure(fig, path)
