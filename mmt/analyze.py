@@ -27,9 +27,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -647,14 +648,14 @@ def report_markdown(a: Analysis) -> str:
     s = a.settings
     blocks = a.blocks
     lines = ["# Conflict and synergy between directions", "",
-             f"Model `{s['model']}`, trainable space: {s['space']} ({s['trainable_parameters']:,} parameters). "
-             f"{s['rounds']} gradient batches of {s['batch_size']} per direction, {s['heldout_size']} held-out "
-             f"examples per direction, one {s['step']['kind']} step at lr {s['step']['lr']:g}.", "",
+             (f"Model `{s['model']}`, trainable space: {s['space']} ({s['trainable_parameters']:,} parameters). "
+              f"{s['rounds']} gradient batches of {s['batch_size']} per direction, {s['heldout_size']} held-out "
+              f"examples per direction, one {s['step']['kind']} step at lr {s['step']['lr']:g}."), "",
              "## Verdict", "", a.verdict()["text"] + ".", "",
              "## Transfer", "",
-             "T[row, column] = drop of the row direction's held-out loss after one step on the column direction's "
-             "gradient, divided by the drop after a step on its own (positive = synergy, negative = conflict); "
-             "± is the standard error over held-out examples.", "",
+             ("T[row, column] = drop of the row direction's held-out loss after one step on the column direction's "
+              "gradient, divided by the drop after a step on its own (positive = synergy, negative = conflict); "
+              "± is the standard error over held-out examples."), "",
              _table(a.transfer, a.directions, a.transfer_se), "",
              "## Gradient alignment", "",
              "Cosine of the per-direction gradients, mean ± standard deviation over gradient batches.", "",
@@ -667,8 +668,8 @@ def report_markdown(a: Analysis) -> str:
                 lines.append(f"| {matrix} | {block} | {e['mean']:+.3f} | {e['min']:+.3f} | {e['max']:+.3f} | "
                              f"{e['negative_share']:.0%} |")
     lines += ["", "## Suggested XX->En grouping", "",
-              "Groups whose members all transfer positively to each other (both ways); `grouping.yaml` holds "
-              "the `method.groups` snippet for direction-aware training.", ""]
+              ("Groups whose members all transfer positively to each other (both ways); `grouping.yaml` holds "
+               "the `method.groups` snippet for direction-aware training."), ""]
     lines += [f"- `{name}`: {', '.join(langs)}" for name, langs in a.groups.items()] or ["- (no XX->En directions)"]
     lines += ["", f"Time: {a.seconds.get('total', 0):.0f} s ({a.seconds.get('measure', 0):.0f} s measuring).", ""]
     return "\n".join(lines)
@@ -747,13 +748,3 @@ def run_analyze(args: argparse.Namespace) -> int:
     print("suggested XX->En groups: " + "; ".join(f"{k}: {v}" for k, v in result.groups.items()))
     print(f"written to {out}: " + ", ".join(p.name for p in files.values()) + f" ({result.seconds['total']:.0f} s)")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmt.analyze", description=__doc__.splitlines()[0])
-    add_args(parser)
-    return run_analyze(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

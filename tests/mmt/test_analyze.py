@@ -140,7 +140,7 @@ def test_restore_leaves_the_model_bit_identical(tok):
 
 def test_layer_space_and_label_only_loss(tok):
     model = tiny_model("gemma3", vocab=len(tok))
-    grads_b, held = _batches(tok)
+    _, held = _batches(tok)
     _, params, what = A.trainable_space(model, None, A.AnalyzeOptions(space="layers", layers=[1]))
     assert "layers [1]" in what and params and all(p.requires_grad for p in model.model.layers[1].parameters())
     assert not any(p.requires_grad for p in model.model.layers[0].parameters())
