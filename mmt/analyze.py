@@ -57,6 +57,9 @@ class AnalyzeOptions:
         (all weights of the decoder layers listed in ``layers``).
     optimizer: "adamw" (train.lr, adam_betas, adam_eps, weight_decay; a first AdamW step) or "sgd" (train.lr).
     threshold: two XX->En directions share a group only if both transfers between them exceed this.
+    warmup_steps: joint optimizer steps (mixed batches of every analysed direction, train.lr, persistent
+        AdamW state) before measuring, to look past the first steps, where every direction learns the
+        shared output format and everything transfers to everything.
     """
 
     directions: list[str] | None = None
@@ -67,6 +70,7 @@ class AnalyzeOptions:
     layers: list[int] | None = None
     optimizer: str = "adamw"
     threshold: float = 0.0
+    warmup_steps: int = 0
     output_dir: str | None = None       # default: <train.output_dir>/analyze
     progress: bool = True
 
@@ -82,6 +86,7 @@ class AnalyzeOptions:
         check(self.space != "layers" or bool(self.layers), "layers", "space 'layers' needs layer indices, e.g. 10 11")
         check(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         check(math.isfinite(self.threshold), "threshold", "must be a finite number")
+        check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass
@@ -184,6 +189,31 @@ def take_step(params: Sequence[nn.Parameter], flat_grad: torch.Tensor, rule: Ste
     rule.make(list(params)).step()
     for p in params:
         p.grad = None
+
+
+def warm_up(model: nn.Module, params: Sequence[nn.Parameter], batches: Sequence[dict[str, torch.Tensor]],
+            rule: StepRule, max_grad_norm: float = 0.0, progress: bool = False) -> list[float]:
+    """Joint training steps (one optimizer, its state kept across steps); returns the loss of each step."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()  # no dropout, like the measurement that follows
+    optimizer = rule.make(list(params))
+    losses = []
+    try:
+        for batch in tqdm(batches, desc="warm-up", unit="step", disable=not progress, dynamic_ncols=True):
+            optimizer.zero_grad(set_to_none=True)
+            token, _ = token_losses(model, batch)
+            loss = token.mean()
+            loss.backward()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            losses.append(float(loss))
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return losses
 
 
 @dataclass
@@ -388,8 +418,9 @@ def _directions(cfg: Any, options: AnalyzeOptions, in_data: Sequence[str]) -> li
     return dirs
 
 
-def load_examples(cfg: Any, options: AnalyzeOptions, needed: int) -> dict[str, list[Any]]:
-    """``needed`` examples per analysed direction from the sources of data.train, in a seeded random order."""
+def load_examples(cfg: Any, options: AnalyzeOptions, batch_size: int) -> dict[str, list[Any]]:
+    """The examples each analysed direction needs (held-out, gradient rounds, its share of the warm-up
+    batches) from the sources of data.train, in a seeded random order."""
     from mmt.data import load_source, resolve_data_dir
 
     if not cfg.data.train:
@@ -404,17 +435,20 @@ def load_examples(cfg: Any, options: AnalyzeOptions, needed: int) -> dict[str, l
                               seed=cfg.data.seed):
             found.setdefault(f"{ex.src_lang}-{ex.tgt_lang}", []).append(ex)
     directions = _directions(cfg, options, found)
+    needed = (options.heldout_size + options.rounds * batch_size
+              + math.ceil(options.warmup_steps * batch_size / len(directions)))
     short = {k: len(found.get(k, [])) for k in directions if len(found.get(k, [])) < needed}
     if short:
         raise DataError(f"analyze: too few examples in data.train for {short} (need {needed} per direction: "
-                        "heldout_size + rounds x batch_size); add data or lower --rounds/--batch-size/--heldout-size")
+                        "heldout_size + rounds x batch_size + warm-up share); add data or lower --rounds/--batch-size/--heldout-size")
     rng = np.random.default_rng(cfg.data.seed)
     return {k: [found[k][i] for i in rng.permutation(len(found[k]))[:needed]] for k in directions}
 
 
 def encode_batches(cfg: Any, tokenizer: Any, examples: dict[str, list[Any]], options: AnalyzeOptions,
-                   batch_size: int) -> tuple[dict[str, list[dict]], dict[str, dict]]:
-    """(gradient batches per direction, held-out batch per direction), tokenised like training data."""
+                   batch_size: int) -> tuple[dict[str, list[dict]], dict[str, dict], list[dict]]:
+    """(gradient batches per direction, held-out batch per direction, mixed warm-up batches), tokenised like
+    training data. The examples of a direction are used in this order: held-out, gradient rounds, warm-up."""
     from mmt.data import build_prompt, collate, encode_pair, pad_token_id
 
     pad = pad_token_id(tokenizer)
@@ -425,11 +459,15 @@ def encode_batches(cfg: Any, tokenizer: Any, examples: dict[str, list[Any]], opt
         return collate(feats, pad)
 
     grads, held = {}, {}
+    pool: list[list[Any]] = []
     for name, items in examples.items():
         h = options.heldout_size
         held[name] = batch(items[:h])
         grads[name] = [batch(items[h + r * batch_size:h + (r + 1) * batch_size]) for r in range(options.rounds)]
-    return grads, held
+        pool.append(items[h + options.rounds * batch_size:])
+    mixed = [ex for group in zip(*pool) for ex in group]  # round-robin over directions
+    warm = [batch(mixed[s * batch_size:(s + 1) * batch_size]) for s in range(options.warmup_steps)]
+    return grads, held, warm
 
 
 def trainable_space(model: nn.Module, cfg: Any, options: AnalyzeOptions) -> tuple[nn.Module, list[nn.Parameter], str]:
@@ -536,7 +574,7 @@ def analyze(cfg: Any, options: AnalyzeOptions | None = None, *, model: nn.Module
     options.validate()
     t0 = time.perf_counter()
     batch_size = options.batch_size or cfg.train.micro_batch_size
-    examples = load_examples(cfg, options, options.heldout_size + options.rounds * batch_size)
+    examples = load_examples(cfg, options, batch_size)
     directions = list(examples)
     if model is None:
         from mmt.models import load_model
@@ -545,18 +583,22 @@ def analyze(cfg: Any, options: AnalyzeOptions | None = None, *, model: nn.Module
     if tokenizer is None:
         raise ConfigError("analyze: a model passed in needs its tokenizer")
     t_load = time.perf_counter()
-    grad_batches, heldout = encode_batches(cfg, tokenizer, examples, options, batch_size)
+    grad_batches, heldout, warm_batches = encode_batches(cfg, tokenizer, examples, options, batch_size)
     model, params, space = trainable_space(model, cfg, options)
     rule = StepRule(kind=options.optimizer, lr=float(cfg.train.lr), betas=tuple(cfg.train.adam_betas),
                     eps=float(cfg.train.adam_eps), weight_decay=float(cfg.train.weight_decay))
     _check_loss_path(model, heldout[directions[0]])
+    warm_losses = []
+    if warm_batches:
+        adamw = StepRule("adamw", rule.lr, rule.betas, rule.eps, rule.weight_decay)  # what training uses
+        warm_losses = warm_up(model, params, warm_batches, adamw, float(cfg.train.max_grad_norm), options.progress)
     m = measure(model, params, directions, grad_batches, heldout, rule, progress=options.progress)
     t_end = time.perf_counter()
     settings = {"model": cfg.model.name_or_path, "config": getattr(cfg, "source", None), "space": space,
                 "trainable_parameters": int(sum(p.numel() for p in params)), "rounds": options.rounds,
                 "batch_size": batch_size, "heldout_size": options.heldout_size, "step": asdict(rule),
                 "template": cfg.data.template, "loss_on": cfg.data.loss_on, "threshold": options.threshold,
-                "seed": cfg.data.seed}
+                "seed": cfg.data.seed, "warmup_steps": options.warmup_steps, "warmup_losses": warm_losses}
     result = summarise(m, settings, options.threshold)
     result.seconds = {"load": round(t_load - t0, 1), "measure": round(t_end - t_load, 1),
                       "total": round(t_end - t0, 1)}
@@ -588,7 +630,9 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def plot_matrix(matrix: np.ndarray, directions: Sequence[str], path: Path, *, title: str,
                 spread: np.ndarray | None = None, colorbar: str = "") -> Path:
-    """Diverging heatmap (0 = white) with the XX->En and En->XX blocks outlined and labelled."""
+    """Diverging heatmap (0 = white) with the XX->En and En->XX blocks outlined and their labels coloured.
+
+    The colour scale spans the off-diagonal entries (the diagonal is 1 by definition and saturates)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -598,9 +642,10 @@ def plot_matrix(matrix: np.ndarray, directions: Sequence[str], path: Path, *, ti
 
     m = np.asarray(matrix, dtype=float)
     d = len(directions)
-    finite = np.abs(m[np.isfinite(m)])
+    off = m[~np.eye(d, dtype=bool) & np.isfinite(m)]
+    finite = np.abs(off) if off.size else np.abs(m[np.isfinite(m)])
     vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-    fig, ax = plt.subplots(figsize=(2.4 + 0.95 * d, 1.8 + 0.8 * d))
+    fig, ax = plt.subplots(figsize=(2.4 + 0.95 * d, 2.0 + 0.8 * d))
     im = ax.imshow(np.ma.masked_invalid(m), cmap="RdBu", vmin=-vmax, vmax=vmax)
     fig.colorbar(im, ax=ax, label=colorbar)
     ax.set_xticks(range(d), directions, rotation=45, ha="right")
@@ -614,14 +659,18 @@ def plot_matrix(matrix: np.ndarray, directions: Sequence[str], path: Path, *, ti
             ax.text(j, i, label, ha="center", va="center", fontsize=7,
                     color="w" if abs(m[i, j]) > 0.6 * vmax else "k")
     sides = [side(x) for x in directions]
-    for name, color in (("xx-en", "#c45a00"), ("en-xx", "#1b7a3a")):
+    colors = {"xx-en": "#c45a00", "en-xx": "#1b7a3a"}
+    present = []
+    for name, color in colors.items():
         idx = [i for i, s in enumerate(sides) if s == name]
         if idx:
             lo, hi = min(idx) - 0.5, max(idx) + 0.5
             ax.add_patch(matplotlib.patches.Rectangle((lo, lo), hi - lo, hi - lo, fill=False, lw=2.5, ec=color))
-            ax.text(hi, lo, f" {name.replace('-', '→').replace('xx', 'XX').replace('en', 'En')}", color=color,
-                    fontsize=9, fontweight="bold", va="bottom", ha="right")
-    ax.set_title(title, fontsize=10)
+            present.append("XX→En (orange)" if name == "xx-en" else "En→XX (green)")
+    for ticks in (ax.get_xticklabels(), ax.get_yticklabels()):
+        for tick, s in zip(ticks, sides):
+            tick.set_color(colors.get(s, "k"))
+    ax.set_title(title + ("\nblocks: " + ", ".join(present) if present else ""), fontsize=10)
     ax.set_xlabel("step / gradient of direction (column)")
     ax.set_ylabel("measured on direction (row)")
     tmp = path.with_name(f".{path.stem}.tmp.png")
@@ -650,7 +699,10 @@ def report_markdown(a: Analysis) -> str:
     lines = ["# Conflict and synergy between directions", "",
              (f"Model `{s['model']}`, trainable space: {s['space']} ({s['trainable_parameters']:,} parameters). "
               f"{s['rounds']} gradient batches of {s['batch_size']} per direction, {s['heldout_size']} held-out "
-              f"examples per direction, one {s['step']['kind']} step at lr {s['step']['lr']:g}."), "",
+              f"examples per direction, one {s['step']['kind']} step at lr {s['step']['lr']:g}"
+              + (f", after {s['warmup_steps']} joint warm-up steps (loss {s['warmup_losses'][0]:.3f} -> "
+                 f"{s['warmup_losses'][-1]:.3f})." if s.get("warmup_steps") else ", from the start of training.")),
+             "",
              "## Verdict", "", a.verdict()["text"] + ".", "",
              "## Transfer", "",
              ("T[row, column] = drop of the row direction's held-out loss after one step on the column direction's "
@@ -716,6 +768,8 @@ for direction-aware training) to --output-dir (default <train.output_dir>/analyz
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="the probe step (default adamw)")
     p.add_argument("--threshold", type=float, default=d.threshold,
                    help="minimum mutual transfer for two XX->En directions to share a group (0)")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help="joint AdamW steps over all directions before measuring (0: measure at the start)")
     p.add_argument("--output-dir", help="where to write the results (default <train.output_dir>/analyze)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -736,7 +790,8 @@ def run_analyze(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         options = AnalyzeOptions(directions=args.directions, rounds=args.rounds, batch_size=args.batch_size,
                                  heldout_size=args.heldout_size, space=args.space, layers=args.layers,
-                                 optimizer=args.optimizer, threshold=args.threshold, output_dir=args.output_dir,
+                                 optimizer=args.optimizer, threshold=args.threshold, warmup_steps=args.warmup_steps,
+                                 output_dir=args.output_dir,
                                  progress=not args.no_progress)
         result = analyze(cfg, options)
         out = Path(options.output_dir or Path(cfg.train.output_dir) / "analyze")

@@ -138,6 +138,19 @@ def test_restore_leaves_the_model_bit_identical(tok):
     assert model.training and all(p.grad is None for p in params)
 
 
+def test_warm_up_trains_jointly_then_measure_restores_to_the_warmed_weights(tok):
+    grads_b, held = _batches(tok)
+    model, params = _lora_model(tok)
+    start = [p.detach().clone() for p in params]
+    mixed = [grads_b[d][r] for r in range(2) for d in DIRS]
+    losses = A.warm_up(model, params, mixed * 2, A.StepRule(lr=5e-3), max_grad_norm=1.0)
+    assert len(losses) == 12 and losses[-1] < losses[0]  # the same batches twice: the loss goes down
+    assert any(not torch.equal(p, s) for p, s in zip(params, start))
+    warmed = [p.detach().clone() for p in params]
+    A.measure(model, params, DIRS, grads_b, held, A.StepRule(lr=1e-2))
+    assert all(torch.equal(p, w) for p, w in zip(params, warmed))
+
+
 def test_layer_space_and_label_only_loss(tok):
     model = tiny_model("gemma3", vocab=len(tok))
     _, held = _batches(tok)
@@ -221,7 +234,8 @@ def _cli(argv):
 
 def test_cli_writes_every_output(tiny_run, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = _cli(["-c", str(tiny_run), "--rounds", "2", "--heldout-size", "4", "--output-dir", str(out), "--no-progress"])
+    rc = _cli(["-c", str(tiny_run), "--rounds", "2", "--heldout-size", "4", "--warmup-steps", "2", "--output-dir",
+               str(out), "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     names = sorted(p.name for p in out.iterdir())
     assert names == ["alignment.png", "analysis.json", "grouping.yaml", "report.md", "transfer.png"]
@@ -231,6 +245,7 @@ def test_cli_writes_every_output(tiny_run, tmp_path, capsys):
     assert align.shape == (4, 4) and np.allclose(np.diag(align), 1.0) and np.allclose(align, align.T)
     assert np.array(data["alignment"]["std_over_rounds"]).shape == (4, 4)
     assert len(data["transfer"]["normalised"]) == 4 and data["settings"]["rounds"] == 2
+    assert len(data["settings"]["warmup_losses"]) == 2
     assert set(data["blocks"]["transfer"]) >= {"xx-en", "en-xx", "xx-en <- en-xx", "en-xx <- xx-en"}
     for png in ("alignment.png", "transfer.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -255,16 +270,18 @@ def test_cli_registered_subcommand(tiny_run, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--directions", "de-en", "tr-en"], "too few examples"),
+    (["--directions", "de-en", "tr-en"], "'tr-en': 0"),
     (["--directions", "de-en"], "at least two directions"),
     (["--directions", "de-xx"], "de-xx"),
     (["--space", "layers"], "needs layer indices"),
     (["--rounds", "0"], "rounds: must be >= 1"),
+    (["--warmup-steps", "40"], "too few examples"),
     (["--batch-size", "50"], "too few examples"),
     (["train.nope=1"], "nope"),
 ])
 def test_cli_bad_input_exits_2_with_a_clear_message(tiny_run, tmp_path, capsys, extra, message):
-    rc = _cli(["-c", str(tiny_run), "--output-dir", str(tmp_path / "bad"), "--no-progress", *extra])
+    base = ["--rounds", "2", "--heldout-size", "4"]  # fits the data: only ``extra`` is wrong
+    rc = _cli(["-c", str(tiny_run), *base, "--output-dir", str(tmp_path / "bad"), "--no-progress", *extra])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("mmt analyze: error:") and message in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
