@@ -209,7 +209,7 @@ def warm_up(model: nn.Module, params: Sequence[nn.Parameter], batches: Sequence[
             if max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     finally:
         optimizer.zero_grad(set_to_none=True)
         model.train(was_training)
@@ -539,6 +539,10 @@ class Analysis:
         text = (f"XX->En {'shows more' if answer else 'does not show more'} conflict than En->XX: mean off-diagonal "
                 f"transfer {xx['mean']:+.3f} within XX->En vs {ex['mean']:+.3f} within En->XX "
                 f"(difference {diff:+.3f} +- {se:.3f}, {'beyond' if clear else 'within'} two standard errors)")
+        align = self.blocks["alignment"]
+        if align.get("xx-en") and align.get("en-xx"):
+            text += (f"; mean gradient cosine {align['xx-en']['mean']:+.3f} within XX->En vs "
+                     f"{align['en-xx']['mean']:+.3f} within En->XX")
         return {"answer": answer, "clear": clear, "difference": diff, "se": se, "text": text}
 
     def to_dict(self) -> dict[str, Any]:
@@ -589,9 +593,11 @@ def analyze(cfg: Any, options: AnalyzeOptions | None = None, *, model: nn.Module
                     eps=float(cfg.train.adam_eps), weight_decay=float(cfg.train.weight_decay))
     _check_loss_path(model, heldout[directions[0]])
     warm_losses = []
+    t_warm = time.perf_counter()
     if warm_batches:
         adamw = StepRule("adamw", rule.lr, rule.betas, rule.eps, rule.weight_decay)  # what training uses
         warm_losses = warm_up(model, params, warm_batches, adamw, float(cfg.train.max_grad_norm), options.progress)
+    t_measure = time.perf_counter()
     m = measure(model, params, directions, grad_batches, heldout, rule, progress=options.progress)
     t_end = time.perf_counter()
     settings = {"model": cfg.model.name_or_path, "config": getattr(cfg, "source", None), "space": space,
@@ -600,8 +606,8 @@ def analyze(cfg: Any, options: AnalyzeOptions | None = None, *, model: nn.Module
                 "template": cfg.data.template, "loss_on": cfg.data.loss_on, "threshold": options.threshold,
                 "seed": cfg.data.seed, "warmup_steps": options.warmup_steps, "warmup_losses": warm_losses}
     result = summarise(m, settings, options.threshold)
-    result.seconds = {"load": round(t_load - t0, 1), "measure": round(t_end - t_load, 1),
-                      "total": round(t_end - t0, 1)}
+    result.seconds = {"load": round(t_load - t0, 1), "warmup": round(t_measure - t_warm, 1),
+                      "measure": round(t_end - t_measure, 1), "total": round(t_end - t0, 1)}
     return result
 
 
@@ -723,7 +729,8 @@ def report_markdown(a: Analysis) -> str:
               ("Groups whose members all transfer positively to each other (both ways); `grouping.yaml` holds "
                "the `method.groups` snippet for direction-aware training."), ""]
     lines += [f"- `{name}`: {', '.join(langs)}" for name, langs in a.groups.items()] or ["- (no XX->En directions)"]
-    lines += ["", f"Time: {a.seconds.get('total', 0):.0f} s ({a.seconds.get('measure', 0):.0f} s measuring).", ""]
+    lines += ["", (f"Time: {a.seconds.get('total', 0):.0f} s ({a.seconds.get('warmup', 0):.0f} s warm-up, "
+                   f"{a.seconds.get('measure', 0):.0f} s measuring)."), ""]
     return "\n".join(lines)
 
 

@@ -189,6 +189,30 @@ def test_grouping_needs_positive_transfer_both_ways():
     assert A.suggest_groups(t3, dirs)["de"] == ["de"]
 
 
+def test_blocks_and_verdict():
+    dirs = ["de-en", "fr-en", "en-de", "en-fr"]
+    t = np.array([[1.0, -0.2, 0.1, 0.3], [-0.4, 1.0, 0.2, 0.0], [0.5, 0.6, 1.0, 0.7], [0.1, 0.2, 0.5, 1.0]])
+    se = np.full((4, 4), 0.01)
+    blocks = A.block_summary(t, dirs, se)
+    assert blocks["xx-en"]["mean"] == pytest.approx(-0.3) and blocks["xx-en"]["negative_share"] == 1.0
+    assert blocks["en-xx"]["mean"] == pytest.approx(0.6) and blocks["en-xx"]["n"] == 2
+    assert blocks["xx-en <- en-xx"]["mean"] == pytest.approx(0.15)  # rows XX->En, columns En->XX
+    assert blocks["en-xx <- xx-en"]["mean"] == pytest.approx(0.35)
+    assert blocks["xx-en"]["se"] == pytest.approx(np.sqrt(2) * 0.01 / 2)
+    a = A.Analysis(directions=dirs, settings={}, alignment=np.eye(4), alignment_std=np.zeros((4, 4)),
+                   alignment_mean_grad=np.eye(4), transfer=t, transfer_se=se, loss_drop=t, heldout_loss=[1.0] * 4,
+                   grad_norms=np.ones((1, 4)), groups={})
+    v = a.verdict()
+    assert v["answer"] is True and v["clear"] and v["difference"] == pytest.approx(0.9)
+    assert v["text"].startswith("XX->En shows more conflict than En->XX")
+    swapped = t.copy()
+    swapped[:2, :2], swapped[2:, 2:] = t[2:, 2:], t[:2, :2]
+    a.transfer = swapped
+    assert a.verdict()["answer"] is False
+    one_side = A.Analysis(**{**a.__dict__, "directions": ["de-en", "fr-en", "en-de", "de-fr"]})
+    assert one_side.verdict()["answer"] is None
+
+
 def test_suggested_grouping_round_trips_into_a_directional_config(tmp_path):
     from mmt.config import load_config
     from mmt.methods import directional as D
