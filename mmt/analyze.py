@@ -113,7 +113,9 @@ def _needs_full_logits(model: nn.Module) -> bool:
     """Architectures whose logits are more than ``lm_head(hidden)`` take the model's own forward."""
     cfg = getattr(model, "config", None)
     scaled = any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in ("logit_scale", "logits_scaling"))
-    return scaled
+    split = hasattr(model, "get_decoder") and model.get_decoder() is not None and \
+        model.get_output_embeddings() is not None
+    return scaled or not split
 
 
 def token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -538,7 +540,9 @@ class Analysis:
         clear = abs(diff) > 2 * se
         text = (f"XX->En {'shows more' if answer else 'does not show more'} conflict than En->XX: mean off-diagonal "
                 f"transfer {xx['mean']:+.3f} within XX->En vs {ex['mean']:+.3f} within En->XX "
-                f"(difference {diff:+.3f} +- {se:.3f}, {'beyond' if clear else 'within'} two standard errors)")
+                f"(difference {diff:+.3f} +- {se:.3f}, {'beyond' if clear else 'within'} two standard errors); "
+                f"negative entries {xx['negative_share']:.0%} of {xx['n']} within XX->En vs "
+                f"{ex['negative_share']:.0%} of {ex['n']} within En->XX")
         align = self.blocks["alignment"]
         if align.get("xx-en") and align.get("en-xx"):
             text += (f"; mean gradient cosine {align['xx-en']['mean']:+.3f} within XX->En vs "

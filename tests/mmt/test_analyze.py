@@ -151,7 +151,7 @@ def test_warm_up_trains_jointly_then_measure_restores_to_the_warmed_weights(tok)
     assert all(torch.equal(p, w) for p, w in zip(params, warmed))
 
 
-def test_layer_space_and_label_only_loss(tok):
+def test_layer_space_and_label_only_loss(tok, monkeypatch):
     model = tiny_model("gemma3", vocab=len(tok))
     _, held = _batches(tok)
     _, params, what = A.trainable_space(model, None, A.AnalyzeOptions(space="layers", layers=[1]))
@@ -161,6 +161,11 @@ def test_layer_space_and_label_only_loss(tok):
     losses, rows = A.token_losses(model, held["de-en"])
     assert losses.mean().item() == pytest.approx(model(**held["de-en"]).loss.item(), rel=1e-5)
     assert rows.max().item() == 2
+    with torch.no_grad():  # the full-logits path (architectures with scaled logits) gives the same numbers
+        fast = A.example_losses(model, held["de-en"])
+        monkeypatch.setattr(A, "_needs_full_logits", lambda m: True)
+        full = A.example_losses(model, held["de-en"])
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
     with pytest.raises(A.ConfigError, match="out of range"):
         A.trainable_space(model, None, A.AnalyzeOptions(space="layers", layers=[5]))
 
