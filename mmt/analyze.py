@@ -319,15 +319,17 @@ def ordered(directions: Sequence[str]) -> list[str]:
 def transfer_matrix(m: Measurement) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(T, standard error of T, raw mean loss drop) with T[i, j] = drop_i(step j) / drop_i(step i).
 
-    The standard error is over held-out examples. A row whose own step does not lower its held-out loss
-    cannot be normalised and is NaN.
+    The standard error is over held-out examples. A row whose own step does not lower its held-out loss by
+    more than two standard errors cannot be normalised (dividing by a drop near zero blows the row up) and
+    is NaN; its raw drops stay in ``loss_drop``.
     """
     d = len(m.directions)
     raw = np.array([[m.delta[i][j].mean() for j in range(d)] for i in range(d)])
     t, se = np.full((d, d), np.nan), np.full((d, d), np.nan)
     for i in range(d):
         own = raw[i, i]
-        if not own > 0:
+        own_se = m.delta[i][i].std(ddof=1) / math.sqrt(len(m.delta[i][i]))
+        if not own > 2 * own_se:
             continue
         for j in range(d):
             x = m.delta[i][j]
@@ -526,6 +528,7 @@ class Analysis:
     @property
     def blocks(self) -> dict[str, Any]:
         return {"transfer": block_summary(self.transfer, self.directions, self.transfer_se),
+                "loss_drop": block_summary(self.loss_drop, self.directions),
                 "alignment": block_summary(self.alignment, self.directions)}
 
     def verdict(self) -> dict[str, Any]:
@@ -549,6 +552,11 @@ class Analysis:
                      f"{align['en-xx']['mean']:+.3f} within En->XX")
         return {"answer": answer, "clear": clear, "difference": diff, "se": se, "text": text}
 
+    @property
+    def unnormalised(self) -> list[str]:
+        """Directions whose own step did not clearly lower their held-out loss (NaN rows of ``transfer``)."""
+        return [x for i, x in enumerate(self.directions) if not np.isfinite(self.transfer[i, i])]
+
     def to_dict(self) -> dict[str, Any]:
         def arr(x: np.ndarray) -> Any:
             return [[None if not np.isfinite(v) else float(v) for v in row] for row in np.asarray(x)]
@@ -558,7 +566,7 @@ class Analysis:
                               "of_mean_gradients": arr(self.alignment_mean_grad)},
                 "transfer": {"normalised": arr(self.transfer), "se": arr(self.transfer_se),
                              "loss_drop": arr(self.loss_drop)},
-                "heldout_loss": self.heldout_loss, "grad_norms": arr(self.grad_norms),
+                "unnormalised_rows": self.unnormalised, "heldout_loss": self.heldout_loss, "grad_norms": arr(self.grad_norms),
                 "blocks": self.blocks, "verdict": self.verdict(), "groups": self.groups, "seconds": self.seconds}
 
 
@@ -719,12 +727,16 @@ def report_markdown(a: Analysis) -> str:
               "gradient, divided by the drop after a step on its own (positive = synergy, negative = conflict); "
               "± is the standard error over held-out examples."), "",
              _table(a.transfer, a.directions, a.transfer_se), "",
+             *([(f"Rows not normalised (their own step did not lower their held-out loss by two standard errors): "
+                 f"{', '.join(a.unnormalised)}; see the raw drops below."), ""] if a.unnormalised else []),
+             "Raw held-out loss drop (nats) of the row after a step on the column:", "",
+             _table(a.loss_drop, a.directions), "",
              "## Gradient alignment", "",
              "Cosine of the per-direction gradients, mean ± standard deviation over gradient batches.", "",
              _table(a.alignment, a.directions, a.alignment_std), "",
              "## Blocks (off-diagonal entries)", "",
              "| matrix | block | mean | min | max | negative share |", "|---|---|---|---|---|---|"]
-    for matrix in ("transfer", "alignment"):
+    for matrix in ("transfer", "loss_drop", "alignment"):
         for block, e in blocks[matrix].items():
             if e:
                 lines.append(f"| {matrix} | {block} | {e['mean']:+.3f} | {e['min']:+.3f} | {e['max']:+.3f} | "

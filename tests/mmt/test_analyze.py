@@ -109,7 +109,7 @@ def test_alignment_and_transfer_match_direct_computation(tok, kind):
     # the normalisation: T[i, j] = mean drop of i after j's step / mean drop of i after its own step
     t, se, raw = A.transfer_matrix(m)
     for i in range(len(DIRS)):
-        if raw[i, i] > 0:
+        if raw[i, i] > 2 * m.delta[i][i].std(ddof=1) / np.sqrt(3):
             assert t[i, i] == pytest.approx(1.0)
             for j in range(len(DIRS)):
                 assert t[i, j] == pytest.approx(m.delta[i][j].mean() / m.delta[i][i].mean())
