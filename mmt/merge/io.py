@@ -1,0 +1,184 @@
+"""Checkpoint I/O for ``mmt merge``: a lazy reader of (sharded) safetensors and a streaming, atomic writer.
+
+The reader opens each shard once and hands out one tensor at a time. The writer plans every shard's
+header from the output's names, dtypes and shapes before any tensor exists, so each merged tensor is
+written at its final offset as soon as it is computed. Outputs appear atomically: everything goes to a
+hidden temporary directory next to the output, renamed into place at the end.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmt.errors import MergeError
+
+ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+_FROM_ST = {v: k for k, v in ST_DTYPES.items()}
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+TensorPlan = tuple[str, torch.dtype, tuple[int, ...]]  # (name, dtype, shape) of one output tensor
+
+
+class Checkpoint:
+    """Tensor-by-tensor access to a safetensors checkpoint directory (single file or sharded)."""
+
+    def __init__(self, path: str | Path, weights_name: str = "model"):
+        self.path = Path(path)
+        self._handles: dict[Path, Any] = {}
+        if not self.path.is_dir():
+            raise MergeError(f"checkpoint {self.path} is not a directory")
+        index = self.path / f"{weights_name}.safetensors.index.json"
+        single = self.path / f"{weights_name}.safetensors"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise MergeError(f"{index}: not a valid safetensors index ({exc})") from None
+            self.files = {name: self.path / f for name, f in weight_map.items()}
+        elif single.exists():
+            self.files = {name: single for name in self._open(single).keys()}
+        else:
+            raise MergeError(f"checkpoint {self.path} has neither {single.name} nor {index.name} "
+                             "(only safetensors checkpoints are streamed; re-save with safe_serialization=True)")
+
+    def _open(self, file: Path):
+        from safetensors import safe_open
+
+        if file in self._handles:
+            return self._handles[file]
+        if not file.exists():
+            raise MergeError(f"shard {file} listed in the index of {self.path} is missing")
+        try:
+            handle = safe_open(str(file), framework="pt")
+        except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
+            raise MergeError(f"cannot read shard {file}: {exc} (corrupt or truncated?)") from None
+        self._handles[file] = handle
+        return handle
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        sl = self._open(self.files[name]).get_slice(name)
+        dtype = _FROM_ST.get(sl.get_dtype())
+        if dtype is None:
+            raise MergeError(f"tensor {name} in {self.files[name]} has unsupported dtype {sl.get_dtype()}")
+        return dtype, tuple(sl.get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.files.get(name)
+        if file is None:
+            raise MergeError(f"tensor {name} is missing from checkpoint {self.path}")
+        try:
+            return self._open(file).get_tensor(name)
+        except MergeError:
+            raise
+        except Exception as exc:
+            raise MergeError(f"cannot read tensor {name} from {file}: {exc} (corrupt shard?)") from None
+
+
+def nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+class StreamingWriter:
+    """Writes a sharded safetensors checkpoint whose layout is planned up front.
+
+    The header of each shard (names, dtypes, shapes, offsets) is known before merging, so every
+    tensor is written at its offset as soon as it is computed and then dropped.
+    """
+
+    def __init__(self, out_dir: Path, plan: list[TensorPlan], shard_bytes: int, weights_name: str = "model"):
+        self.dir = out_dir
+        self.weights_name = weights_name
+        shards: list[list[TensorPlan]] = [[]]
+        size = 0
+        for item in plan:
+            size_of = nbytes(item[1], item[2])
+            if shards[-1] and size + size_of > shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(item)
+            size += size_of
+        n = len(shards)
+        self.names = ([f"{weights_name}.safetensors"] if n == 1 else
+                      [f"{weights_name}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self.where: dict[str, tuple[int, int]] = {}  # tensor -> (shard, absolute byte offset)
+        self.handles = []
+        self.total_bytes = 0
+        for i, items in enumerate(shards):
+            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for name, dtype, shape in items:
+                size_of = nbytes(dtype, shape)
+                header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape),
+                                "data_offsets": [offset, offset + size_of]}
+                offset += size_of
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)  # the format aligns the data section to 8 bytes
+            f = open(out_dir / self.names[i], "wb")
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            start = 8 + len(blob)
+            f.truncate(start + offset)
+            for name, _, _ in items:
+                self.where[name] = (i, start + header[name]["data_offsets"][0])
+            self.handles.append(f)
+            self.total_bytes += offset
+        self.expected = {name: (dtype, shape) for name, dtype, shape in plan}
+        self.written: set[str] = set()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        dtype, shape = self.expected[name]
+        assert tensor.dtype == dtype and tuple(tensor.shape) == shape, \
+            f"{name} planned as {dtype}{list(shape)}, got {tensor.dtype}{list(tensor.shape)}"
+        shard, offset = self.where[name]
+        f = self.handles[shard]
+        f.seek(offset)
+        t = tensor.detach().contiguous().cpu()
+        if t.numel():
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self.written.add(name)
+
+    def close(self) -> None:
+        for f in self.handles:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        missing = set(self.expected) - self.written
+        assert not missing, f"tensors never written: {sorted(missing)[:5]}"
+        if len(self.names) > 1:
+            index = {"metadata": {"total_size": self.total_bytes},
+                     "weight_map": {name: self.names[self.where[name][0]] for name in self.expected}}
+            (self.dir / f"{self.weights_name}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def atomic_output(output: Path, overwrite: bool) -> Path:
+    """A fresh hidden directory next to ``output`` to write into; :func:`commit` renames it into place."""
+    if output.exists() and not overwrite:
+        raise MergeError(f"output {output} already exists; remove it or set overwrite: true")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output.parent.glob(f".{output.name}.tmp-*"):  # left by a killed merge
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    return tmp
+
+
+def commit(tmp: Path, output: Path) -> None:
+    if output.exists():
+        old = output.parent / f".{output.name}.old-{os.getpid()}"
+        os.replace(output, old)
+        os.replace(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, output)
