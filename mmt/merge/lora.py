@@ -20,9 +20,9 @@ import torch
 from mmt.errors import MergeError
 
 from .io import atomic_output
-from .methods import merge_tensor
+from .methods import kernel_merge
 from .plan import MergeConfig, tensor_seed
-from .report import MergeReport, peak_rss_mb, write_report_and_commit
+from .report import MergeReport, peak_rss_mb, write_card_and_config, write_report_and_commit
 
 
 @dataclass
@@ -78,7 +78,7 @@ def merge_lora_adapters(cfg: MergeConfig, progress: bool = True) -> MergeReport:
             diff = sorted(set(mods) ^ set(ad.modules()))
             raise MergeError(f"LoRA adapter {spec.path} targets different modules (e.g. {diff[0]}) "
                              f"than {cfg.adapters[0].path}")
-    weights = [s.weight for s in cfg.adapters]
+    weights = [float(s.weight) for s in cfg.adapters]
     dens = cfg.densities(cfg.adapters)
     backend = None if cfg.backend == "auto" else cfg.backend
     ranks = sorted({ad.config["r"] for ad in adapters})
@@ -99,8 +99,8 @@ def merge_lora_adapters(cfg: MergeConfig, progress: bool = True) -> MergeReport:
         scalings = [ad.scaling(_peft_module_key(mod)) for ad in adapters]
         if cfg.lora_mode == "svd":
             deltas = [s * (b.float() @ a.float()) for s, (a, b) in zip(scalings, facs)]
-            dense = merge_tensor(deltas, None, method=method, weights=weights, densities=dens, lam=cfg.lam, seed=seed,
-                                 sign=cfg.sign, backend=backend)
+            dense = kernel_merge(deltas, None, method=method, weights=weights, densities=dens, lam=float(cfg.lam),
+                                 seed=seed, sign=cfg.sign, backend=backend)
             u, s, vh = torch.linalg.svd(dense, full_matrices=False)
             r = min(rank, s.numel())
             root = s[:r].sqrt()
@@ -112,11 +112,11 @@ def merge_lora_adapters(cfg: MergeConfig, progress: bool = True) -> MergeReport:
             # As peft's add_weighted_adapter: each factor carries sqrt(w * scaling).
             roots = [math.sqrt(abs(w) * s) for w, s in zip(weights, scalings)]
             signs = [1.0 if w >= 0 else -1.0 for w in weights]
-            new_a = merge_tensor([a.float() for a, _ in facs], None, method=method,
+            new_a = kernel_merge([a.float() for a, _ in facs], None, method=method,
                                  weights=[r_ * sg for r_, sg in zip(roots, signs)], densities=dens, lam=1.0,
                                  seed=seed, sign=cfg.sign, backend=backend)
-            new_b = merge_tensor([b.float() for _, b in facs], None, method=method, weights=roots, densities=dens,
-                                 lam=cfg.lam, seed=seed + 1, sign=cfg.sign, backend=backend)
+            new_b = kernel_merge([b.float() for _, b in facs], None, method=method, weights=roots, densities=dens,
+                                 lam=float(cfg.lam), seed=seed + 1, sign=cfg.sign, backend=backend)
             out_t[a_key], out_t[b_key] = new_a.to(dtype), new_b.to(dtype)
         report.tensors_merged += 2
         report.parameters += out_t[a_key].numel() + out_t[b_key].numel()
@@ -139,6 +139,7 @@ def merge_lora_adapters(cfg: MergeConfig, progress: bool = True) -> MergeReport:
         else:
             report.notes.append("factor-space merge (peft-style): the product of merged factors is not the merged "
                                 "product; use lora_mode: svd for the dense definition")
+        write_card_and_config(tmp, cfg, report)
         write_report_and_commit(tmp, output, cfg.to_dict(), report)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

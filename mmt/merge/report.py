@@ -70,3 +70,75 @@ def plot_stats(stats: dict[str, dict[str, float]], path: Path, report: MergeRepo
     ax.set_xlabel("tensor (checkpoint order)")
     ax.set_title(f"{report.method}: sign disagreement among active task values")
     save_figure(fig, path)
+
+
+REFERENCES = {
+    "linear": "weight averaging (Wortsman et al., 2022, Model soups, arXiv:2203.05482)",
+    "task_arithmetic": "task arithmetic (Ilharco et al., 2023, arXiv:2212.04089)",
+    "ties": "TIES-Merging (Yadav et al., 2023, arXiv:2306.01708)",
+    "dare_linear": "DARE (Yu et al., 2024, arXiv:2311.03099) with task arithmetic",
+    "dare_ties": "DARE (Yu et al., 2024, arXiv:2311.03099) with TIES sign election",
+    "breadcrumbs": "Model Breadcrumbs (Davari & Belilovsky, 2023, arXiv:2312.06795)",
+    "breadcrumbs_ties": "Model Breadcrumbs (Davari & Belilovsky, 2023, arXiv:2312.06795) with TIES sign election",
+    "della": "DELLA-Merging (Deep et al., 2024, arXiv:2406.11617)",
+    "della_linear": "DELLA-Merging's MagPrune (Deep et al., 2024, arXiv:2406.11617) with task arithmetic",
+    "slerp": "spherical linear interpolation (Shoemake, 1985)",
+    "model_stock": "Model Stock (Jang et al., 2024, arXiv:2403.19522)",
+}
+# The settings each method reads, for the card.
+_USES = {"ties": ("density", "lam", "sign", "tie_break"), "dare_ties": ("density", "lam", "sign", "seed"),
+         "dare_linear": ("density", "lam", "seed"), "task_arithmetic": ("lam",), "linear": (),
+         "breadcrumbs": ("density", "gamma", "lam", "tie_break"),
+         "breadcrumbs_ties": ("density", "gamma", "lam", "sign", "tie_break"),
+         "della": ("density", "epsilon", "lam", "sign", "seed"), "della_linear": ("density", "epsilon", "lam", "seed"),
+         "slerp": ("t",), "model_stock": ("filter_wise",)}
+
+
+def _fmt(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def model_card(cfg: Any, report: MergeReport, config_yaml: str) -> str:
+    """A Hugging Face style README.md for a merge output: base model, method and settings, inputs, result."""
+    import yaml
+
+    specs = cfg.models or cfg.adapters
+    front = {"base_model": cfg.base_model or specs[0].path, "library_name": "peft" if cfg.adapters else "transformers",
+             "tags": ["mmt", "merge", cfg.method]}
+    what = "LoRA adapters" if cfg.adapters else "checkpoints"
+    base = f" of `{cfg.base_model}`" if cfg.base_model else ""
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {Path(cfg.output).name}", "",
+             f"Merged from {len(specs)} {what}{base} with `mmt merge`, method `{cfg.method}`: "
+             f"{REFERENCES.get(cfg.method, cfg.method)}.", "", "## Inputs", "",
+             "| model | weight | density |", "|---|---|---|"]
+    for s in specs:
+        density = cfg.density if s.density is None else s.density
+        lines.append(f"| `{s.path}` | {_fmt(s.weight)} | {_fmt(density)} |")
+    lines += ["", "## Method and settings", ""]
+    for key in _USES.get(cfg.method, ()):
+        lines.append(f"- {key}: {_fmt(getattr(cfg, key))}")
+    if cfg.adapters:
+        lines.append(f"- LoRA merge: {cfg.lora_mode}" + (f", rank {cfg.rank}" if cfg.rank else ""))
+    same = "that of the inputs"
+    lines += [f"- compute dtype: {cfg.dtype or same}; output dtype: {cfg.out_dtype or cfg.dtype or same}",
+              f"- conventions: {cfg.semantics}" + (" (weights, normalisation and rescaling as mergekit)"
+                                                    if cfg.semantics == "mergekit" else ""),
+              f"- tokenizer: from `{cfg.tokenizer_source or cfg.base_model or specs[0].path}`"
+              + (", chat template replaced" if cfg.chat_template else "")]
+    lines += ["", "## Result", "", report.summary(), "", "## Configuration", "",
+              "Saved next to this card as `merge_config.yaml`; `mmt merge merge_config.yaml` repeats the merge.", "",
+              "```yaml", config_yaml.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def write_card_and_config(out: Path, cfg: Any, report: MergeReport) -> None:
+    """``merge_config.yaml`` (the resolved config, loadable by ``mmt merge``) and the ``README.md`` model card."""
+    import yaml
+
+    data = cfg.to_dict()
+    data["overwrite"] = False
+    data.pop("adapters" if cfg.models else "models")
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    (out / "merge_config.yaml").write_text(text, encoding="utf-8")
+    (out / "README.md").write_text(model_card(cfg, report, text), encoding="utf-8")

@@ -12,9 +12,9 @@ from mmt.errors import MergeError
 
 from .io import FLOAT_DTYPES, Checkpoint, StreamingWriter, TensorPlan, atomic_output
 from .lora import merge_lora_adapters
-from .methods import merge_tensor, sign_conflict
-from .plan import MergeConfig, parse_size, plan_tensors, tensor_seed
-from .report import MergeReport, peak_rss_mb, plot_stats, write_report_and_commit
+from .methods import merge_one, sign_conflict
+from .plan import NAMED_DTYPES, MergeConfig, layer_count, parse_size, plan_tensors, tensor_seed, tensor_settings
+from .report import MergeReport, peak_rss_mb, plot_stats, write_card_and_config, write_report_and_commit
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
@@ -29,11 +29,14 @@ def merge_checkpoints(cfg: MergeConfig, progress: bool = True) -> MergeReport:
     base = Checkpoint(cfg.base_model) if cfg.base_model else None
     ref = base or models[0]
     plan = plan_tensors(cfg, models, base)
+    num_layers = layer_count(ref.path, ref.names())
+    settings = {name: tensor_settings(cfg, name, num_layers) for name, _, _ in plan}  # every bad value, up front
+    tokenizer_dir = _tokenizer_source(cfg, ref.path)
+    template = _chat_template(cfg)
     output = Path(cfg.output)
     tmp = atomic_output(output, cfg.overwrite)
     report = MergeReport(output=str(output), method=cfg.method, num_models=len(models))
-    weights = [s.weight for s in cfg.models]
-    dens = cfg.densities(cfg.models)
+    compute = NAMED_DTYPES[cfg.dtype] if cfg.dtype else None
     device = torch.device(cfg.device)
     backend = None if cfg.backend == "auto" else cfg.backend
     try:
@@ -50,11 +53,10 @@ def merge_checkpoints(cfg: MergeConfig, progress: bool = True) -> MergeReport:
                 writer.write(name, xs[0] if b is None else b)
                 report.tensors_copied += 1
                 continue
-            work = dtype if dtype in FLOAT_DTYPES else torch.float32
+            work = compute or xs[0].dtype
             xs = [x.to(device=device, dtype=work) for x in xs]
             b = b.to(device=device, dtype=work) if b is not None else None
-            merged = merge_tensor(xs, b, method=cfg.method, weights=weights, densities=dens, lam=cfg.lam,
-                                  seed=tensor_seed(cfg.seed, name), sign=cfg.sign, backend=backend)
+            merged = merge_one(cfg, name, xs, b, settings[name], tensor_seed(cfg.seed, name), backend)
             if cfg.stats and b is not None:
                 report.stats[name] = sign_conflict([x - b for x in xs])
             writer.write(name, merged.to(dtype))
@@ -64,21 +66,65 @@ def merge_checkpoints(cfg: MergeConfig, progress: bool = True) -> MergeReport:
         writer.close()
         report.bytes_written = writer.total_bytes
         write_model_config(ref.path, tmp, plan)
-        if cfg.copy_tokenizer:
+        if tokenizer_dir is not None:
             for f in TOKENIZER_FILES:
-                if (ref.path / f).exists():
-                    shutil.copy2(ref.path / f, tmp / f)
+                if (tokenizer_dir / f).exists():
+                    shutil.copy2(tokenizer_dir / f, tmp / f)
+        if template is not None:
+            _write_chat_template(tmp, template)
         report.seconds = time.time() - t0
         report.peak_rss_mb = peak_rss_mb()
         if cfg.stats and report.stats:
             (tmp / "merge_stats.json").write_text(json.dumps(report.stats, indent=1))
             if cfg.plot:
                 plot_stats(report.stats, tmp / "merge_conflicts.png", report)
+        write_card_and_config(tmp, cfg, report)
         write_report_and_commit(tmp, output, cfg.to_dict(), report)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def _tokenizer_source(cfg: MergeConfig, ref: Path) -> Path | None:
+    """Where the output's tokenizer comes from: ``tokenizer_source`` (base or a path), else the reference model."""
+    if not cfg.copy_tokenizer:
+        return None
+    src = cfg.tokenizer_source
+    if src is None:
+        return ref
+    if src == "base":
+        if not cfg.base_model:
+            raise MergeError("tokenizer_source: base, but the config has no base_model")
+        src = cfg.base_model
+    path = Path(src)
+    if not any((path / f).exists() for f in TOKENIZER_FILES[:5]):
+        raise MergeError(f"tokenizer_source {src} has no tokenizer files ({', '.join(TOKENIZER_FILES[:5])})")
+    return path
+
+
+def _chat_template(cfg: MergeConfig) -> str | None:
+    """``chat_template``: a Jinja template, or a file holding one."""
+    value = cfg.chat_template
+    if value is None:
+        return None
+    if "{%" in value or "{{" in value:
+        return value
+    path = Path(value)
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    raise MergeError(f"chat_template {value!r} is neither a Jinja template nor a file holding one "
+                     "(named templates such as chatml are not built in)")
+
+
+def _write_chat_template(out: Path, template: str) -> None:
+    """The template as ``chat_template.jinja``; a copy in tokenizer_config.json would compete with it, so it goes."""
+    (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+    conf = out / "tokenizer_config.json"
+    if conf.exists():
+        data = json.loads(conf.read_text(encoding="utf-8"))
+        if data.pop("chat_template", None) is not None:
+            conf.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def write_model_config(src: Path, dst: Path, plan: list[TensorPlan]) -> None:
