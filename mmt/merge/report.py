@@ -139,6 +139,8 @@ def write_card_and_config(out: Path, cfg: Any, report: MergeReport) -> None:
     data = cfg.to_dict()
     data["overwrite"] = False
     data.pop("adapters" if cfg.models else "models")
+    key = "models" if cfg.models else "adapters"
+    data[key] = [{k: v for k, v in spec.items() if v is not None} for spec in data[key]]
     text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     (out / "merge_config.yaml").write_text(text, encoding="utf-8")
     (out / "README.md").write_text(model_card(cfg, report, text), encoding="utf-8")
