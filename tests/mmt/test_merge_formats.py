@@ -166,6 +166,8 @@ def test_mergekit_config_read_as_it_is(ckpts, tmp_path, capsys):
     s = tensor_settings(cfg, "model.layers.0.mlp.gate_proj.weight", 3)
     assert s.densities == [0.3, 0.5]
     assert json.loads((tmp_path / "mk" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    (reloaded,) = _reload_in_fresh_process([tmp_path / "mk"], tmp_path)
+    assert all(torch.equal(reloaded[k].to(v.dtype), v) for k, v in got.items())
     # slices taking every layer are the same merge
     sl = {"slices": [{"sources": [{"model": str(ckpts[m]), "layer_range": [0, 3]} for m in ("base", "ft0", "ft1")]}],
           "models": None}
