@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import torch
 
-from mmt.config import parse_value
+from mmt.config import check_keys, parse_value
 from mmt.errors import MergeError, MmtError
 
 from .io import FLOAT_DTYPES, Checkpoint, TensorPlan
@@ -36,15 +36,6 @@ METHODS = KERNEL_METHODS + ("breadcrumbs", "breadcrumbs_ties", "della", "della_l
 CONSENSUS_METHODS = ("ties", "dare_ties", "breadcrumbs_ties", "della")
 SETTINGS = ("weight", "density", "lam", "epsilon", "gamma", "t")  # numeric, per tensor (filters, gradients)
 MODEL_SETTINGS = ("weight", "density", "epsilon", "gamma")  # may also be set per model
-
-
-# TEMPORARY shim: mmt.config.check_keys(cls_or_names, values, where) replaces this once it exists.
-def check_keys(cls_or_names, values: dict[str, Any], where: str) -> None:
-    known = set(cls_or_names.__dataclass_fields__) if hasattr(cls_or_names, "__dataclass_fields__") \
-        else set(cls_or_names)
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise MergeError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
 
 
 def _check_setting(value: Any, where: str) -> None:

@@ -20,7 +20,7 @@ from mmt.merge.plan import tensor_settings
 try:
     from mmt.testing import tiny_model
 except ImportError:
-    from mmt.models import tiny_model
+    from mmt.testing import tiny_model
 
 ARCH = dict(vocab=384, hidden=32, layers=3, intermediate=64)
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"

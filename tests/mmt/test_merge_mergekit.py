@@ -17,7 +17,7 @@ from mmt import merge as mm
 try:
     from mmt.testing import tiny_model
 except ImportError:
-    from mmt.models import tiny_model
+    from mmt.testing import tiny_model
 
 
 def _mergekit_env() -> dict[str, str] | None:
