@@ -133,7 +133,8 @@ def test_groups_and_stratified_average(runs):
     assert res["groups"]["xx->en"]["directions"] == ["de-en", "fr-en"]
     assert "unseen xx->en" not in res["groups"]  # same directions as "unseen": not repeated
     # a one-direction group is exactly that direction's test
-    one, direct = res["groups"]["unseen"]["systems"]["better"]["bleu"], res["directions"]["fr-en"]["systems"]["better"]["bleu"]
+    one = res["groups"]["unseen"]["systems"]["better"]["bleu"]
+    direct = res["directions"]["fr-en"]["systems"]["better"]["bleu"]
     for k in ("score", "mean", "ci", "delta", "p_bs", "p_ar"):
         assert one[k] == pytest.approx(direct[k], abs=1e-9), k
     # the average is the mean of the direction scores; a clearly better system is significant there
