@@ -374,8 +374,10 @@ def default_groups(directions: list[str], seen: set[str] | None) -> dict[str, li
     def pick(pred):
         return [d for d in directions if pred(d)]
 
-    xx_en = lambda d: d.endswith("-en") and not d.startswith("en-")
-    en_xx = lambda d: d.startswith("en-") and not d.endswith("-en")
+    def xx_en(d):
+        return d.endswith("-en") and not d.startswith("en-")
+    def en_xx(d):
+        return d.startswith("en-") and not d.endswith("-en")
     cand = {"all": directions}
     if seen is not None:
         cand |= {"seen": pick(lambda d: d in seen), "unseen": pick(lambda d: d not in seen)}
