@@ -572,6 +572,7 @@ class Runner:
         dev_file = run_dir / "dev_scores.json"
         dev = json.loads(dev_file.read_text(encoding="utf-8")) if dev_file.is_file() else {}
         dev_cfg = _dev_eval_cfg(cfg, sel)
+        t_select = time.time()
         if len(ckpts) > 1 or sel.every:
             for ck in ckpts:
                 if ck.name in dev:
@@ -589,7 +590,9 @@ class Runner:
             best = ckpts[-1]
         load_checkpoint_weights(model, best)
         state = json.loads((best / "trainer_state.json").read_text())
+        t_test = time.time()
         rep = _evaluate(model, tok, cfg, cfg.eval, label=label)
+        test_seconds = time.time() - t_test
         self.calls["evaluate"] += 1
         path = _write_test_report(rep, self.test_dir, label, cfg, {
             "trained_directions": _trained_directions(cfg), "checkpoint": str(best), "checkpoint_step": state["step"],
@@ -597,7 +600,8 @@ class Runner:
         del model
         gc.collect()
         return {"result": str(path), "trained_steps": result.steps, "tokens": result.tokens,
-                "train_seconds": result.seconds, "best_checkpoint": best.name, "best_step": state["step"],
+                "train_seconds": result.seconds, "select_seconds": t_test - t_select, "test_seconds": test_seconds,
+                "best_checkpoint": best.name, "best_step": state["step"],
                 "tokens_at_best": state.get("tokens_seen"), "dev": dev, "averages": rep.averages()}
 
     def _run_directional(self, cfg: Any, label: str) -> dict[str, Any]:
@@ -624,8 +628,11 @@ class Runner:
 
         self.out.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        for i, spec in enumerate(self.exp.runs):  # resolve every config first: a typo fails before hours of training
-            self.run_config(i, spec)
+        from mmt.data import resolve_data_dir
+
+        for i, spec in enumerate(self.exp.runs):  # check every config first: a typo fails before hours of training
+            cfg, _ = self.run_config(i, spec)
+            resolve_data_dir(cfg.data.data_dir)
         baseline_labels = self.baselines()
         runs = [self.run(i, spec) for i, spec in enumerate(self.exp.runs)]
         labels = baseline_labels + [r["label"] for r in runs]
