@@ -256,3 +256,25 @@ def test_cli_exit_code_2_without_traceback(runs, tmp_path):
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 2, proc.stderr
     assert "no such result file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_reads_demo_and_train_eval_layouts(tmp_path):
+    """mmt demo's folder (before/after/fewshot + demo_results.json) and mmt train --eval's (config.yaml, eval/)."""
+    folder = _write_flores(tmp_path)
+    refs = {d: _read_refs(folder, d) for d in ("de-en", "fr-en")}
+    demo = tmp_path / "demo"
+    for k, label in enumerate(("before", "after", "fewshot")):
+        _write_result(demo, label, folder, {d: _noisy(r, 0.3, seed=k) for d, r in refs.items()})
+    (demo / "demo_results.json").write_text(json.dumps({"config": {"data": {"train": [
+        {"kind": "tatoeba", "directions": ["de-en", "en-de"]}]}, "method": {"name": "mfti"}}}))
+    systems = C.load_systems([str(demo)])
+    assert sorted(s.label for s in systems) == ["after", "before", "fewshot"]
+    assert all(s.trained_directions == ["de-en", "en-de"] for s in systems)
+    run = tmp_path / "run"
+    _write_result(run / "eval", "mfti", folder, {d: _noisy(r, 0.1, seed=9) for d, r in refs.items()})
+    (run / "config.yaml").write_text("data:\n  train:\n    - {kind: parallel, directions: [fr-en]}\n")
+    systems = C.load_systems([str(demo / "before.json"), str(run)])
+    assert [s.label for s in systems] == ["before", "mfti"] and systems[1].trained_directions == ["fr-en"]
+    res = C.compare(systems, samples=50, ar_trials=50, log=None)
+    assert res["seen_directions"] == ["de-en", "en-de", "fr-en"] and any("different directions" in n
+                                                                          for n in res["notes"])
