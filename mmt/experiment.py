@@ -573,7 +573,7 @@ class Runner:
         dev = json.loads(dev_file.read_text(encoding="utf-8")) if dev_file.is_file() else {}
         dev_cfg = _dev_eval_cfg(cfg, sel)
         t_select = time.time()
-        if len(ckpts) > 1 or sel.every:
+        if len(ckpts) > 1:
             for ck in ckpts:
                 if ck.name in dev:
                     continue
@@ -630,9 +630,14 @@ class Runner:
         t0 = time.time()
         from mmt.data import resolve_data_dir
 
+        templates = set()
         for i, spec in enumerate(self.exp.runs):  # check every config first: a typo fails before hours of training
             cfg, _ = self.run_config(i, spec)
             resolve_data_dir(cfg.data.data_dir)
+            templates.add(cfg.eval.template or cfg.data.template)
+        if len(templates) > 1:
+            self.log(f"[experiment] warning: the runs use different prompt templates {sorted(templates)}; the "
+                     "baselines use the first run's")
         baseline_labels = self.baselines()
         runs = [self.run(i, spec) for i, spec in enumerate(self.exp.runs)]
         labels = baseline_labels + [r["label"] for r in runs]
