@@ -370,7 +370,8 @@ def _fnum(x: Any) -> float | None:
 
 
 def default_groups(directions: list[str], seen: set[str] | None) -> dict[str, list[str]]:
-    """Direction groups to average over; a group equal to an earlier one is left out."""
+    """Direction groups to average over; a group equal to an earlier one, or a crossing (seen xx->en ...) of a
+    single direction, is left out."""
     def pick(pred):
         return [d for d in directions if pred(d)]
 
@@ -390,6 +391,8 @@ def default_groups(directions: list[str], seen: set[str] | None) -> dict[str, li
     out: dict[str, list[str]] = {}
     for name in GROUP_ORDER:
         dirs = cand.get(name) or []
+        if " " in name and len(dirs) < 2:  # a crossing of one direction is that direction's own table
+            continue
         if dirs and all(dirs != v for v in out.values()):
             out[name] = dirs
     return out
