@@ -488,35 +488,58 @@ class Runner:
     # ---- baselines
 
     def baselines(self) -> list[str]:
+        """Score the untuned model k-shot on the test side; zero-shot also on dev (step 0 of every dev curve;
+        k-shot is not scored on dev because its examples are drawn from the dev set)."""
         if not self.exp.baselines:
             return []
         spec = self.exp.runs[0]
         cfg, _ = self.run_config(0, spec)
+        sel = self.exp.selection
+        dev_key = _config_hash({"dev": [sel.dev_set, sel.first_line, sel.max_sentences, sel.directions]}, {})
         todo = []
         for label, shots in self.exp.baselines:
             h = _config_hash({"model": cfg.to_dict()["model"], "eval": cfg.to_dict()["eval"],
                               "template": cfg.data.template}, {"shots": shots})
-            marker = self.out / "baselines" / label / "done.json"
-            if _read_marker(marker, h, f"baseline {label}") is None:
-                todo.append((label, shots, h, marker))
+            path = self.out / "baselines" / label / "done.json"
+            marker = _read_marker(path, h, f"baseline {label}")
+            need_dev = shots == 0 and (marker is None or (marker.get("dev") or {}).get("key") != dev_key)
+            if marker is None or need_dev:
+                todo.append((label, shots, h, path, marker, need_dev))
             else:
                 self.log(f"[experiment] baseline {label}: done earlier, skipped")
         if todo:
             from mmt.models import load_model
 
             model, tok = load_model(cfg.model)
-            for label, shots, h, marker in todo:
-                t0 = time.time()
-                rep = _evaluate(model, tok, cfg, cfg.eval, label=label, shots=shots)
-                self.calls["evaluate"] += 1
-                path = _write_test_report(rep, self.test_dir, label, cfg, {"trained_directions": [], "shots": shots,
-                                                                            "system": "baseline"})
-                _atomic_json(marker, {"label": label, "shots": shots, "config_hash": h, "result": str(path),
-                                      "seconds": time.time() - t0, "averages": rep.averages()})
-                self.log(f"[experiment] baseline {label}: {rep.averages().get('all')} ({time.time() - t0:.0f}s)")
+            for label, shots, h, path, marker, need_dev in todo:
+                if marker is None:
+                    t0 = time.time()
+                    rep = _evaluate(model, tok, cfg, cfg.eval, label=label, shots=shots)
+                    self.calls["evaluate"] += 1
+                    res = _write_test_report(rep, self.test_dir, label, cfg, {"trained_directions": [], "shots": shots,
+                                                                               "system": "baseline"})
+                    marker = {"label": label, "shots": shots, "config_hash": h, "result": str(res),
+                              "seconds": time.time() - t0, "averages": rep.averages()}
+                    _atomic_json(path, marker)
+                    self.log(f"[experiment] baseline {label}: {rep.averages().get('all')} ({time.time() - t0:.0f}s)")
+                if need_dev:
+                    t0 = time.time()
+                    rep = _evaluate(model, tok, cfg, _dev_eval_cfg(cfg, sel), label=f"{label}@dev", shots=0)
+                    self.calls["evaluate"] += 1
+                    marker["dev"] = {"key": dev_key, "bleu": _mean_metric(rep, "bleu"),
+                                     "chrf": _mean_metric(rep, "chrf"), "seconds": time.time() - t0}
+                    _atomic_json(path, marker)
             del model
             gc.collect()
         return [label for label, _ in self.exp.baselines]
+
+    def baseline_markers(self) -> list[dict[str, Any]]:
+        out = []
+        for label, _ in self.exp.baselines:
+            p = self.out / "baselines" / label / "done.json"
+            if p.is_file():
+                out.append(json.loads(p.read_text(encoding="utf-8")))
+        return out
 
     # ---- training runs
 
@@ -647,16 +670,19 @@ class Runner:
                                 samples=int(cmp.get("bootstrap", 1000)), ar_trials=int(cmp.get("ar_trials", 10000)),
                                 seed=int(cmp.get("seed", 12345)), comet_model=cmp.get("comet_model"), log=self.log)
         summary = {"name": self.exp.name, "experiment": str(self.exp.source), "budget": self.exp.budget.__dict__,
-                   "selection": self.exp.selection.__dict__, "runs": runs, "baselines": baseline_labels,
+                   "selection": self.exp.selection.__dict__, "runs": runs, "baselines": self.baseline_markers(),
                    "compare": str(self.out / "compare" / "compare.md"), "seconds_this_call": time.time() - t0}
         _atomic_json(self.out / "experiment.json", summary)
-        md = budget_markdown(summary)
-        (self.out / "experiment.md").write_text(md + "\n\n" + (self.out / "compare" / "compare.md").read_text(),
-                                               encoding="utf-8")
+        md = budget_markdown(summary, result)
+        md += "\n\n" + (self.out / "compare" / "compare.md").read_text(encoding="utf-8")
+        tmp = self.out / ".experiment.md.tmp"
+        tmp.write_text(md, encoding="utf-8")
+        os.replace(tmp, self.out / "experiment.md")
         return {"summary": summary, "compare": result}
 
 
-def budget_markdown(summary: dict[str, Any]) -> str:
+def budget_markdown(summary: dict[str, Any], compare: dict[str, Any] | None = None) -> str:
+    """Budget per run, the dev curves (with zero-shot as step 0) and each run's test result against the baseline."""
     rows = [f"# Experiment {summary['name']}", "",
             "| run | method | optimizer steps x batch | tokens | best checkpoint (dev) | extra stages | seconds |",
             "|---|---|---:|---:|---|---|---:|"]
@@ -666,6 +692,32 @@ def budget_markdown(summary: dict[str, Any]) -> str:
         rows.append(f"| {r['label']} | {r['method']} | {b['optimizer_steps']} x {b['batch_size']}"
                     + (f" ({b['units']} units)" if b["units"] > 1 else "")
                     + f" | {r.get('tokens') or '-'} | {r.get('best_checkpoint')} | {pre} | {r['seconds']:.0f} |")
+    for bl in summary["baselines"]:
+        rows.append(f"| {bl['label']} | {bl['shots']}-shot prompting | 0 | 0 | - | - | {bl.get('seconds', 0):.0f} |")
+    metric = summary["selection"]["metric"]
+    name = {"chrf": "chrF++", "bleu": "BLEU"}[metric]
+    curves = {r["label"]: sorted(r["dev"].values(), key=lambda v: v["step"]) for r in summary["runs"] if r.get("dev")}
+    zero = next((bl["dev"][metric] for bl in summary["baselines"] if bl.get("dev")), None)
+    if curves:
+        steps = sorted({v["step"] for c in curves.values() for v in c})
+        rows += ["", f"Dev {name} (mean over the dev directions) per optimizer step"
+                 + (" (step 0: the untuned model, zero-shot)" if zero is not None else "") + ":", "",
+                 "| run | " + " | ".join(str(s) for s in ([0] if zero is not None else []) + steps) + " |",
+                 "|---|" + "---:|" * (len(steps) + (zero is not None))]
+        for label, c in curves.items():
+            by = {v["step"]: v[metric] for v in c}
+            cells = ([f"{zero:.1f}"] if zero is not None else []) + [f"{by[s]:.1f}" if s in by else "-" for s in steps]
+            rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    if compare is not None:
+        base, g = compare["baseline"], compare["groups"]["all"]["systems"]
+        rows += ["", f"Test, average over all directions, against {base} (paired bootstrap, 95% intervals):", ""]
+        for label, r in g.items():
+            if label == base:
+                continue
+            x = r["chrf"]
+            lo, hi = x["delta_ci"]
+            verdict = ("better" if lo > 0 else "worse" if hi < 0 else "not distinguishable") + f" (p = {x['p_bs']:.3f})"
+            rows.append(f"- {label}: chrF++ {x['delta']:+.1f} [{lo:+.1f}, {hi:+.1f}], {verdict}")
     return "\n".join(rows)
 
 

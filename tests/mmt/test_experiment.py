@@ -117,7 +117,10 @@ def test_experiment_resumes_without_redoing_finished_runs(setup, monkeypatch):
     assert [s["label"] for s in cmp["systems"]] == ["zero-shot", "1-shot", "full", "lora"]
     assert cmp["seen_directions"] == ["de-en", "en-de"] and cmp["groups"]["unseen"]["directions"] == ["fr-en"]
     assert (out / "compare" / "compare.md").is_file() and (out / "compare" / "compare_deltas.png").is_file()
-    assert "| full | mfti | 4 x 4 |" in (out / "experiment.md").read_text()
+    md = (out / "experiment.md").read_text()
+    assert "| full | mfti | 4 x 4 |" in md and "| run | 0 | 2 | 4 |" in md and "- lora: chrF++" in md
+    zero = json.loads((out / "baselines" / "zero-shot" / "done.json").read_text())["dev"]["chrf"]
+    assert f"| full | {zero:.1f} | " in md  # step 0 of the dev curve: the untuned model on the same dev lines
 
     # a third call redoes nothing
     runner = X.Runner(X.load_experiment(exp_file))
