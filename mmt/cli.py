@@ -30,6 +30,12 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "demo": ("mmt.demo", "add_args", "run_demo", "CPU demo: score Gemma 3 270M, fine-tune with mFTI, score again"),
     "detect": ("mmt.methods.landermt", "add_detect_args", "run_detect", "LANDeRMT: detect language-aware neurons"),
     "merge": ("mmt.merge", "add_args", "run", "merge fine-tuned checkpoints (linear, TIES, DARE), streaming"),
+    "analyze": ("mmt.analyze", "add_args", "run_analyze",
+                "measure conflict and synergy between directions; suggest direction-aware groups"),
+    "compare": ("mmt.compare", "add_compare_args", "run_compare",
+                "compare evaluated systems: paired bootstrap and approximate randomisation"),
+    "experiment": ("mmt.experiment", "add_experiment_args", "run_experiment",
+                   "run method configs at a matched budget, pick best dev checkpoints, compare"),
 }
 
 EPILOG = """\
