@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from mmt import __version__
 from mmt.errors import MmtError
 
@@ -137,7 +139,6 @@ A killed run resumes from its last checkpoint in train.output_dir (train.resume=
 
 def run_train(args: argparse.Namespace) -> int:
     # the pipeline imports torch: deliberately here, not at the top, so that `mmt --help` stays fast
-    import yaml
     from accelerate import PartialState
 
     from mmt import train

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mmt import languages as L
-from mmt.errors import DataError, require
+from mmt.errors import CheckpointError, ConfigError, DataError, MethodError, require
 
 IGNORE_INDEX = -100
 
@@ -363,7 +363,7 @@ def _stable_hash(text: str) -> int:
 # templates
 
 TEMPLATES: dict[str, str] = {
-    # mFTI (METHODS.md 1(b)); brackets are literal
+    # mFTI (docs/methods.md, "mFTI"); brackets are literal
     "T1": "Translation: [<srclang>]: <input> [<tgtlang>]:",
     "T2": "Translation: <input> [<tgtlang>]:",
     "T3": "<input> Translate from [<srclang>] to [<tgtlang>]:",
@@ -381,7 +381,7 @@ def template_text(template: str) -> str:
         return TEMPLATES[template]
     if "<input>" in template:  # a custom template string
         return template
-    raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)} "
+    raise ConfigError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)} "
                      "(or a custom string containing <input>, <srclang>, <tgtlang>)")
 
 
@@ -417,7 +417,7 @@ def encode_pair(tokenizer, prompt: str, target: str, *, max_length: int, loss_on
     the right (the EOS is lost then, as in the mFTI code).
     """
     if loss_on not in ("target", "full"):
-        raise ValueError(f"loss_on must be 'target' or 'full', got {loss_on!r}")
+        raise ConfigError(f"loss_on must be 'target' or 'full', got {loss_on!r}")
     p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     t_ids = tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
     if add_eos and tokenizer.eos_token_id is not None:
@@ -446,8 +446,7 @@ def encode_mono(tokenizer, text: str, *, max_length: int) -> tuple[list[int], li
 def collate(features: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
             padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad (ids, labels) pairs into input_ids / attention_mask / labels (labels padded with -100)."""
-    if not features:
-        raise ValueError("collate: empty batch")
+    assert features, "collate: empty batch"
     width = max(len(ids) for ids, _ in features)
     n = len(features)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -593,7 +592,7 @@ class StepSampler:
     def __init__(self, train_set: TrainSet, batch_size: int, *, mode: str = "mixed", seed: int = 0,
                  temperature: float = 1.0, pair_order: str = "round_robin"):
         if mode not in ("mixed", "pair", "mono"):
-            raise ValueError(f"sampler mode must be mixed, pair or mono, got {mode!r}")
+            raise MethodError(f"sampler mode must be mixed, pair or mono, got {mode!r}")
         self.ts, self.batch_size, self.mode, self.seed = train_set, batch_size, mode, seed
         self.temperature, self.pair_order = float(temperature), pair_order
         self.keys = sorted(train_set.streams, key=lambda k: str(k))
@@ -640,7 +639,7 @@ class StepSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("n") != len(self.ts) or state.get("mode") != self.mode:
-            raise ValueError(f"sampler state does not match the data (checkpoint: {state.get('n')} examples, "
+            raise CheckpointError(f"sampler state does not match the data (checkpoint: {state.get('n')} examples, "
                              f"mode {state.get('mode')!r}; now: {len(self.ts)} examples, mode {self.mode!r}); "
                              "resume with the same data config")
         self.step = int(state["step"])
@@ -650,11 +649,11 @@ class StepSampler:
 def shard_micro_batches(batch: Sequence[int], rank: int, world: int, micro_batch_size: int) -> list[list[int]]:
     """This process's contiguous share of the global batch, cut into micro-batches."""
     if len(batch) % world:
-        raise ValueError(f"global batch {len(batch)} is not divisible by {world} processes")
+        raise ConfigError(f"global batch {len(batch)} is not divisible by {world} processes")
     per = len(batch) // world
     mine = list(batch[rank * per:(rank + 1) * per])
     if per % micro_batch_size:
-        raise ValueError(f"per-process batch {per} is not a multiple of micro_batch_size {micro_batch_size}")
+        raise ConfigError(f"per-process batch {per} is not a multiple of micro_batch_size {micro_batch_size}")
     return [mine[i:i + micro_batch_size] for i in range(0, per, micro_batch_size)]
 
 
@@ -662,5 +661,5 @@ def temperature_probs(sizes: Sequence[int], temperature: float) -> list[float]:
     w = [max(s, 0) ** (1.0 / temperature) for s in sizes]
     total = sum(w)
     if total <= 0 or not math.isfinite(total):
-        raise ValueError("temperature_probs: sizes must include a positive value")
+        raise DataError("temperature_probs: sizes must include a positive value")
     return [x / total for x in w]

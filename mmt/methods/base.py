@@ -92,9 +92,9 @@ class TrainingPlan:
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"TrainingPlan.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+            raise MethodError(f"TrainingPlan.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.loss_on not in (None, "target", "full"):
-            raise ValueError(f"TrainingPlan.loss_on must be 'target', 'full' or None, got {self.loss_on!r}")
+            raise MethodError(f"TrainingPlan.loss_on must be 'target', 'full' or None, got {self.loss_on!r}")
         if self.directions is not None:
             self.directions = [tuple(d) for d in self.directions]  # type: ignore[misc]
 

@@ -96,8 +96,7 @@ def prepare(model: nn.Module, config: Config, tokenizer=None, *, data_dir: str |
                                  neuron_dims=dims, strict=config.strict)
 
     def on_step_start(info: StepInfo, model_: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        if info.pair is None:
-            raise RuntimeError("landermt needs language-pair-homogeneous steps (sampler 'pair')")
+        assert info.pair is not None, "landermt plans ask for language-pair-homogeneous steps (sampler 'pair')"
         pair = tuple(info.pair)
         sel, scl = selection_for(pair)
         if isinstance(optimizer, NeuronSparseAdamW):
