@@ -173,7 +173,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 Writes <label>.json, <label>.md and <label>_hyps/<direction>.txt to eval.output_dir."""
     _add_common(p)
-    p.add_argument("--model", help="model to score: directory, hub id, .gguf file or alias (overrides model.name_or_path)")
+    p.add_argument("--model", help="model to score: directory, hub id, .gguf file or alias "
+                                  "(overrides model.name_or_path)")
     p.add_argument("--directions", nargs="+", help="e.g. de-en en-de (overrides eval.directions)")
     p.add_argument("--max-sentences", type=int, help="first N test lines per direction")
     p.add_argument("--shots", type=int, help="k-shot in-context examples drawn from eval.shots_from")

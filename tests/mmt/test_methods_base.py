@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from mmt import methods
 from mmt.methods.base import MethodConfig, StepInfo, TrainingPlan, count_parameters
