@@ -19,7 +19,9 @@ from typing import Callable
 import yaml
 
 from mmt import __version__
+from mmt.config import load_config, overrides_from_args
 from mmt.errors import MmtError
+from mmt.registry import get_method
 
 # Sleeping (not spinning) OpenMP workers: on a 2-core machine shared with other processes, spinning
 # threads made decoding ~10x slower. Must be set before torch is imported.
@@ -142,8 +144,6 @@ def run_train(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from mmt import train
-    from mmt.config import load_config
-    from mmt.registry import get_method
 
     cfg = load_config(args.config, args.overrides, method=args.method)
     if args.print_config:
@@ -184,8 +184,7 @@ Writes <label>.json, <label>.md and <label>_hyps/<direction>.txt to eval.output_
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from mmt.config import load_config, overrides_from_args  # see run_train: kept out of `mmt --help`
-    from mmt.models import load_model
+    from mmt.models import load_model  # see run_train: kept out of `mmt --help`
 
     ov = overrides_from_args(args, {"model": "model.name_or_path", "directions": "eval.directions",
                                     "max_sentences": "eval.max_sentences", "shots": "eval.shots",
