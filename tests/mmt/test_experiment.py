@@ -31,7 +31,7 @@ def _flores(folder: Path, rows) -> None:
 
 @pytest.fixture()
 def setup(tmp_path, tok, jsonl_data):
-    from mmt.models import tiny_model
+    from mmt.testing import tiny_model
 
     model_dir = tmp_path / "tiny"
     tiny_model("llama", vocab=len(tok), seed=0).save_pretrained(model_dir)
@@ -176,7 +176,7 @@ def test_tokens_budget_picks_steps_from_example_length(setup, tok):
 def test_checkpoint_loader_refuses_a_foreign_checkpoint(tmp_path, tok):
     from safetensors.torch import save_file
 
-    from mmt.models import tiny_model
+    from mmt.testing import tiny_model
 
     m = tiny_model("llama", vocab=len(tok), seed=0)
     (tmp_path / "ck").mkdir()
