@@ -257,7 +257,7 @@ def load_hf(name: str, direction: tuple[str, str], split: str = "train", config:
             src_field: str | None = None, tgt_field: str | None = None) -> list[Example]:
     """A Hugging Face dataset. Supports the ALMA/WMT layout (``{"translation": {"de": .., "en": ..}}``,
     config ``"de-en"``) and flat columns named by ``src_field``/``tgt_field``."""
-    load_dataset = require("datasets", purpose=f"loading the hub dataset {name!r}").load_dataset  # optional
+    load_dataset = require("datasets", extra="hf", purpose=f"loading the hub dataset {name!r}").load_dataset  # optional
     s, t = L.normalize(direction[0]), L.normalize(direction[1])
     cfg = config if config is not None else None
     try:
