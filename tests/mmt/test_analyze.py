@@ -12,7 +12,7 @@ import yaml
 
 from mmt import analyze as A
 from mmt.data import build_prompt, collate, encode_pair
-from mmt.models import tiny_model
+from mmt.testing import tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 PAIRS = [

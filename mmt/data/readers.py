@@ -1,0 +1,346 @@
+"""Locating the data folder and reading corpora (FLORES folders, parallel files, JSONL, Hugging Face datasets,
+monolingual text) into :class:`Example` lists, with errors naming the file and the 1-based line."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from mmt import languages as L
+from mmt.errors import DataError, require
+
+# --------------------------------------------------------------------------------------------
+# locating data
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None, required: bool = True) -> Path | None:
+    """The data root: explicit argument, else ``$MMT_DATA_DIR``, else ``../shared/data`` relative to
+    the repository (resolved from the package location), else relative to the working directory."""
+    tried: list[Path] = []
+    if data_dir:
+        p = Path(data_dir).expanduser()
+        if p.is_dir():
+            return p.resolve()
+        tried.append(p)
+    else:
+        env = os.environ.get("MMT_DATA_DIR")
+        candidates = [Path(env).expanduser()] if env else []
+        repo = Path(__file__).resolve().parent.parent
+        candidates += [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data",
+                       Path.cwd() / "shared" / "data", Path.cwd() / "data"]
+        for p in candidates:
+            if p.is_dir():
+                return p.resolve()
+            tried.append(p)
+    if required:
+        raise DataError("data directory not found; set MMT_DATA_DIR or data.data_dir. Tried: "
+                        + ", ".join(str(t) for t in tried))
+    return None
+
+
+def _under(root: Path | None, path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    if p.is_absolute() or root is None:
+        return p
+    return root / p
+
+
+# --------------------------------------------------------------------------------------------
+# reading files
+
+
+def _open_text(path: Path):
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline="\n")
+    return open(path, "rt", encoding="utf-8", newline="\n")
+
+
+def read_lines(path: str | os.PathLike, *, max_chars: int | None = 2000, check_empty: bool = True,
+               on_bad_line: str = "error") -> tuple[list[str], list[int]]:
+    """Read one segment per line (gzip or plain UTF-8); keeps leading/trailing spaces.
+
+    Returns (lines, bad) where ``bad`` lists 0-based indices of empty/over-long lines when
+    ``on_bad_line == "skip"``; with ``"error"`` the first bad line raises :class:`DataError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with _open_text(path) as fh:
+            text = fh.read()
+    except UnicodeDecodeError as exc:
+        line = text_line_of_byte(path, exc.start)
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+    bad: list[int] = []
+    for i, ln in enumerate(lines):
+        problem = None
+        if check_empty and not ln.strip():
+            problem = "empty line"
+        elif max_chars is not None and len(ln) > max_chars:
+            problem = f"over-long line ({len(ln)} characters > max_chars={max_chars})"
+        if problem:
+            if on_bad_line == "error":
+                raise DataError(f"{path}:{i + 1}: {problem} (set data.on_bad_line=skip to drop such lines)")
+            bad.append(i)
+    return lines, bad
+
+
+def text_line_of_byte(path: Path, offset: int) -> int:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        return fh.read()[:offset].count(b"\n") + 1
+
+
+def _find_lang_file(folder: Path, lang: str, stem_prefix: str = "") -> Path:
+    """``<folder>/<prefix><code>[.txt][.gz]`` for the FLORES-200 or ISO code of ``lang``."""
+    names = [L.to_flores(lang), L.normalize(lang)]
+    for code in names:
+        for suffix in (".txt.gz", ".txt", ".gz", ""):
+            p = folder / f"{stem_prefix}{code}{suffix}"
+            if p.is_file():
+                return p
+    raise DataError(f"{folder}: no file for language {lang!r} (looked for {stem_prefix}{names[0]}.txt[.gz] "
+                    f"and {stem_prefix}{names[1]}.txt[.gz])")
+
+
+# --------------------------------------------------------------------------------------------
+# examples and loaders
+
+
+@dataclass
+class Example:
+    """One translation pair; ``where`` is 'file:line' for error messages and debugging."""
+
+    src_lang: str
+    tgt_lang: str
+    src: str
+    tgt: str
+    where: str = ""
+
+    @property
+    def direction(self) -> tuple[str, str]:
+        return (self.src_lang, self.tgt_lang)
+
+
+@dataclass
+class MonoExample:
+    lang: str
+    text: str
+    where: str = ""
+
+
+def load_flores(folder: str | os.PathLike, langs: Iterable[str], *, max_chars: int | None = None) -> dict[str, list[str]]:
+    """Line-aligned FLORES-style folder -> {iso: lines}; all files must have the same line count."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: FLORES folder not found")
+    out: dict[str, list[str]] = {}
+    files: dict[str, Path] = {}
+    for lang in langs:
+        iso = L.normalize(lang)
+        files[iso] = _find_lang_file(folder, iso)
+        out[iso], _ = read_lines(files[iso], max_chars=max_chars, check_empty=True, on_bad_line="error")
+    counts = {iso: len(v) for iso, v in out.items()}
+    if len(set(counts.values())) > 1:
+        detail = ", ".join(f"{files[i].name}: {n}" for i, n in counts.items())
+        raise DataError(f"{folder}: files are not line-aligned ({detail} lines)")
+    return out
+
+
+def flores_examples(folder: str | os.PathLike, directions: Sequence[tuple[str, str]], *,
+                    first: int = 0, count: int | None = None) -> list[Example]:
+    langs = sorted({x for d in directions for x in d})
+    data = load_flores(folder, langs)
+    n = len(next(iter(data.values()))) if data else 0
+    stop = n if count is None else min(n, first + count)
+    out = []
+    for s, t in directions:
+        for i in range(first, stop):
+            out.append(Example(s, t, data[s][i], data[t][i], f"{folder}:{i + 1}"))
+    return out
+
+
+def load_parallel(root: str | os.PathLike, direction: tuple[str, str], split: str = "train", *,
+                  max_chars: int | None = 2000, on_bad_line: str = "error") -> list[Example]:
+    """``<root>/<s>-<t>/<split>.<s>[.gz]`` + ``.<t>`` (or the ``<t>-<s>`` folder), line-aligned."""
+    root = Path(root)
+    s, t = L.normalize(direction[0]), L.normalize(direction[1])
+    folders = [root / f"{s}-{t}", root / f"{t}-{s}"]
+    for folder in folders:
+        fs = _maybe(folder, f"{split}.{s}")
+        ft = _maybe(folder, f"{split}.{t}")
+        if fs and ft:
+            break
+    else:
+        raise DataError(f"no parallel files for {s}-{t} split {split!r}: looked for "
+                        f"{folders[0]}/{split}.{s}[.gz] and .{t}[.gz] (and in {folders[1].name}/)")
+    src, bad_s = read_lines(fs, max_chars=max_chars, on_bad_line=on_bad_line)
+    tgt, bad_t = read_lines(ft, max_chars=max_chars, on_bad_line=on_bad_line)
+    if len(src) != len(tgt):
+        raise DataError(f"misaligned parallel files: {fs} has {len(src)} lines, {ft} has {len(tgt)} lines")
+    bad = set(bad_s) | set(bad_t)
+    return [Example(s, t, a, b, f"{fs}:{i + 1}") for i, (a, b) in enumerate(zip(src, tgt)) if i not in bad]
+
+
+def _maybe(folder: Path, stem: str) -> Path | None:
+    for suffix in (".gz", ""):
+        p = folder / f"{stem}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def load_jsonl(path: str | os.PathLike, *, max_chars: int | None = 2000, on_bad_line: str = "error",
+               src_field: str = "src", tgt_field: str = "tgt") -> list[Example]:
+    """JSON lines with ``src_lang``, ``tgt_lang``, ``src``, ``tgt`` (field names for texts configurable)."""
+    path = Path(path)
+    lines, _ = read_lines(path, max_chars=None, check_empty=False)
+    out = []
+    for i, line in enumerate(lines):
+        where = f"{path}:{i + 1}"
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        missing = [k for k in ("src_lang", "tgt_lang", src_field, tgt_field) if k not in obj]
+        if missing:
+            raise DataError(f"{where}: missing key(s) {missing}")
+        try:
+            s, t = L.normalize(str(obj["src_lang"])), L.normalize(str(obj["tgt_lang"]))
+        except ValueError as exc:
+            raise DataError(f"{where}: {exc}") from None
+        src, tgt = obj[src_field], obj[tgt_field]
+        if not isinstance(src, str) or not isinstance(tgt, str):
+            raise DataError(f"{where}: {src_field!r} and {tgt_field!r} must be strings")
+        problem = None
+        if not src.strip() or not tgt.strip():
+            problem = "empty source or target"
+        elif max_chars is not None and max(len(src), len(tgt)) > max_chars:
+            problem = f"over-long text (> max_chars={max_chars})"
+        if problem:
+            if on_bad_line == "error":
+                raise DataError(f"{where}: {problem}")
+            continue
+        out.append(Example(s, t, src, tgt, where))
+    return out
+
+
+def load_mono(folder: str | os.PathLike, langs: Iterable[str], *, max_chars: int | None = 2000,
+              on_bad_line: str = "error") -> list[MonoExample]:
+    folder = Path(folder)
+    out = []
+    for lang in langs:
+        iso = L.normalize(lang)
+        path = _find_lang_file(folder, iso)
+        lines, bad = read_lines(path, max_chars=max_chars, on_bad_line=on_bad_line)
+        badset = set(bad)
+        out += [MonoExample(iso, ln, f"{path}:{i + 1}") for i, ln in enumerate(lines) if i not in badset]
+    return out
+
+
+def load_hf(name: str, direction: tuple[str, str], split: str = "train", config: str | None = None,
+            src_field: str | None = None, tgt_field: str | None = None) -> list[Example]:
+    """A Hugging Face dataset. Supports the ALMA/WMT layout (``{"translation": {"de": .., "en": ..}}``,
+    config ``"de-en"``) and flat columns named by ``src_field``/``tgt_field``."""
+    load_dataset = require("datasets", extra="hf", purpose=f"loading the hub dataset {name!r}").load_dataset  # optional
+    s, t = L.normalize(direction[0]), L.normalize(direction[1])
+    cfg = config if config is not None else None
+    try:
+        ds = load_dataset(name, cfg, split=split)
+    except Exception as exc:  # offline, missing config, ...: say which dataset and why
+        raise DataError(f"hub dataset {name!r} (config {cfg!r}, split {split!r}) could not be loaded: {exc}") from exc
+    out = []
+    for i, row in enumerate(ds):
+        where = f"{name}[{split}]:{i + 1}"
+        if "translation" in row and isinstance(row["translation"], dict):
+            tr = row["translation"]
+            if s not in tr or t not in tr:
+                raise DataError(f"{where}: 'translation' has keys {sorted(tr)}, need {s!r} and {t!r}")
+            a, b = tr[s], tr[t]
+        else:
+            sf, tf = src_field or "src", tgt_field or "tgt"
+            if sf not in row or tf not in row:
+                raise DataError(f"{where}: columns {sorted(row)} lack {sf!r}/{tf!r}; set src_field/tgt_field")
+            a, b = row[sf], row[tf]
+        if a and b and str(a).strip() and str(b).strip():
+            out.append(Example(s, t, str(a), str(b), where))
+    return out
+
+
+DEFAULT_PATHS = {"parallel": "parallel", "tatoeba": "tatoeba", "flores": "flores200/dev", "mono": "mono"}
+
+
+def load_source(source: Any, data_dir: Path | None, *, max_chars: int | None = 2000,
+                on_bad_line: str = "error", seed: int = 0) -> list[Example] | list[MonoExample]:
+    """Load one :class:`mmt.config.DataSource`; ``max_examples``/``skip`` apply per direction after
+    a seeded shuffle (so a small subset is a random sample, not the first lines of a file)."""
+    kind = source.kind
+    if kind == "mono":
+        folder = _under(data_dir, source.path or DEFAULT_PATHS["mono"])
+        items: list = load_mono(folder, source.directions, max_chars=max_chars, on_bad_line=on_bad_line)
+        groups: dict[Any, list] = {}
+        for ex in items:
+            groups.setdefault(ex.lang, []).append(ex)
+        return [ex for key in sorted(groups) for ex in _subset(groups[key], source, seed, key)]
+    if kind == "jsonl":
+        if not source.path:
+            raise DataError("data source kind 'jsonl' needs 'path'")
+        items = load_jsonl(_under(data_dir, source.path), max_chars=max_chars, on_bad_line=on_bad_line,
+                           src_field=source.src_field, tgt_field=source.tgt_field)
+        wanted = {L.parse_direction(d) for d in source.directions} if source.directions else None
+        items = [ex for ex in items if wanted is None or ex.direction in wanted]
+    else:
+        if not source.directions:
+            raise DataError(f"data source kind {kind!r} needs 'directions', e.g. ['de-en', 'en-de']")
+        dirs = [L.parse_direction(d) for d in source.directions]
+        items = []
+        if kind in ("parallel", "tatoeba"):
+            root = _under(data_dir, source.path or DEFAULT_PATHS[kind])
+            split = "sample" if kind == "tatoeba" and source.split == "train" else source.split
+            for d in dirs:
+                items += load_parallel(root, d, split, max_chars=max_chars, on_bad_line=on_bad_line)
+        elif kind == "flores":
+            items = flores_examples(_under(data_dir, source.path or DEFAULT_PATHS["flores"]), dirs)
+        elif kind == "hf":
+            if not source.path:
+                raise DataError("data source kind 'hf' needs 'path' (the hub dataset name)")
+            for d in dirs:
+                items += load_hf(source.path, d, source.split, source.hf_config or f"{d[0]}-{d[1]}",
+                                 source.src_field if source.src_field != "src" else None,
+                                 source.tgt_field if source.tgt_field != "tgt" else None)
+        else:
+            raise DataError(f"unknown data source kind {kind!r}")
+    groups = {}
+    for ex in items:
+        groups.setdefault(ex.direction, []).append(ex)
+    return [ex for key in sorted(groups) for ex in _subset(groups[key], source, seed, "-".join(key))]
+
+
+def _subset(items: list, source: Any, seed: int, key: Any) -> list:
+    if source.max_examples is None and not source.skip:
+        return items
+    order = np.random.default_rng([seed, stable_hash(str(key))]).permutation(len(items))
+    stop = None if source.max_examples is None else source.skip + source.max_examples
+    return [items[i] for i in order[source.skip:stop]]
+
+
+def stable_hash(text: str) -> int:
+    h = 2166136261
+    for ch in text.encode("utf-8"):
+        h = ((h ^ ch) * 16777619) & 0xFFFFFFFF
+    return h
