@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -393,7 +392,8 @@ def grouping_yaml(groups: dict[str, list[str]], threshold: float) -> str:
     import yaml
 
     head = ("# XX->En grouping suggested by `mmt analyze`: languages in one group transfer positively to each\n"
-            f"# other (both ways, above {threshold:g}). Paste into a direction-aware config (method.name: directional).\n")
+            f"# other (both ways, above {threshold:g}). Paste into a direction-aware config\n"
+            "# (method.name: directional).\n")
     body = {"method": {"name": "directional", "separate_unit": "group", "groups": groups}}
     return head + yaml.safe_dump(body, sort_keys=False, default_flow_style=None)
 
@@ -444,7 +444,8 @@ def load_examples(cfg: Any, options: AnalyzeOptions, batch_size: int) -> dict[st
     short = {k: len(found.get(k, [])) for k in directions if len(found.get(k, [])) < needed}
     if short:
         raise DataError(f"analyze: too few examples in data.train for {short} (need {needed} per direction: "
-                        "heldout_size + rounds x batch_size + warm-up share); add data or lower --rounds/--batch-size/--heldout-size")
+                        "heldout_size + rounds x batch_size + warm-up share); add data or lower "
+                        "--rounds/--batch-size/--heldout-size/--warmup-steps")
     rng = np.random.default_rng(cfg.data.seed)
     return {k: [found[k][i] for i in rng.permutation(len(found[k]))[:needed]] for k in directions}
 
@@ -566,7 +567,8 @@ class Analysis:
                               "of_mean_gradients": arr(self.alignment_mean_grad)},
                 "transfer": {"normalised": arr(self.transfer), "se": arr(self.transfer_se),
                              "loss_drop": arr(self.loss_drop)},
-                "unnormalised_rows": self.unnormalised, "heldout_loss": self.heldout_loss, "grad_norms": arr(self.grad_norms),
+                "unnormalised_rows": self.unnormalised, "heldout_loss": self.heldout_loss,
+                "grad_norms": arr(self.grad_norms),
                 "blocks": self.blocks, "verdict": self.verdict(), "groups": self.groups, "seconds": self.seconds}
 
 
@@ -797,31 +799,17 @@ for direction-aware training) to --output-dir (default <train.output_dir>/analyz
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _user_errors() -> tuple[type, ...]:
-    # the config, data and model modules raise their own error classes until they derive from MmtError
-    from mmt.config import ConfigError as ConfigFileError
-    from mmt.data import DataError as DataFileError
-    from mmt.models import ModelLoadError
-
-    return (MmtError, ConfigFileError, DataFileError, ModelLoadError)
-
-
 def run_analyze(args: argparse.Namespace) -> int:
     from mmt.config import load_config
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        options = AnalyzeOptions(directions=args.directions, rounds=args.rounds, batch_size=args.batch_size,
-                                 heldout_size=args.heldout_size, space=args.space, layers=args.layers,
-                                 optimizer=args.optimizer, threshold=args.threshold, warmup_steps=args.warmup_steps,
-                                 output_dir=args.output_dir,
-                                 progress=not args.no_progress)
-        result = analyze(cfg, options)
-        out = Path(options.output_dir or Path(cfg.train.output_dir) / "analyze")
-        files = write_outputs(result, out)
-    except _user_errors() as exc:
-        print(f"mmt analyze: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    options = AnalyzeOptions(directions=args.directions, rounds=args.rounds, batch_size=args.batch_size,
+                             heldout_size=args.heldout_size, space=args.space, layers=args.layers,
+                             optimizer=args.optimizer, threshold=args.threshold, warmup_steps=args.warmup_steps,
+                             output_dir=args.output_dir, progress=not args.no_progress)
+    result = analyze(cfg, options)
+    out = Path(options.output_dir or Path(cfg.train.output_dir) / "analyze")
+    files = write_outputs(result, out)
     print(result.verdict()["text"])
     print("suggested XX->En groups: " + "; ".join(f"{k}: {v}" for k, v in result.groups.items()))
     print(f"written to {out}: " + ", ".join(p.name for p in files.values()) + f" ({result.seconds['total']:.0f} s)")

