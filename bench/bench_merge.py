@@ -5,7 +5,7 @@ Run: ``pytest bench/bench_merge.py -q --benchmark-only`` (``MMT_BENCH_SMALL=1`` 
 to ``bench/results/<device>.md`` through ``bench/common.py``. Nothing is asserted about speed.
 
 Both sides get task vectors (peft's functions take task tensors, no base) in fp32; ours includes the radix-select
-threshold pass. mergekit is not benchmarked: it pins its own torch and is LGPL (ANCHORS.md C).
+threshold pass. The comparison with mergekit (whole checkpoints, separate processes) is bench/bench_mergekit.py.
 """
 from __future__ import annotations
 

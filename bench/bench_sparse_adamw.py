@@ -105,7 +105,7 @@ def test_sparse_adamw_vs_peers(benchmark, shape, neuron_dim, frac):
 
 
 def _tiny_model():
-    from mmt.models import tiny_model
+    from mmt.testing import tiny_model
 
     return tiny_model("llama", vocab=2048, hidden=256, layers=8, heads=8, intermediate=688, seed=0)
 

@@ -2,7 +2,9 @@
 
 Subcommands are declared in :data:`SUBCOMMANDS` (name -> module, argument adder, runner) and
 imported only when chosen, so a subcommand whose module is missing or broken fails with a clear
-message without breaking the others.
+message without breaking the others, and ``mmt --help`` does not import torch. A runner is
+``run_<command>(args) -> int``. Every user mistake is an :class:`mmt.errors.MmtError`, reported here
+once as ``mmt <command>: error: <message>`` with exit code 2 and no traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 from typing import Callable
+
+from mmt import __version__
+from mmt.errors import MmtError
 
 # Sleeping (not spinning) OpenMP workers: on a 2-core machine shared with other processes, spinning
 # threads made decoding ~10x slower. Must be set before torch is imported.
@@ -21,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "train": ("mmt.cli", "add_train_args", "run_train", "post-train a model with a method config"),
     "eval": ("mmt.cli", "add_eval_args", "run_eval", "score a model on FLORES-style test sets (BLEU, chrF++)"),
-    "demo": ("mmt.demo", "add_args", "run", "CPU demo: score Gemma 3 270M, fine-tune with mFTI, score again"),
+    "demo": ("mmt.demo", "add_args", "run_demo", "CPU demo: score Gemma 3 270M, fine-tune with mFTI, score again"),
     "detect": ("mmt.methods.landermt", "add_detect_args", "run_detect", "LANDeRMT: detect language-aware neurons"),
     "merge": ("mmt.merge", "add_args", "run", "merge fine-tuned checkpoints (linear, TIES, DARE), streaming"),
 }
@@ -66,7 +72,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmt", description="Post-train Hugging Face causal LMs for multilingual machine translation.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from mmt import __version__
     parser.add_argument("--version", action="version", version=f"mmt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")
     for name, (_, _, _, help_text) in SUBCOMMANDS.items():
@@ -101,14 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nmmt: interrupted (checkpoints written so far are kept; rerun to resume)", file=sys.stderr)
         return 130
-    except Exception as exc:
-        from mmt.config import ConfigError
-        from mmt.data import DataError
-        from mmt.models import ModelLoadError
-        if isinstance(exc, (ConfigError, DataError, ModelLoadError, FileNotFoundError)):
-            print(f"mmt {args.command}: error: {exc}", file=sys.stderr)
-            return 1
-        raise
+    except MmtError as exc:
+        print(f"mmt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 
@@ -136,24 +136,25 @@ A killed run resumes from its last checkpoint in train.output_dir (train.resume=
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from mmt.config import load_config
+    # the pipeline imports torch: deliberately here, not at the top, so that `mmt --help` stays fast
     import yaml
+    from accelerate import PartialState
+
+    from mmt import train
+    from mmt.config import load_config
+    from mmt.registry import get_method
 
     cfg = load_config(args.config, args.overrides, method=args.method)
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
         return 0
-    if cfg.method_name == "directional":  # several training runs + a merge, not one plan
-        from mmt.methods.directional import train_and_report
-
-        return train_and_report(cfg, with_eval=args.eval)
-    from mmt import train
-
+    method = get_method(cfg.method_name)
+    if method.run is not None:  # a method of several training runs (e.g. direction-aware: units + merge)
+        return method.run(cfg, with_eval=args.eval)
     model, tokenizer, plan, result = train.run(cfg)
     print(f"trained {result.steps} steps in {result.seconds:.0f}s; final loss {result.final_loss:.4f}; "
           f"output in {result.output_dir}")
     if args.eval:
-        from accelerate import PartialState
         if PartialState().is_main_process:
             _evaluate_and_write(cfg, model, tokenizer, label=f"{cfg.method_name}")
     return 0
@@ -181,24 +182,13 @@ Writes <label>.json, <label>.md and <label>_hyps/<direction>.txt to eval.output_
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from mmt.config import load_config
-
-    ov = list(args.overrides)
-    if args.model:
-        ov.append(f"model.name_or_path={args.model}")
-    if args.directions:
-        ov.append("eval.directions=[" + ",".join(args.directions) + "]")
-    if args.max_sentences is not None:
-        ov.append(f"eval.max_sentences={args.max_sentences}")
-    if args.shots is not None:
-        ov.append(f"eval.shots={args.shots}")
-    if args.beams is not None:
-        ov.append(f"eval.num_beams={args.beams}")
-    if args.output_dir:
-        ov.append(f"eval.output_dir={args.output_dir}")
-    cfg = load_config(args.config, ov)
+    from mmt.config import load_config, overrides_from_args  # see run_train: kept out of `mmt --help`
     from mmt.models import load_model
 
+    ov = overrides_from_args(args, {"model": "model.name_or_path", "directions": "eval.directions",
+                                    "max_sentences": "eval.max_sentences", "shots": "eval.shots",
+                                    "beams": "eval.num_beams", "output_dir": "eval.output_dir"})
+    cfg = load_config(args.config, ov)
     model, tokenizer = load_model(cfg.model)
     label = args.label or cfg.model.name_or_path.rstrip("/").split("/")[-1]
     _evaluate_and_write(cfg, model, tokenizer, label=label)
@@ -206,9 +196,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _evaluate_and_write(cfg, model, tokenizer, label: str) -> None:
-    from pathlib import Path
-
-    from mmt.evaluate import evaluate, write_report
+    from mmt.evaluate import evaluate, write_report  # see run_train
 
     report = evaluate(model, tokenizer, cfg.eval, template=cfg.data.template, data_dir=cfg.data.data_dir, label=label)
     out = Path(cfg.eval.output_dir or Path(cfg.train.output_dir) / "eval")

@@ -9,24 +9,45 @@ Command-line overrides use dotted paths: ``train.lr=1e-5``, ``method.lora=true``
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping, Union
 
 import yaml
 
-from mmt.methods.base import MethodConfig
+from mmt.errors import ConfigError
+from mmt.registry import get_method
 
 PRECISIONS = ("no", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "inverse_sqrt", "linear")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 SOURCE_KINDS = ("parallel", "tatoeba", "flores", "jsonl", "hf", "mono")
 
+__all__ = ["ConfigError", "DataConfig", "DataSource", "EvalConfig", "MethodConfig", "ModelConfig", "RunConfig",
+           "TrainConfig", "apply_overrides", "build_dataclass", "check_keys", "coerce", "dump_config", "from_dict",
+           "load_config", "overrides_from_args", "parse_value"]
 
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the file and key."""
+
+@dataclass
+class MethodConfig:
+    """Base class of every method's ``Config``.
+
+    Subclasses add fields with defaults. ``from_dict`` coerces values to the field types and rejects unknown
+    keys, so that a typo in a YAML file fails loudly instead of silently training with a default.
+    """
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "method") -> "MethodConfig":
+        return build_dataclass(cls, values, where)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -159,27 +180,6 @@ class RunConfig:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
 
 
-def _build(cls: type, values: Any, where: str) -> Any:
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}" + (f" (and {unknown[1:]})" if len(unknown) > 1 else "")
-                          + f"; known keys: {sorted(names)}")
-    kwargs = dict(values)
-    if cls is DataConfig and "train" in kwargs:
-        sources = kwargs["train"] or []
-        if not isinstance(sources, list):
-            raise ConfigError(f"{where}.train: expected a list of sources")
-        kwargs["train"] = [_build(DataSource, s, f"{where}.train[{i}]") for i, s in enumerate(sources)]
-    obj = cls(**kwargs)
-    _validate(obj, where)
-    return obj
-
-
 def _validate(obj: Any, where: str) -> None:
     def check(ok: bool, key: str, msg: str) -> None:
         if not ok:
@@ -209,24 +209,132 @@ def _validate(obj: Any, where: str) -> None:
         check(obj.shots >= 0, "shots", "must be >= 0")
 
 
-def _method_config(name: str, values: dict[str, Any], where: str, drop_unknown: bool = False) -> MethodConfig:
-    from mmt import methods
+# ------------------------------------------------------------------------------------------------------------------
+# one way to read values: keys, types, overrides
 
+
+def check_keys(cls_or_names: type | Iterable[str], values: Mapping[str, Any], where: str) -> None:
+    """Reject keys of ``values`` that are not fields of the dataclass (or not in the names) ``cls_or_names``."""
+    if dataclasses.is_dataclass(cls_or_names):
+        names = {f.name for f in dataclasses.fields(cls_or_names)}
+    else:
+        names = set(cls_or_names)
+    unknown = sorted(set(values) - names)
+    if unknown:
+        more = f" (and {unknown[1:]})" if len(unknown) > 1 else ""
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}{more}; known keys: {sorted(names)}")
+
+
+_BOOLS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+_PLURALS = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + \
+            (" or null" if type(None) in args else "")
+    if origin in (list, tuple):
+        return f"a list of {_PLURALS.get(args[0], 'values')}" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """``value`` converted to the annotated type ``tp`` (YAML 1.1 reads ``1e-3`` as a string; overrides arrive
+    as text), or :class:`ConfigError` naming ``where``, the value and the expected type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:  # in declared order: list[str] | str keeps a list a list
+            try:
+                return coerce(value, option, where)
+            except ConfigError as exc:
+                if len(options) == 1 and not str(exc).startswith(f"{where}: expected"):
+                    raise  # a deeper key (a list item, a nested field) is the more precise message
+        raise bad()
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        item = args[0] if args else Any
+        return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        key_tp, value_tp = args if args else (Any, Any)
+        return {coerce(k, key_tp, where): coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _BOOLS:
+            return _BOOLS[value.strip().lower()]
+        raise bad()
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise bad()
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # e.g. a revision read as a number
+            return str(value)
+        raise bad()
+    return value
+
+
+def build_dataclass(cls: type, values: Any, where: str) -> Any:
+    """An instance of the dataclass ``cls`` from the mapping ``values``: unknown keys rejected, values coerced
+    to the field types, nested dataclasses built, then validated; errors are :class:`ConfigError`."""
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    check_keys(cls, values, where)
+    hints = typing.get_type_hints(cls)
+    kwargs = {key: coerce(value, hints.get(key, Any), f"{where}.{key}") for key, value in values.items()}
     try:
-        module = methods.get(name)
-    except ValueError as exc:
-        raise ConfigError(f"{where}.name: {exc}") from None
-    cls = module.Config
-    if drop_unknown:
-        known = {f.name for f in dataclasses.fields(cls)}
-        dropped = sorted(set(values) - known)
-        if dropped:
-            warnings.warn(f"{where}: method overridden to {name!r}; ignoring keys {dropped} of the file's method")
-        values = {k: v for k, v in values.items() if k in known}
-    try:
-        return cls.from_dict(values, where=where)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(str(exc)) from None
+        obj = cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # a Config's own __post_init__ checks
+        raise ConfigError(f"{where}: {exc}") from None
+    _validate(obj, where)
+    return obj
 
 
 def parse_value(text: str) -> Any:
@@ -240,31 +348,75 @@ def parse_value(text: str) -> Any:
     return value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key[.index].key=value`` overrides to a raw config mapping (in place)."""
+RUN_SECTIONS = ("data", "eval", "method", "model", "train")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str] | None,
+                    roots: Iterable[str] | None = RUN_SECTIONS) -> dict[str, Any]:
+    """Apply ``key[.index].key=value`` overrides to a raw config mapping (in place).
+
+    ``roots``: the allowed first keys (a run config's sections by default); None allows any key, e.g. the flat
+    ``density=0.3`` of a merge config."""
+    roots = None if roots is None else sorted(roots)
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.lr=1e-5")
+            example = "train.lr=1e-5" if roots == sorted(RUN_SECTIONS) else "key=value"
+            raise ConfigError(f"override {item!r}: expected {'section.' if roots else ''}key=value, e.g. {example}")
         path, value = item.split("=", 1)
         keys = path.strip().split(".")
-        if len(keys) < 2 or keys[0] not in (*SECTIONS, "method"):
-            raise ConfigError(f"override {item!r}: must start with one of {sorted((*SECTIONS, 'method'))}")
-        node: Any = raw.setdefault(keys[0], {}) or {}
-        raw[keys[0]] = node
-        for key in keys[1:-1]:
+        if roots is not None and (len(keys) < 2 or keys[0] not in roots):
+            raise ConfigError(f"override {item!r}: must start with one of {roots}")
+        node: Any = raw
+        for depth, key in enumerate(keys):
+            last = depth == len(keys) - 1
             if isinstance(node, list):
                 try:
-                    node = node[int(key)]
+                    index = int(key)
+                    node[index]  # noqa: B018  (bounds check)
                 except (ValueError, IndexError):
                     raise ConfigError(f"override {item!r}: bad list index {key!r}") from None
+                if last:
+                    node[index] = parse_value(value)
+                else:
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[key] = parse_value(value)
+                else:
+                    if node.get(key) is None:
+                        node[key] = {}
+                    node = node[key]
             else:
-                node = node.setdefault(key, {})
-        last = keys[-1]
-        if isinstance(node, list):
-            node[int(last)] = parse_value(value)
-        else:
-            node[last] = parse_value(value)
+                raise ConfigError(f"override {item!r}: {'.'.join(keys[:depth])} is not a mapping or a list")
     return raw
+
+
+def overrides_from_args(args: argparse.Namespace, options: Mapping[str, str]) -> list[str]:
+    """``args.overrides`` plus one ``key=value`` override per command-line option given: ``options`` maps an
+    argparse dest to a config key (``{"max_sentences": "eval.max_sentences"}``). Options left at None or False
+    are not given; values are written as JSON, which YAML reads back unchanged (lists, quoted strings)."""
+    out = list(getattr(args, "overrides", None) or [])
+    for dest, key in options.items():
+        value = getattr(args, dest, None)
+        if value is None or value is False:
+            continue
+        out.append(f"{key}={json.dumps(value)}")
+    return out
+
+
+def _method_config(name: str, values: dict[str, Any], where: str, drop_unknown: bool = False) -> MethodConfig:
+    try:
+        method = get_method(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.name: {exc}") from None
+    cls = method.config
+    if drop_unknown:
+        known = {f.name for f in dataclasses.fields(cls)}
+        dropped = sorted(set(values) - known)
+        if dropped:
+            warnings.warn(f"{where}: method overridden to {name!r}; ignoring keys {dropped} of the file's method")
+        values = {k: v for k, v in values.items() if k in known}
+    return cls.from_dict(values, where=where)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -294,7 +446,7 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>", method: str | None = 
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key {unknown[0]!r}; "
                           f"sections are {sorted((*SECTIONS, 'method'))}")
-    built = {name: _build(cls, raw.get(name), f"{source}: {name}") for name, cls in SECTIONS.items()}
+    built = {name: build_dataclass(cls, raw.get(name), f"{source}: {name}") for name, cls in SECTIONS.items()}
     method_raw = dict(raw.get("method") or {})
     if not isinstance(method_raw, dict):
         raise ConfigError(f"{source}: method: expected a mapping with 'name'")

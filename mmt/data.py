@@ -22,12 +22,9 @@ import numpy as np
 import torch
 
 from mmt import languages as L
+from mmt.errors import DataError, require
 
 IGNORE_INDEX = -100
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and line."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,11 +270,7 @@ def load_hf(name: str, direction: tuple[str, str], split: str = "train", config:
             src_field: str | None = None, tgt_field: str | None = None) -> list[Example]:
     """A Hugging Face dataset. Supports the ALMA/WMT layout (``{"translation": {"de": .., "en": ..}}``,
     config ``"de-en"``) and flat columns named by ``src_field``/``tgt_field``."""
-    try:
-        import datasets  # noqa: F401
-        from datasets import load_dataset
-    except ImportError as exc:
-        raise DataError(f"loading the hub dataset {name!r} needs the 'datasets' package: pip install datasets") from exc
+    load_dataset = require("datasets", purpose=f"loading the hub dataset {name!r}").load_dataset  # optional
     s, t = L.normalize(direction[0]), L.normalize(direction[1])
     cfg = config if config is not None else None
     try:

@@ -16,6 +16,13 @@ import json
 import time
 from pathlib import Path
 
+from mmt import train as train_mod
+from mmt.config import apply_overrides, from_dict, load_config, overrides_from_args
+from mmt.data import resolve_data_dir
+from mmt.evaluate import compare_markdown, evaluate, write_report
+from mmt.models import load_model
+from mmt.plots import plot_before_after, plot_loss
+
 # the defaults of the demo; examples/configs/mfti_demo.yaml is the same as a file
 DEMO_CONFIG: dict = {
     "model": {"name_or_path": "gemma3-270m", "dtype": "float32"},
@@ -50,18 +57,11 @@ Writes before.json/.md, after.json/.md, demo_results.json, demo.png and loss.png
     p.add_argument("--builtin-data", action="store_true", help="use the built-in sample even if shared data exists")
 
 
-def run(args: argparse.Namespace) -> int:
-    from mmt.config import apply_overrides, from_dict, load_config
-    from mmt.data import resolve_data_dir
-
+def run_demo(args: argparse.Namespace) -> int:
     t0 = time.time()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ov = list(args.overrides)
-    if args.steps is not None:
-        ov.append(f"train.max_steps={args.steps}")
-    if args.sentences is not None:
-        ov.append(f"eval.max_sentences={args.sentences}")
+    ov = overrides_from_args(args, {"steps": "train.max_steps", "sentences": "eval.max_sentences"})
     ov.append(f"train.output_dir={out / 'train'}")
     if args.config:
         cfg = load_config(args.config, ov)
@@ -79,11 +79,6 @@ def run(args: argparse.Namespace) -> int:
         cfg.eval.test_set, cfg.eval.shots_from = "flores200/devtest", "flores200/dev"
         cfg.eval.max_sentences = min(cfg.eval.max_sentences or 12, 12)
     cfg.data.data_dir = str(data_dir)
-
-    from mmt import train as train_mod
-    from mmt.evaluate import compare_markdown, evaluate, write_report
-    from mmt.models import load_model
-    from mmt.plots import plot_before_after, plot_loss
 
     timings: dict[str, float] = {}
     t = time.time()

@@ -6,7 +6,7 @@
   (keyed by the file's path, size and mtime) and later loads read that.
 * :func:`find_ffn` / :func:`find_attention` return per-layer module handles that the methods use
   (LANDeRMT neurons, Mix-MoE upcycling, LoRA targets) without knowing the architecture.
-* :func:`tiny_model` / :func:`tiny_tokenizer` build small random models for tests, offline.
+  (Tiny random models for tests live in :mod:`mmt.testing`.)
 """
 
 from __future__ import annotations
@@ -23,12 +23,10 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from mmt.errors import MethodError, ModelLoadError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    pass
 
 
 def cache_root() -> Path:
@@ -270,7 +268,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if best is None or len(mod) > len(best[1]):
                 best = (name, mod)
     if best is None:
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}; supported: Llama, Qwen2, "
+        raise MethodError(f"cannot find the decoder layers of {type(model).__name__}; supported: Llama, Qwen2, "
                          "Gemma3, GPT-2 and models with the same layout")
     return best
 
@@ -292,7 +290,8 @@ def _shape(mod: nn.Module) -> tuple[int, int]:
     return w.shape[0], w.shape[1]  # Conv1D: weight [in, out]
 
 
-def _is_conv1d(mod: nn.Module) -> bool:
+def is_conv1d(mod: nn.Module) -> bool:
+    """True for GPT-2's ``Conv1D`` (weight ``[in, out]``), also behind a peft LoRA wrapper."""
     base = getattr(mod, "base_layer", mod)
     return type(base).__name__ == "Conv1D"
 
@@ -303,7 +302,7 @@ def find_ffn(model: nn.Module) -> list[FFNInfo]:
     for i, block in enumerate(layers):
         mlp = _ffn_module(block)
         if mlp is None:
-            raise ValueError(f"layer {i} of {type(model).__name__} has no mlp/feed_forward module")
+            raise MethodError(f"layer {i} of {type(model).__name__} has no mlp/feed_forward module")
         name = f"{prefix}.{i}.mlp"
         gate, up, down = (getattr(mlp, a, None) for a in ("gate_proj", "up_proj", "down_proj"))
         if gate is None and up is None:
@@ -315,12 +314,12 @@ def find_ffn(model: nn.Module) -> list[FFNInfo]:
         for a_in, a_out in (("c_fc", "c_proj"), ("fc_in", "fc_out"), ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h")):
             fin, fout = getattr(mlp, a_in, None), getattr(mlp, a_out, None)
             if fin is not None and fout is not None:
-                transposed = _is_conv1d(fin)
+                transposed = is_conv1d(fin)
                 d_model, d_ff = _shape(fin)
                 out.append(FFNInfo(i, mlp, "gelu", None, None, None, fin, fout, transposed, d_model, d_ff, name))
                 break
         else:
-            raise ValueError(f"unknown FFN layout in layer {i} ({type(mlp).__name__}: children "
+            raise MethodError(f"unknown FFN layout in layer {i} ({type(mlp).__name__}: children "
                              f"{[n for n, _ in mlp.named_children()]})")
     return out
 
@@ -336,7 +335,7 @@ def find_attention(model: nn.Module) -> list[AttentionInfo]:
                 name = f"{prefix}.{i}.{a}"
                 break
         if attn is None:
-            raise ValueError(f"layer {i} of {type(model).__name__} has no attention module")
+            raise MethodError(f"layer {i} of {type(model).__name__} has no attention module")
         q, k, v = (getattr(attn, x, None) for x in ("q_proj", "k_proj", "v_proj"))
         o = getattr(attn, "o_proj", None) or getattr(attn, "out_proj", None) or getattr(attn, "dense", None)
         if q is not None and k is not None and v is not None and o is not None:
@@ -345,8 +344,8 @@ def find_attention(model: nn.Module) -> list[AttentionInfo]:
         qkv = getattr(attn, "c_attn", None) or getattr(attn, "query_key_value", None) or getattr(attn, "qkv_proj", None)
         o = getattr(attn, "c_proj", None) or o
         if qkv is None or o is None:
-            raise ValueError(f"unknown attention layout in layer {i} ({type(attn).__name__})")
-        out.append(AttentionInfo(i, attn, None, None, None, o, qkv, _is_conv1d(qkv), name))
+            raise MethodError(f"unknown attention layout in layer {i} ({type(attn).__name__})")
+        out.append(AttentionInfo(i, attn, None, None, None, o, qkv, is_conv1d(qkv), name))
     return out
 
 
@@ -369,78 +368,3 @@ def _child_name(parent: nn.Module, child: nn.Module) -> str:
         if m is child:
             return n
     return ""
-
-
-# --------------------------------------------------------------------------------------------
-# tiny models for tests
-
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
-
-
-def tiny_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 512):
-    """A byte-level BPE tokenizer trained offline on ``texts`` (a built-in multilingual sample if None),
-    wrapped as a ``PreTrainedTokenizerFast`` with BOS ``<s>``, EOS ``</s>``, pad ``<pad>``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if texts is None:
-        texts = _SAMPLE_TEXT
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(list(texts), trainer=trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
-def tiny_model(arch: str = "llama", vocab: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4,
-               intermediate: int = 128, seed: int = 0, max_positions: int = 512) -> nn.Module:
-    """A small random causal LM of the given architecture (llama, qwen2, gemma3, gpt2), in fp32."""
-    import transformers as tf
-
-    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if arch == "llama":
-        cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                             num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                             max_position_embeddings=max_positions, **common)
-        cls = tf.LlamaForCausalLM
-    elif arch == "qwen2":
-        cfg = tf.Qwen2Config(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                             num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                             max_position_embeddings=max_positions, **common)
-        cls = tf.Qwen2ForCausalLM
-    elif arch == "gemma3":
-        cfg = tf.Gemma3TextConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                                  num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                                  head_dim=hidden // heads, max_position_embeddings=max_positions,
-                                  sliding_window=64, **common)
-        cls = tf.Gemma3ForCausalLM
-    elif arch == "gpt2":
-        cfg = tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_inner=intermediate,
-                            n_positions=max_positions, vocab_size=vocab, bos_token_id=1, eos_token_id=2,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        cls = tf.GPT2LMHeadModel
-    else:
-        raise ValueError(f"tiny_model: unknown arch {arch!r}; use llama, qwen2, gemma3 or gpt2")
-    try:
-        cfg._attn_implementation = "eager"
-    except Exception:
-        pass
-    torch.manual_seed(seed)
-    model = cls(cfg)
-    model.config.use_cache = False
-    return model.float()
-
-
-_SAMPLE_TEXT = [
-    "The weather is nice today.", "Das Wetter ist heute schön.", "Il fait beau aujourd'hui.",
-    "I would like a cup of coffee.", "Ich hätte gern eine Tasse Kaffee.", "Je voudrais une tasse de café.",
-    "Where is the train station?", "Wo ist der Bahnhof?", "Où est la gare ?",
-    "Translation: [German]: [English]: [French]:", "Translate this from German to English:",
-    "The children are playing in the garden.", "Die Kinder spielen im Garten.", "Les enfants jouent dans le jardin.",
-    "Наука помогает нам понять мир.", "科学帮助我们理解世界。", "La ciencia nos ayuda a entender el mundo.",
-] * 4

@@ -15,6 +15,7 @@ Design choices that matter for correctness:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -27,10 +28,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
-from mmt.data import IGNORE_INDEX, StepSampler, TrainSet, collate, pad_token_id, shard_micro_batches
+from mmt.config import dump_config
+from mmt.data import (IGNORE_INDEX, StepSampler, TrainSet, build_train_set, collate, pad_token_id,
+                      shard_micro_batches)
+from mmt.errors import CheckpointError, ConfigError
 from mmt.methods.base import StepInfo, TrainingPlan, default_optimizer
+from mmt.models import load_model, save_model
+from mmt.registry import get_method
 
 CKPT_PREFIX = "step-"
 
@@ -54,7 +64,7 @@ def lr_lambda(cfg: Any):
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
         if cfg.lr_schedule == "linear":
             return floor + (1 - floor) * (1 - progress)
-        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}")
+        raise ConfigError(f"unknown lr_schedule {cfg.lr_schedule!r}")
 
     return f
 
@@ -68,8 +78,6 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    import inspect
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         return "logits_to_keep" in inspect.signature(base.forward).parameters
@@ -115,9 +123,6 @@ class Trainer:
 
     def __init__(self, model: nn.Module, tokenizer: Any, plan: TrainingPlan, train_set: TrainSet, train_cfg: Any,
                  *, data_cfg: Any = None, accelerator: Any = None, run_config: dict | None = None):
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
-
         self.cfg, self.plan, self.train_set, self.tokenizer = train_cfg, plan, train_set, tokenizer
         self.run_config = run_config
         if accelerator is None:
@@ -128,7 +133,7 @@ class Trainer:
         self.acc = accelerator
         world = self.acc.num_processes
         if train_cfg.batch_size % (world * train_cfg.micro_batch_size):
-            raise ValueError(f"train.batch_size={train_cfg.batch_size} must be a multiple of micro_batch_size "
+            raise ConfigError(f"train.batch_size={train_cfg.batch_size} must be a multiple of micro_batch_size "
                              f"({train_cfg.micro_batch_size}) x processes ({world})")
         self.accum = train_cfg.batch_size // (world * train_cfg.micro_batch_size)
         self.out = Path(train_cfg.output_dir)
@@ -165,8 +170,6 @@ class Trainer:
         return {n: p.detach().cpu().contiguous().clone() for n, p in self.raw_model.named_parameters() if p.requires_grad}
 
     def save_checkpoint(self) -> Path:
-        from safetensors.torch import save_file
-
         root = self.out / "checkpoints"
         final = root / f"{CKPT_PREFIX}{self.step:07d}"
         tmp = root / f".tmp-{CKPT_PREFIX}{self.step:07d}"
@@ -198,21 +201,19 @@ class Trainer:
         return final
 
     def load_checkpoint(self, path: str | Path) -> None:
-        from safetensors.torch import load_file
-
         path = Path(path)
         state = json.loads((path / "trainer_state.json").read_text())
         if state.get("method") != self.plan.method:
-            raise ValueError(f"{path}: checkpoint of method {state.get('method')!r}, this run is {self.plan.method!r}")
+            raise CheckpointError(f"{path}: checkpoint of method {state.get('method')!r}, this run is {self.plan.method!r}")
         params = dict(self.raw_model.named_parameters())
         saved = load_file(str(path / "trainable.safetensors"))
         missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
         if missing:
-            raise ValueError(f"{path}: checkpoint lacks trainable parameters {missing[:5]} (different method config?)")
+            raise CheckpointError(f"{path}: checkpoint lacks trainable parameters {missing[:5]} (different method config?)")
         with torch.no_grad():
             for n, t in saved.items():
                 if n not in params:
-                    raise ValueError(f"{path}: checkpoint has parameter {n!r} that the model does not")
+                    raise CheckpointError(f"{path}: checkpoint has parameter {n!r} that the model does not")
                 params[n].copy_(t.to(params[n].dtype))
         self.torch_optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
@@ -249,8 +250,6 @@ class Trainer:
                 fh.write(json.dumps(record) + "\n")
 
     def train(self) -> TrainResult:
-        from tqdm.auto import tqdm
-
         torch.manual_seed(self.cfg.seed + self.acc.process_index)
         self.maybe_resume()
         self.model.train()
@@ -325,8 +324,6 @@ class Trainer:
 
     def save_final(self) -> Path | None:
         """Write the trained model (+ tokenizer, method artifacts) to ``output_dir/final``."""
-        from mmt.models import save_model
-
         self.acc.wait_for_everyone()
         path = None
         if self.acc.is_main_process:
@@ -355,18 +352,10 @@ def run(cfg: Any, model: nn.Module | None = None, tokenizer: Any = None, *, prin
 
     Returns (model, tokenizer, plan, TrainResult).
     """
-    from mmt import methods
-    from mmt.config import dump_config
-    from mmt.data import build_train_set
-    from mmt.models import load_model
-
-    from accelerate.utils import set_seed
-
     set_seed(cfg.train.seed)
     if model is None:
         model, tokenizer = load_model(cfg.model)
-    module = methods.get(cfg.method_name)
-    model, plan = module.prepare(model, cfg.method, tokenizer=tokenizer)
+    model, plan = get_method(cfg.method_name).prepare(model, cfg.method, tokenizer=tokenizer)
     plan.model = model
     train_set = build_train_set(cfg.data, tokenizer, plan=plan)
     trainer = Trainer(model, tokenizer, plan, train_set, cfg.train, data_cfg=cfg.data, run_config=cfg.to_dict())

@@ -1,34 +1,24 @@
-"""Post-training methods. Each is a module with ``Config`` and ``prepare`` (see :mod:`.base`).
+"""Post-training methods. Each is a package ``mmt/methods/<name>/`` that registers itself with
+:func:`mmt.registry.register_method` (``Config``, ``prepare`` and, for a method of several runs, ``run``).
 
-Modules are imported lazily so that importing :mod:`mmt` never pulls in a method's
-dependencies (e.g. ``mmt_kernels``).
+Importing this package imports the built-in methods, in the order their names are listed, so that they
+register. See docs/architecture.md for how to add one.
 """
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
+from mmt.registry import Method, get_method, method_module, method_names, register_method
+
+from . import mfti, landermt, mixmoe, directional  # noqa: E402,F401,I001  (registration order = listing order)
 from .base import MethodConfig, StepInfo, TrainingPlan, count_parameters, default_optimizer
 
-KNOWN = ("mfti", "landermt", "mixmoe", "directional")
-
-__all__ = ["KNOWN", "MethodConfig", "StepInfo", "TrainingPlan", "count_parameters",
-           "default_optimizer", "get"]
+__all__ = ["Method", "MethodConfig", "StepInfo", "TrainingPlan", "count_parameters", "default_optimizer", "get",
+           "get_method", "method_names", "register_method"]
 
 
 def get(name: str) -> ModuleType:
-    """Return the method module ``mmt.methods.<name>``; raises with the known names otherwise."""
-    key = name.strip().lower().replace("-", "_")
-    if key not in KNOWN:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(KNOWN)}")
-    try:
-        module = importlib.import_module(f"{__name__}.{key}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"{__name__}.{key}":
-            raise ValueError(f"method {name!r} is not available yet (mmt/methods/{key}.py is missing)") from exc
-        raise
-    for attr in ("Config", "prepare"):
-        if not hasattr(module, attr):
-            raise ValueError(f"method module mmt.methods.{key} does not define {attr!r}")
-    return module
+    """The package of method ``name`` (it exposes ``Config`` and ``prepare``); ConfigError naming the known
+    methods otherwise."""
+    return method_module(name)

@@ -1,8 +1,8 @@
 """The contract between a post-training method and the trainer.
 
-A method module ``mmt/methods/<name>.py`` exposes
+A method package ``mmt/methods/<name>/`` registers (:func:`mmt.registry.register_method`)
 
-* ``Config``: a dataclass subclassing :class:`MethodConfig`, every field with a documented default;
+* ``Config``: a dataclass subclassing :class:`mmt.config.MethodConfig`, every field with a documented default;
 * ``prepare(model, config, tokenizer=None) -> (model, TrainingPlan)``: freezes/wraps the model and
   says how to train it.
 
@@ -12,41 +12,20 @@ Hooks are plain callables so that methods stay testable without the trainer.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # only for annotations; avoids an import cycle with mmt.config
-    from mmt.config import TrainConfig
+from mmt.config import MethodConfig, TrainConfig
+from mmt.errors import ConfigError, MethodError
+
+__all__ = ["SAMPLERS", "MethodConfig", "StepInfo", "TrainingPlan", "count_parameters", "default_optimizer",
+           "parse_directions"]
 
 SAMPLERS = ("mixed", "pair", "mono")
-
-
-@dataclass
-class MethodConfig:
-    """Base class of every method's ``Config``.
-
-    Subclasses add fields with defaults. ``from_dict`` rejects unknown keys so that a typo in a
-    YAML file fails loudly instead of silently training with a default.
-    """
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], where: str = "method") -> "MethodConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(
-                f"{where}: unknown key(s) {unknown} for {cls.__module__}.{cls.__qualname__}; "
-                f"known keys: {sorted(names)}"
-            )
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -97,7 +76,7 @@ class TrainingPlan:
     method: str
     sampler: str = "mixed"
     directions: list[tuple[str, str]] | None = None
-    build_optimizer: Callable[[nn.Module, "TrainConfig"], torch.optim.Optimizer] | None = None
+    build_optimizer: Callable[[nn.Module, TrainConfig], torch.optim.Optimizer] | None = None
     on_step_start: Callable[[StepInfo, nn.Module, torch.optim.Optimizer], None] | None = None
     after_backward: Callable[[nn.Module, StepInfo], None] | None = None
     on_step_end: Callable[[StepInfo, nn.Module, torch.optim.Optimizer], None] | None = None
@@ -154,7 +133,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def default_optimizer(model: nn.Module, train_config: "TrainConfig") -> torch.optim.Optimizer:
+def default_optimizer(model: nn.Module, train_config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
     decay, no_decay = [], []
     for p in model.parameters():
@@ -162,9 +141,22 @@ def default_optimizer(model: nn.Module, train_config: "TrainConfig") -> torch.op
             continue
         (no_decay if p.ndim < 2 else decay).append(p)
     if not decay and not no_decay:
-        raise ValueError("no trainable parameters: every parameter has requires_grad=False")
+        raise MethodError("no trainable parameters: every parameter has requires_grad=False")
     groups = [{"params": decay, "weight_decay": train_config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=train_config.lr, betas=tuple(train_config.adam_betas),
                              eps=train_config.adam_eps)
+
+
+def parse_directions(items: list[str] | None, method: str) -> list[tuple[str, str]] | None:
+    """``["de-en", "en->fr"]`` -> ``[("de", "en"), ("en", "fr")]`` (codes as written); None stays None."""
+    if items is None:
+        return None
+    out = []
+    for item in items:
+        parts = item.replace("->", "-").split("-")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"{method}: direction {item!r} must look like 'de-en'")
+        out.append((parts[0], parts[1]))
+    return out

@@ -36,7 +36,7 @@ def main() -> None:
     from mmt.config import load_config
     from mmt.data import build_train_set
     from mmt.methods.base import TrainingPlan
-    from mmt.models import tiny_model
+    from mmt.testing import tiny_model
     from mmt.train import Trainer
 
     torch.manual_seed(0)

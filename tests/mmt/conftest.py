@@ -25,7 +25,7 @@ PAIRS = [
 
 @pytest.fixture(scope="session")
 def tok_dir(tmp_path_factory) -> Path:
-    from mmt.models import tiny_tokenizer
+    from mmt.testing import tiny_tokenizer
 
     d = tmp_path_factory.mktemp("tok")
     tiny_tokenizer(vocab_size=384).save_pretrained(d)

@@ -40,12 +40,13 @@ def test_unavailable_subcommand(monkeypatch, capsys):
 def test_config_error_is_reported(tmp_path, capsys):
     f = tmp_path / "bad.yaml"
     f.write_text("train:\n  lrr: 1\n", encoding="utf-8")
-    assert cli.main(["train", "--config", str(f)]) == 1
+    assert cli.main(["train", "--config", str(f)]) == 2
     assert "bad.yaml: train: unknown key 'lrr'" in capsys.readouterr().err
 
 
 def test_train_and_eval_end_to_end(tmp_path, tok, jsonl_data):
-    from mmt.models import save_model, tiny_model
+    from mmt.models import save_model
+    from mmt.testing import tiny_model
 
     save_model(tiny_model("llama", vocab=len(tok)), tok, tmp_path / "tiny")
     (tmp_path / "test").mkdir()
@@ -67,3 +68,10 @@ eval: {{test_set: test, directions: [de-en], max_new_tokens: 4, off_target: fals
     assert (tmp_path / "run" / "eval" / "mfti.json").is_file()
     r2 = _mmt("eval", "-c", str(cfg), "--model", str(tmp_path / "run" / "final"), "--label", "ft")
     assert (tmp_path / "run" / "eval" / "ft.md").is_file()
+
+
+def test_bad_override_value_is_a_clean_error(capsys):
+    assert cli.main(["train", "train.max_steps=ten", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "mmt train: error: <defaults>: train.max_steps: expected an integer, got 'ten'"
+    assert "Traceback" not in err

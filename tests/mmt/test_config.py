@@ -72,3 +72,70 @@ def test_demo_defaults_match_example_config():
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert cfg.method is not None and cfg.train.batch_size % cfg.train.micro_batch_size == 0
+
+
+def test_yaml_values_are_coerced_to_field_types(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string and overrides arrive as text: both become the field's type."""
+    f = tmp_path / "run.yaml"
+    f.write_text("train:\n  lr: 1e-3\n  max_steps: '10'\n  adam_betas: ['0.8', 0.9]\n  progress: 'false'\n"
+                 "eval:\n  max_sentences: null\n  template: T2\n"
+                 "data:\n  train:\n    - {kind: jsonl, path: x.jsonl, max_examples: '5'}\n"
+                 "method:\n  name: landermt\n  layers: ['1', 2]\n  specific_ratio: '0.2'\n", encoding="utf-8")
+    cfg = load_config(f, ["eval.num_beams=4", "method.scaled=yes"])
+    assert cfg.train.lr == 1e-3 and type(cfg.train.lr) is float
+    assert cfg.train.max_steps == 10 and type(cfg.train.max_steps) is int
+    assert cfg.train.adam_betas == [0.8, 0.9] and cfg.train.progress is False
+    assert cfg.eval.max_sentences is None and cfg.eval.num_beams == 4 and cfg.eval.template == "T2"
+    assert cfg.data.train[0].max_examples == 5 and type(cfg.data.train[0].max_examples) is int
+    assert cfg.method.layers == [1, 2] and cfg.method.specific_ratio == 0.2 and cfg.method.scaled is True
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_steps=ten", "train.max_steps: expected an integer, got 'ten'"),
+    ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
+    ("train.progress=maybe", r"train.progress: expected a boolean \(true/false\), got 'maybe'"),
+    ("train.max_steps=true", "train.max_steps: expected an integer, got True"),
+    ("train.adam_betas=0.9", "train.adam_betas: expected a list of numbers, got 0.9"),
+    ("train.adam_betas=[0.9,x]", r"train.adam_betas\[1\]: expected a number, got 'x'"),
+    ("eval.max_sentences=lots", "eval.max_sentences: expected an integer or null, got 'lots'"),
+    ("data.train=[{kind: jsonl, max_examples: many}]", r"data.train\[0\].max_examples: expected an integer or null"),
+    ("method.lora=2", "method.lora: expected a boolean"),
+])
+def test_impossible_values_name_key_value_and_type(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_check_keys_and_build_dataclass_are_shared():
+    from dataclasses import dataclass
+
+    from mmt.config import apply_overrides, build_dataclass, check_keys
+
+    @dataclass
+    class Merge:
+        density: float = 0.5
+        models: list[str] | None = None
+
+    raw = apply_overrides({}, ["density=0.3", "models=[a,b]"], roots=None)
+    assert build_dataclass(Merge, raw, "m.yaml") == Merge(0.3, ["a", "b"])
+    with pytest.raises(ConfigError, match=r"m.yaml: unknown key 'densty'; known keys: \['density', 'models'\]"):
+        build_dataclass(Merge, {"densty": 1}, "m.yaml")
+    with pytest.raises(ConfigError, match="here: unknown key 'z'"):
+        check_keys({"a", "b"}, {"a": 1, "z": 2}, "here")
+    with pytest.raises(ConfigError, match="m.yaml.density: expected a number, got 'x'"):
+        build_dataclass(Merge, {"density": "x"}, "m.yaml")
+
+
+def test_overrides_from_args_round_trip():
+    import argparse
+
+    from mmt.config import overrides_from_args
+
+    args = argparse.Namespace(overrides=["train.lr=1e-5"], model="runs/a b", directions=["de-en", "en-de"],
+                              shots=None, beams=4, flag=True, off=False)
+    ov = overrides_from_args(args, {"model": "model.name_or_path", "directions": "eval.directions",
+                                    "shots": "eval.shots", "beams": "eval.num_beams", "off": "train.progress"})
+    assert ov[0] == "train.lr=1e-5" and len(ov) == 4
+    cfg = load_config(None, ov)
+    assert cfg.model.name_or_path == "runs/a b" and cfg.eval.directions == ["de-en", "en-de"]
+    assert cfg.eval.num_beams == 4 and cfg.eval.shots == 0

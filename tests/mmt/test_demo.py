@@ -36,7 +36,8 @@ def test_demo_runs_end_to_end(tmp_path):
 
 def test_demo_pipeline_with_tiny_model_and_builtin_data(tmp_path, tok):
     """The demo's whole flow (score, train, score, table, plot) on the built-in sample, tiny model."""
-    from mmt.models import save_model, tiny_model
+    from mmt.models import save_model
+    from mmt.testing import tiny_model
 
     save_model(tiny_model("llama", vocab=len(tok)), tok, tmp_path / "tiny")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -8,7 +8,7 @@ import torch
 
 from mmt.config import load_config
 from mmt.methods import directional as D
-from mmt.models import tiny_model
+from mmt.testing import tiny_model
 
 
 def test_units_follow_xalma_groups():

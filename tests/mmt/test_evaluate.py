@@ -8,7 +8,7 @@ import torch
 
 from mmt import evaluate as E
 from mmt.data import build_prompt
-from mmt.models import tiny_model
+from mmt.testing import tiny_model
 
 HYPS = ["The cat sat on the mat.", "It is raining today in the city.", "We are going home now!", "Hello world"]
 REFS = ["The cat is sitting on the mat.", "Today it is raining in the city.", "We go home now.", "Hello, world!"]

@@ -10,7 +10,8 @@ import torch
 
 from mmt.methods import landermt as lm
 from mmt.methods.base import StepInfo
-from mmt.models import find_ffn, tiny_model
+from mmt.models import find_ffn
+from mmt.testing import tiny_model
 
 PAIRS = [("de", "en", "Das Wetter ist heute schön.", "The weather is nice today."),
          ("en", "de", "Where is the train station?", "Wo ist der Bahnhof?"),

@@ -34,7 +34,7 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """A tiny llama base and three fine-tuned variants, saved sharded (several shards each)."""
-    from mmt.models import tiny_model
+    from mmt.testing import tiny_model
 
     root = tmp_path_factory.mktemp("ckpts")
     base = tiny_model("llama", vocab=128, hidden=32, layers=2, intermediate=64)
@@ -141,7 +141,7 @@ mm.merge_checkpoints(mm.MergeConfig.from_dict(json.loads({cfg!r})), progress=Fal
 
 
 def test_mismatched_checkpoints_name_tensor_and_file(ckpts, tmp_path):
-    from mmt.models import tiny_model
+    from mmt.testing import tiny_model
 
     wide = _save(tiny_model("llama", vocab=128, hidden=32, layers=2, intermediate=96), tmp_path / "wide")
     with pytest.raises(mm.MergeError, match=r"tensor model\.layers\.0\.mlp\.down_proj\.weight: shape \[32, 96\]"):
@@ -206,7 +206,7 @@ def test_cli(ckpts, tmp_path, capsys):
 def adapters(tmp_path_factory):
     from peft import LoraConfig, get_peft_model
 
-    from mmt.models import tiny_model
+    from mmt.testing import tiny_model
 
     root = tmp_path_factory.mktemp("lora")
     paths = []
@@ -242,7 +242,7 @@ def test_lora_svd_merge_full_rank_is_the_dense_merge(adapters, tmp_path):
 def test_lora_ties_svd_and_factor_load_in_peft(adapters, tmp_path):
     from peft import PeftModel
 
-    from mmt.models import tiny_model
+    from mmt.testing import tiny_model
 
     for mode in ("svd", "factor"):
         cfg = mm.MergeConfig.from_dict(dict(method="ties", adapters=[str(p) for p in adapters], lora_mode=mode,

@@ -3,7 +3,7 @@ import torch
 
 from mmt import methods
 from mmt.methods.base import MethodConfig, StepInfo, TrainingPlan, count_parameters
-from mmt.models import tiny_model
+from mmt.testing import tiny_model
 
 
 def test_get_known_and_unknown():

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mmt.methods import mixmoe
-from mmt.models import find_ffn, tiny_model
+from mmt.models import find_ffn
+from mmt.testing import tiny_model
 from mmt_kernels import grouped_mlp
 
 ARCHS = ["llama", "qwen2", "gemma3"]

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from mmt.models import decoder_layers, find_attention, find_ffn, linear_module_names, resolve, tiny_model
+from mmt.models import decoder_layers, find_attention, find_ffn, linear_module_names, resolve
+from mmt.testing import tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from mmt.config import load_config
 from mmt.data import build_train_set
 from mmt.methods.base import TrainingPlan
-from mmt.models import tiny_model
+from mmt.testing import tiny_model
 from mmt.train import Trainer, lr_lambda
 
 WORKER = Path(__file__).with_name("_train_worker.py")

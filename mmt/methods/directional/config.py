@@ -1,0 +1,45 @@
+"""Direction-aware training options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mmt.config import MethodConfig
+
+PIVOT = "en"
+
+
+@dataclass
+class Config(MethodConfig):
+    """Direction-aware training options (defaults: docs/methods.md, "Direction-aware training").
+
+    groups: language groups as {name: [codes]}; None = X-ALMA's eight groups (mmt.languages.GROUPS).
+    separate_unit: "group" (one XX->En model per group) or "language" (one per language).
+    en_xx_unit: "all" (one joint En->XX model, the paper's reading) or "group".
+    directions: restrict to these directions (e.g. ["de-en", "en-de"]); None = every direction of data.train.
+    unit: the unit this prepare() trains (set by run_directional); None is an error for prepare().
+    lora, lora_*: LoRA through peft (default; X-ALMA uses rank 512 at 13B, scaled down here);
+        lora=false trains all weights (then merging streams full checkpoints).
+    merge: merge the XX->En unit models with merge_method (ties), density, lam, sign.
+    lora_merge_mode: "svd" (dense delta -> merge -> rank-r SVD) or "factor" (peft-style factor merge).
+    freeze_embeddings: full fine-tuning only: keep (tied) embeddings frozen (a large share of a small model).
+    """
+
+    groups: dict[str, list[str]] | None = None
+    separate_unit: str = "group"
+    en_xx_unit: str = "all"
+    directions: list[str] | None = None
+    unit: str | None = None
+    lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | str = "all-linear"
+    freeze_embeddings: bool = True
+    merge: bool = True
+    merge_method: str = "ties"
+    merge_density: float = 0.2
+    merge_lam: float = 1.0
+    merge_sign: str = "total"
+    lora_merge_mode: str = "svd"
+    sampler: str = "mixed"

@@ -1,0 +1,126 @@
+"""LANDeRMT selective fine-tuning: freeze all but the selected layers; each optimizer step trains the general
+neurons and the specific neurons of its language pair (``NeuronSparseAdamW``)."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmt.errors import ConfigError, MethodError
+from mmt.methods.base import StepInfo, TrainingPlan
+from mmt.models import decoder_layers
+from mmt_kernels import NeuronSparseAdamW
+
+from .car import add_car, set_car_pair
+from .config import Config
+from .detect import run_detection
+from .neurons import NeuronMap
+
+def prepare(model: nn.Module, config: Config, tokenizer=None, *, data_dir: str | Path | None = None,
+            directions: list[tuple[str, str]] | None = None) -> tuple[nn.Module, TrainingPlan]:
+    """Freeze all but the selected layers and return a plan that switches neuron selections per language pair."""
+    if config.neurons_file:
+        nmap = NeuronMap.load(config.neurons_file)
+    else:
+        if tokenizer is None:
+            raise ConfigError("landermt: set method.neurons_file (from `mmt detect`) or pass a tokenizer so that "
+                             "prepare() can detect neurons itself")
+        nmap = run_detection(model, tokenizer, config, data_dir=data_dir, directions=directions)
+        if config.detect_output:
+            nmap.save(config.detect_output)
+            nmap.plot(Path(config.detect_output).with_suffix(".png"))
+    if config.layers is not None and sorted(set(config.layers)) != nmap.layers:
+        raise ConfigError(f"landermt: method.layers {config.layers} differs from the neuron file's layers "
+                         f"{nmap.layers}")
+    kind = nmap.config.get("method", {}).get("neuron_kind", config.neuron_kind)
+    if kind != config.neuron_kind:
+        raise ConfigError(f"landermt: neuron file was detected with neuron_kind={kind!r}, config says "
+                         f"{config.neuron_kind!r}")
+    prefix, blocks = decoder_layers(model)
+    if max(nmap.layers) >= len(blocks):
+        raise MethodError(f"landermt: the neuron file selects layers {nmap.layers} but the model has {len(blocks)}")
+    names = dict(model.named_parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    neuron_params: dict[str, tuple[str, int]] = {}  # param name -> (unit, neuron_dim)
+    for u in nmap.units:
+        for pname, nd in u.params:
+            if pname not in names:
+                raise MethodError(f"landermt: parameter {pname} of the neuron file is not in this model")
+            neuron_params[pname] = (u.name, nd)
+            names[pname].requires_grad_(True)
+    if config.neuron_kind == "ffn" and config.train_other:
+        for layer in nmap.layers:
+            for p in blocks[layer].parameters():
+                p.requires_grad_(True)
+    car_mlps: list[nn.Module] = []
+    if config.car:
+        car_mlps = add_car(model, nmap, config)
+        for m in car_mlps:
+            for p in m.car_gate.parameters():
+                p.requires_grad_(True)
+    by_tensor = {names[n]: v for n, v in neuron_params.items()}
+    cache: dict[tuple[str, str], tuple[dict, dict]] = {}
+
+    def selection_for(pair: tuple[str, str]):
+        if pair not in cache:
+            for lang in pair:
+                if lang not in nmap.languages:
+                    warnings.warn(f"landermt: language {lang!r} of pair {pair} was not among the detection languages "
+                                  f"{nmap.languages}; it has no specific neurons", RuntimeWarning, stacklevel=3)
+            sel, scl = {}, {}
+            for p, (unit, _) in by_tensor.items():
+                keep = nmap.keep(unit, pair, config.neurons_used)
+                sel[p] = keep
+                if config.scaled:
+                    c = nmap.scale(unit, pair, config.neurons_used)[keep]
+                    if config.scale_normalise and c.numel():
+                        c = c / c.mean().clamp_min(1e-30)
+                    scl[p] = c
+            cache[pair] = (sel, scl)
+        return cache[pair]
+
+    def build_optimizer(model_: nn.Module, train_cfg) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        for p in model_.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 else decay).append(p)
+        groups = [g for g in ({"params": decay, "weight_decay": train_cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        dims = {p: nd for p, (_, nd) in by_tensor.items() if p.dim() == 2}
+        return NeuronSparseAdamW(groups, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas), eps=train_cfg.adam_eps,
+                                 neuron_dims=dims, strict=config.strict)
+
+    def on_step_start(info: StepInfo, model_: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if info.pair is None:
+            raise RuntimeError("landermt needs language-pair-homogeneous steps (sampler 'pair')")
+        pair = tuple(info.pair)
+        sel, scl = selection_for(pair)
+        if isinstance(optimizer, NeuronSparseAdamW):
+            optimizer.set_selection(sel, scl or None)
+        if car_mlps:
+            set_car_pair(car_mlps, nmap, pair)
+
+    neurons_path = Path(config.neurons_file) if config.neurons_file else None
+
+    def save_artifacts(path: Path) -> None:
+        out = Path(path) / "landermt_neurons.safetensors"
+        if neurons_path is not None and neurons_path.is_file():
+            shutil.copyfile(neurons_path, out)
+        else:
+            nmap.save(out)
+
+    n_spec = sum(int((o >= 0).sum()) for o in nmap.owner.values())
+    n_all = sum(o.numel() for o in nmap.owner.values())
+    info = {"layers": nmap.layers, "languages": nmap.languages, "neuron_kind": config.neuron_kind,
+            "specific neurons": f"{n_spec:,} / {n_all:,}", "neurons_used": config.neurons_used,
+            "optimizer": f"NeuronSparseAdamW(strict={config.strict}{', scaled' if config.scaled else ''})",
+            "car": config.car}
+    plan = TrainingPlan(method="landermt", sampler="pair", build_optimizer=build_optimizer,
+                        on_step_start=on_step_start, save_artifacts=save_artifacts, info=info, model=model)
+    plan.selection_for = selection_for  # type: ignore[attr-defined]
+    return model, plan
