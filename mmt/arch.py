@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.configuration_utils import PretrainedConfig
+from transformers.models.auto.configuration_auto import AutoConfig
 
 from mmt.errors import CheckpointError
 
@@ -207,9 +209,14 @@ class MmtForCausalLM:
     from_config = _from_config
 
 
-def register_auto_classes() -> None:
-    AutoConfig.register(MODEL_TYPE, MmtConfig, exist_ok=True)
+def register_model() -> None:
+    from transformers.models.auto.modeling_auto import AutoModelForCausalLM
+
     AutoModelForCausalLM.register(MmtConfig, MmtForCausalLM, exist_ok=True)
 
 
-register_auto_classes()
+AutoConfig.register(MODEL_TYPE, MmtConfig, exist_ok=True)
+_model_auto = sys.modules.get("transformers.models.auto.modeling_auto")
+if _model_auto is None or hasattr(_model_auto, "AutoModelForCausalLM"):
+    register_model()
+# else: transformers is importing its auto-model module right now; mmt's import hook registers when it is done

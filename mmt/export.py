@@ -3,7 +3,7 @@
 * :func:`merge_adapters_into` adds the merge (TIES, task arithmetic, DARE, ...) of K LoRA adapters' dense
   updates ``scaling * B @ A`` to a base model's weights: the exact merge, with no rank truncation.
 * :func:`export_directional` writes every model a direction-aware run routes to (the merged XX->En model, the
-  En->XX model, each unit) as a plain checkpoint plus ``directions.json``, which ``mmt eval`` reads.
+  En->XX model) as a plain checkpoint, plus the ``directional.json`` that routes to them (``mmt eval`` reads it).
 * ``mmt export --run DIR --output OUT`` is the CLI for both kinds of run (a single-model run's ``final/`` is
   already standalone and is copied).
 """
@@ -20,12 +20,9 @@ from torch import nn
 
 from mmt.errors import CheckpointError
 
-DIRECTIONS_FILE = "directions.json"
-
-
 def _lora_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     """{base parameter name: dense fp32 update} of one peft LoRA adapter directory."""
-    from mmt.merge import LoraAdapter, _peft_module_key
+    from mmt.merge.lora import LoraAdapter, _peft_module_key
 
     ad = LoraAdapter.load(adapter_dir)
     if ad.config.get("use_dora"):
@@ -86,39 +83,47 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).merge_and_unload()
 
 
-def export_directional(run_dir: str | Path, output: str | Path, *, base: nn.Module | None = None,
-                       tokenizer: Any = None) -> Path:
-    """Every model a direction-aware run routes to, as standalone checkpoints under ``output``."""
-    from mmt.methods.directional import DirectionGate
-    from mmt.models import load_model, save_model
+def export_directional(run_dir: str | Path, output: str | Path) -> Path:
+    """Every model a direction-aware run routes to, as standalone checkpoints under ``output`` (LoRA merged into
+    the weights), with a ``directional.json`` that routes the same directions to them. Atomic."""
+    import os
+    import tempfile
 
-    run_dir = Path(run_dir)
+    from mmt.methods.directional.gate import MANIFEST, DirectionGate
+    from mmt.models import save_model
+
     gate = DirectionGate(run_dir)
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    names: dict[str, str] = {}
-    routes: dict[str, str] = {}
-    for direction, weights in gate.manifest["gate"].items():
-        if weights not in names:
-            names[weights] = _export_name(run_dir, weights, len(names))
-            target = output / names[weights]
-            if _is_full_model(Path(weights)):
-                shutil.copytree(weights, target, dirs_exist_ok=True)
-            else:
-                if base is None:
-                    base, tokenizer = load_model(name_or_path=gate.manifest["base"])
-                from peft import PeftModel
-
-                import copy
-
-                peft_model = PeftModel.from_pretrained(copy.deepcopy(base), weights)
-                save_model(peft_model.merge_and_unload(), tokenizer, target)
-        routes[direction] = names[weights]
-    sides = {}
-    for weights, name in names.items():
-        side = "xx-en" if any(routes[d] == name and d.endswith("-en") for d in routes) else "en-xx"
-        sides.setdefault(side, name)
-    (output / DIRECTIONS_FILE).write_text(json.dumps({"routes": routes, "default": sides}, indent=2))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=output.name + ".tmp", dir=output.parent))
+    try:
+        names: dict[str, str] = {}
+        manifest: dict[str, Any] = {"lora": False, "base": None, "units": {}, "gate": {},
+                                    "exported_from": str(Path(run_dir).resolve())}
+        for direction in gate.directions():
+            weights = gate.weights_for(*direction.split("-"))
+            if weights not in names:
+                names[weights] = _export_name(Path(run_dir), Path(weights), len(names))
+                if _is_full_model(Path(weights)):
+                    shutil.copytree(weights, tmp / names[weights])
+                else:
+                    save_model(*gate.load(weights), tmp / names[weights])
+            name = names[weights]
+            manifest["gate"][direction] = name
+            side = "xx-en" if direction.endswith("-en") else "en-xx"
+            unit = manifest["units"].setdefault(name, {"side": side, "directions": [], "weights": name})
+            unit["directions"].append(direction)
+        if "merged" in gate.manifest:
+            merged = gate.resolve(gate.manifest["merged"]["weights"])
+            if merged in names:
+                manifest["merged"] = {**gate.manifest["merged"], "weights": names[merged]}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return output
 
 
@@ -126,11 +131,10 @@ def _is_full_model(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
 
 
-def _export_name(run_dir: Path, weights: str, i: int) -> str:
-    p = Path(weights)
+def _export_name(run_dir: Path, weights: Path, i: int) -> str:
+    """The unit's folder name inside the run (``xx-en.merged``, ``en-xx.all``, ...)."""
     try:
-        rel = p.resolve().relative_to(run_dir.resolve())
-        return rel.parts[0]
+        return weights.resolve().relative_to(run_dir.resolve()).parts[0]
     except ValueError:
         return f"model-{i}"
 
@@ -144,8 +148,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
   mmt export --run runs/directional_demo --output exported/directional
   mmt export --run runs/mfti_demo --output exported/mfti
 
-A direction-aware run gives one standalone model per route (LoRA merged into the weights) and
-directions.json; `mmt eval --model <output>` routes each direction to its model."""
+A direction-aware run gives one standalone model per route (LoRA merged into the weights) and its
+directional.json; `mmt eval --model <output>` routes each direction to its model."""
     p.add_argument("--run", required=True, help="a run's output directory (train.output_dir)")
     p.add_argument("--output", "-o", required=True, help="where to write the standalone model(s)")
 
@@ -154,9 +158,11 @@ def run_export(args: argparse.Namespace) -> int:
     run = Path(args.run)
     if (run / "directional.json").is_file():
         out = export_directional(run, args.output)
-    elif (run / "final" / "config.json").is_file():
+    elif (run / "final" / "config.json").is_file():  # already standalone
         out = Path(args.output)
-        shutil.copytree(run / "final", out, dirs_exist_ok=True)
+        if out.exists():
+            raise CheckpointError(f"{out} exists; choose a new --output")
+        shutil.copytree(run / "final", out)
     else:
         raise CheckpointError(f"{run} is neither a direction-aware run (directional.json) nor a run with final/")
     print(f"exported to {out}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import os
 import subprocess
 import sys
 import traceback
@@ -146,7 +147,7 @@ def _train_directional(model, tok, data: Path, out: Path, ids) -> dict:
     from mmt.methods.directional import DirectionGate, evaluate_gated, run_directional
 
     cfg = _config("directional_merged", data, out,
-                  ["eval.directions=[de-en,fr-en,en-fr]", f"model.name_or_path={out / 'base'}"])
+                  [f"model.name_or_path={out / 'base'}"])
     from mmt.models import save_model
 
     save_model(model, tok, out / "base")  # the gate reloads the base from model.name_or_path
@@ -157,7 +158,7 @@ def _train_directional(model, tok, data: Path, out: Path, ids) -> dict:
     models = []
     for i, direction in enumerate(DIRECTIONS):
         routed = gate.model_for(*direction.split("-"), base_model=copy.deepcopy(model))
-        name = json.loads((exported / "directions.json").read_text())["routes"][direction]
+        name = json.loads((exported / "directional.json").read_text())["gate"][direction]
         models.append({"path": str(exported / name), "logits": _logits(routed, ids, out / f"ref-{i}.safetensors"),
                        "only": direction})
     evals = [{"model": str(out), "output_dir": str(out / "eval-run"), "hypotheses": gated.hypotheses},
@@ -177,6 +178,22 @@ def _skip_reason(family: str, variant: str, exc: BaseException) -> str | None:
     return None
 
 
+def _train_family(family: str, root: Path, data: Path, tok) -> dict[str, dict | str]:
+    cells: dict[str, dict | str] = {}
+    stage1: dict = {}
+    for variant in VARIANTS:
+        try:
+            if variant == "mixmoe_stage2" and "out" not in stage1:
+                first = str(cells.get("mixmoe_stage1", ""))
+                cells[variant] = first if first.startswith("skip") else "fail: stage 1 did not train"
+                continue
+            cells[variant] = _train_cell(family, variant, data, root / variant, tok, stage1)
+        except Exception as exc:
+            cells[variant] = _skip_reason(family, variant, exc) or (
+                f"fail in training process: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}")
+    return cells
+
+
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory, family_data, tok):
     """{family: {variant: "pass" | reason}}, computed per family on first use."""
@@ -186,24 +203,13 @@ def matrix(tmp_path_factory, family_data, tok):
         if family in cache:
             return cache[family]
         root = tmp_path_factory.mktemp(f"matrix-{family}")
-        cells: dict[str, dict | str] = {}
-        stage1: dict = {}
-        for variant in VARIANTS:
-            out = root / variant
-            try:
-                if variant == "mixmoe_stage2" and "out" not in stage1:
-                    cells[variant] = cells.get("mixmoe_stage1", "skip: stage 1 did not train")
-                    if not str(cells[variant]).startswith("skip"):
-                        cells[variant] = "fail: stage 1 did not train"
-                    continue
-                cells[variant] = _train_cell(family, variant, family_data, out, tok, stage1)
-            except Exception as exc:
-                cells[variant] = _skip_reason(family, variant, exc) or (
-                    f"fail in training process: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MMT_DATA_DIR", str(family_data))  # LANDeRMT's detection reads FLORES dev from here
+            cells = _train_family(family, root, family_data, tok)
         (root / "cells.json").write_text(json.dumps(cells))
         worker = Path(__file__).with_name("_family_worker.py")
         proc = subprocess.run([sys.executable, str(worker), str(root / "cells.json")], capture_output=True, text=True,
-                              env={**__import__("os").environ, "MMT_DATA_DIR": str(family_data)}, timeout=900)
+                              env={**os.environ, "MMT_DATA_DIR": str(family_data)}, timeout=900)
         results_file = root / "results.json"
         if not results_file.exists():
             raise AssertionError(f"family worker crashed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
