@@ -189,3 +189,52 @@ def test_report_splits_seen_and_unseen():
     av = EvalReport("x", rs).averages()
     assert av["seen"]["bleu"] == 8.0 and av["unseen"]["bleu"] == 2.0 and av["all"]["bleu"] == 6.0
     assert "avg unseen" in EvalReport("x", rs).markdown()
+
+
+@pytest.fixture(scope="module")
+def flores_root(tmp_path_factory):
+    import gzip
+
+    sents = {"deu_Latn": ["Das Wetter ist schön.", "Ich lese ein Buch.", "Die Katze schläft."],
+             "eng_Latn": ["The weather is nice.", "I am reading a book.", "The cat sleeps."]}
+    root = tmp_path_factory.mktemp("flores_root")
+    for split in ("dev", "devtest"):
+        (root / "flores200" / split).mkdir(parents=True)
+        for code, lines in sents.items():
+            with gzip.open(root / "flores200" / split / f"{code}.txt.gz", "wt", encoding="utf-8") as fh:
+                fh.write("\n".join(lines) + "\n")
+    with open(root / "train.jsonl", "w", encoding="utf-8") as fh:
+        for a, b in zip(sents["deu_Latn"], sents["eng_Latn"]):
+            fh.write(json.dumps({"src_lang": "de", "tgt_lang": "en", "src": a, "tgt": b}) + "\n")
+    return root
+
+
+def test_best_checkpoint_on_dev_and_checkpoints_evaluate(flores_root, tok, tmp_path):
+    from mmt import train
+    from mmt.cli import main as cli_main
+    from mmt.config import load_config
+    from mmt.evaluate import select_best_checkpoint
+
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"data.train=[{{kind: jsonl, path: {flores_root / 'train.jsonl'}}}]",
+                             f"data.data_dir={flores_root}", f"train.output_dir={out}", "train.max_steps=3",
+                             "train.batch_size=2", "train.micro_batch_size=2", "train.save_every=1",
+                             "train.keep_last=5", "train.lr=1e-2", "train.progress=false", "eval.directions=[de-en]",
+                             "eval.max_new_tokens=4", "eval.off_target=false", "method.select_best=true",
+                             "method.directions=[de-en]"],
+                      method="mfti")
+    train.run(cfg, model=tiny_model("llama", vocab=len(tok), hidden=32, intermediate=48), tokenizer=tok,
+              print_plan=False)
+    sel = select_best_checkpoint(cfg, metric="chrf", split="flores200/dev", log=None)
+    assert set(sel["scores"]) == {"step-0000001", "step-0000002", "step-0000003", "final"}
+    assert sel["best"] == max(sel["scores"], key=lambda k: (sel["scores"][k], k == "final"))
+    assert (out / "best" / "config.json").is_file() and not (out / "best" / "optimizer.pt").exists()
+    assert json.loads((out / "selection.json").read_text())["best"] == sel["best"]
+    with pytest.raises(ValueError, match="test set"):
+        select_best_checkpoint(cfg, split="flores200/devtest", log=None)
+    rc = cli_main(["eval", "--model", str(out / "checkpoints" / "step-0000001"), "--directions", "de-en",
+                   "--output-dir", str(tmp_path / "ev"), "--label", "ck", f"data.data_dir={flores_root}",
+                   "eval.max_new_tokens=4", "eval.off_target=false"])
+    assert rc == 0
+    report = json.loads((tmp_path / "ev" / "ck.json").read_text())
+    assert report["settings"]["seen_directions"] == ["de-en"] and report["results"][0]["seen"] is True
