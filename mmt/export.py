@@ -20,6 +20,7 @@ from torch import nn
 
 from mmt.errors import CheckpointError
 
+
 def _lora_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     """{base parameter name: dense fp32 update} of one peft LoRA adapter directory."""
     from mmt.merge.lora import LoraAdapter, _peft_module_key

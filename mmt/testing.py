@@ -1,8 +1,9 @@
 """Tiny random models and tokenizers for tests and benchmarks (like ``transformers.testing_utils``).
 
 Not used by the pipeline itself: :func:`tiny_model` builds a small random causal LM of a real architecture
-(Llama, Mistral, Qwen2, Gemma 3, GPT-2, BLOOM, XGLM: every family the methods' papers used) and :func:`tiny_tokenizer` trains a byte-level BPE tokenizer offline, so that
-tests exercise the same code paths as real checkpoints in seconds and without network.
+(Llama, Mistral, Qwen2, Gemma 3, GPT-2, BLOOM, XGLM: every family the methods' papers used) and
+:func:`tiny_tokenizer` trains a byte-level BPE tokenizer offline, so that tests exercise the same code paths as
+real checkpoints in seconds and without network.
 """
 
 from __future__ import annotations

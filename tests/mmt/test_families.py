@@ -174,7 +174,8 @@ def _skip_reason(family: str, variant: str, exc: BaseException) -> str | None:
     if family in ("gpt2", "bloom", "xglm") and ("SwiGLU" in text or "swiglu" in text or "gate" in text):
         return "skip: Mix-MoE upcycling of GELU FFNs is not merged yet: " + text.splitlines()[0][:160]
     if "does not describe" in text or "mmt.arch" in text:
-        return "skip: Mix-MoE checkpoints are not registered as a changed architecture yet: " + text.splitlines()[0][:160]
+        return ("skip: Mix-MoE checkpoints are not registered as a changed architecture (mmt.arch) yet: "
+                + text.splitlines()[0][:160])
     return None
 
 

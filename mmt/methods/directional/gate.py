@@ -136,8 +136,8 @@ def evaluate_gated(cfg: Any, manifest: str | Path, *, label: str = "directional"
     if not results:
         return None
     order = [d for d in cfg.eval.directions if d in results]
-    return EvalReport(label=label, results=[results[d] for d in order], hypotheses={d: hyps[d] for d in order if d in hyps},
-                      settings=settings)
+    return EvalReport(label=label, results=[results[d] for d in order],
+                      hypotheses={d: hyps[d] for d in order if d in hyps}, settings=settings)
 
 
 def _eval_weights(gate: "DirectionGate", direction: str, merged: bool) -> str:

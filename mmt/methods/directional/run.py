@@ -128,8 +128,8 @@ def run_directional(cfg: Any, *, model: nn.Module | None = None, tokenizer: Any 
         merged = out / manifest["units"][xx_units[0].name]["weights"]
     for unit in units:
         for s, t in unit.directions:
-            use = rel(merged) if (unit.side == "xx-en" and merged is not None) else manifest["units"][unit.name]["weights"]
-            manifest["gate"][f"{s}-{t}"] = use
+            routed_to_merge = unit.side == "xx-en" and merged is not None
+            manifest["gate"][f"{s}-{t}"] = rel(merged) if routed_to_merge else manifest["units"][unit.name]["weights"]
     (out / "directional.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 
