@@ -170,7 +170,9 @@ def run_train(args: argparse.Namespace) -> int:
             model, tokenizer = load_model(cfg.model, name_or_path=str(Path(result.output_dir) / "best"))
     if args.eval:
         from mmt.evaluate import training_directions_of
+        from mmt.export import merge_lora
 
+        model = merge_lora(model)  # the weights final/ holds: `mmt eval --model final/` gives the same scores
         _evaluate_and_write(cfg, model, tokenizer, label=f"{cfg.method_name}",
                             seen=training_directions_of(result.output_dir))
     return 0
