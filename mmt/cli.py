@@ -40,6 +40,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
                 "compare evaluated systems: paired bootstrap and approximate randomisation"),
     "experiment": ("mmt.experiment", "add_experiment_args", "run_experiment",
                    "run method configs at a matched budget, pick best dev checkpoints, compare"),
+    "export": ("mmt.export", "add_export_args", "run_export",
+               "write a run's result as standalone Hugging Face model(s), LoRA merged"),
 }
 
 EPILOG = """\
@@ -161,9 +163,25 @@ def run_train(args: argparse.Namespace) -> int:
     model, tokenizer, plan, result = train.run(cfg)
     print(f"trained {result.steps} steps in {result.seconds:.0f}s; final loss {result.final_loss:.4f}; "
           f"output in {result.output_dir}")
+    if not PartialState().is_main_process:
+        return 0
+    if getattr(cfg.method, "select_best", False):  # mFTI's protocol: the best checkpoint on a dev split
+        from mmt.evaluate import select_best_checkpoint
+        from mmt.models import load_model
+
+        m = cfg.method
+        sel = select_best_checkpoint(cfg, metric=m.select_metric, split=m.select_split,
+                                     max_sentences=m.select_sentences)
+        print(f"best on {sel['split']} ({sel['metric']}): {sel['best']}; copied to {result.output_dir}/best")
+        if args.eval:
+            model, tokenizer = load_model(cfg.model, name_or_path=str(Path(result.output_dir) / "best"))
     if args.eval:
-        if PartialState().is_main_process:
-            _evaluate_and_write(cfg, model, tokenizer, label=f"{cfg.method_name}")
+        from mmt.evaluate import training_directions_of
+        from mmt.export import merge_lora
+
+        model = merge_lora(model)  # the weights final/ holds: `mmt eval --model final/` gives the same scores
+        _evaluate_and_write(cfg, model, tokenizer, label=f"{cfg.method_name}",
+                            seen=training_directions_of(result.output_dir))
     return 0
 
 
@@ -174,7 +192,10 @@ def run_train(args: argparse.Namespace) -> int:
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.epilog = """examples:
   mmt eval --model runs/mfti_demo/final --directions de-en en-de
+  mmt eval --model runs/mfti_demo/checkpoints/step-0000012     # any checkpoint is a standalone model
+  mmt eval --model runs/directional_demo                       # a direction-aware run: routed per direction
   mmt eval --model gemma3-270m --shots 3 --max-sentences 100
+  mmt eval -c examples/configs/icl_8shot.yaml                  # the 8-shot in-context baseline
   mmt eval -c examples/configs/mfti_demo.yaml eval.num_beams=4
 
 Writes <label>.json, <label>.md and <label>_hyps/<direction>.txt to eval.output_dir."""
@@ -196,16 +217,29 @@ def run_eval(args: argparse.Namespace) -> int:
                                     "max_sentences": "eval.max_sentences", "shots": "eval.shots",
                                     "beams": "eval.num_beams", "output_dir": "eval.output_dir"})
     cfg = load_config(args.config, ov)
-    model, tokenizer = load_model(cfg.model)
     label = args.label or cfg.model.name_or_path.rstrip("/").split("/")[-1]
-    _evaluate_and_write(cfg, model, tokenizer, label=label)
+    if (Path(cfg.model.name_or_path) / "directional.json").is_file():  # one model per direction: route each
+        from mmt.evaluate import write_report
+        from mmt.methods.directional import evaluate_gated
+
+        report = evaluate_gated(cfg, Path(cfg.model.name_or_path), label=label)
+        out = Path(cfg.eval.output_dir or Path(cfg.train.output_dir) / "eval")
+        write_report(report, out)
+        print(report.markdown())
+        print(f"results written to {out}")
+        return 0
+    from mmt.evaluate import training_directions_of
+
+    model, tokenizer = load_model(cfg.model)
+    _evaluate_and_write(cfg, model, tokenizer, label=label, seen=training_directions_of(cfg.model.name_or_path))
     return 0
 
 
-def _evaluate_and_write(cfg, model, tokenizer, label: str) -> None:
+def _evaluate_and_write(cfg, model, tokenizer, label: str, seen=None) -> None:
     from mmt.evaluate import evaluate, write_report  # see run_train
 
-    report = evaluate(model, tokenizer, cfg.eval, template=cfg.data.template, data_dir=cfg.data.data_dir, label=label)
+    report = evaluate(model, tokenizer, cfg.eval, template=cfg.data.template, data_dir=cfg.data.data_dir, label=label,
+                      seen=seen)
     out = Path(cfg.eval.output_dir or Path(cfg.train.output_dir) / "eval")
     write_report(report, out)
     print(report.markdown())

@@ -2,13 +2,18 @@
 
 Generation is left-padded so every prompt ends at the same column; the translation is the text
 generated after the prompt, cut at the first newline (the prompts put the translation on one
-line) or EOS. BLEU tokenisation follows sacreBLEU conventions: ``zh`` for Chinese, ``ja-mecab``
+line), at the template's next field marker (an untuned model goes on with ``[Korean]: <next source>``
+on the same line), or EOS, for every model alike. Each direction is scored with the model routed for
+it (:func:`mmt.arch.set_direction`; e.g. CAR switches to the pair's language-specific neurons).
+Reports average seen and unseen (zero-shot) directions separately when the training directions are
+known. BLEU tokenisation follows sacreBLEU conventions: ``zh`` for Chinese, ``ja-mecab``
 for Japanese when MeCab is importable (else ``char``), ``13a`` otherwise.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +29,7 @@ from transformers import StoppingCriteriaList
 from mmt import languages as L
 from mmt.errors import ConfigError, require
 from mmt.data import (Example, build_fewshot_prompt, build_prompt, collate_prompts, load_flores, pad_token_id,
-                      resolve_data_dir)
+                      resolve_data_dir, template_text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,14 +58,52 @@ class _StopAtNewline:
         return torch.isin(input_ids[:, -1], self.newline_ids.to(input_ids.device))
 
 
-def postprocess(text: str) -> str:
-    return text.split("\n", 1)[0].strip()
+_BRACKET_FIELD = re.compile(r"\s*\[[^\[\]\n]{1,40}\]:")
+
+
+def field_markers(template: str) -> list[str]:
+    """The template's literal pieces (at least 4 characters with a letter) that open its next field, e.g.
+    ``Translation: [`` for T1 or ``Translate this from`` for ALMA."""
+    pieces = re.split(r"<srclang>|<tgtlang>|<input>", template_text(template))
+    out = []
+    for piece in pieces:
+        for line in piece.split("\n"):
+            s = line.strip()
+            if len(s) >= 4 and any(c.isalpha() for c in s):
+                out.append(s)
+    return out
+
+
+def postprocess(text: str, template: str | None = None) -> str:
+    """The first line of ``text``, cut before the template's next field marker (and, for templates with
+    bracketed fields, before any ``[Language]:``)."""
+    text = text.split("\n", 1)[0]
+    if template is not None:
+        cut = len(text)
+        if "[" in template_text(template):
+            m = _BRACKET_FIELD.search(text)
+            if m:
+                cut = m.start()
+        for marker in field_markers(template):
+            i = text.find(marker)
+            if i >= 0:
+                cut = min(cut, i)
+        text = text[:cut]
+    return text.strip()
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 8, num_beams: int = 1,
-             max_new_tokens: int = 150, max_prompt_tokens: int | None = 1024, progress: bool = False) -> list[str]:
-    """Translate each prompt (greedy or beam search); returns cleaned hypotheses in input order."""
+             max_new_tokens: int = 150, max_prompt_tokens: int | None = 1024, progress: bool = False,
+             template: str | None = None, direction: tuple[str, str] | None = None) -> list[str]:
+    """Translate each prompt (greedy or beam search); returns cleaned hypotheses in input order.
+
+    ``template``: cut each hypothesis at that template's next field marker (see :func:`postprocess`).
+    ``direction``: (src, tgt) to route a direction-dependent model for (CAR); set before generating."""
+    from mmt.arch import set_direction
+
+    if direction is not None:
+        set_direction(model, *direction)
     model.eval()
     device = next(model.parameters()).device
     stop = StoppingCriteriaList([_StopAtNewline(newline_token_ids(tokenizer))])
@@ -82,7 +125,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 8, n
         new = gen[:, batch["input_ids"].shape[1]:]
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for i, t in zip(idx, texts):
-            out[i] = postprocess(t)
+            out[i] = postprocess(t, template)
     return [t or "" for t in out]
 
 
@@ -180,6 +223,7 @@ class DirectionResult:
     spbleu: float | None = None
     seconds: float = 0.0
     bleu_tokenize: str = "13a"
+    seen: bool | None = None  # trained on this direction (None: unknown)
 
 
 @dataclass
@@ -192,6 +236,8 @@ class EvalReport:
     def averages(self) -> dict[str, dict[str, float]]:
         groups = {"xx->en": [r for r in self.results if r.direction.endswith("-en")],
                   "en->xx": [r for r in self.results if r.direction.startswith("en-")],
+                  "seen": [r for r in self.results if r.seen is True],
+                  "unseen": [r for r in self.results if r.seen is False],
                   "all": list(self.results)}
         out = {}
         for name, rs in groups.items():
@@ -243,8 +289,11 @@ def draw_shots(dev_folder: Path, direction: tuple[str, str], k: int, seed: int,
 
 def evaluate(model, tokenizer, eval_cfg: Any, *, template: str = "T1", data_dir: str | Path | None = None,
              label: str = "model", shots: int | None = None, seed: int = 0, progress: bool = True,
-             log=print) -> EvalReport:
-    """Score ``model`` on each direction of ``eval_cfg`` (a :class:`mmt.config.EvalConfig`)."""
+             log=print, seen: Sequence[str] | None = None) -> EvalReport:
+    """Score ``model`` on each direction of ``eval_cfg`` (a :class:`mmt.config.EvalConfig`).
+
+    ``seen``: the training directions ("de-en", ...); the report then averages seen and unseen directions
+    separately (mFTI's second claim is about directions never trained on)."""
     root = resolve_data_dir(data_dir)
     test_folder = Path(eval_cfg.test_set)
     test_folder = test_folder if test_folder.is_absolute() else root / test_folder
@@ -267,9 +316,10 @@ def evaluate(model, tokenizer, eval_cfg: Any, *, template: str = "T1", data_dir:
         else:
             prompts = [build_prompt(tpl, s, t, x) for x in srcs]
         hyps = generate(model, tokenizer, prompts, batch_size=eval_cfg.batch_size, num_beams=eval_cfg.num_beams,
-                        max_new_tokens=eval_cfg.max_new_tokens, progress=progress)
+                        max_new_tokens=eval_cfg.max_new_tokens, progress=progress, template=tpl, direction=(s, t))
         r = DirectionResult(direction=f"{s}-{t}", n=len(srcs), bleu=bleu(hyps, refs, t), chrf=chrf_pp(hyps, refs),
-                            bleu_tokenize=bleu_tokenizer(t))
+                            bleu_tokenize=bleu_tokenizer(t),
+                            seen=None if seen is None else f"{s}-{t}" in {_norm_direction(d) for d in seen})
         if eval_cfg.off_target:
             r.off_target = off_target_rate(hyps, t)
         if getattr(eval_cfg, "spbleu", False):
@@ -282,8 +332,14 @@ def evaluate(model, tokenizer, eval_cfg: Any, *, template: str = "T1", data_dir:
         if log:
             log(f"[{label}] {r.direction}: BLEU {r.bleu:.2f} chrF++ {r.chrf:.2f} ({r.n} sentences, {r.seconds:.0f}s)")
     settings = {"template": tpl, "shots": k, "num_beams": eval_cfg.num_beams, "max_new_tokens": eval_cfg.max_new_tokens,
-                "test_set": str(test_folder), "first_line": eval_cfg.first_line, "max_sentences": eval_cfg.max_sentences}
+                "test_set": str(test_folder), "first_line": eval_cfg.first_line, "max_sentences": eval_cfg.max_sentences,
+                "seen_directions": None if seen is None else sorted(_norm_direction(d) for d in seen)}
     return EvalReport(label=label, results=results, hypotheses=hyps_all, settings=settings)
+
+
+def _norm_direction(d: str) -> str:
+    s, t = L.parse_direction(d)
+    return f"{s}-{t}"
 
 
 def write_report(report: EvalReport, out_dir: str | Path, name: str | None = None) -> Path:
@@ -316,3 +372,71 @@ def compare_markdown(before: EvalReport, after: EvalReport) -> str:
             rows.append(f"| *avg {k}* | {ba[k]['bleu']:.2f} | {aa[k]['bleu']:.2f} | {ba[k]['chrf']:.2f} | "
                         f"{aa[k]['chrf']:.2f} | {aa[k]['chrf'] - ba[k]['chrf']:+.2f} |")
     return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# runs: the directions a model was trained on, and mFTI's best-checkpoint protocol
+
+
+def training_directions_of(model_path: str | Path) -> list[str] | None:
+    """The directions a model written by ``mmt train`` was trained on, read from its run's ``config.yaml``
+    (``final/`` and ``checkpoints/step-N/`` sit inside the run directory); None when unknown."""
+    import yaml
+
+    p = Path(model_path)
+    if not p.exists():
+        return None
+    for d in (p, p.parent, p.parent.parent):
+        f = d / "config.yaml"
+        if f.is_file():
+            raw = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+            listed = (raw.get("method") or {}).get("directions")
+            if listed:
+                return list(listed)
+            dirs = [x for src in (raw.get("data") or {}).get("train") or [] if src.get("kind") != "mono"
+                    for x in src.get("directions") or []]
+            return dirs or None
+    return None
+
+
+def select_best_checkpoint(cfg: Any, *, metric: str = "chrf", split: str = "flores200/dev",
+                           max_sentences: int | None = None, log=print) -> dict[str, Any]:
+    """Score every checkpoint and ``final/`` of the run ``cfg.train.output_dir`` on a dev split (never the test
+    set) over ``cfg.eval.directions``; copy the best to ``<run>/best/`` and write ``<run>/selection.json``."""
+    import copy
+    import os
+    import shutil
+
+    from mmt.models import load_model
+
+    run = Path(cfg.train.output_dir)
+    candidates = sorted(p for p in (run / "checkpoints").glob("step-*") if (p / "config.json").is_file())
+    if (run / "final" / "config.json").is_file():
+        candidates.append(run / "final")
+    if not candidates:
+        raise FileNotFoundError(f"{run}: no checkpoint or final/ model to select from")
+    ecfg = copy.deepcopy(cfg.eval)
+    ecfg.test_set, ecfg.shots, ecfg.first_line = split, 0, 0
+    if max_sentences is not None:
+        ecfg.max_sentences = max_sentences
+    if Path(ecfg.test_set) == Path(cfg.eval.test_set):
+        raise ValueError(f"checkpoint selection split {split!r} is the test set; use a dev split")
+    scores = {}
+    for cand in candidates:
+        model, tok = load_model(cfg.model, name_or_path=str(cand), verbose=False)
+        rep = evaluate(model, tok, ecfg, template=cfg.data.template, data_dir=cfg.data.data_dir,
+                       label=cand.name, progress=False, log=None)
+        scores[cand.name] = rep.averages()["all"][metric]
+        if log:
+            log(f"[select] {cand.name}: dev {metric} {scores[cand.name]:.2f}")
+        del model
+    best = max(scores, key=lambda k: (scores[k], k == "final"))
+    src = run / "checkpoints" / best if best != "final" else run / "final"
+    tmp = run / ".best.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("optimizer.pt", "scheduler.pt", "rng_*.pt"))
+    shutil.rmtree(run / "best", ignore_errors=True)
+    os.replace(tmp, run / "best")
+    result = {"metric": metric, "split": split, "max_sentences": ecfg.max_sentences, "scores": scores, "best": best}
+    (run / "selection.json").write_text(json.dumps(result, indent=1))
+    return result

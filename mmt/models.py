@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mmt.errors import MethodError, ModelLoadError, require
+from mmt.errors import CheckpointError, MethodError, ModelLoadError, require
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -86,10 +86,19 @@ def _gguf_cache_dir(gguf_path: Path, dtype: str) -> Path:
 
 def load_model(cfg: Any = None, *, name_or_path: str | None = None, dtype: str | None = None,
                verbose: bool = True) -> tuple[nn.Module, Any]:
-    """Load (model, tokenizer) from a :class:`mmt.config.ModelConfig` (or keyword arguments)."""
+    """Load (model, tokenizer) from a :class:`mmt.config.ModelConfig` (or keyword arguments).
+
+    Models that a method changed (CAR gates, MoE experts) load as themselves through :mod:`mmt.arch`;
+    weights that do not match the architecture their config describes are an error."""
+    import mmt.arch  # noqa: F401  (registers changed architectures with the Auto classes)
+
     name = name_or_path or (cfg.name_or_path if cfg is not None else None)
     if not name:
         raise ModelLoadError("no model given: set model.name_or_path (hub id, directory, .gguf file or alias)")
+    if (Path(name) / "directional.json").is_file():
+        raise ModelLoadError(f"{name} holds one model per translation direction (a direction-aware run or its "
+                             "export): evaluate it with `mmt eval --model` (routes each direction), or pick one with "
+                             "mmt.methods.directional.DirectionGate")
     dtype_name = dtype or (cfg.dtype if cfg is not None else "float32")
     torch_dtype = "auto" if dtype_name == "auto" else DTYPES[dtype_name]
     gguf_file = cfg.gguf_file if cfg is not None else None
@@ -133,7 +142,20 @@ def load_model(cfg: Any = None, *, name_or_path: str | None = None, dtype: str |
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.use_cache = False
+    _align_storage(model)
     return model, tokenizer
+
+
+def _align_storage(model: nn.Module) -> None:
+    """Give each loaded tensor that sits at an address not 64-byte aligned a fresh allocation.
+
+    safetensors loads can leave tensors unaligned; vectorised CPU kernels then round differently than on the
+    trained model's tensors, and reloaded logits differ in the last bit. Parameters keep their identity, so
+    tied weights stay tied."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.data_ptr() % 64:
+                t.data = t.data.clone()
 
 
 def _write_cache(model: nn.Module, tokenizer: Any, cache: Path) -> None:
@@ -172,18 +194,63 @@ def _write_cache(model: nn.Module, tokenizer: Any, cache: Path) -> None:
 
 
 def save_model(model: nn.Module, tokenizer: Any, out: str | Path) -> Path:
-    """Save model (safetensors) + tokenizer atomically; unwraps peft models by merging adapters
-    into a copy only when asked elsewhere — here adapters are saved as they are."""
+    """Save a standalone, reloadable model + tokenizer to ``out`` atomically (see :func:`write_model`)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+    try:
+        write_model(model, tokenizer, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def write_model(model: nn.Module, tokenizer: Any, folder: str | Path) -> None:
+    """Write a standalone, reloadable model (+ tokenizer) into the existing ``folder`` (not atomic by itself).
+
+    A peft (LoRA) model is written with its adapters merged into a copy of the weights, so plain
+    ``AutoModelForCausalLM.from_pretrained`` loads it; a changed architecture (:mod:`mmt.arch`) writes its mmt
+    config. A model that its config would not rebuild is refused (:func:`check_reloadable`)."""
+    from mmt.arch import spec_of
+
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    config = model.mmt_config() if spec_of(model) is not None else model.config
+    check_reloadable(model, config)
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def check_reloadable(model: nn.Module, config: Any) -> None:
+    """Refuse a model that ``config`` would not rebuild: a parameter or persistent buffer that the config's
+    architecture lacks (or expects, or shapes differently) would be dropped or randomly initialised on reload."""
+    from transformers import AutoModelForCausalLM
+
+    import mmt.arch  # noqa: F401  (an mmt config needs its Auto-class registration)
+
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config)
+    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if want == have:
+        return
+    extra = sorted(set(have) - set(want))
+    missing = sorted(set(want) - set(have))
+    shape = sorted(k for k in set(have) & set(want) if have[k] != want[k])
+    parts = [f"{what}: {', '.join(keys[:3])}" + (f" (+{len(keys) - 3})" if len(keys) > 3 else "")
+             for what, keys in (("tensors its config does not describe", extra),
+                                ("tensors its config expects but it lacks", missing),
+                                ("tensors of another shape", shape)) if keys]
+    raise CheckpointError(f"refusing to save {type(model).__name__}: it would not reload as itself ("
+                          + "; ".join(parts) + "). A method that changes the architecture registers the change "
+                          "with mmt.arch.register_arch and tags the model with mmt.arch.mark")
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,9 +363,11 @@ def find_ffn(model: nn.Module) -> list[FFNInfo]:
     out = []
     for i, block in enumerate(layers):
         mlp = _ffn_module(block)
+        name = f"{prefix}.{i}.{_child_name(block, mlp)}" if mlp is not None else ""
+        if mlp is None and hasattr(block, "fc1") and hasattr(block, "fc2"):
+            mlp, name = block, f"{prefix}.{i}"  # XGLM: fc1/fc2 sit on the decoder layer itself
         if mlp is None:
             raise MethodError(f"layer {i} of {type(model).__name__} has no mlp/feed_forward module")
-        name = f"{prefix}.{i}.mlp"
         gate, up, down = (getattr(mlp, a, None) for a in ("gate_proj", "up_proj", "down_proj"))
         if gate is None and up is None:
             gate, up, down = (getattr(mlp, a, None) for a in ("w1", "w3", "w2"))  # Mixtral-style naming

@@ -1,8 +1,9 @@
 """Tiny random models and tokenizers for tests and benchmarks (like ``transformers.testing_utils``).
 
 Not used by the pipeline itself: :func:`tiny_model` builds a small random causal LM of a real architecture
-(Llama, Qwen2, Gemma 3, GPT-2) and :func:`tiny_tokenizer` trains a byte-level BPE tokenizer offline, so that
-tests exercise the same code paths as real checkpoints in seconds and without network.
+(Llama, Mistral, Qwen2, Gemma 3, GPT-2, BLOOM, XGLM: every family the methods' papers used) and
+:func:`tiny_tokenizer` trains a byte-level BPE tokenizer offline, so that tests exercise the same code paths as
+real checkpoints in seconds and without network.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-__all__ = ["SPECIALS", "tiny_model", "tiny_tokenizer"]
+__all__ = ["FAMILIES", "SPECIALS", "tiny_model", "tiny_tokenizer"]
+
+FAMILIES = ("llama", "mistral", "qwen2", "gemma3", "gpt2", "bloom", "xglm")
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -39,13 +42,18 @@ def tiny_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 512):
 
 def tiny_model(arch: str = "llama", vocab: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4,
                intermediate: int = 128, seed: int = 0, max_positions: int = 512) -> nn.Module:
-    """A small random causal LM of the given architecture (llama, qwen2, gemma3, gpt2), in fp32."""
+    """A small random causal LM of the given architecture (one of :data:`FAMILIES`), in fp32, dropout off."""
     common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if arch == "llama":
         cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                              num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                              max_position_embeddings=max_positions, **common)
         cls = tf.LlamaForCausalLM
+    elif arch == "mistral":
+        cfg = tf.MistralConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                               num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                               max_position_embeddings=max_positions, sliding_window=64, **common)
+        cls = tf.MistralForCausalLM
     elif arch == "qwen2":
         cfg = tf.Qwen2Config(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                              num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
@@ -62,8 +70,17 @@ def tiny_model(arch: str = "llama", vocab: int = 512, hidden: int = 64, layers: 
                             n_positions=max_positions, vocab_size=vocab, bos_token_id=1, eos_token_id=2,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         cls = tf.GPT2LMHeadModel
+    elif arch == "bloom":  # BLOOM's FFN is 4 x hidden (no intermediate size in its config)
+        cfg = tf.BloomConfig(hidden_size=hidden, n_layer=layers, n_head=heads, hidden_dropout=0.0,
+                             attention_dropout=0.0, **common)
+        cls = tf.BloomForCausalLM
+    elif arch == "xglm":
+        cfg = tf.XGLMConfig(d_model=hidden, ffn_dim=intermediate, num_layers=layers, attention_heads=heads,
+                            max_position_embeddings=max_positions, dropout=0.0, attention_dropout=0.0,
+                            activation_dropout=0.0, **common)
+        cls = tf.XGLMForCausalLM
     else:
-        raise ValueError(f"tiny_model: unknown arch {arch!r}; use llama, qwen2, gemma3 or gpt2")
+        raise ValueError(f"tiny_model: unknown arch {arch!r}; use one of {', '.join(FAMILIES)}")
     try:
         cfg._attn_implementation = "eager"
     except Exception:

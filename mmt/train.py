@@ -183,6 +183,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
+            self._write_loadable_model(tmp)
             torch.save(self.torch_optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             if self.plan.state_dict is not None:
@@ -199,6 +200,19 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
         return final
+
+    def _write_loadable_model(self, folder: Path) -> None:
+        """Make a checkpoint a standalone model too (config.json, safetensors, tokenizer), so that ``mmt eval
+        --model <checkpoint>`` and best-checkpoint selection load it like ``final/``. A model that would not
+        reload as itself is left out with a warning (the checkpoint still resumes); ``final/`` refuses it."""
+        from mmt.models import write_model
+
+        try:
+            write_model(self.acc.unwrap_model(self.model), self.tokenizer, folder)
+        except CheckpointError as exc:
+            if not getattr(self, "_warned_unloadable", False):
+                print(f"[mmt] warning: checkpoints hold no standalone model: {exc}", flush=True)
+                self._warned_unloadable = True
 
     def load_checkpoint(self, path: str | Path) -> None:
         path = Path(path)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,12 +62,14 @@ def test_run_directional_trains_units_merges_and_gates(tok, jsonl_data, tmp_path
     assert manifest["gate"]["de-en"] == merged == manifest["gate"]["fr-en"]
     assert manifest["gate"]["en-de"] == manifest["units"]["en-xx.all"]["weights"] == manifest["gate"]["en-fr"]
     assert json.loads((tmp_path / "run" / "directional.json").read_text()) == manifest
+    assert (tmp_path / "run" / merged / "config.json").is_file()  # the exact merge is a full model (LoRA too)
+    assert manifest["merged"]["exact"] is True
     gate = D.DirectionGate(tmp_path / "run")
     m = gate.model_for("de", "en", base_model=tiny_model("llama", vocab=len(tok), seed=0))
     assert torch.isfinite(m(torch.tensor([[1, 5, 7]])).logits).all()
     # an unseen XX->En language routes to the merged model, an unseen En->XX one to the joint model
-    assert gate.weights_for("sw", "en") == merged
-    assert gate.weights_for("en", "sw") == manifest["units"]["en-xx.all"]["weights"]
+    assert gate.weights_for("sw", "en") == str(tmp_path / "run" / merged)
+    assert gate.weights_for("en", "sw") == str(tmp_path / "run" / manifest["units"]["en-xx.all"]["weights"])
 
 
 def test_cli_train_runs_every_unit_and_merge(tmp_path, monkeypatch):
@@ -99,10 +102,7 @@ def test_single_named_unit_is_a_joint_baseline(tok, jsonl_data, tmp_path):
 def test_evaluate_gated_loads_exactly_the_picked_adapter_and_reuses_scores(tmp_path, monkeypatch):
     """dat scores XX->En with each unit's own adapter (never stacked on the merged one); weights already
     scored by datm (the En->XX unit) are reused, not decoded again."""
-    import peft
-
     import mmt.evaluate as E
-    import mmt.models as M
 
     manifest = {"lora": True, "units": {"xx-en.a": {"side": "xx-en", "directions": ["de-en"], "weights": "A"},
                                         "xx-en.b": {"side": "xx-en", "directions": ["fr-en"], "weights": "B"},
@@ -111,8 +111,8 @@ def test_evaluate_gated_loads_exactly_the_picked_adapter_and_reuses_scores(tmp_p
                 "merged": {"weights": "MRG"}, "gate": {"de-en": "MRG", "fr-en": "MRG", "en-de": "E", "en-fr": "E"}}
     (tmp_path / "directional.json").write_text(json.dumps(manifest))
     loaded, decoded = [], []
-    monkeypatch.setattr(M, "load_model", lambda *a, **k: (object(), None))
-    monkeypatch.setattr(peft.PeftModel, "from_pretrained", classmethod(lambda cls, base, path: loaded.append(path) or path))
+    monkeypatch.setattr(D.DirectionGate, "load", lambda self, w, base_model=None, model_cfg=None:
+                        loaded.append(Path(w).name) or (Path(w).name, None))
 
     def fake_eval(model, tok, ecfg, **kw):
         decoded.append((model, list(ecfg.directions)))

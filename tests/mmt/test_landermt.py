@@ -94,6 +94,47 @@ def test_detection_matches_stored_activation_taylor(arch, tok):
         assert int(own[j]) == int(expected[:, j].argmax())
 
 
+
+def test_output_neurons_of_per_head_norms_match_stored_activations(tok):
+    """Gemma 3's q_norm output is [B, heads, T, head_dim]: each channel is scored over every head and token."""
+    model = _model("gemma3", tok)
+    texts = {k: v[:2] for k, v in SENTS.items()}
+    nmap = lm.detect(model, tok, texts, [1], "output", batch_size=2, max_length=32, ratio=0.25, progress=False)
+    name = next(u.name for u in nmap.units if u.name.endswith("q_norm"))
+    q_norm = dict(model.named_modules())[name]
+    expected = torch.zeros(len(texts), q_norm.weight.shape[0], dtype=torch.float64)
+    for li, sents in enumerate(texts.values()):
+        for s in sents:
+            batch = lm._encode(tok, [s], 32, "cpu")
+            store = {}
+            h = q_norm.register_forward_hook(lambda m, a, o: store.__setitem__("a", o))
+            emb_h = model.get_input_embeddings().register_forward_hook(lambda m, a, o: o.requires_grad_(True))
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            h.remove(), emb_h.remove()
+            a = store["a"]  # [1, H, T, D]
+            a.retain_grad()
+            logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                              ignore_index=-100).backward()
+            t = a.shape[2]  # mean over tokens, summed over heads
+            expected[li] += (a.detach().double() * a.grad.double()).abs()[0].sum(0).sum(0) / t
+    torch.testing.assert_close(nmap.importance[name].double(), expected, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma3", "gpt2", "bloom", "xglm"])
+def test_car_at_step_zero_is_the_pretrained_model(arch, tok, data_dir, tmp_path):
+    """The gate's zero init gives both sub-FFNs a factor of exactly 1: logits equal the pretrained model's, bit for
+    bit, on every FFN layout (BLOOM's MLP takes the residual, XGLM's fc1/fc2 sit on the decoder layer)."""
+    ref_model = _model(arch, tok).eval()
+    ids = lm._encode(tok, SENTS["de"][:2], 32, "cpu")
+    ref = ref_model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
+    model, plan, opt, nmap = _prepared(arch, tok, data_dir, tmp_path, car=True)
+    model.eval()
+    lm.set_car_pair(model, nmap, ("de", "en"))
+    assert torch.equal(model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits, ref)
+    _step(model.train(), plan, opt, tok, ("de", "en"))  # and the gate trains on every layout
+    assert any(float(m.car_gate.weight.abs().sum()) > 0 for m in model.modules() if hasattr(m, "car_gate"))
+
 def test_select_layers_returns_the_biggest_changes(tok):
     model = _model("llama", tok, layers=4)
     layers, change = lm.select_layers(model, tok, SENTS["en"], 2, batch_size=2)
@@ -202,7 +243,7 @@ def test_non_strict_moves_masked_rows(tok, data_dir, tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_car_gate_routes_and_trains(arch, tok, data_dir, tmp_path):
-    model, plan, opt, nmap = _prepared(arch, tok, data_dir, tmp_path, car=True)
+    model, plan, opt, nmap = _prepared(arch, tok, data_dir, tmp_path, car=True, car_other_languages_off=True)
     mlp = find_ffn(model)[1].module
     assert hasattr(mlp, "car_gate") and mlp.car_gate.weight.requires_grad
     batch = lm._encode(tok, SENTS["en"][:2], 32, "cpu")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mmt.config import MethodConfig
+from mmt.errors import ConfigError
 
 PIVOT = "en"
 
@@ -21,7 +22,11 @@ class Config(MethodConfig):
     lora, lora_*: LoRA through peft (default; X-ALMA uses rank 512 at 13B, scaled down here);
         lora=false trains all weights (then merging streams full checkpoints).
     merge: merge the XX->En unit models with merge_method (ties), density, lam, sign.
-    lora_merge_mode: "svd" (dense delta -> merge -> rank-r SVD) or "factor" (peft-style factor merge).
+    lora_merge_mode: "dense" (exact: the merge of the adapters' dense updates is added to the base weights and
+        written as a full model), "svd" (dense merge truncated back to rank ``merge_rank``; the merge report gives
+        the relative error of the truncation) or "factor" (peft-style merge of the factors, not the TIES of the
+        updates).
+    merge_rank: rank kept by lora_merge_mode "svd" (None: lora_r).
     freeze_embeddings: full fine-tuning only: keep (tied) embeddings frozen (a large share of a small model).
     """
 
@@ -41,5 +46,11 @@ class Config(MethodConfig):
     merge_density: float = 0.2
     merge_lam: float = 1.0
     merge_sign: str = "total"
-    lora_merge_mode: str = "svd"
+    lora_merge_mode: str = "dense"
+    merge_rank: int | None = None
     sampler: str = "mixed"
+
+    def __post_init__(self) -> None:
+        if self.lora_merge_mode not in ("dense", "svd", "factor"):
+            raise ConfigError(f"directional: lora_merge_mode must be 'dense', 'svd' or 'factor', got "
+                              f"{self.lora_merge_mode!r}")

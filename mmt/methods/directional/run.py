@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,13 @@ def run_directional(cfg: Any, *, model: nn.Module | None = None, tokenizer: Any 
         save_model(model, tokenizer, base_dir)  # the merge streams task vectors against this copy
     # ``model`` itself is never trained (each unit trains a deep copy), so no snapshot of the base is kept:
     # one less full copy of the weights in memory (several units of a 270M model OOM-ed a shared 23 GB box).
-    manifest: dict[str, Any] = {"lora": mcfg.lora, "base": cfg.model.name_or_path, "units": {}, "gate": {}}
+    base_name = cfg.model.name_or_path  # a local base is recorded absolute: the manifest must work from anywhere
+    base_name = str(Path(base_name).resolve()) if Path(base_name).exists() else base_name
+    manifest: dict[str, Any] = {"lora": mcfg.lora, "base": base_name, "units": {}, "gate": {}}
+
+    def rel(p: Path | str) -> str:  # weights are recorded relative to the run folder
+        return os.path.relpath(p, out)
+
     for unit in units:
         ucfg = copy.deepcopy(cfg)
         ucfg.method.unit = unit.name
@@ -75,12 +82,12 @@ def run_directional(cfg: Any, *, model: nn.Module | None = None, tokenizer: Any 
         if done and cfg.train.resume == "auto":  # a unit finished by an earlier (interrupted) run is reused
             print(f"directional: unit {unit.name} already trained ({weights}); reusing it", flush=True)
             manifest["units"][unit.name] = {"side": unit.side, "directions": ucfg.method.directions,
-                                            "weights": str(weights), "steps": None, "final_loss": None,
+                                            "weights": rel(weights), "steps": None, "final_loss": None,
                                             "reused": True}
             continue
         umodel, _, _, result = train.run(ucfg, model=copy.deepcopy(model), tokenizer=tokenizer)  # same base each
         manifest["units"][unit.name] = {"side": unit.side, "directions": ucfg.method.directions,
-                                        "weights": str(weights), "steps": result.steps,
+                                        "weights": rel(weights), "steps": result.steps,
                                         "final_loss": result.final_loss}
         del umodel, result
         gc.collect()
@@ -89,25 +96,40 @@ def run_directional(cfg: Any, *, model: nn.Module | None = None, tokenizer: Any 
     merged = None
     if mcfg.merge and len(xx_units) > 1:
         merged = out / "xx-en.merged"
-        paths = [manifest["units"][u.name]["weights"] for u in xx_units]
-        mc = dict(method=mcfg.merge_method, density=mcfg.merge_density, lam=mcfg.merge_lam, sign=mcfg.merge_sign,
-                  output=str(merged), overwrite=True)
-        if mcfg.lora:
-            mc.update(adapters=paths, lora_mode=mcfg.lora_merge_mode, rank=mcfg.lora_r)
+        paths = [str(out / manifest["units"][u.name]["weights"]) for u in xx_units]
+        info = {"from": [u.name for u in xx_units], "method": mcfg.merge_method, "density": mcfg.merge_density,
+                "lam": mcfg.merge_lam, "sign": mcfg.merge_sign, "lora_merge_mode": mcfg.lora_merge_mode if mcfg.lora
+                else None}
+        if mcfg.lora and mcfg.lora_merge_mode == "dense":  # exact: base + TIES of the dense updates, a full model
+            from mmt.export import merge_adapters_into
+
+            merged_model = copy.deepcopy(model)
+            summary = merge_adapters_into(merged_model, paths, method=mcfg.merge_method, density=mcfg.merge_density,
+                                          lam=mcfg.merge_lam, sign=mcfg.merge_sign)
+            save_model(merged_model, tokenizer, merged)
+            del merged_model
+            info.update(exact=True, relative_update=summary["relative_update"])
+            print(f"merged {len(paths)} XX->En adapters exactly ({mcfg.merge_method}, density {mcfg.merge_density}) "
+                  f"into the base weights: {merged}", flush=True)
         else:
-            mc.update(models=paths, base_model=str(base_dir))
-        report = run_merge(MergeConfig.from_dict(mc), progress=cfg.train.progress)
-        print(report.summary(), flush=True)
-        if not mcfg.lora:  # a full checkpoint still needs the tokenizer next to it
-            tokenizer.save_pretrained(str(merged))
-        manifest["merged"] = {"weights": str(merged), "from": [u.name for u in xx_units], "method": mcfg.merge_method,
-                              "density": mcfg.merge_density}
+            mc = dict(method=mcfg.merge_method, density=mcfg.merge_density, lam=mcfg.merge_lam, sign=mcfg.merge_sign,
+                      output=str(merged), overwrite=True)
+            if mcfg.lora:
+                mc.update(adapters=paths, lora_mode=mcfg.lora_merge_mode, rank=mcfg.merge_rank or mcfg.lora_r)
+            else:
+                mc.update(models=paths, base_model=str(base_dir))
+            report = run_merge(MergeConfig.from_dict(mc), progress=cfg.train.progress)
+            print(report.summary(), flush=True)
+            if not mcfg.lora:  # a full checkpoint still needs the tokenizer next to it
+                tokenizer.save_pretrained(str(merged))
+            info.update(exact=not mcfg.lora, notes=report.notes)  # svd: the notes give the truncation error
+        manifest["merged"] = {"weights": rel(merged), **info}
     elif len(xx_units) == 1:
-        merged = Path(manifest["units"][xx_units[0].name]["weights"])
+        merged = out / manifest["units"][xx_units[0].name]["weights"]
     for unit in units:
         for s, t in unit.directions:
-            use = str(merged) if (unit.side == "xx-en" and merged is not None) else manifest["units"][unit.name]["weights"]
-            manifest["gate"][f"{s}-{t}"] = use
+            routed_to_merge = unit.side == "xx-en" and merged is not None
+            manifest["gate"][f"{s}-{t}"] = rel(merged) if routed_to_merge else manifest["units"][unit.name]["weights"]
     (out / "directional.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 

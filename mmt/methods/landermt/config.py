@@ -39,10 +39,11 @@ class Config(MethodConfig):
     train_other: in "ffn" mode, also train the other parameters of the selected layers (attention, norms)
         densely (the code trains every module of a selected block).
     car: add the CAR routing gate to the FFN of the selected layers.
-    car_specific_gate: "one_minus" (the specific sub-FFN gets (1-g)·x [our choice]) or "none" (ungated).
-    car_other_languages_off: neurons specific to languages outside the current pair are inactive
-        [not published].
-    car_bias_init: initial gate bias (0 gives g = 0.5) [our choice].
+    car_specific_gate: "one_minus" (general neurons see 2g·x, specific ones 2(1-g)·x) or "none" (specific ones
+        see x ungated). With the gate's zero init both factors are 1: step 0 is the pretrained model.
+    car_other_languages_off: neurons specific to languages outside the current pair are inactive (in training
+        and, per direction, at evaluation). Off by default so that step 0 is the pretrained model exactly.
+    car_bias_init: initial gate bias (0 gives g = 0.5, i.e. factors of exactly 1).
     detect_output: where prepare() writes a detection it ran itself (None: not saved).
     """
 
@@ -65,7 +66,7 @@ class Config(MethodConfig):
     train_other: bool = True
     car: bool = False
     car_specific_gate: str = "one_minus"
-    car_other_languages_off: bool = True
+    car_other_languages_off: bool = False
     car_bias_init: float = 0.0
     detect_output: str | None = None
 

@@ -85,6 +85,30 @@ def select_layers(model: nn.Module, tokenizer, prompts: list[str], n_layers: int
     return sorted(top), change.tolist()
 
 
+class _HeadAwareTaylorHook(TaylorHook):
+    """A TaylorHook that also scores per-head activations: a ``[B, H, T, D]`` output (Gemma 3's q_norm/k_norm
+    after the heads are split off) or ``[B, T, H, D]`` counts each of the D channels over every head and token,
+    each token's weight repeated for its H rows."""
+
+    def _attach(self, t):
+        if isinstance(t, tuple):
+            t = t[0]
+        w = self.token_weight
+        if not (isinstance(t, torch.Tensor) and t.dim() == 4 and w is not None):
+            return super()._attach(t)
+        if t.shape[0] * t.shape[2] == w.numel():  # [B, H, T, D]: tokens second to last
+            self.transform, heads = (lambda x: x.transpose(1, 2)), t.shape[1]
+        elif t.shape[0] * t.shape[1] == w.numel():  # [B, T, H, D]
+            self.transform, heads = None, t.shape[2]
+        else:
+            raise MethodError(f"landermt: cannot align a {tuple(t.shape)} activation with {w.numel()} tokens")
+        self.token_weight = w.repeat_interleave(heads)
+        try:
+            return super()._attach(t)
+        finally:
+            self.token_weight = w
+
+
 def detect(model: nn.Module, tokenizer, texts: dict[str, list[str]], layers: list[int], kind: str = "ffn",
            batch_size: int = 8, max_length: int = 256, ratio: float = 0.10, backend: str | None = None,
            progress: bool = True) -> NeuronMap:
@@ -93,7 +117,7 @@ def detect(model: nn.Module, tokenizer, texts: dict[str, list[str]], layers: lis
     if not units:
         raise MethodError(f"landermt: no neuron units in layers {layers} for neuron_kind={kind!r}")
     modules = dict(model.named_modules())
-    hooks = {u.name: TaylorHook(modules[u.hook_module], where=u.hook_where, backend=backend) for u in units}
+    hooks = {u.name: _HeadAwareTaylorHook(modules[u.hook_module], where=u.hook_where, backend=backend) for u in units}
     device = next(model.parameters()).device
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
