@@ -249,14 +249,9 @@ def build_run_config(config: Path, overrides: list[str], *, shared: dict[str, di
         ov = [o.format(**placeholders) for o in overrides]
     except (KeyError, IndexError, ValueError) as exc:
         raise ConfigError(f"{where}: bad placeholder in overrides ({exc}); use {{run_dir}} or {{exp_dir}}") from None
-    try:
-        raw = apply_overrides(raw, ov)
-        raw["train"] = _merge(raw.get("train"), train or {})
-        return from_dict(raw, source=f"{where} ({config})")
-    except MmtError:
-        raise
-    except ValueError as exc:  # mmt.config's own error classes (until they derive from MmtError)
-        raise ConfigError(str(exc)) from None
+    raw = apply_overrides(raw, ov)
+    raw["train"] = _merge(raw.get("train"), train or {})
+    return from_dict(raw, source=f"{where} ({config})")
 
 
 def _fit_micro_batch(batch: int, micro: int) -> int:
