@@ -10,7 +10,8 @@ mergekit runs when it can be imported, or from ``MMT_MERGEKIT_PATH`` (a folder w
 by ``pip install --target``; it is put on that process's PYTHONPATH). Both of its precisions are measured:
 ``dtype: bfloat16`` (its maths in bf16) and ``dtype: float32, out_dtype: bfloat16``. The fp32 run at K = 8
 needs more than 23 GB and is off unless ``MMT_BENCH_MERGEKIT_FP32_K8=1``; a run is skipped when the machine
-has less free memory than it needs. ``MMT_BENCH_MERGEKIT_SCALE=small`` uses 6 layers and a 64k vocabulary.
+has less free memory than it needs. ``MMT_BENCH_MERGEKIT_SCALE=small`` uses 6 layers and a 64k vocabulary
+(about a third of the parameters); each shape set has its own section in the results file.
 
 A second, small case checks fidelity: mergekit's fp32 TIES against ``mmt merge`` with ``tie_break: exact_k``
 (expected: no element differs) and with the default ``tie_break: threshold``.
@@ -202,7 +203,7 @@ def main() -> str:
             for fp32 in (False, True):
                 tool = f"mergekit, {'fp32' if fp32 else 'bf16'} maths"
                 need = {(4, False): 8.5, (8, False): 14.0, (4, True): 15.5, (8, True): 25.0}[k, fp32] * n_params / 268e6
-                if fp32 and k == 8 and os.environ.get("MMT_BENCH_MERGEKIT_FP32_K8") != "1":
+                if fp32 and k == 8 and not small and os.environ.get("MMT_BENCH_MERGEKIT_FP32_K8") != "1":
                     rows.append((f"K={k}", tool, {"error": "not run: needs more than 23 GB "
                                                            "(MMT_BENCH_MERGEKIT_FP32_K8=1 runs it)"}))
                     continue
@@ -215,11 +216,13 @@ def main() -> str:
             notes += fidelity(root, mk)
         else:
             notes.append("mergekit is not installed here (nor in MMT_MERGEKIT_PATH): only mmt was measured")
-    lines = ["# mmt merge vs mergekit", "",
+    title = "## Reduced shapes (6 layers, 64k vocabulary)" if small else "## Gemma 3 270M's full shapes"
+    lines = [title, "",
              f"TIES, density {DENSITY}, bf16 checkpoints with Gemma 3 270M's tensors"
              + (" (reduced: 6 layers, 64k vocabulary)" if small else "") + f", {n_params / 1e6:.0f}M parameters "
-             f"each; {os.cpu_count()} CPU cores; torch {torch.__version__}. Wall time of a fresh process (imports "
-             "included), peak RSS of that process. Inputs come from the page cache.", "",
+             f"each; {os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.0f} at the end: shared); "
+             f"torch {torch.__version__}. Wall time of a fresh process (imports included), peak RSS (VmHWM) of "
+             "that process. Inputs come from the page cache.", "",
              "| case | tool | wall s | peak RSS |", "|---|---|---|---|"]
     for case, tool, r in rows:
         if r.get("error"):
@@ -227,10 +230,17 @@ def main() -> str:
         else:
             lines.append(f"| {case} | {tool} | {r['wall_s']:.1f} | {r['rss_mb'] / 1024:.1f} GB |")
     lines += [""] + [f"- {n}" for n in notes] + [""]
-    text = "\n".join(lines)
+    section = "\n".join(lines)
+    # One file, one section per shape set: a run replaces its own section and keeps the other.
+    sections = {}
+    if RESULTS.exists():
+        for part in RESULTS.read_text().split("\n## ")[1:]:
+            sections["## " + part.split("\n", 1)[0]] = "## " + part.rstrip() + "\n"
+    sections[title] = section
+    order = sorted(sections, key=lambda t: t.startswith("## Reduced"))
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(text)
-    return text
+    RESULTS.write_text("# mmt merge vs mergekit\n\n" + "\n".join(sections[t] for t in order))
+    return section
 
 
 def test_mmt_merge_vs_mergekit():
