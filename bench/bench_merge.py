@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import common  # bench/conftest.py puts bench/ on sys.path
 import pytest
 import torch
 
-import common  # bench/conftest.py puts bench/ on sys.path
 from mmt_kernels import merge as kmerge
 
 SUITE = "merge"
@@ -146,9 +146,9 @@ def test_streaming_merge_8_checkpoints(benchmark):
                "density": DENSITY, "output": str(root / "merged"), "shard_size": "200MB"}
         (root / "merge.json").write_text(json.dumps(cfg))
         # A fresh process so peak RSS is the merge's alone (inputs are never all in memory at once).
-        code = ("import json,sys,resource,mmt.merge as mm;"
+        code = ("import json,sys,mmt.merge as mm;"
                 "r=mm.run_merge(mm.MergeConfig.from_dict(json.load(open(sys.argv[1]))),progress=False);"
-                "print(json.dumps({'s':r.seconds,'rss':resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024,"
+                "print(json.dumps({'s':r.seconds,'rss':r.peak_rss_mb,"
                 "'read':r.bytes_read,'written':r.bytes_written}))")
         t0 = time.time()
         out = subprocess.run([sys.executable, "-c", code, str(root / "merge.json")], capture_output=True, text=True,
@@ -161,8 +161,9 @@ def test_streaming_merge_8_checkpoints(benchmark):
             "models": 8, "params_per_model_M": n_params / 1e6, "dtype": "bf16", "method": "ties",
             "merge_s": res["s"], "process_wall_s": wall, "read_GB": res["read"] / 1e9,
             "read_GB/s": res["read"] / res["s"] / 1e9, "peak_RSS_MB": res["rss"],
-            "one_model_MB": model_gb * 1e3, "largest_tensor_MB": 262144 * 640 * 2 / 2**20 if not SMALL else 32768 * 640 * 2 / 2**20,
+            "one_model_MB": model_gb * 1e3,
+            "largest_tensor_MB": (32768 if SMALL else 262144) * 640 * 2 / 2**20,
         })
-        common.note(STREAM_SUITE, "Synthetic bf16 checkpoints (2 shards each) with Gemma-3-270M-like shapes; peak RSS "
-                                  "of a fresh process running `mmt.merge.run_merge` (includes ~400 MB of torch import); "
-                                  "files were just written, so reads come from the page cache.")
+        common.note(STREAM_SUITE, "Synthetic bf16 checkpoints (2 shards each) with Gemma-3-270M-like shapes; peak "
+                                  "RSS of a fresh process running `mmt.merge.run_merge` (includes ~400 MB of torch "
+                                  "import); files were just written, so reads come from the page cache.")

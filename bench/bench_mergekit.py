@@ -10,7 +10,8 @@ mergekit runs when it can be imported, or from ``MMT_MERGEKIT_PATH`` (a folder w
 by ``pip install --target``; it is put on that process's PYTHONPATH). Both of its precisions are measured:
 ``dtype: bfloat16`` (its maths in bf16) and ``dtype: float32, out_dtype: bfloat16``. The fp32 run at K = 8
 needs more than 23 GB and is off unless ``MMT_BENCH_MERGEKIT_FP32_K8=1``; a run is skipped when the machine
-has less free memory than it needs. ``MMT_BENCH_MERGEKIT_SCALE=small`` uses 6 layers and a 64k vocabulary.
+has less free memory than it needs. ``MMT_BENCH_MERGEKIT_SCALE=small`` uses 6 layers and a 64k vocabulary
+(about a third of the parameters); each shape set has its own section in the results file.
 
 A second, small case checks fidelity: mergekit's fp32 TIES against ``mmt merge`` with ``tie_break: exact_k``
 (expected: no element differs) and with the default ``tie_break: threshold``.
@@ -18,6 +19,7 @@ A second, small case checks fidelity: mergekit's fp32 TIES against ``mmt merge``
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -41,7 +43,10 @@ try:
 except SystemExit as exc:
     if exc.code not in (0, None):
         raise
-print("@@" + json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM belongs to this program's memory map; ru_maxrss would carry over the forking parent's peak.
+hwm = [ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM:")]
+rss = int(hwm[0]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("@@" + json.dumps({"rss_mb": rss}))
 """
 
 
@@ -137,6 +142,13 @@ def run_mergekit(root: Path, dirs: list[Path], out: Path, fp32: bool, mk: str) -
     return _run("mergekit.scripts.run_yaml", [str(path), str(out), "--no-copy-tokenizer"], env_path=mk or None)
 
 
+def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -174,12 +186,14 @@ def fidelity(root: Path, mk: str) -> list[str]:
 def main() -> str:
     mk = mergekit_path()
     small = SCALE == "small"
-    config = gemma3_270m_config(small)
     rows, notes = [], []
     with tempfile.TemporaryDirectory(dir=os.environ.get("MMT_BENCH_TMP")) as tmp:
         root = Path(tmp)
-        dirs8 = write_checkpoints(root / "ck", 8, config)
-        n_params = sum(t.numel() for t in _tensors(dirs8[0]).values())
+        # Written by a child process, so that this one stays small: a forked child's peak RSS starts at ours.
+        subprocess.run([sys.executable, __file__, "--write", str(root / "ck"), "8", SCALE], check=True,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+        dirs8 = [root / "ck" / ("base" if m == 0 else f"m{m}") for m in range(9)]
+        n_params = sum(math.prod(s) for s in _shapes(dirs8[0]).values())
         for k in (4, 8):
             dirs = dirs8[:k + 1]
             r = run_mmt(root, dirs, root / f"mmt_k{k}")
@@ -188,8 +202,8 @@ def main() -> str:
                 continue
             for fp32 in (False, True):
                 tool = f"mergekit, {'fp32' if fp32 else 'bf16'} maths"
-                need = (14.5 if fp32 else 8.0) * k / 4 * n_params / 268e6
-                if fp32 and k == 8 and os.environ.get("MMT_BENCH_MERGEKIT_FP32_K8") != "1":
+                need = {(4, False): 8.5, (8, False): 14.0, (4, True): 15.5, (8, True): 25.0}[k, fp32] * n_params / 268e6
+                if fp32 and k == 8 and not small and os.environ.get("MMT_BENCH_MERGEKIT_FP32_K8") != "1":
                     rows.append((f"K={k}", tool, {"error": "not run: needs more than 23 GB "
                                                            "(MMT_BENCH_MERGEKIT_FP32_K8=1 runs it)"}))
                     continue
@@ -202,11 +216,13 @@ def main() -> str:
             notes += fidelity(root, mk)
         else:
             notes.append("mergekit is not installed here (nor in MMT_MERGEKIT_PATH): only mmt was measured")
-    lines = ["# mmt merge vs mergekit", "",
+    title = "## Reduced shapes (6 layers, 64k vocabulary)" if small else "## Gemma 3 270M's full shapes"
+    lines = [title, "",
              f"TIES, density {DENSITY}, bf16 checkpoints with Gemma 3 270M's tensors"
              + (" (reduced: 6 layers, 64k vocabulary)" if small else "") + f", {n_params / 1e6:.0f}M parameters "
-             f"each; {os.cpu_count()} CPU cores; torch {torch.__version__}. Wall time of a fresh process (imports "
-             "included), peak RSS of that process. Inputs come from the page cache.", "",
+             f"each; {os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.0f} at the end: shared); "
+             f"torch {torch.__version__}. Wall time of a fresh process (imports included), peak RSS (VmHWM) of "
+             "that process. Inputs come from the page cache.", "",
              "| case | tool | wall s | peak RSS |", "|---|---|---|---|"]
     for case, tool, r in rows:
         if r.get("error"):
@@ -214,10 +230,17 @@ def main() -> str:
         else:
             lines.append(f"| {case} | {tool} | {r['wall_s']:.1f} | {r['rss_mb'] / 1024:.1f} GB |")
     lines += [""] + [f"- {n}" for n in notes] + [""]
-    text = "\n".join(lines)
+    section = "\n".join(lines)
+    # One file, one section per shape set: a run replaces its own section and keeps the other.
+    sections = {}
+    if RESULTS.exists():
+        for part in RESULTS.read_text().split("\n## ")[1:]:
+            sections["## " + part.split("\n", 1)[0]] = "## " + part.rstrip() + "\n"
+    sections[title] = section
+    order = sorted(sections, key=lambda t: t.startswith("## Reduced"))
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(text)
-    return text
+    RESULTS.write_text("# mmt merge vs mergekit\n\n" + "\n".join(sections[t] for t in order))
+    return section
 
 
 def test_mmt_merge_vs_mergekit():
@@ -225,4 +248,7 @@ def test_mmt_merge_vs_mergekit():
 
 
 if __name__ == "__main__":
-    print(main())
+    if sys.argv[1:2] == ["--write"]:
+        write_checkpoints(Path(sys.argv[2]), int(sys.argv[3]), gemma3_270m_config(sys.argv[4] == "small"))
+    else:
+        print(main())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -29,16 +30,17 @@ TensorPlan = tuple[str, torch.dtype, tuple[int, ...]]  # (name, dtype, shape) of
 
 
 class _Shard:
-    """One safetensors file: its header parsed once, tensors read with ``readinto`` into fresh memory.
+    """One safetensors file: its header parsed and checked once, its tensors views of a private memory map.
 
-    Plain reads from the page cache run at memory-copy speed; a memory map would instead take one page
-    fault per 4 KiB on first touch, which is what made streaming slow.
+    A view costs nothing until the merge reads it, and reads come straight from the page cache without a
+    copy. :meth:`release` drops a tensor's pages from this process once it is merged, so resident memory
+    stays at the tensors in flight instead of growing to every input checkpoint.
     """
 
     def __init__(self, file: Path):
         self.file = file
         try:
-            self.fh = open(file, "rb", buffering=0)
+            self.fh = open(file, "rb", buffering=0)  # kept open: the memory map reads through it
             size = os.fstat(self.fh.fileno()).st_size
             head = self.fh.read(8)
             if len(head) < 8:
@@ -52,6 +54,7 @@ class _Shard:
         except (OSError, ValueError) as exc:
             raise MergeError(f"cannot read shard {file}: {exc} (corrupt or truncated?)") from None
         self.data_start = 8 + n
+        self.map: mmap.mmap | None = None
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
             if name == "__metadata__":
@@ -70,17 +73,47 @@ class _Shard:
                                  f"its {st_dtype}{list(shape)} or the file's {size} bytes (corrupt or truncated?)")
             self.entries[name] = (dtype, shape, begin, end)
 
+    def _map(self) -> mmap.mmap:
+        if self.map is None:
+            # ACCESS_COPY: writable for torch.frombuffer, never written back; unwritten pages stay the file's.
+            self.map = mmap.mmap(self.fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self.map
+
     def read(self, name: str) -> torch.Tensor:
         dtype, shape, begin, end = self.entries[name]
-        out = torch.empty(end - begin, dtype=torch.uint8)
+        start, size = self.data_start + begin, end - begin
+        if size == 0:
+            return torch.empty(shape, dtype=dtype)
+        if start % torch.empty((), dtype=dtype).element_size() == 0:
+            flat = torch.frombuffer(self._map(), dtype=torch.uint8, count=size, offset=start)
+            return flat.view(dtype).reshape(shape)
+        out = torch.empty(size, dtype=torch.uint8)  # misaligned for its dtype: read a copy
         view = memoryview(out.numpy())
         done = 0
-        while done < len(view):
-            got = os.preadv(self.fh.fileno(), [view[done:]], self.data_start + begin + done)
+        while done < size:
+            got = os.preadv(self.fh.fileno(), [view[done:]], start + done)
             if got <= 0:
                 raise MergeError(f"cannot read tensor {name} from {self.file}: file ended early (truncated?)")
             done += got
         return out.view(dtype).reshape(shape)
+
+    def _advise(self, name: str, advice: int) -> None:
+        _, _, begin, end = self.entries[name]
+        if self.map is None or end == begin:
+            return
+        page = mmap.PAGESIZE
+        lo = (self.data_start + begin) // page * page
+        hi = min(len(self.map), -(-(self.data_start + end) // page) * page)
+        self.map.madvise(advice, lo, hi - lo)
+
+    def release(self, name: str) -> None:
+        """Unmap the tensor's pages (a later read maps them again from the file)."""
+        self._advise(name, mmap.MADV_DONTNEED)
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to read the tensor ahead, for inputs not yet in the page cache."""
+        self._map()
+        self._advise(name, mmap.MADV_WILLNEED)
 
 
 class Checkpoint:
@@ -130,6 +163,13 @@ class Checkpoint:
 
     def get(self, name: str) -> torch.Tensor:
         return self._entry(name).read(name)
+
+    def release(self, name: str) -> None:
+        """Done with ``name``: its pages leave this process's resident memory (they stay in the page cache)."""
+        self._entry(name).release(name)
+
+    def prefetch(self, name: str) -> None:
+        self._entry(name).prefetch(name)
 
 
 def nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:

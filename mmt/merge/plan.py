@@ -169,6 +169,10 @@ class MergeConfig:
                              ("tie_break", ("threshold", "exact_k")), ("semantics", ("mmt", "mergekit"))):
             if getattr(self, key) not in allowed:
                 raise MergeError(f"{where}: {key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if self.rescale and not self.method.startswith(("dare", "della")):
+            raise MergeError(f"{where}: rescale applies to the dare and della methods, not {self.method!r}")
+        if self.normalize is not None and self.method in ("slerp", "model_stock"):
+            raise MergeError(f"{where}: normalize does not apply to {self.method}")
         for key in ("dtype", "out_dtype"):
             value = getattr(self, key)
             if value is not None and value not in NAMED_DTYPES:

@@ -40,8 +40,17 @@ class MergeReport:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM is preferred: ru_maxrss keeps the peak of a parent
+    that forked this process, so a merge started from a large process would report that process's size."""
     import resource
 
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -43,7 +42,13 @@ def merge_checkpoints(cfg: MergeConfig, progress: bool = True) -> MergeReport:
     try:
         writer = StreamingWriter(tmp, plan, parse_size(cfg.shard_size))
         bar = tqdm(plan, desc=f"merge ({cfg.method}, K={len(models)})", unit="tensor", disable=not progress)
-        for (name, dtype, shape), (b, xs) in zip(bar, _read_ahead(plan, models, base)):
+        inputs = models + ([base] if base is not None else [])
+        for i, (name, dtype, shape) in enumerate(bar):
+            if i + 1 < len(plan):
+                for ck in inputs:
+                    ck.prefetch(plan[i + 1][0])
+            b = base.get(name) if base is not None else None
+            xs = [ck.get(name) for ck in models]
             report.bytes_read += sum(x.nbytes for x in xs) + (b.nbytes if b is not None else 0)
             if not xs[0].is_floating_point():
                 for spec, x in zip(cfg.models, xs):  # integer buffers are copied, but must agree
@@ -51,6 +56,8 @@ def merge_checkpoints(cfg: MergeConfig, progress: bool = True) -> MergeReport:
                         raise MergeError(f"non-float tensor {name} differs between checkpoints ({spec.path})")
                 writer.write(name, xs[0] if b is None else b)
                 report.tensors_copied += 1
+                for ck in inputs:
+                    ck.release(name)
                 continue
             work = compute or xs[0].dtype
             xs = [x.to(device=device, dtype=work) for x in xs]
@@ -62,6 +69,8 @@ def merge_checkpoints(cfg: MergeConfig, progress: bool = True) -> MergeReport:
             report.tensors_merged += 1
             report.parameters += merged.numel()
             del xs, b, merged
+            for ck in inputs:
+                ck.release(name)
         writer.close()
         report.bytes_written = writer.total_bytes
         write_model_config(ref.path, tmp, plan)
@@ -83,23 +92,6 @@ def merge_checkpoints(cfg: MergeConfig, progress: bool = True) -> MergeReport:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
-
-
-def _read_ahead(plan: list[TensorPlan], models: list[Checkpoint], base: Checkpoint | None):
-    """Yield (base, inputs) per planned tensor while a thread reads the next tensor's, so reads overlap merging.
-
-    At most one tensor's inputs are read ahead, so peak memory grows by the next tensor's K + 1 inputs only.
-    """
-    def read(name: str):
-        return (base.get(name) if base is not None else None), [ck.get(name) for ck in models]
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(read, plan[0][0]) if plan else None
-        for i in range(len(plan)):
-            got = pending.result()
-            pending = pool.submit(read, plan[i + 1][0]) if i + 1 < len(plan) else None
-            yield got
-            del got
 
 
 def _tokenizer_source(cfg: MergeConfig, ref: Path) -> Path | None:

@@ -265,5 +265,7 @@ def test_config_errors_for_new_methods():
         _cfg("ties", tie_break="argsort")
     with pytest.raises(MergeError, match="della needs 0 < density - epsilon"):
         tensor_settings(_cfg("della", density=0.1, epsilon=0.2), NAME, 3)
+    with pytest.raises(MergeError, match="rescale applies to the dare and della methods, not 'ties'"):
+        _cfg("ties", rescale=True)
     with pytest.raises(MergeError, match="LoRA adapters merge with"):
         MergeConfig.from_dict(dict(method="della", adapters=["a"]))
