@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from mmt.errors import MergeError
 
 from .plan import load_merge_config
 from .stream import run_merge
@@ -31,11 +29,7 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"output={args.output}")
     if args.overwrite:
         overrides.append("overwrite=true")
-    try:
-        cfg = load_merge_config(args.config, overrides)
-        report = run_merge(cfg, progress=not args.no_progress)
-    except MergeError as exc:
-        print(f"mmt merge: error: {exc}", file=sys.stderr)
-        return 1
+    cfg = load_merge_config(args.config, overrides)  # a MergeError reaches the CLI's one handler: exit 2
+    report = run_merge(cfg, progress=not args.no_progress)
     print(report.summary())
     return 0
