@@ -4,7 +4,7 @@ A spec names the op, gives its schema (the same text as its ``m.def`` in ``csrc/
 reference and fake (meta) kernel with the schema's signature, its Triton launcher, whether a C++/CUDA
 kernel exists, which backends take fp64, and the autograd function its public wrapper applies.
 :func:`register` attaches the fake to the C++ op (when ``_C`` defines it), wraps the Triton launcher as
-the custom op ``mmt::<name>_triton`` with the same schema and fake (opaque to ``torch.compile``), and
+the custom op ``mmt::<name>_triton`` (``<name>_triton_`` for an in-place op) with the same schema and fake (opaque to ``torch.compile``), and
 returns an :class:`Op` whose :meth:`Op.choose` is the one place a backend is picked. How to add an op:
 docs/kernels.md.
 """
@@ -44,7 +44,7 @@ class Op:
         self.name = spec.name
         self.triton_op = None
         if spec.triton is not None:
-            self.triton_op = torch.library.custom_op(f"mmt::{spec.name}_triton", self._launch_triton,
+            self.triton_op = torch.library.custom_op(f"mmt::{triton_name(spec.name)}", self._launch_triton,
                                                      mutates_args=_mutated(spec.schema), schema=spec.schema)
             self.triton_op.register_fake(spec.fake)
         if _backend.load_C() and hasattr(torch.ops.mmt, spec.name):
@@ -55,7 +55,7 @@ class Op:
         # The launchers index tensors by their shapes: a strided view would be read and written wrongly.
         for i, t in enumerate(_tensors(args)):
             if not t.is_contiguous():
-                raise ValueError(f"mmt::{self.name}_triton: tensor argument {i} (shape {tuple(t.shape)}, strides "
+                raise ValueError(f"mmt::{triton_name(self.name)}: tensor argument {i} (shape {tuple(t.shape)}, strides "
                                  f"{t.stride()}) must be contiguous")
         module, function = self.spec.triton.split(":")
         launcher = getattr(importlib.import_module(f"mmt_kernels.triton.{module}"), function)
@@ -112,6 +112,11 @@ def register(spec: OpSpec) -> Op:
     assert spec.name not in OPS, f"mmt op {spec.name!r} registered twice"
     op = OPS[spec.name] = Op(spec)
     return op
+
+
+def triton_name(name: str) -> str:
+    """``moe_dispatch`` -> ``moe_dispatch_triton``; an in-place ``sparse_adamw_`` -> ``sparse_adamw_triton_``."""
+    return f"{name[:-1]}_triton_" if name.endswith("_") else f"{name}_triton"
 
 
 def _arguments(schema: str) -> list[str]:

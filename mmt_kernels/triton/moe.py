@@ -49,26 +49,28 @@ def _act_bwd(g, ACT: tl.constexpr):
 
 # ---- permute: chunk histograms, device-side prefix sums, stable scatter -----------------------
 
+# Both kernels work on chunks of BLOCK slots with [BLOCK] or [BLOCK, BLOCK] tiles, whatever the number of
+# experts (a one-hot [BLOCK, E] tile spilled at E = 12288).
 @triton.jit
-def _permute_count_kernel(ids_ptr, counts_ptr, N, E, BLOCK: tl.constexpr, E_P2: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + offs, mask=offs < N, other=-1)
-    experts = tl.arange(0, E_P2)
-    onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
-    tl.store(counts_ptr + pid.to(tl.int64) * E + experts, tl.sum(onehot, axis=0), mask=experts < E)
-
-
-@triton.jit
-def _permute_scatter_kernel(ids_ptr, base_ptr, perm_ptr, inv_ptr, N, E, BLOCK: tl.constexpr, E_P2: tl.constexpr):
+def _permute_count_kernel(ids_ptr, counts_ptr, N, E, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     valid = offs < N
+    ids = tl.load(ids_ptr + offs, mask=valid, other=0)
+    # Integer atomics: the counts do not depend on their order.
+    tl.atomic_add(counts_ptr + pid.to(tl.int64) * E + ids, tl.full([BLOCK], 1, tl.int32), mask=valid)
+
+
+@triton.jit
+def _permute_scatter_kernel(ids_ptr, base_ptr, perm_ptr, inv_ptr, N, E, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    lane = tl.arange(0, BLOCK)
+    offs = pid * BLOCK + lane
+    valid = offs < N
     ids = tl.load(ids_ptr + offs, mask=valid, other=-1)
-    experts = tl.arange(0, E_P2)
-    onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
     # Rank of each slot among the earlier slots of its expert in this chunk: stable by construction.
-    rank = tl.sum((tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)
+    same = (ids[:, None] == ids[None, :]) & (lane[None, :] < lane[:, None])
+    rank = tl.sum(same.to(tl.int32), axis=1)
     base = tl.load(base_ptr + pid.to(tl.int64) * E + ids, mask=valid, other=0)
     pos = base + rank
     tl.store(inv_ptr + offs, pos.to(tl.int64), mask=valid)
@@ -78,20 +80,19 @@ def _permute_scatter_kernel(ids_ptr, base_ptr, perm_ptr, inv_ptr, N, E, BLOCK: t
 def permute(expert_ids: torch.Tensor, num_experts: int):
     ids = expert_ids.reshape(-1).contiguous()
     N, E = ids.numel(), num_experts
-    e_p2 = triton.next_power_of_2(max(E, 2))
-    block = max(16, min(1024, triton.next_power_of_2(max(N, 1)), 8192 // e_p2))
+    block = max(16, min(128, triton.next_power_of_2(max(N, 1))))
     chunks = triton.cdiv(N, block)
     perm = torch.empty(N, dtype=torch.int64, device=ids.device)
     inv = torch.empty_like(perm)
     counts = torch.zeros(max(chunks, 1), E, dtype=torch.int32, device=ids.device)
     if N:
-        _permute_count_kernel[(chunks,)](ids, counts, N, E, BLOCK=block, E_P2=e_p2)
+        _permute_count_kernel[(chunks,)](ids, counts, N, E, BLOCK=block)
     totals = counts.sum(0, dtype=torch.int64)
     offsets = torch.cat([totals.new_zeros(1), totals.cumsum(0)])
     # base[c, e] = where chunk c's slots of expert e start: device-side prefix sums, no host sync.
     base = (offsets[:-1].unsqueeze(0) + counts.cumsum(0, dtype=torch.int64) - counts).contiguous()
     if N:
-        _permute_scatter_kernel[(chunks,)](ids, base, perm, inv, N, E, BLOCK=block, E_P2=e_p2)
+        _permute_scatter_kernel[(chunks,)](ids, base, perm, inv, N, E, BLOCK=block)
     return perm, inv, offsets
 
 
