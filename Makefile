@@ -10,7 +10,7 @@ CUDA_ARCHS ?= 80 90
 PYTEST_ARGS ?=
 
 .PRECIOUS: $(VENV)/.installed-%
-.PHONY: help venv install build demo test test-all bench cuda-check cuda-bind-check clean
+.PHONY: help venv install build demo test test-all bench cuda-check cuda-bind-check triton-check gpu-run clean
 
 help:
 	@echo "make demo        run the demo (mFTI on a real small model, before/after scores)"
@@ -18,19 +18,33 @@ help:
 	@echo "make test-all    every test, slow end-to-end ones included"
 	@echo "make bench       pytest-benchmark suites; writes bench/results/<device>.md"
 	@echo "make cuda-check  compile every csrc/cuda/*.cu for sm_80 and sm_90 (no GPU needed)"
+	@echo "make triton-check compile every Triton kernel specialisation for sm_80 and sm_90 (no GPU needed)"
+	@echo "make gpu-run     on a GPU machine: build in place, tests/gpu, benchmarks -> bench/results/<device>.md"
 	@echo "make build       rebuild mmt_kernels._C in place (incremental)"
 
+# A machine whose python already has a CUDA torch (a GPU machine, often without registry access) gets a venv
+# that sees it, and installs nothing from a registry: no torch, no pinned Triton, no dependencies.
+HOST_CUDA_TORCH := $(shell $(PYTHON) -c "import torch; print(1 if torch.version.cuda else '')" 2>/dev/null)
+
 $(PY):
+ifeq ($(HOST_CUDA_TORCH),1)
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+else
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=77" wheel
+endif
 
 # Marker files: reinstall when the packaging metadata changes; rebuild _C incrementally (ninja)
 # when a kernel source changes. A fresh install builds _C itself, so it also stamps .built.
 KERNEL_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*)
 $(VENV)/.installed-%: pyproject.toml setup.py | $(PY)
+ifeq ($(HOST_CUDA_TORCH),1)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+else
 	@$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$(TORCH_VERSION)' or torch.version.cuda else 1)" 2>/dev/null \
 		|| $(PIP) install -q torch==$(TORCH_VERSION) numpy
 	$(PIP) install -q --no-build-isolation -e ".[$*]"
+endif
 	@$(PY) -c "import torch; print('torch', torch.__version__, '(cuda ' + str(torch.version.cuda) + ')')"
 	@touch $@ $(VENV)/.built
 
@@ -49,6 +63,7 @@ demo: $(VENV)/.installed-demo $(VENV)/.built
 
 test: $(VENV)/.installed-dev $(VENV)/.built
 	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory cuda-check; else echo "cuda-check skipped: nvcc not found"; fi
+	@$(MAKE) --no-print-directory triton-check
 	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 test-all: $(VENV)/.installed-dev $(VENV)/.built
@@ -63,7 +78,7 @@ cuda-check:
 	@mkdir -p $(CUDA_CHECK_OUT)
 	@set -e; for f in csrc/cuda/*.cu; do \
 		for a in $(CUDA_ARCHS); do \
-			$(NVCC) -std=c++17 -O3 -Icsrc -gencode arch=compute_$$a,code=sm_$$a -c $$f -o $(CUDA_CHECK_OUT)/$$(basename $$f .cu)-sm$$a.o; \
+			$(NVCC) $$(cat csrc/cuda/nvcc.flags) -Icsrc -gencode arch=compute_$$a,code=sm_$$a -c $$f -o $(CUDA_CHECK_OUT)/$$(basename $$f .cu)-sm$$a.o; \
 		done; echo "cuda-check: $$f ok (sm_$(shell echo $(CUDA_ARCHS) | sed 's/ /, sm_/g'))"; \
 	done
 
@@ -81,6 +96,16 @@ cuda-bind-check:
 			-I$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])") $$f; \
 		echo "cuda-bind-check: $$f ok"; \
 	done
+
+# Registers and spills per kernel; fails on any compile error. TRITON_CHECK_ARGS="--only merge" narrows it.
+TRITON_CHECK_ARGS ?=
+triton-check:
+	@if $(PY) -c "import triton" 2>/dev/null; then \
+		env -u TRITON_INTERPRET $(PY) -m mmt_kernels.triton.compile_check $(TRITON_CHECK_ARGS); \
+	else echo "triton-check skipped: triton is not installed"; fi
+
+gpu-run:
+	bash bench/gpu_run.sh
 
 clean:
 	rm -rf build *.egg-info mmt_kernels/_C*.so .pytest_cache

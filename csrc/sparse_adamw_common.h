@@ -63,6 +63,11 @@ inline SparseAdamWArgs check_sparse_adamw(const at::Tensor& param, const at::Ten
   }
   if (row_step) {
     TORCH_CHECK(row_step->numel() == a.K && row_step->dim() == 1, "sparse_adamw_: row_step must be [K=", a.K, "]");
+    // CUDA reads it on the device: a CPU row_step would be dereferenced there as a host pointer.
+    TORCH_CHECK(row_step->device() == param.device() && row_step->is_contiguous() &&
+                    (row_step->scalar_type() == at::kLong || row_step->scalar_type() == at::kInt),
+                "sparse_adamw_: row_step must be a contiguous int32/int64 tensor on the param's device (",
+                param.device(), "), got ", row_step->scalar_type(), " on ", row_step->device());
   } else {
     TORCH_CHECK(step >= 1, "sparse_adamw_: step must be >= 1, got ", step);
   }

@@ -47,6 +47,13 @@ MERGE = register(OpSpec(
     reference=_merge_reference, fake=_merge_fake, triton="merge:merge", fp64=("reference",)))
 
 
+CUDA_MAX_TASKS = 32  # the CUDA kernels take their K pointers as kernel arguments (kMergeMaxTasks)
+
+
+def _unable(K: int) -> tuple[str, ...]:
+    return ("cuda",) if K > CUDA_MAX_TASKS else ()
+
+
 def _as_list(tensors) -> list[torch.Tensor]:
     if isinstance(tensors, torch.Tensor):  # stacked [K, ...]: views, no copy
         return list(tensors.unbind(0))
@@ -104,7 +111,7 @@ def magnitude_threshold(tensors: Sequence[torch.Tensor] | torch.Tensor, base: to
         if not 0.0 <= d <= 1.0:
             raise ValueError(f"magnitude_threshold: density must be in [0, 1], got {d}")
     ks = [int(d * n) for d in dens]  # peft's k = int(density * numel)
-    which = MERGE_THRESHOLD.choose(tensors[0].device, backend, tensors[0].dtype)
+    which = MERGE_THRESHOLD.choose(tensors[0].device, backend, tensors[0].dtype, _unable(len(tensors)))
     return MERGE_THRESHOLD(which, tensors, base, ks)
 
 
@@ -148,7 +155,7 @@ def merge(tensors: Sequence[torch.Tensor] | torch.Tensor, base: torch.Tensor | N
         thresholds = thresholds.to(device=tensors[0].device,
                                    dtype=torch.float64 if tensors[0].dtype == torch.float64 else torch.float32)
         thresholds = thresholds.contiguous()
-    which = MERGE.choose(tensors[0].device, backend, tensors[0].dtype)
+    which = MERGE.choose(tensors[0].device, backend, tensors[0].dtype, _unable(K))
     use_thr = thresholds if method == "ties" else None
     return MERGE(which, tensors, base, w, use_thr, dens, method, float(lam), int(seed), sign == "count")
 

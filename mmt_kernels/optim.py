@@ -264,7 +264,7 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                                         weight_decay=group["weight_decay"], step=1,
                                         neuron_dims=lists["neuron_dims"], state_rows=lists["state_rows"],
                                         row_scales=lists["row_scales"], row_steps=lists["row_steps"], compact=True,
-                                        backend=self.backend)
+                                        backend=self.backend, validate=False)  # set_selection validated them
                 else:  # one global step count per param in this mode; group params by it
                     by_step: dict[int, list[int]] = {}
                     for i, p in enumerate(lists["params"]):
@@ -274,7 +274,8 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                         sparse_adamw_multi_(pick("params"), pick("exp_avgs"), pick("exp_avg_sqs"), pick("grads"),
                                             pick("rows"), lr=group["lr"], beta1=beta1, beta2=beta2,
                                             eps=group["eps"], weight_decay=group["weight_decay"], step=step,
-                                            neuron_dims=pick("neuron_dims"), compact=False, backend=self.backend)
+                                            neuron_dims=pick("neuron_dims"), compact=False, backend=self.backend,
+                                            validate=False)
         return loss
 
     def _masked_grad(self, p, grad, rows, scale):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import reference as _ref
-from ._registry import OpSpec, register
+from ._registry import OpSpec, check_indices, register
 
 
 def _reference(param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step, lr, beta1, beta2, eps, weight_decay,
@@ -31,7 +31,8 @@ SPARSE_ADAMW = register(OpSpec(
     reference=_reference, fake=_fake, triton="sparse_adamw:sparse_adamw_"))
 
 
-def _check(param, exp_avg, exp_avg_sq, grad, rows, row_scale, neuron_dim, compact):
+def _check(param, exp_avg, exp_avg_sq, grad, rows, row_scale, neuron_dim, compact, row_step=None, step=1,
+           check_rows=True):
     """Python-side checks shared by every backend, so the reference fails as clearly as the kernels."""
     if param.dim() not in (1, 2):
         raise ValueError(f"sparse_adamw_: param must be 1-D or 2-D, got shape {tuple(param.shape)}")
@@ -56,9 +57,21 @@ def _check(param, exp_avg, exp_avg_sq, grad, rows, row_scale, neuron_dim, compac
     if row_scale is not None and (row_scale.dtype != torch.float32 or row_scale.numel() != rows.numel()):
         raise ValueError(f"sparse_adamw_: row_scale must be fp32 [{rows.numel()}], got {row_scale.dtype} "
                          f"{tuple(row_scale.shape)}")
-    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("grad", grad), ("rows", rows)):
-        if t.device != param.device:
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("grad", grad), ("rows", rows),
+                    ("row_scale", row_scale), ("row_step", row_step)):
+        if t is not None and t.device != param.device:
             raise ValueError(f"sparse_adamw_: {name} is on {t.device}, param on {param.device}")
+    if row_step is not None:
+        if row_step.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"sparse_adamw_: row_step must be int32 or int64, got {row_step.dtype}")
+        if row_step.dim() != 1 or row_step.numel() != rows.numel():
+            raise ValueError(f"sparse_adamw_: row_step must be [K={rows.numel()}], got shape {tuple(row_step.shape)}")
+        if row_step.numel() and not torch.compiler.is_compiling():  # a step of 0 divides by 1 - beta^0 = 0
+            torch._assert_async((row_step >= 1).all(), "sparse_adamw_: row_step values must be >= 1")
+    elif step < 1:
+        raise ValueError(f"sparse_adamw_: step must be >= 1, got {step}")
+    if check_rows:  # in range and strictly increasing: a repeated neuron would be updated twice, racing
+        check_indices("sparse_adamw_", "rows", rows, n_neurons, increasing=True)
 
 
 def sparse_adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
@@ -72,7 +85,7 @@ def sparse_adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
     one row per selected neuron. ``row_step`` ([K]) gives per-neuron step counts for bias correction
     (neurons that train only for some language pairs); ``row_scale`` ([K] fp32) scales each gradient.
     """
-    _check(param, exp_avg, exp_avg_sq, grad, rows, row_scale, neuron_dim, compact)
+    _check(param, exp_avg, exp_avg_sq, grad, rows, row_scale, neuron_dim, compact, row_step, step)
     which = SPARSE_ADAMW.choose(param.device, backend)
     SPARSE_ADAMW(which, param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step, lr, beta1, beta2, eps,
                  weight_decay, step, neuron_dim, compact)
@@ -102,13 +115,15 @@ SPARSE_ADAMW_MULTI = register(OpSpec(
 def sparse_adamw_multi_(params, exp_avgs, exp_avg_sqs, grads, rows, *, lr: float, beta1: float = 0.9,
                         beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0, step: int = 1,
                         neuron_dims=None, state_rows=None, row_scales=None, row_steps=None, compact: bool = False,
-                        backend: str | None = None) -> None:
+                        backend: str | None = None, validate: bool = True) -> None:
     """``sparse_adamw_`` on several tensors in one call (one kernel launch on the CUDA backend).
 
     Lists are per tensor; ``neuron_dims``/``state_rows``/``row_scales``/``row_steps`` default to 0/None.
     ``state_rows[i]`` (int64 [K_i], needs ``compact=True``) maps selected neuron k to its row of a compact state
     ``[U_i, C_i]`` that may hold more neurons than are selected now (NeuronSparseAdamW keeps the union of every
     selection a parameter has trained). ``row_steps[i]`` is int64. All tensors share one device.
+    ``validate=False`` skips the index checks (rows in range and increasing, state rows in range, steps >= 1),
+    for callers that validated them once (NeuronSparseAdamW): on a GPU they cost a few small kernels per tensor.
     """
     params, exp_avgs, exp_avg_sqs, grads, rows = (list(x) for x in (params, exp_avgs, exp_avg_sqs, grads, rows))
     n = len(params)
@@ -131,7 +146,7 @@ def sparse_adamw_multi_(params, exp_avgs, exp_avg_sqs, grads, rows, *, lr: float
         if sr is None:
             try:
                 _check(params[i], exp_avgs[i], exp_avg_sqs[i], grads[i], rows[i], row_scales[i], neuron_dims[i],
-                       compact)
+                       compact, row_steps[i], step, check_rows=validate)
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"{where}: {exc}") from None
         else:
@@ -145,14 +160,21 @@ def sparse_adamw_multi_(params, exp_avgs, exp_avg_sqs, grads, rows, *, lr: float
             fake_k = exp_avgs[i].numel() // max(per, 1)  # the check wants [K, C]; the state here is [U, C]
             try:
                 _check(params[i], exp_avgs[i], exp_avg_sqs[i], grads[i], torch.empty(fake_k, dtype=torch.int64,
-                       device=device), None, nd, True)
+                       device=device), None, nd, True, step=step, check_rows=False)
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"{where}: {exc}") from None
             if rows[i].dtype != torch.int64 or rows[i].dim() != 1:
                 raise TypeError(f"{where}: rows must be a 1-D int64 tensor, got {rows[i].dtype}")
-        if row_steps[i] is not None and (row_steps[i].dtype != torch.int64 or row_steps[i].numel() != rows[i].numel()):
-            raise ValueError(f"{where}: row_steps must be int64 [{rows[i].numel()}], got {row_steps[i].dtype} "
-                             f"{tuple(row_steps[i].shape)}")
+            if validate:
+                n_neurons = params[i].shape[nd] if params[i].dim() == 2 else params[i].shape[0]
+                check_indices(where, "rows", rows[i], n_neurons, increasing=True)
+                check_indices(where, "state_rows", sr, fake_k)
+                if row_steps[i] is not None and row_steps[i].numel() and not torch.compiler.is_compiling():
+                    torch._assert_async((row_steps[i] >= 1).all(), f"{where}: row_steps values must be >= 1")
+        rs = row_steps[i]
+        if rs is not None and (rs.dtype != torch.int64 or rs.numel() != rows[i].numel() or rs.device != device):
+            raise ValueError(f"{where}: row_steps must be int64 [{rows[i].numel()}] on {device}, got {rs.dtype} "
+                             f"{tuple(rs.shape)} on {rs.device}")
     which = SPARSE_ADAMW_MULTI.choose(device, backend)
     SPARSE_ADAMW_MULTI(which, params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, lr, beta1,
                        beta2, eps, weight_decay, step, neuron_dims, compact)

@@ -4,6 +4,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cassert>
+
 #include "moe.h"
 
 namespace mmt {
@@ -60,6 +62,7 @@ __global__ void permute_scatter_kernel(const int64_t* ids, int64_t n, int64_t E,
   __syncthreads();
   if (i >= n) return;
   const int64_t e = sid[threadIdx.x];
+  assert(e >= 0 && e < E && "moe_permute: expert id outside [0, num_experts)");
   if (e < 0 || e >= E) return;
   int rank = 0;  // earlier slots of the same expert in this chunk: keeps the sort stable
   for (int j = 0; j < static_cast<int>(threadIdx.x); ++j) rank += sid[j] == e;

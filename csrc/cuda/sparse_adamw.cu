@@ -3,6 +3,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cassert>
+
 #include "sparse_adamw.h"
 
 namespace mmt {
@@ -28,10 +30,12 @@ __global__ void sparse_adamw_kernel(SparseAdamWParams p) {
     const int64_t k = p.neuron_dim == 0 ? outer : inner;
     const int64_t c = p.neuron_dim == 0 ? inner : outer;
     const int64_t n = p.rows[k];
+    assert(n >= 0 && n < p.R && "sparse_adamw_: rows value outside [0, neurons)");
     const int64_t pidx = p.neuron_dim == 0 ? n * p.C + c : c * p.R + n;
     const int64_t sidx = p.compact ? k * p.C + c : pidx;
     const float step_size = p.step_size ? p.step_size[k] : p.step_size_all;
     const float bc2_sqrt = p.bc2_sqrt ? p.bc2_sqrt[k] : p.bc2_sqrt_all;
+    assert(bc2_sqrt > 0.0f && "sparse_adamw_: row_step values must be >= 1");
     const float g = to_f32(grad[pidx]) * (p.row_scale ? p.row_scale[k] : 1.0f);
     const float m = p.beta1 * p.exp_avg[sidx] + p.one_minus_beta1 * g;
     const float v = p.beta2 * p.exp_avg_sq[sidx] + p.one_minus_beta2 * g * g;
@@ -49,12 +53,14 @@ __device__ __forceinline__ void multi_update(const SparseAdamWTensor& d, const S
   const int64_t k = d.neuron_dim == 0 ? outer : inner;
   const int64_t c = d.neuron_dim == 0 ? inner : outer;
   const int64_t n = d.rows[k];
+  assert(n >= 0 && n < d.R && "sparse_adamw_multi_: rows value outside [0, neurons)");
   const int64_t pidx = d.neuron_dim == 0 ? n * d.C + c : c * d.R + n;
   const int64_t srow = d.state_rows ? d.state_rows[k] : k;
   const int64_t sidx = a.compact ? srow * d.C + c : pidx;
   float step_size = d.step_size_all, bc2_sqrt = d.bc2_sqrt_all;
   if (d.row_step) {  // 1 - beta^s = -expm1(s log beta), in double: fp32 would lose ~5e-6 relative
     const double s = static_cast<double>(d.row_step[k]);
+    assert(s >= 1.0 && "sparse_adamw_multi_: row_steps values must be >= 1");
     step_size = static_cast<float>(a.lr / -expm1(s * a.log_beta1));
     bc2_sqrt = static_cast<float>(sqrt(-expm1(s * a.log_beta2)));
   }

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .._registry import OpSpec, register
+from .._registry import OpSpec, check_indices, register
 from ..reference import moe as _ref
 from ._common import acc_dtype, check_2d, check_index
 
@@ -77,6 +77,8 @@ def moe_dispatch(x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor, k: int,
     check_2d("x", x, op)
     check_index("perm", perm, x, op, x.shape[0] * k)
     check_index("inv", inv, x, op, x.shape[0] * k)
+    check_indices(op, "perm", perm, perm.numel())
+    check_indices(op, "inv", inv, inv.numel())
     which = MOE_DISPATCH.choose(x.device, backend, x.dtype)
     if which == "reference":
         return _ref.dispatch(x, perm, k)
@@ -94,6 +96,8 @@ def moe_combine(yp: torch.Tensor, inv: torch.Tensor, perm: torch.Tensor, weights
         raise ValueError(f"{op}: yp has {yp.shape[0]} rows, not a multiple of k={k}")
     if weights is not None and weights.numel() != yp.shape[0]:
         raise ValueError(f"{op}: weights must have T*k={yp.shape[0]} entries, got shape {tuple(weights.shape)}")
+    check_indices(op, "inv", inv, inv.numel())
+    check_indices(op, "perm", perm, perm.numel())
     which = MOE_COMBINE.choose(yp.device, backend, yp.dtype)
     if which == "reference":
         return _ref.combine(yp, inv, k, weights)

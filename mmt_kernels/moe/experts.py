@@ -107,6 +107,9 @@ def grouped_mlp(xp: torch.Tensor, offsets: torch.Tensor, w_gate: torch.Tensor, w
     check_index("offsets", offsets, xp, op, E + 1)
     if train_mask is not None and (train_mask.dtype != torch.bool or train_mask.numel() != E):
         raise ValueError(f"{op}: train_mask must be bool [E={E}], got {train_mask.dtype} {tuple(train_mask.shape)}")
+    if not torch.compiler.is_compiling():  # segments inside [0, N]: a kernel would read past xp otherwise
+        torch._assert_async((offsets[0] == 0) & (offsets[-1] == xp.shape[0]) & (offsets[1:] >= offsets[:-1]).all(),
+                            f"{op}: offsets must run from 0 to the number of rows {xp.shape[0]} and never decrease")
     act = act_name(act)
     which = MOE_GROUPED_MLP.choose(xp.device, backend, xp.dtype)
     if which == "reference":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .._registry import OpSpec, register
+from .._registry import OpSpec, check_indices, register
 from ..reference import moe as _ref
 
 
@@ -27,5 +27,6 @@ def moe_permute(expert_ids: torch.Tensor, num_experts: int, *, backend: str | No
         raise TypeError(f"moe_permute: expert_ids must be int64, got {expert_ids.dtype}")
     if num_experts < 1:
         raise ValueError(f"moe_permute: num_experts must be >= 1, got {num_experts}")
+    check_indices("moe_permute", "expert_ids", expert_ids, num_experts)
     which = MOE_PERMUTE.choose(expert_ids.device, backend)
     return MOE_PERMUTE(which, expert_ids.contiguous(), num_experts)

@@ -49,27 +49,29 @@ def _act_bwd(g, ACT: tl.constexpr):
 
 # ---- permute: chunk histograms, device-side prefix sums, stable scatter -----------------------
 
+# Both kernels work on chunks of BLOCK slots with [BLOCK] or [BLOCK, BLOCK] tiles, whatever the number of
+# experts (a one-hot [BLOCK, E] tile spilled at E = 12288).
 @triton.jit
-def _permute_count_kernel(ids_ptr, counts_ptr, N, E, BLOCK: tl.constexpr, E_P2: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + offs, mask=offs < N, other=-1)
-    experts = tl.arange(0, E_P2)
-    onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
-    tl.store(counts_ptr + pid * E + experts, tl.sum(onehot, axis=0), mask=experts < E)
-
-
-@triton.jit
-def _permute_scatter_kernel(ids_ptr, base_ptr, perm_ptr, inv_ptr, N, E, BLOCK: tl.constexpr, E_P2: tl.constexpr):
+def _permute_count_kernel(ids_ptr, counts_ptr, N, E, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     valid = offs < N
+    ids = tl.load(ids_ptr + offs, mask=valid, other=0)
+    # Integer atomics: the counts do not depend on their order.
+    tl.atomic_add(counts_ptr + pid.to(tl.int64) * E + ids, tl.full([BLOCK], 1, tl.int32), mask=valid)
+
+
+@triton.jit
+def _permute_scatter_kernel(ids_ptr, base_ptr, perm_ptr, inv_ptr, N, E, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    lane = tl.arange(0, BLOCK)
+    offs = pid * BLOCK + lane
+    valid = offs < N
     ids = tl.load(ids_ptr + offs, mask=valid, other=-1)
-    experts = tl.arange(0, E_P2)
-    onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
     # Rank of each slot among the earlier slots of its expert in this chunk: stable by construction.
-    rank = tl.sum((tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)
-    base = tl.load(base_ptr + pid * E + ids, mask=valid, other=0)
+    same = (ids[:, None] == ids[None, :]) & (lane[None, :] < lane[:, None])
+    rank = tl.sum(same.to(tl.int32), axis=1)
+    base = tl.load(base_ptr + pid.to(tl.int64) * E + ids, mask=valid, other=0)
     pos = base + rank
     tl.store(inv_ptr + offs, pos.to(tl.int64), mask=valid)
     tl.store(perm_ptr + pos, offs.to(tl.int64), mask=valid)
@@ -78,20 +80,19 @@ def _permute_scatter_kernel(ids_ptr, base_ptr, perm_ptr, inv_ptr, N, E, BLOCK: t
 def permute(expert_ids: torch.Tensor, num_experts: int):
     ids = expert_ids.reshape(-1).contiguous()
     N, E = ids.numel(), num_experts
-    e_p2 = triton.next_power_of_2(max(E, 2))
-    block = max(16, min(1024, triton.next_power_of_2(max(N, 1)), 8192 // e_p2))
+    block = max(16, min(128, triton.next_power_of_2(max(N, 1))))
     chunks = triton.cdiv(N, block)
     perm = torch.empty(N, dtype=torch.int64, device=ids.device)
     inv = torch.empty_like(perm)
     counts = torch.zeros(max(chunks, 1), E, dtype=torch.int32, device=ids.device)
     if N:
-        _permute_count_kernel[(chunks,)](ids, counts, N, E, BLOCK=block, E_P2=e_p2)
+        _permute_count_kernel[(chunks,)](ids, counts, N, E, BLOCK=block)
     totals = counts.sum(0, dtype=torch.int64)
     offsets = torch.cat([totals.new_zeros(1), totals.cumsum(0)])
     # base[c, e] = where chunk c's slots of expert e start: device-side prefix sums, no host sync.
     base = (offsets[:-1].unsqueeze(0) + counts.cumsum(0, dtype=torch.int64) - counts).contiguous()
     if N:
-        _permute_scatter_kernel[(chunks,)](ids, base, perm, inv, N, E, BLOCK=block, E_P2=e_p2)
+        _permute_scatter_kernel[(chunks,)](ids, base, perm, inv, N, E, BLOCK=block)
     return perm, inv, offsets
 
 
@@ -108,7 +109,8 @@ def _dispatch_kernel(x_ptr, perm_ptr, scale_ptr, out_ptr, N, D, k, HAS_SCALE: tl
     v = tl.load(x_ptr + (slot // k)[:, None] * D + cols[None, :], mask=mask, other=0.0)
     if HAS_SCALE:
         v = v.to(tl.float32) * tl.load(scale_ptr + slot, mask=rmask, other=0.0)[:, None]
-    tl.store(out_ptr + rows[:, None] * D + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
+    # int64 offsets: rows * D passes 2^31 on large dispatches
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -125,7 +127,7 @@ def _combine_kernel(yp_ptr, inv_ptr, w_ptr, out_ptr, T, D, k, HAS_W: tl.constexp
         if HAS_W:
             v = v * tl.load(w_ptr + toks * k + s, mask=tmask, other=0.0)[:, None]
         acc += v
-    tl.store(out_ptr + toks[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + toks.to(tl.int64)[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -137,7 +139,8 @@ def _combine_wgrad_kernel(dout_ptr, yp_ptr, inv_ptr, out_ptr, N, D, k, BLOCK_R: 
     for c0 in range(0, D, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
         mask = smask[:, None] & (cols < D)[None, :]
-        g = tl.load(dout_ptr + (slots // k)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(dout_ptr + (slots // k).to(tl.int64)[:, None] * D + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
         y = tl.load(yp_ptr + row[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         acc += tl.sum(g * y, axis=1)
     tl.store(out_ptr + slots, acc, mask=smask)
@@ -315,11 +318,13 @@ def _grouped_mm(mode, a, b, c, offsets, tiles, E, NC, K, strides, *, a2=None, b2
         return
     grid = (triton.cdiv(N, bm) + E, triton.cdiv(NC, bn))
     dummy = c
+    # 16-bit tiles are 64x128 with two fp32 accumulators (gate and up): 4 warps would need 255+ registers.
+    warps = 4 if a.dtype == torch.float32 else 8
     _grouped_mm_kernel[grid](
         a, a2 if a2 is not None else a, b, b2 if b2 is not None else b, c, c2 if c2 is not None else dummy,
         c3 if c3 is not None else dummy, g if g is not None else dummy, u if u is not None else dummy, offsets, tiles,
         E, NC, K, *strides, MODE=mode, ACT=act, DOT_F32=_dot_f32(a.dtype), E_P2=triton.next_power_of_2(max(E, 2)),
-        BM=bm, BN=bn, BK=bk)
+        BM=bm, BN=bn, BK=bk, num_warps=warps)
 
 
 def grouped_mlp(xp, offsets, w_gate, w_up, w_down, act):
@@ -478,6 +483,7 @@ def fft_features_backward(grad, reim, basis):
         if F == 0:
             return dx.zero_()
         bt, bd, bf = _fft_blocks(D)
+        # fp32 'ieee' dots run on FMA units with operands in registers: 8 warps keep them from spilling
         _fft_bwd_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bd))](grad.contiguous(), reim, basis, dx, T, D, F,
-                                                                  BT=bt, BD=bd, BF=bf)
+                                                                  BT=bt, BD=bd, BF=bf, num_warps=8)
     return dx

@@ -1,4 +1,7 @@
-"""Family 1, Triton: strict neuron-sparse AdamW over a [BLOCK_K, BLOCK_C] tile of selected neurons."""
+"""Family 1, Triton: strict neuron-sparse AdamW over a [BLOCK_K, BLOCK_C] tile of selected neurons.
+
+The launcher takes contiguous tensors (the registered op checks it): offsets come from the shapes.
+"""
 from __future__ import annotations
 
 import torch
@@ -15,8 +18,9 @@ def _sparse_adamw_kernel(param_ptr, grad_ptr, m_ptr, v_ptr, rows_ptr, srows_ptr,
                          BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
-    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    # int64 offsets: cs * stride_c and ks * C pass 2^31 on large weights
+    ks = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    cs = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     kmask = ks < K
     mask = kmask[:, None] & (cs < C)[None, :]
     neurons = tl.load(rows_ptr + ks, mask=kmask, other=0)

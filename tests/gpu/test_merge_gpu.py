@@ -12,7 +12,8 @@ from ..kernels.tolerance import assert_close_to_golden
 
 pytestmark = pytest.mark.gpu
 
-GPU_BACKENDS = [b for b in ("cuda", "triton") if torch.cuda.is_available() and _backend.available(b, "cuda", "merge")[0]]
+GPU_BACKENDS = [b for b in ("cuda", "triton")
+                if torch.cuda.is_available() and _backend.available(b, "cuda", "merge")[0]]
 
 
 def make_case(n, K, dtype, seed=0):

@@ -10,7 +10,7 @@ import torch
 import mmt_kernels
 from mmt_kernels import _backend
 from mmt_kernels import reference as ref
-
+from tests.kernels.test_gpu_readiness import sparse_adamw_multi_opcheck_args
 from tests.kernels.tolerance import assert_close_to_golden
 
 pytestmark = pytest.mark.gpu
@@ -76,7 +76,7 @@ def test_multi_one_launch_matches_reference(backend, dtype):
                          st=torch.randint(1, 9, (rows.numel(),), device=dev, generator=gen)))
 
     def run(fn, to, **kw):
-        ps, ms, vs = [to(c["p"]).clone() for c in case], [to(c["m"]).clone() for c in case], [to(c["v"]).clone() for c in case]
+        ps, ms, vs = ([to(c[key]).clone() for c in case] for key in ("p", "m", "v"))
         fn(ps, ms, vs, [to(c["g"]) for c in case], [c["rows"] for c in case], lr=1e-3, beta1=0.9, beta2=0.999,
            eps=1e-8, weight_decay=0.01, step=1, neuron_dims=[c["nd"] for c in case],
            state_rows=[c["srows"] for c in case], row_scales=[None] * len(case), row_steps=[c["st"] for c in case],
@@ -147,14 +147,8 @@ def test_optimizer_on_cuda_strict_and_equivalent(backend):
 def test_cuda_sparse_adamw_opcheck():
     _need("cuda", "sparse_adamw_multi_")
     dev = "cuda"
-    ps = [torch.randn(9, 5, device=dev), torch.randn(4, 6, device=dev, dtype=torch.bfloat16)]
-    args = (ps, [torch.zeros(5, 5, device=dev), torch.zeros(4, 6, device=dev)],
-            [torch.zeros(5, 5, device=dev), torch.zeros(4, 6, device=dev)],
-            [torch.randn(9, 5, device=dev), torch.randn(4, 6, device=dev, dtype=torch.bfloat16)],
-            [torch.tensor([0, 4, 8], device=dev), torch.tensor([1, 5], device=dev)],
-            [torch.tensor([4, 0, 2], device=dev), None], [torch.rand(3, device=dev), None],
-            [torch.tensor([1, 2, 3], device=dev), None], 1e-3, 0.9, 0.999, 1e-8, 0.01, 1, [0, 1], True)
-    torch.library.opcheck(torch.ops.mmt.sparse_adamw_multi_.default, args)
+    # The same arguments are checked on CPU by tests/kernels/test_gpu_readiness.py.
+    torch.library.opcheck(torch.ops.mmt.sparse_adamw_multi_.default, sparse_adamw_multi_opcheck_args(dev))
     targs = (torch.zeros(7, device=dev), torch.randn(300, 7, device=dev), torch.randn(300, 7, device=dev),
              torch.rand(300, device=dev))
     torch.library.opcheck(torch.ops.mmt.taylor_accumulate_.default, targs)

@@ -83,11 +83,11 @@ def test_every_spec_repeats_its_cpp_schema():
     from mmt_kernels._registry import OPS
 
     if _backend.load_C():  # every C++ op has exactly one spec
-        cpp = {n.split("::")[1] for n in _backend._mmt_op_names() if not n.endswith("_triton")}
+        cpp = {n.split("::")[1] for n in _backend._mmt_op_names() if "_triton" not in n}
         assert cpp == set(OPS)
     for name, op in OPS.items():
         if op.triton_op is not None:
-            triton_schema = str(getattr(torch.ops.mmt, f"{name}_triton").default._schema)
-            assert triton_schema == f"mmt::{name}_triton{op.spec.schema}"
+            tname = _registry.triton_name(name)
+            assert str(getattr(torch.ops.mmt, tname).default._schema) == f"mmt::{tname}{op.spec.schema}"
         if _backend.has_compiled(name, "CPU"):
             assert str(getattr(torch.ops.mmt, name).default._schema) == f"mmt::{name}{op.spec.schema}"
