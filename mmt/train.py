@@ -207,12 +207,17 @@ class Trainer:
         reload as itself is left out with a warning (the checkpoint still resumes); ``final/`` refuses it."""
         from mmt.models import write_model
 
+        rng = random.getstate(), np.random.get_state()
         try:
-            write_model(self.acc.unwrap_model(self.model), self.tokenizer, folder)
+            with torch.random.fork_rng(devices=[]):  # building the reload check must not move the run's RNG
+                write_model(self.acc.unwrap_model(self.model), self.tokenizer, folder)
         except CheckpointError as exc:
             if not getattr(self, "_warned_unloadable", False):
                 print(f"[mmt] warning: checkpoints hold no standalone model: {exc}", flush=True)
                 self._warned_unloadable = True
+        finally:
+            random.setstate(rng[0])
+            np.random.set_state(rng[1])
 
     def load_checkpoint(self, path: str | Path) -> None:
         path = Path(path)
