@@ -6,6 +6,6 @@ The pipeline (``data`` -> ``methods`` -> ``train`` -> ``evaluate``) is imported 
 
 __version__ = "0.1.0"
 
-from mmt import arch as _arch  # noqa: E402,F401  saved changed architectures reload via AutoModelForCausalLM
+from mmt import arch as _arch  # noqa: F401  saved changed architectures reload via AutoModelForCausalLM
 
 __all__ = ["__version__"]

@@ -42,7 +42,7 @@ class GeluMoEFFN(MoEFFN):
         self.act = act
         # MoEFFN's gated expert tensors are replaced by the non-gated ones
         del self.w_gate, self.w_up, self.w_down
-        fk = dict(dtype=dtype, device=device)
+        fk = {"dtype": dtype, "device": device}
         self.w_in = nn.Parameter(torch.empty(num_experts, d_expert, d_model, **fk))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_model, d_expert, **fk))
         self.b_in = nn.Parameter(torch.zeros(num_experts, d_expert, **fk)) if bias else None

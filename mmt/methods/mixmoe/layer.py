@@ -34,7 +34,7 @@ def _probe_activation(fn: Any, allowed: tuple[str, ...], where: str) -> str:
     try:
         with torch.no_grad():
             got = fn(_PROBE.clone()).float()
-    except Exception as exc:  # noqa: BLE001 - any failure means "not a plain elementwise activation"
+    except Exception as exc:  # any failure means "not a plain elementwise activation"
         raise MethodError(f"mixmoe: cannot evaluate the activation of {where} ({type(fn).__name__}): {exc}") from exc
     for name in allowed:
         if got.shape == _PROBE.shape and float((got - refs[name]).abs().max()) < 1e-5:
@@ -128,9 +128,9 @@ def _dense_weights(slot: FFNSlot) -> dict[str, torch.Tensor | None]:
 
 def empty_moe(slot: FFNSlot, spec: dict[str, Any], *, dtype=None, device=None) -> nn.Module:
     """A MoE layer of the shape ``spec`` describes (see :func:`layer_spec`), weights uninitialised."""
-    common = dict(k=spec["top_k"], act=slot.act, n_freq=spec["n_freq"], fft_proj_dim=spec["fft_proj_dim"],
-                  router_input=spec["router_input"], fft_layernorm=spec["fft_layernorm"], scale=spec["scale"],
-                  dtype=dtype, device=device, backend=spec.get("backend"))
+    common = {"k": spec["top_k"], "act": slot.act, "n_freq": spec["n_freq"], "fft_proj_dim": spec["fft_proj_dim"],
+              "router_input": spec["router_input"], "fft_layernorm": spec["fft_layernorm"], "scale": spec["scale"],
+              "dtype": dtype, "device": device, "backend": spec.get("backend")}
     E = spec["num_lm_experts"] + spec["num_mt_experts"]
     if slot.kind == "glu":
         moe = MoEFFN(spec["d_model"], spec["d_expert"], E, **common)

@@ -14,7 +14,16 @@ from mmt.methods.base import TrainingPlan, count_parameters, parse_directions
 from mmt.models import find_attention
 
 from .config import ARTIFACT, STRUCTURAL, Config
-from .layer import FORMAT, aux_losses, expert_tensors, ffn_slots, moe_layers, set_stage, shared_lm_tensors, upcycle
+from .layer import (
+    FORMAT,
+    aux_losses,
+    expert_tensors,
+    ffn_slots,
+    moe_layers,
+    set_stage,
+    shared_lm_tensors,
+    upcycle,
+)
 
 
 def _stage1_file(path: str | Path) -> Path:
@@ -55,7 +64,7 @@ def _check_compatible(saved: dict[str, Any], config: Config, where: str) -> None
                              f"{key}={getattr(config, key)!r}; the method sections of both stages must agree")
 
 
-def _load_stage1(model: MixMoEForCausalLM, config: Config) -> str:
+def _load_stage1(model: nn.Module, config: Config) -> str:
     src = _stage1_file(config.stage1_path)
     saved = torch.load(src, map_location="cpu", weights_only=True)
     _check_compatible(saved.get("config", {}), config, str(src))
