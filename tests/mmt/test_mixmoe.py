@@ -263,3 +263,16 @@ def test_shipped_configs_route_grouped_and_start_exact(path):
     cfg = mixmoe.Config.from_dict({k: v for k, v in method.items() if k != "name"})
     assert cfg.routing == "grouped", f"{path.name}: joint routing breaks the stage-1 -> stage-2 hand-off"
     assert cfg.exact_upcycling(), f"{path.name}: the upcycled model must be the dense model"
+
+
+def test_router_learning_rate_scale(tok):
+    model, plan = mixmoe.prepare(_model("llama", tok), mixmoe.Config(n_freq=4, router_lr_scale=0.1,
+                                                                     stage1_train="experts+router"), tok)
+    opt = plan.build_optimizer(model, TRAIN)
+    router = {id(p) for m in mixmoe.moe_layers(model) for p in (m.router.weight, m.fft_proj.weight)}
+    by_lr = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            by_lr[id(p)] = g["lr"]
+    assert all(by_lr[i] == pytest.approx(TRAIN.lr * 0.1) for i in router)
+    assert {lr for i, lr in by_lr.items() if i not in router} == {TRAIN.lr}

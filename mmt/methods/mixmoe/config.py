@@ -42,6 +42,7 @@ class Config(MethodConfig):
     mt_init_std: std of the MT experts' input projections (their output projection starts at zero).
     stage1_train: what stage 1 trains: "router" (default: router + FFT projection; the LM experts keep the
         pretrained FFN) or "experts+router" (the paper's recipe: LM experts continue pretraining too).
+    router_lr_scale: the router's and FFT projection's learning rate is ``train.lr`` times this (no weight decay).
     layers: indices of the decoder layers to convert (None: all).
     train_attention / train_embeddings: also train these (default frozen in both stages).
     train_fft_proj_stage2: keep training W_f in stage 2 (it is part of the router).
@@ -71,6 +72,7 @@ class Config(MethodConfig):
     fft_proj_init_std: float = 0.02
     mt_init_std: float = 0.02
     stage1_train: str = "router"
+    router_lr_scale: float = 1.0
     layers: list[int] | None = None
     train_attention: bool = False
     train_embeddings: bool = False
@@ -106,7 +108,7 @@ class Config(MethodConfig):
                              "sequence-axis variant B mixes future tokens into a decoder's router; not offered)")
         if self.stage1_train not in ("router", "experts+router"):
             raise ConfigError(f"mixmoe: stage1_train must be 'router' or 'experts+router', got {self.stage1_train!r}")
-        for name in ("router_init_std", "fft_proj_init_std", "mt_init_std"):
+        for name in ("router_init_std", "fft_proj_init_std", "mt_init_std", "router_lr_scale"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"mixmoe: {name} must be >= 0, got {getattr(self, name)}")
         if self.routing not in ("joint", "grouped"):

@@ -133,17 +133,27 @@ def prepare(model: nn.Module, config: Config, tokenizer=None) -> tuple[nn.Module
         for p in model.get_input_embeddings().parameters():
             p.requires_grad_(True)
 
+    router_ids = {id(p) for moe in layers for mod in (moe.router, moe.fft_proj, moe.fft_norm) if mod is not None
+                  for p in mod.parameters()}
+
     def build_optimizer(m: nn.Module, train_config):
         # Frozen experts live inside the same [E, ...] tensors as trained ones and get exactly zero
         # gradients; AdamW then leaves them unchanged only without weight decay, so expert tensors get none.
-        decay, no_decay = [], []
+        # The router gets its own learning rate (router_lr_scale): Adam moves every router weight by about
+        # the learning rate per step, so its logits move by about lr * |router input|_1, which is large.
+        decay, no_decay, router = [], [], []
         for p in m.parameters():
             if p.requires_grad:
-                (no_decay if (p.ndim < 2 or id(p) in expert_ids) else decay).append(p)
-        groups = [g for g in ({"params": decay, "weight_decay": train_config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        return torch.optim.AdamW(groups, lr=train_config.lr, betas=tuple(train_config.adam_betas),
-                                 eps=train_config.adam_eps)
+                if id(p) in router_ids:
+                    router.append(p)
+                else:
+                    (no_decay if (p.ndim < 2 or id(p) in expert_ids) else decay).append(p)
+        lr = train_config.lr
+        groups = [g for g in ({"params": decay, "weight_decay": train_config.weight_decay, "lr": lr},
+                              {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+                              {"params": router, "weight_decay": 0.0, "lr": lr * config.router_lr_scale})
+                  if g["params"]]
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(train_config.adam_betas), eps=train_config.adam_eps)
 
     def extra_loss(m: nn.Module) -> torch.Tensor:
         return aux_losses(m, config.aux_loss_weight, config.z_loss_weight)
