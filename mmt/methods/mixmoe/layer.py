@@ -259,14 +259,16 @@ def build(model: nn.Module, settings: dict[str, Any]) -> None:
             raise CheckpointError(f"mixmoe: layer {sp['layer']} was saved as a {sp['kind']}/{sp['act']} FFN; the base "
                                   f"model has {found} there")
         moe = empty_moe(slot, sp, dtype=w.dtype, device=w.device)
-        moe._refresh_hook = moe.register_forward_pre_hook(_refresh_after_load)
+        moe.needs_refresh = True
+        moe.register_forward_pre_hook(_refresh_after_load)
         slot.install(moe)
 
 
 def _refresh_after_load(moe: nn.Module, _args) -> None:
     # from_pretrained assigns the loaded tensors without load_state_dict hooks: recompute MoEFFN's host-side
     # summaries of the loaded expert/train masks, and re-create the never-saved load counters, once.
-    moe._refresh_hook.remove()
-    del moe._refresh_hook
+    if not moe.needs_refresh:
+        return
+    moe.needs_refresh = False
     moe.load_counts = torch.zeros(moe.num_experts, dtype=torch.float64, device=moe.expert_mask.device)
     moe.set_masks()
