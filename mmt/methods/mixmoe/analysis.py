@@ -11,6 +11,7 @@ from mmt.plots import _plt, save_figure
 
 from .layer import moe_layers
 
+
 @torch.no_grad()
 def expert_load(model: nn.Module, tokenizer, texts_by_lang: dict[str, list[str]], *, batch_size: int = 8,
                 max_length: int = 128) -> dict[str, torch.Tensor]:
