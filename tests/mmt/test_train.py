@@ -75,10 +75,12 @@ def test_checkpoints_atomic_keep_last(tok, jsonl_data, tmp_path):
     trainer, _ = _train(tok, jsonl_data, tmp_path, "train.max_steps=6", "train.batch_size=4", "train.micro_batch_size=4",
                         "train.save_every=2", "train.keep_last=2")
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["step-0000004", "step-0000006"]
-    ck = tmp_path / "checkpoints" / "step-0000006"
-    for f in ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng_0.pt", "trainer_state.json"):
+    assert names == ["checkpoint-4", "checkpoint-6"]
+    ck = tmp_path / "checkpoints" / "checkpoint-6"
+    for f in ("trainable.safetensors", "optimizer.json", "optimizer.safetensors", "scheduler.json", "rng_0.json",
+              "trainer_state.json", "manifest.json", "config.json", "model.safetensors", "tokenizer.json"):
         assert (ck / f).is_file(), f
+    assert not list(ck.glob("*.pt")) and not list(ck.glob("*.bin"))
 
 
 def _run_worker(args, env=None, check=True):
