@@ -140,6 +140,10 @@ def _restore_dtensor_state(optimizer: torch.optim.Optimizer) -> None:
                                                                shape=p.shape, stride=p.stride())
 
 
+class RunMismatchError(CheckpointError):
+    """The checkpoint is intact but belongs to a run with other data, another model or method."""
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -296,18 +300,18 @@ class Trainer:
 
         advice = "resume with the same config, or start over with train.resume=never or another train.output_dir"
         if state.get("method") != self.plan.method:
-            raise CheckpointError(f"{path}: written by method {state.get('method')!r}, this run is "
+            raise RunMismatchError(f"{path}: written by method {state.get('method')!r}, this run is "
                                   f"{self.plan.method!r}; {advice}")
         now = self.fingerprints()
         old_data, old_model = state.get("data") or {}, state.get("model") or {}
         if old_data != now["data"]:
-            raise CheckpointError(
+            raise RunMismatchError(
                 f"{path}: the training data differ from the run that wrote this checkpoint "
                 f"({old_data.get('examples')} examples then, {now['data']['examples']} now"
                 f"{'' if old_data.get('examples') != now['data']['examples'] else ', same count, other content'})"
                 f"{differences('data')}; {advice}")
         if old_model != now["model"]:
-            raise CheckpointError(
+            raise RunMismatchError(
                 f"{path}: the model differs from the one that wrote this checkpoint (parameter names, shapes, "
                 f"dtypes or trainable set: {old_model.get('parameters')} parameters then, "
                 f"{now['model']['parameters']} now){differences('model')}{differences('method')}; {advice}")
@@ -377,7 +381,7 @@ class Trainer:
                     self.load_checkpoint(path)
                     break
                 except CheckpointError as exc:
-                    if "differ" in str(exc) or "written by" in str(exc):
+                    if isinstance(exc, RunMismatchError):
                         raise  # another run's checkpoint: falling back to an older one would not help
                     problems.append(str(exc))
                     self._say(f"warning: cannot resume from {path.name}: {exc}")
