@@ -16,6 +16,10 @@ class ConfigError(MmtError, ValueError):
     """A config file or override is invalid; the message names the file, the key and the value."""
 
 
+class LanguageError(ConfigError):
+    """An unknown language code or a malformed direction (the caller adds the key or file:line)."""
+
+
 class DataError(MmtError, ValueError):
     """A data file is missing, empty or malformed; the message names the file and line."""
 

@@ -1,10 +1,12 @@
 """Language codes, names and X-ALMA language groups.
 
 Internally a language is its ISO 639-1 code (``de``); FLORES-200 codes (``deu_Latn``) name files.
-Every public function accepts either form and raises ``ValueError`` naming the unknown code.
+Every public function accepts either form and raises ``LanguageError`` (a ``ValueError``) naming the unknown code.
 """
 
 from __future__ import annotations
+
+from mmt.errors import LanguageError
 
 # iso -> (FLORES-200 code, English name as used in prompts)
 _TABLE: dict[str, tuple[str, str]] = {
@@ -70,7 +72,7 @@ MFTI_LANGUAGES = ("en", "de", "fr", "ca", "fi", "ru", "bg", "zh", "ko", "ar", "s
 def normalize(code: str) -> str:
     """ISO 639-1 code for an ISO 639-1/639-3, FLORES-200 code or English name (case-insensitive)."""
     if not isinstance(code, str) or not code.strip():
-        raise ValueError(f"empty or non-string language code: {code!r}")
+        raise LanguageError(f"empty or non-string language code: {code!r}")
     key = code.strip().lower().replace(" ", "")
     if key in _TABLE:
         return key
@@ -84,7 +86,7 @@ def normalize(code: str) -> str:
         return _ISO3_TO_ISO[key]
     if key in _NAME_TO_ISO:
         return _NAME_TO_ISO[key]
-    raise ValueError(f"unknown language code {code!r}; use ISO 639-1 (e.g. 'de') or FLORES-200 (e.g. 'deu_Latn')")
+    raise LanguageError(f"unknown language code {code!r}; use ISO 639-1 (e.g. 'de') or FLORES-200 (e.g. 'deu_Latn')")
 
 
 def is_known(code: str) -> bool:
@@ -125,10 +127,10 @@ def parse_direction(text: str) -> tuple[str, str]:
     t = text.strip().replace("->", "-").replace("→", "-")
     parts = t.split("-")
     if len(parts) != 2 or not parts[0] or not parts[1]:
-        raise ValueError(f"direction {text!r} must look like 'de-en'")
+        raise LanguageError(f"direction {text!r} must look like 'de-en'")
     src, tgt = normalize(parts[0]), normalize(parts[1])
     if src == tgt:
-        raise ValueError(f"direction {text!r} translates a language into itself")
+        raise LanguageError(f"direction {text!r} translates a language into itself")
     return src, tgt
 
 

@@ -536,6 +536,10 @@ def run(cfg: Any, model: nn.Module | None = None, tokenizer: Any = None, *, prin
     Returns (model, tokenizer, plan, TrainResult).
     """
     set_seed(cfg.train.seed)
+    out = Path(cfg.train.output_dir)
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # checked before the (slow) model load
+        raise ConfigError(f"train.output_dir={str(out)!r}: {blocking} is a file, not a folder")
     if model is None:
         model, tokenizer = load_model(cfg.model)
     model, plan = get_method(cfg.method_name).prepare(model, cfg.method, tokenizer=tokenizer)

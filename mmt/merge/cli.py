@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from mmt.errors import MergeError
 
@@ -27,6 +28,9 @@ directory next to it, then renamed). Config keys: see `python -c "import mmt.mer
 
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
+    if args.config and "=" in args.config and not Path(args.config).is_file():  # only key=value, no config file
+        overrides.insert(0, args.config)
+        args.config = None
     if args.output:
         overrides.append(f"output={args.output}")
     if args.overwrite:
@@ -36,6 +40,6 @@ def run(args: argparse.Namespace) -> int:
         report = run_merge(cfg, progress=not args.no_progress)
     except MergeError as exc:
         print(f"mmt merge: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(report.summary())
     return 0

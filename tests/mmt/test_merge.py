@@ -196,7 +196,7 @@ def test_cli(ckpts, tmp_path, capsys):
                    f"    weight: 0.5\ndensity: 0.2\noutput: {tmp_path / 'cli_out'}\n")
     assert main(["merge", str(cfg), "density=0.4", "--no-progress"]) == 0
     assert "merged 2 models with ties" in capsys.readouterr().out
-    assert main(["merge", str(cfg), "--no-progress"]) == 1  # exists
+    assert main(["merge", str(cfg), "--no-progress"]) == 2  # exists
     assert "already exists" in capsys.readouterr().err
 
 
