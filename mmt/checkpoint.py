@@ -35,7 +35,7 @@ MANIFEST = "manifest.json"
 FORMAT = "mmt-checkpoint/1"
 _CHUNK = 1 << 22
 
-__all__ = ["FORMAT", "MANIFEST", "PREFIX", "checkpoint_step", "decode", "encode", "file_sha256", "list_checkpoints",
+__all__ = ["FORMAT", "MANIFEST", "PREFIX", "checkpoint_step", "decode", "describe_folder", "encode", "file_sha256", "list_checkpoints",
            "load_state", "prune", "save_state", "verify", "write_manifest"]
 
 
@@ -204,6 +204,27 @@ def list_checkpoints(root: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None and (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: checkpoint_step(p))
+
+
+def describe_folder(path: str | Path) -> str | None:
+    """What a local folder that is not a loadable model is, and what to pass instead; None when it is not one of
+    ours (a run folder, its ``checkpoints`` folder, an incomplete checkpoint)."""
+    p = Path(path)
+    if not p.is_dir() or (p / "config.json").is_file():
+        return None
+    if (p / "checkpoints").is_dir() or (p / "final").is_dir():
+        final = p / "final"
+        ckpts = list_checkpoints(p / "checkpoints")
+        what = f"{final}" if final.is_dir() else (str(ckpts[-1]) if ckpts else None)
+        return f"{p} is a training run folder; pass its model: {what}" if what else \
+            f"{p} is a training run folder without a finished model or checkpoint yet"
+    ckpts = list_checkpoints(p)
+    if ckpts or any(checkpoint_step(c) is not None for c in p.iterdir()):
+        return (f"{p} is the checkpoints folder of a training run; pass one checkpoint, e.g. {ckpts[-1]}" if ckpts
+                else f"{p} is the checkpoints folder of a training run, with no complete checkpoint")
+    if checkpoint_step(p) is not None or p.name.startswith(TMP_PREFIX):
+        return f"{p} is an incomplete training checkpoint (its writing was interrupted); use an older one"
+    return f"{p} is not a model folder (no config.json)"
 
 
 def prune(root: Path, keep_last: int) -> None:

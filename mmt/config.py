@@ -369,7 +369,12 @@ def build_dataclass(cls: type, values: Any, where: str) -> Any:
 
 def parse_value(text: str) -> Any:
     """Parse an override value as a YAML scalar/list (``1e-5`` -> float, ``true`` -> bool)."""
-    value = yaml.safe_load(text) if text.strip() else ""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"value {text!r} is not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
     if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
         try:
             return float(value)
@@ -406,12 +411,12 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str] | None,
                 except (ValueError, IndexError):
                     raise ConfigError(f"override {item!r}: bad list index {key!r}") from None
                 if last:
-                    node[index] = parse_value(value)
+                    node[index] = _parse_override(item, value)
                 else:
                     node = node[index]
             elif isinstance(node, dict):
                 if last:
-                    node[key] = parse_value(value)
+                    node[key] = _parse_override(item, value)
                 else:
                     if node.get(key) is None:
                         node[key] = {}
@@ -419,6 +424,13 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str] | None,
             else:
                 raise ConfigError(f"override {item!r}: {'.'.join(keys[:depth])} is not a mapping or a list")
     return raw
+
+
+def _parse_override(item: str, value: str) -> Any:
+    try:
+        return parse_value(value)
+    except ConfigError as exc:
+        raise ConfigError(f"override {item!r}: {exc}") from None
 
 
 def overrides_from_args(args: argparse.Namespace, options: Mapping[str, str]) -> list[str]:

@@ -111,6 +111,10 @@ def load_model(cfg: Any = None, *, name_or_path: str | None = None, dtype: str |
         mkw["attn_implementation"] = attn
     tok_src = cfg.tokenizer if cfg is not None and cfg.tokenizer else None
     t0 = time.time()
+    from mmt.checkpoint import describe_folder
+
+    if gguf is None and (what := describe_folder(where)) is not None:
+        raise ModelLoadError(f"model {name!r}: {what}")
     try:
         if gguf is None:
             model = AutoModelForCausalLM.from_pretrained(where, **mkw)
@@ -132,7 +136,7 @@ def load_model(cfg: Any = None, *, name_or_path: str | None = None, dtype: str |
                     _write_cache(model, tokenizer, cache)
             if verbose:
                 print(f"[mmt] model from {origin} in {time.time() - t0:.0f}s", flush=True)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a config.json transformers does not recognise
         raise ModelLoadError(f"could not load model {name!r} ({where}): {exc}. Offline? Hub ids need network or a "
                              "local cache; a directory needs config.json; a .gguf path must exist.") from exc
     if tokenizer.pad_token_id is None:

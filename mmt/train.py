@@ -140,6 +140,16 @@ def _restore_dtensor_state(optimizer: torch.optim.Optimizer) -> None:
                                                                shape=p.shape, stride=p.stride())
 
 
+def _leaf_differences(old: Any, new: Any, where: str) -> list[tuple[str, Any, Any]]:
+    """(key path, old, new) for every leaf where two config trees differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _leaf_differences(old.get(k), new.get(k), f"{where}.{k}")]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _leaf_differences(a, b, f"{where}[{i}]")]
+    return [] if old == new else [(where, old, new)]
+
+
 class RunMismatchError(CheckpointError):
     """The checkpoint is intact but belongs to a run with other data, another model or method."""
 
@@ -198,6 +208,7 @@ class Trainer:
         self.tokens_seen = 0
         self.resumed_from: str | None = None
         self._fingerprints: dict[str, Any] | None = None
+        self._resume_checked = False
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -292,11 +303,9 @@ class Trainer:
         def differences(section: str) -> str:
             old = (state.get("config") or {}).get(section)
             new = (self.run_config or {}).get(section)
-            if not isinstance(old, dict) or not isinstance(new, dict):
-                return ""
-            diff = [f"{section}.{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
-                    if old.get(k) != new.get(k) and k != "data_dir"]
-            return (" (" + "; ".join(diff) + ")") if diff else ""
+            diff = [f"{key}: {a!r} then, {b!r} now" for key, a, b in _leaf_differences(old, new, section)
+                    if not key.endswith(".data_dir")]
+            return (" (" + "; ".join(diff[:5]) + ")") if diff else ""
 
         advice = "resume with the same config, or start over with train.resume=never or another train.output_dir"
         if state.get("method") != self.plan.method:
@@ -369,6 +378,7 @@ class Trainer:
     def maybe_resume(self) -> None:
         """``train.resume``: ``never``; ``auto`` (the newest intact checkpoint, falling back past damaged ones
         and saying why); or a checkpoint folder (an error if it is damaged)."""
+        self._resume_checked = True
         mode = str(self.cfg.resume)
         if mode == "never":
             return
@@ -423,7 +433,8 @@ class Trainer:
 
     def train(self) -> TrainResult:
         torch.manual_seed(self.cfg.seed + self.acc.process_index)
-        self.maybe_resume()
+        if not self._resume_checked:
+            self.maybe_resume()
         self._trim_log()
         if self.acc.is_main_process:
             ckpt.prune(self.ckpt_root, self.cfg.keep_last)  # leftovers of a killed run
@@ -546,6 +557,7 @@ def run(cfg: Any, model: nn.Module | None = None, tokenizer: Any = None, *, prin
     plan.model = model
     train_set = build_train_set(cfg.data, tokenizer, plan=plan)
     trainer = Trainer(model, tokenizer, plan, train_set, cfg.train, data_cfg=cfg.data, run_config=cfg.to_dict())
+    trainer.maybe_resume()  # before anything is written: a run that cannot resume leaves the folder as it was
     if trainer.acc.is_main_process:
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
         dump_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
