@@ -227,6 +227,7 @@ def _validate(obj: Any, where: str) -> None:
                     "save_every", "log_every"):
             check(getattr(obj, key) >= 0, key, f"must be >= 0, got {getattr(obj, key)!r}")
         check(obj.adam_eps > 0, "adam_eps", "must be > 0")
+        check(0 <= obj.seed < 2**32, "seed", f"must be in [0, 2**32), got {obj.seed}")
         check(obj.keep_last >= 1, "keep_last", "must be >= 1")
         check(obj.warmup_ratio <= 1 and obj.min_lr_ratio <= 1, "warmup_ratio", "ratios must be <= 1")
         check(bool(str(obj.output_dir).strip()), "output_dir", "must not be empty")
