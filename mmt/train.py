@@ -222,7 +222,8 @@ class Trainer:
 
     def _sharded(self) -> bool:
         """Whether each process holds only a shard of the parameters / optimizer state (FSDP, DeepSpeed)."""
-        return self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        return self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) or any(
+            hasattr(p, "device_mesh") for p in self.raw_model.parameters())
 
     def fingerprints(self) -> dict[str, Any]:
         """What a resumed run must share with the run that wrote the checkpoint: the tokenised examples and
@@ -243,7 +244,17 @@ class Trainer:
 
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state dict on the main process (a collective under FSDP / DeepSpeed ZeRO-3)."""
-        return self.acc.get_state_dict(self.model)
+        state_dict = self.acc.get_state_dict(self.model)
+        if not any(hasattr(t, "full_tensor") for t in state_dict.values()):
+            return state_dict
+        # FSDP2 on CPU: torch's full-state-dict gather skips CPU shards; gather them tensor by tensor, in the same
+        # order on every process, keeping the result on the main process only
+        full = {}
+        for name, t in state_dict.items():
+            t = t.full_tensor() if hasattr(t, "full_tensor") else t
+            if self.acc.is_main_process:
+                full[name] = t.detach().cpu()
+        return full
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/checkpoint-<step>``: a full HF model + tokenizer, then the resume state, then the
