@@ -41,7 +41,7 @@ from mmt import checkpoint as ckpt
 from mmt.config import dump_config
 from mmt.data import (IGNORE_INDEX, StepSampler, TrainSet, build_train_set, collate, pad_token_id,
                       shard_micro_batches)
-from mmt.errors import CheckpointError, ConfigError
+from mmt.errors import CheckpointError, ConfigError, MethodError
 from mmt.methods.base import StepInfo, TrainingPlan, default_optimizer
 from mmt.models import load_model
 from mmt.registry import get_method
@@ -103,6 +103,13 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], use_logits_to_
             return loss, out
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return token_loss_sum(out.logits, labels), out
+
+
+# methods whose optimizer or layers need whole (unsharded) tensors, with the reason
+UNSHARDED_ONLY = {
+    "landermt": "its neuron-sparse AdamW updates neuron rows of whole weight matrices, which FSDP and ZeRO shard",
+    "mixmoe": "its upcycled MoE layers and routing kernels have not been checked on sharded weights",
+}
 
 
 def _as_float(value: Any) -> float | None:
@@ -182,6 +189,11 @@ class Trainer:
             accelerator = Accelerator(mixed_precision=train_cfg.mixed_precision, gradient_accumulation_steps=1,
                                       kwargs_handlers=kwargs)
         self.acc = accelerator
+        engine = self.acc.distributed_type
+        if engine in (DistributedType.FSDP, DistributedType.DEEPSPEED) and plan.method in UNSHARDED_ONLY:
+            raise MethodError(f"method {plan.method!r} does not run under {engine.value}: "
+                              f"{UNSHARDED_ONLY[plan.method]}. Launch it with DDP (examples/accelerate/ddp.yaml) or "
+                              "on one process; see docs/scaling.md")
         world = self.acc.num_processes
         if train_cfg.batch_size % (world * train_cfg.micro_batch_size):
             raise ConfigError(f"train.batch_size={train_cfg.batch_size} must be a multiple of micro_batch_size "
@@ -201,9 +213,21 @@ class Trainer:
         self.use_logits_to_keep = _accepts_logits_to_keep(model)
         builder = plan.build_optimizer or default_optimizer
         optimizer = builder(model, train_cfg)
+        self.deepspeed = engine == DistributedType.DEEPSPEED
+        if self.deepspeed and train_cfg.save_every:
+            raise ConfigError("train.save_every: resumable checkpoints are not written under DeepSpeed yet (its ZeRO "
+                              "optimizer state lives outside the torch optimizer); set train.save_every=0, or use "
+                              "FSDP2 (examples/accelerate/fsdp2.yaml) for resumable sharded training")
+        if self.deepspeed:  # no dataloader goes through prepare: say the batch geometry so that "auto" resolves
+            ds = self.acc.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = train_cfg.micro_batch_size
+            ds["gradient_accumulation_steps"] = self.accum
+            ds["train_batch_size"] = train_cfg.batch_size
+            ds["gradient_clipping"] = float(train_cfg.max_grad_norm or 0.0)
+        # the schedule drives the torch optimizer itself (DeepSpeed's ZeRO wrapper is not a torch Optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg))
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        self.torch_optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.torch_optimizer, lr_lambda(train_cfg))
+        self.torch_optimizer = optimizer
         self.step = 0
         self.tokens_seen = 0
         self.resumed_from: str | None = None
@@ -468,6 +492,8 @@ class Trainer:
                 self.plan.on_step_start(info, self.raw_model, self.torch_optimizer)
             local_loss = torch.zeros((), dtype=torch.float64)
             scale = self.acc.num_processes / max(global_label_tokens, 1)
+            if self.deepspeed:
+                scale *= self.accum  # DeepSpeed divides each micro-batch loss by its accumulation steps
             for j, idx in enumerate(micro):
                 info.micro_step = j
                 info.batch_directions = None if ts.mono else [ts.keys[i] for i in idx]

@@ -27,6 +27,8 @@ def main() -> None:
     p.add_argument("--sampler", default="mixed")
     p.add_argument("--schedule", default="cosine")
     p.add_argument("--params-out", default=None)
+    p.add_argument("--save-final", action="store_true", help="also write output_dir/final")
+    p.add_argument("--deepspeed-stage", type=int, default=0, help="run under DeepSpeed ZeRO with this stage")
     p.add_argument("--fsdp2-on-cpu", action="store_true",
                    help="shard with FSDP2 on the CPU (gloo) process group: accelerate itself enables FSDP only on "
                         "accelerator devices, so the test switches its state the way `accelerate launch` would")
@@ -60,6 +62,7 @@ def main() -> None:
     accelerator = None
     if a.fsdp2_on_cpu:
         from accelerate import Accelerator
+        from accelerate.state import PartialState
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
         accelerator = Accelerator()
@@ -68,15 +71,25 @@ def main() -> None:
                                                 auto_wrap_policy="transformer_based_wrap",
                                                 state_dict_type="FULL_STATE_DICT")
         accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState().distributed_type = DistributedType.FSDP  # AcceleratorState() copies it when re-created
         accelerator.state.fsdp_plugin = plugin
+    if a.deepspeed_stage:
+        from accelerate import Accelerator
+        from accelerate.utils import DeepSpeedPlugin
+
+        accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(zero_stage=a.deepspeed_stage,
+                                                                   zero3_save_16bit_model=True))
     trainer = Trainer(model, tok, plan, ts, cfg.train, data_cfg=cfg.data, accelerator=accelerator)
     result = trainer.train()
+    if a.save_final:
+        trainer.save_final()
     full = trainer._full_state_dict()  # a collective under FSDP: every process calls it
     if a.params_out and trainer.acc.is_main_process:
         names = [n for n, _ in trainer.raw_model.named_parameters()]
         state = {n: full[n].detach().cpu().contiguous() for n in names}
         save_file(state, a.params_out)
         Path(a.params_out + ".losses").write_text(" ".join(repr(x) for x in result.losses))
+        Path(a.params_out + ".engine").write_text(f"{trainer.acc.distributed_type.value} {trainer.acc.num_processes}")
 
 
 if __name__ == "__main__":
