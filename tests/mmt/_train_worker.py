@@ -28,7 +28,6 @@ def main() -> None:
     p.add_argument("--schedule", default="cosine")
     p.add_argument("--params-out", default=None)
     p.add_argument("--save-final", action="store_true", help="also write output_dir/final")
-    p.add_argument("--deepspeed-stage", type=int, default=0, help="run under DeepSpeed ZeRO with this stage")
     p.add_argument("--fsdp2-on-cpu", action="store_true",
                    help="shard with FSDP2 on the CPU (gloo) process group: accelerate itself enables FSDP only on "
                         "accelerator devices, so the test switches its state the way `accelerate launch` would")
@@ -73,12 +72,6 @@ def main() -> None:
         accelerator.state.distributed_type = DistributedType.FSDP
         PartialState().distributed_type = DistributedType.FSDP  # AcceleratorState() copies it when re-created
         accelerator.state.fsdp_plugin = plugin
-    if a.deepspeed_stage:
-        from accelerate import Accelerator
-        from accelerate.utils import DeepSpeedPlugin
-
-        accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(zero_stage=a.deepspeed_stage,
-                                                                   zero3_save_16bit_model=True))
     trainer = Trainer(model, tok, plan, ts, cfg.train, data_cfg=cfg.data, accelerator=accelerator)
     result = trainer.train()
     if a.save_final:
