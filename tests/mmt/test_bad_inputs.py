@@ -12,9 +12,9 @@ import hashlib
 import json
 import shlex
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -186,7 +186,7 @@ def run_case(case: Case, w: Path, capsys) -> tuple[str, str]:
         return "silent", err
     import re
 
-    if rc != 2 or "Traceback" in err or not re.search(case.expect, err, re.S):
+    if rc != 2 or "Traceback" in err or not re.search(case.expect, err, re.DOTALL):
         return "vague", f"rc={rc}: {err[-800:]}"
     return "clear", err
 

@@ -145,7 +145,7 @@ def test_checkpoint_is_a_full_model_reloaded_in_a_fresh_process(tok, jsonl_data,
             "torch.save(m(input_ids=ids).logits.detach(), sys.argv[2])")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", code, str(last), str(tmp_path / "logits.pt")], env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     got = torch.load(tmp_path / "logits.pt", weights_only=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # eager vs sdpa attention may differ in ulps

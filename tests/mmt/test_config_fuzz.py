@@ -101,7 +101,8 @@ train: {{output_dir: {w / 'run'}, max_steps: 1, batch_size: 2, micro_batch_size:
     return cfg
 
 
-def test_wrong_types_on_every_key_are_clear_errors(run_yaml, capsys):
+def test_wrong_types_on_every_key_are_clear_errors(run_yaml, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths in fuzzed values land here, not in the repository
     cases = _cases()
     assert len({key for _, key, _ in cases}) > 60  # every section and method is covered
     rng = random.Random(0)
@@ -151,7 +152,8 @@ def _odd_values(tp: Any) -> list[str]:
     return ODD.get(base, []) if base is not None and not dataclasses.is_dataclass(base) else []
 
 
-def test_odd_values_on_every_key_never_end_in_a_traceback(run_yaml, capsys):
+def test_odd_values_on_every_key_never_end_in_a_traceback(run_yaml, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # e.g. train.output_dir='???' is a relative folder
     cases = []
     for section, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)

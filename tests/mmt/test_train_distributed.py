@@ -41,7 +41,7 @@ def _worker(args, out: Path, nproc: int = 1):
     cmd = [sys.executable, str(WORKER), *args, "--out", str(out), "--params-out", f"{out}.st"]
     if nproc > 1:
         cmd[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(next(_PORT))]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, check=False)
 
 
 def _result(out: Path):
