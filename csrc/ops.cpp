@@ -1,5 +1,6 @@
 // Every mmt op schema, in one place. Kernels register per backend in cpu/*.cpp and cuda/*_bind.cpp.
-// Python-side fake (meta) kernels and autograd live next to each family's wrapper in mmt_kernels/.
+// Each op's Python spec (mmt_kernels/, registered through mmt_kernels/_registry.py) repeats its schema for the
+// Triton custom op and adds the fake (meta) kernel and autograd; docs/kernels.md has the recipe.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -31,7 +32,7 @@ TORCH_LIBRARY(mmt, m) {
   // (token_weight = 1/len(seq) on a sequence's tokens, 0 on padding: a per-sequence token mean).
   m.def("taylor_accumulate_(Tensor(a!) acc, Tensor act, Tensor grad, Tensor token_weight) -> ()");
 
-  // ---- family 2: FFT-routed top-k MoE (schemas added by the MoE kernels) ---------------------
+  // ---- family 2: FFT-routed top-k MoE --------------------------------------------------------
   // Slot t*k+s is the s-th expert choice of token t. perm [T*k] lists slots in expert order (stable),
   // inv is its inverse, offsets [E+1] the expert segments. act: 0 = silu, 1 = gelu (tanh approximation).
   m.def("moe_permute(Tensor expert_ids, int num_experts) -> (Tensor perm, Tensor inv, Tensor offsets)");
@@ -52,7 +53,7 @@ TORCH_LIBRARY(mmt, m) {
   m.def("moe_fft_features(Tensor x, Tensor basis) -> (Tensor feats, Tensor reim)");
   m.def("moe_fft_features_backward(Tensor grad, Tensor reim, Tensor basis) -> Tensor");
 
-  // ---- family 3: batched weight merging (schemas added by the merge kernels) -----------------
+  // ---- family 3: batched weight merging ------------------------------------------------------
   // K same-shape contiguous tensors (fine-tuned models, or task vectors when base is None); fp32/bf16/fp16.
   // merge_threshold: fp32 [K], the ks[k]-th largest |tensors[k] - base| by radix select (+inf if ks[k] == 0).
   m.def("merge_threshold(Tensor[] tensors, Tensor? base, int[] ks) -> Tensor");

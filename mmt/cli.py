@@ -16,8 +16,12 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from mmt import __version__
+from mmt.config import load_config, overrides_from_args
 from mmt.errors import MmtError
+from mmt.registry import get_method
 
 # Sleeping (not spinning) OpenMP workers: on a 2-core machine shared with other processes, spinning
 # threads made decoding ~10x slower. Must be set before torch is imported.
@@ -30,6 +34,12 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "demo": ("mmt.demo", "add_args", "run_demo", "CPU demo: score Gemma 3 270M, fine-tune with mFTI, score again"),
     "detect": ("mmt.methods.landermt", "add_detect_args", "run_detect", "LANDeRMT: detect language-aware neurons"),
     "merge": ("mmt.merge", "add_args", "run", "merge fine-tuned checkpoints (linear, TIES, DARE), streaming"),
+    "analyze": ("mmt.analyze", "add_args", "run_analyze",
+                "measure conflict and synergy between directions; suggest direction-aware groups"),
+    "compare": ("mmt.compare", "add_compare_args", "run_compare",
+                "compare evaluated systems: paired bootstrap and approximate randomisation"),
+    "experiment": ("mmt.experiment", "add_experiment_args", "run_experiment",
+                   "run method configs at a matched budget, pick best dev checkpoints, compare"),
 }
 
 EPILOG = """\
@@ -140,12 +150,9 @@ A killed run resumes from its last checkpoint in train.output_dir (train.resume=
 
 def run_train(args: argparse.Namespace) -> int:
     # the pipeline imports torch: deliberately here, not at the top, so that `mmt --help` stays fast
-    import yaml
     from accelerate import PartialState
 
     from mmt import train
-    from mmt.config import load_config
-    from mmt.registry import get_method
 
     cfg = load_config(args.config, args.overrides, method=args.method)
     if args.print_config:
@@ -175,7 +182,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 Writes <label>.json, <label>.md and <label>_hyps/<direction>.txt to eval.output_dir."""
     _add_common(p)
-    p.add_argument("--model", help="model to score: directory, hub id, .gguf file or alias (overrides model.name_or_path)")
+    p.add_argument("--model", help="model to score: directory, hub id, .gguf file or alias "
+                                  "(overrides model.name_or_path)")
     p.add_argument("--directions", nargs="+", help="e.g. de-en en-de (overrides eval.directions)")
     p.add_argument("--max-sentences", type=int, help="first N test lines per direction")
     p.add_argument("--shots", type=int, help="k-shot in-context examples drawn from eval.shots_from")
@@ -185,8 +193,7 @@ Writes <label>.json, <label>.md and <label>_hyps/<direction>.txt to eval.output_
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from mmt.config import load_config, overrides_from_args  # see run_train: kept out of `mmt --help`
-    from mmt.models import load_model
+    from mmt.models import load_model  # see run_train: kept out of `mmt --help`
 
     ov = overrides_from_args(args, {"model": "model.name_or_path", "directions": "eval.directions",
                                     "max_sentences": "eval.max_sentences", "shots": "eval.shots",

@@ -4,7 +4,13 @@ A config file has the top-level sections ``model``, ``data``, ``method`` (``name
 method's ``Config`` fields), ``train`` and ``eval``. Unknown keys are errors naming the file and
 the key, because a misspelt key silently falling back to a default wastes a training run.
 Command-line overrides use dotted paths: ``train.lr=1e-5``, ``method.lora=true``,
-``data.train.0.max_examples=200``; values are parsed as YAML scalars.
+``data.train.0.max_examples=200``; values are parsed as YAML scalars. Every value is then coerced to
+its field's annotated type (YAML 1.1 reads ``1e-3`` as a string), and an impossible value is an error
+naming the key, the value and the expected type.
+
+This module is a leaf: it imports nothing from mmt but :mod:`mmt.errors` and :mod:`mmt.registry`, and
+its reading functions (:func:`build_dataclass`, :func:`check_keys`, :func:`apply_overrides`) serve every
+config of mmt. See docs/architecture.md, "Config".
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ Anything else that escapes is a bug in mmt and keeps its traceback. Internal inv
 
 from __future__ import annotations
 
+import importlib
+
 
 class MmtError(Exception):
     """A user mistake or an unusable input; the message names the place (file:line, key, tensor)."""
@@ -14,10 +16,6 @@ class MmtError(Exception):
 
 class ConfigError(MmtError, ValueError):
     """A config file or override is invalid; the message names the file, the key and the value."""
-
-
-class LanguageError(ConfigError):
-    """An unknown language code or a malformed direction (the caller adds the key or file:line)."""
 
 
 class DataError(MmtError, ValueError):
@@ -52,8 +50,6 @@ class MissingDependencyError(MmtError, ImportError):
 
 def require(module: str, package: str | None = None, extra: str | None = None, purpose: str = ""):
     """Import an optional dependency, or raise :class:`MissingDependencyError` naming how to install it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:

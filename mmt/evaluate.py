@@ -15,9 +15,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import sacrebleu
 import torch
+from sacrebleu.metrics import CHRF
+from tqdm.auto import tqdm
+from transformers import StoppingCriteriaList
 
 from mmt import languages as L
+from mmt.errors import ConfigError, require
 from mmt.data import (Example, build_fewshot_prompt, build_prompt, collate_prompts, load_flores, pad_token_id,
                       resolve_data_dir)
 
@@ -56,8 +61,6 @@ def postprocess(text: str) -> str:
 def generate(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 8, num_beams: int = 1,
              max_new_tokens: int = 150, max_prompt_tokens: int | None = 1024, progress: bool = False) -> list[str]:
     """Translate each prompt (greedy or beam search); returns cleaned hypotheses in input order."""
-    from transformers import StoppingCriteriaList
-
     model.eval()
     device = next(model.parameters()).device
     stop = StoppingCriteriaList([_StopAtNewline(newline_token_ids(tokenizer))])
@@ -67,7 +70,6 @@ def generate(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 8, n
     out: list[str | None] = [None] * len(prompts)
     it = range(0, len(order), batch_size)
     if progress:
-        from tqdm.auto import tqdm
         it = tqdm(it, desc="generate", leave=False)
     for start in it:
         idx = order[start:start + batch_size]
@@ -105,16 +107,12 @@ def bleu_tokenizer(lang: str) -> str:
 
 
 def bleu(hyps: Sequence[str], refs: Sequence[str], tgt_lang: str) -> float:
-    import sacrebleu
-
     return float(sacrebleu.corpus_bleu(list(hyps), [list(refs)], tokenize=bleu_tokenizer(tgt_lang)).score)
 
 
 def spbleu(hyps: Sequence[str], refs: Sequence[str]) -> float | None:
     """spBLEU (FLORES-200 SentencePiece tokenisation, the mFTI paper's metric). sacrebleu downloads
     the SentencePiece model on first use; offline without a cached copy this returns None."""
-    import sacrebleu
-
     try:
         return float(sacrebleu.corpus_bleu(list(hyps), [list(refs)], tokenize="flores200").score)
     except Exception as exc:  # missing sentencepiece package or model file
@@ -129,8 +127,6 @@ _SPBLEU_WARNED = False
 
 
 def chrf_pp(hyps: Sequence[str], refs: Sequence[str]) -> float:
-    from sacrebleu.metrics import CHRF
-
     return float(CHRF(word_order=2).corpus_score(list(hyps), [list(refs)]).score)
 
 
@@ -138,7 +134,7 @@ def off_target_rate(hyps: Sequence[str], tgt_lang: str) -> float:
     """Share of non-empty hypotheses that py3langid assigns to a language other than ``tgt_lang``
     (empty outputs count as off-target)."""
     try:
-        import py3langid
+        import py3langid  # imported on use: loading its model takes a while
     except ImportError:
         return float("nan")
     want = L.normalize(tgt_lang)
@@ -158,14 +154,11 @@ def off_target_rate(hyps: Sequence[str], tgt_lang: str) -> float:
 
 def comet(model_path: str, srcs: Sequence[str], hyps: Sequence[str], refs: Sequence[str], batch_size: int = 8) -> float:
     """COMET system score with a local checkpoint (``pip install unbabel-comet``; hub downloads are not used)."""
-    try:
-        from comet import load_from_checkpoint
-    except ImportError as exc:
-        raise ImportError("eval.comet_model is set but unbabel-comet is not installed: pip install unbabel-comet") from exc
+    load_from_checkpoint = require("comet", "unbabel-comet", purpose="eval.comet_model").load_from_checkpoint
     p = Path(model_path)
     ckpt = p if p.is_file() else next(iter(sorted(p.rglob("*.ckpt"))), None)
     if ckpt is None:
-        raise FileNotFoundError(f"no COMET checkpoint (*.ckpt) under {model_path}")
+        raise ConfigError(f"no COMET checkpoint (*.ckpt) under {model_path}")
     m = load_from_checkpoint(str(ckpt))
     data = [{"src": s, "mt": h, "ref": r} for s, h, r in zip(srcs, hyps, refs)]
     out = m.predict(data, batch_size=batch_size, gpus=1 if torch.cuda.is_available() else 0, progress_bar=False)
@@ -268,7 +261,7 @@ def evaluate(model, tokenizer, eval_cfg: Any, *, template: str = "T1", data_dir:
             shot_folder = Path(eval_cfg.shots_from)
             shot_folder = shot_folder if shot_folder.is_absolute() else root / shot_folder
             if shot_folder.resolve() == test_folder.resolve():
-                raise ValueError("eval.shots_from must not be the test set (few-shot examples would leak test lines)")
+                raise ConfigError("eval.shots_from must not be the test set (few-shot examples would leak test lines)")
             ex = draw_shots(shot_folder, (s, t), k, seed, exclude_sources=set(srcs))
             prompts = [build_fewshot_prompt(tpl, ex, s, t, x) for x in srcs]
         else:

@@ -1,12 +1,13 @@
 """Language codes, names and X-ALMA language groups.
 
 Internally a language is its ISO 639-1 code (``de``); FLORES-200 codes (``deu_Latn``) name files.
-Every public function accepts either form and raises ``LanguageError`` (a ``ValueError``) naming the unknown code.
+Every public function accepts either form and raises :class:`mmt.errors.ConfigError` (a ``ValueError``) naming
+the unknown code.
 """
 
 from __future__ import annotations
 
-from mmt.errors import LanguageError
+from mmt.errors import ConfigError
 
 # iso -> (FLORES-200 code, English name as used in prompts)
 _TABLE: dict[str, tuple[str, str]] = {
@@ -52,7 +53,8 @@ _FLORES_TO_ISO = {flores.lower(): iso for iso, (flores, _) in _TABLE.items()}
 _ISO3_TO_ISO = {flores.split("_")[0].lower(): iso for iso, (flores, _) in _TABLE.items()}
 _NAME_TO_ISO = {name.lower(): iso for iso, (_, name) in _TABLE.items()}
 
-# X-ALMA's eight language groups (METHODS.md 5.2); English is served by every group.
+# X-ALMA's eight language groups (docs/methods.md, "Direction-aware training"); English is served by every
+# group.
 GROUPS: dict[int, tuple[str, ...]] = {
     1: ("da", "nl", "de", "is", "no", "sv", "af"),
     2: ("ca", "ro", "gl", "it", "pt", "es"),
@@ -65,14 +67,14 @@ GROUPS: dict[int, tuple[str, ...]] = {
 }
 LANG2GROUP: dict[str, int] = {lang: g for g, langs in GROUPS.items() for lang in langs}
 
-# mFTI's 13 languages (156 directions), METHODS.md 1(b)
+# mFTI's 13 languages (156 directions), docs/methods.md "mFTI"
 MFTI_LANGUAGES = ("en", "de", "fr", "ca", "fi", "ru", "bg", "zh", "ko", "ar", "sw", "hi", "ta")
 
 
 def normalize(code: str) -> str:
     """ISO 639-1 code for an ISO 639-1/639-3, FLORES-200 code or English name (case-insensitive)."""
     if not isinstance(code, str) or not code.strip():
-        raise LanguageError(f"empty or non-string language code: {code!r}")
+        raise ConfigError(f"empty or non-string language code: {code!r}")
     key = code.strip().lower().replace(" ", "")
     if key in _TABLE:
         return key
@@ -86,7 +88,7 @@ def normalize(code: str) -> str:
         return _ISO3_TO_ISO[key]
     if key in _NAME_TO_ISO:
         return _NAME_TO_ISO[key]
-    raise LanguageError(f"unknown language code {code!r}; use ISO 639-1 (e.g. 'de') or FLORES-200 (e.g. 'deu_Latn')")
+    raise ConfigError(f"unknown language code {code!r}; use ISO 639-1 (e.g. 'de') or FLORES-200 (e.g. 'deu_Latn')")
 
 
 def is_known(code: str) -> bool:
@@ -127,10 +129,10 @@ def parse_direction(text: str) -> tuple[str, str]:
     t = text.strip().replace("->", "-").replace("→", "-")
     parts = t.split("-")
     if len(parts) != 2 or not parts[0] or not parts[1]:
-        raise LanguageError(f"direction {text!r} must look like 'de-en'")
+        raise ConfigError(f"direction {text!r} must look like 'de-en'")
     src, tgt = normalize(parts[0]), normalize(parts[1])
     if src == tgt:
-        raise LanguageError(f"direction {text!r} translates a language into itself")
+        raise ConfigError(f"direction {text!r} translates a language into itself")
     return src, tgt
 
 

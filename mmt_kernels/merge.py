@@ -7,8 +7,8 @@ vectors when ``base`` is None) in one fused pass per output element with fp32 ac
 
 Example::
 
-    from mmt_kernels import merge
-    merged = merge([w_de, w_fr, w_zh], base=w0, method="ties", density=0.2, weights=[1, 1, 1])
+    from mmt_kernels import merge_tensors
+    merged = merge_tensors([w_de, w_fr, w_zh], base=w0, method="ties", density=0.2, weights=[1, 1, 1])
 """
 from __future__ import annotations
 
@@ -16,49 +16,35 @@ from typing import Sequence
 
 import torch
 
-from . import _backend
+from ._registry import OpSpec, register
 from .reference import merge as _ref
 
-OP = "merge"
 METHODS = _ref.METHODS
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@_backend.register_fake("mmt::merge_threshold")
 def _threshold_fake(tensors, base, ks):
     return tensors[0].new_empty((len(tensors),), dtype=torch.float32)
 
 
-@_backend.register_fake("mmt::merge")
+def _merge_reference(tensors, base, weights, thresholds, densities, method, lam, seed, sign_by_count):
+    return _ref.merge(tensors, base, weights, thresholds, densities, method=method, lam=lam, seed=seed,
+                      sign_by_count=sign_by_count)
+
+
 def _merge_fake(tensors, base, weights, thresholds, densities, method, lam, seed, sign_by_count):
     return torch.empty_like(tensors[0], memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("mmt::merge_triton", mutates_args=())
-def _merge_triton(tensors: list[torch.Tensor], base: torch.Tensor | None, weights: list[float],
-                  thresholds: torch.Tensor | None, densities: list[float], method: str, lam: float, seed: int,
-                  sign_by_count: bool) -> torch.Tensor:
-    from .triton.merge import merge as kernel
-
-    return kernel(tensors, base, weights, thresholds, densities, method=method, lam=lam, seed=seed,
-                  sign_by_count=sign_by_count)
-
-
-@_merge_triton.register_fake
-def _(tensors, base, weights, thresholds, densities, method, lam, seed, sign_by_count):
-    return torch.empty_like(tensors[0], memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("mmt::merge_threshold_triton", mutates_args=())
-def _threshold_triton(tensors: list[torch.Tensor], base: torch.Tensor | None, ks: list[int]) -> torch.Tensor:
-    from .triton.merge import magnitude_threshold as kernel
-
-    return kernel(tensors, base, ks)
-
-
-@_threshold_triton.register_fake
-def _(tensors, base, ks):
-    return tensors[0].new_empty((len(tensors),), dtype=torch.float32)
+# fp64 is the reference's golden mode only.
+MERGE_THRESHOLD = register(OpSpec(
+    name="merge_threshold", schema="(Tensor[] tensors, Tensor? base, int[] ks) -> Tensor",
+    reference=_ref.magnitude_threshold, fake=_threshold_fake, triton="merge:magnitude_threshold", fp64=("reference",)))
+MERGE = register(OpSpec(
+    name="merge",
+    schema="(Tensor[] tensors, Tensor? base, float[] weights, Tensor? thresholds, float[] densities, str method, "
+           "float lam, int seed, bool sign_by_count) -> Tensor",
+    reference=_merge_reference, fake=_merge_fake, triton="merge:merge", fp64=("reference",)))
 
 
 def _as_list(tensors) -> list[torch.Tensor]:
@@ -118,20 +104,8 @@ def magnitude_threshold(tensors: Sequence[torch.Tensor] | torch.Tensor, base: to
         if not 0.0 <= d <= 1.0:
             raise ValueError(f"magnitude_threshold: density must be in [0, 1], got {d}")
     ks = [int(d * n) for d in dens]  # peft's k = int(density * numel)
-    which = _pick(tensors[0], "merge_threshold", backend)
-    if which in ("cpu", "cuda"):
-        return torch.ops.mmt.merge_threshold(tensors, base, ks)
-    if which == "triton":
-        return _threshold_triton(tensors, base, ks)
-    return _ref.magnitude_threshold(tensors, base, ks)
-
-
-def _pick(t0: torch.Tensor, op: str, backend: str | None) -> str:
-    if t0.dtype == torch.float64:  # fp64 is the reference's golden mode only
-        if backend not in (None, "auto", "reference") or _backend.get_backend() not in ("auto", "reference"):
-            raise _backend.BackendUnavailableError(f"mmt op {op!r}: only the reference takes fp64 tensors")
-        return "reference"
-    return _backend.choose(op, t0.device, backend=backend, compiled_name=op)
+    which = MERGE_THRESHOLD.choose(tensors[0].device, backend, tensors[0].dtype)
+    return MERGE_THRESHOLD(which, tensors, base, ks)
 
 
 def merge(tensors: Sequence[torch.Tensor] | torch.Tensor, base: torch.Tensor | None = None, *, method: str,
@@ -174,15 +148,9 @@ def merge(tensors: Sequence[torch.Tensor] | torch.Tensor, base: torch.Tensor | N
         thresholds = thresholds.to(device=tensors[0].device,
                                    dtype=torch.float64 if tensors[0].dtype == torch.float64 else torch.float32)
         thresholds = thresholds.contiguous()
-    which = _pick(tensors[0], OP, backend)
-    sign_by_count = sign == "count"
+    which = MERGE.choose(tensors[0].device, backend, tensors[0].dtype)
     use_thr = thresholds if method == "ties" else None
-    if which in ("cpu", "cuda"):
-        return torch.ops.mmt.merge(tensors, base, w, use_thr, dens, method, float(lam), int(seed), sign_by_count)
-    if which == "triton":
-        return _merge_triton(tensors, base, w, use_thr, dens, method, float(lam), int(seed), sign_by_count)
-    return _ref.merge(tensors, base, w, use_thr, dens, method=method, lam=lam, seed=seed,
-                      sign_by_count=sign_by_count)
+    return MERGE(which, tensors, base, w, use_thr, dens, method, float(lam), int(seed), sign == "count")
 
 
 def dare_keep_mask(numel: int, task: int, seed: int, density: float, device=None) -> torch.Tensor:

@@ -8,33 +8,27 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend
 from . import reference as _ref
+from ._registry import OpSpec, register
 
-OP = "sparse_adamw_"
+
+def _reference(param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step, lr, beta1, beta2, eps, weight_decay,
+               step, neuron_dim, compact):
+    _ref.sparse_adamw_(param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step, lr=lr, beta1=beta1, beta2=beta2,
+                       eps=eps, weight_decay=weight_decay, step=step, neuron_dim=neuron_dim, compact=compact)
 
 
-@_backend.register_fake("mmt::sparse_adamw_")
-def _sparse_adamw_fake(param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step, lr, beta1, beta2, eps,
-                       weight_decay, step, neuron_dim, compact):
+def _fake(param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step, lr, beta1, beta2, eps, weight_decay, step,
+          neuron_dim, compact):
     return None
 
 
-@torch.library.custom_op("mmt::sparse_adamw_triton_", mutates_args=("param", "exp_avg", "exp_avg_sq"))
-def _sparse_adamw_triton(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
-                         rows: torch.Tensor, row_scale: torch.Tensor | None, row_step: torch.Tensor | None,
-                         lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
-                         neuron_dim: int, compact: bool) -> None:
-    from .triton.sparse_adamw import sparse_adamw_ as kernel
-
-    kernel(param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-           weight_decay=weight_decay, step=step, neuron_dim=neuron_dim, compact=compact)
-
-
-@_sparse_adamw_triton.register_fake
-def _(param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step, lr, beta1, beta2, eps, weight_decay, step,
-      neuron_dim, compact):
-    return None
+SPARSE_ADAMW = register(OpSpec(
+    name="sparse_adamw_",
+    schema="(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor grad, Tensor rows, "
+           "Tensor? row_scale, Tensor? row_step, float lr, float beta1, float beta2, float eps, float weight_decay, "
+           "int step, int neuron_dim, bool compact) -> ()",
+    reference=_reference, fake=_fake, triton="sparse_adamw:sparse_adamw_"))
 
 
 def _check(param, exp_avg, exp_avg_sq, grad, rows, row_scale, neuron_dim, compact):
@@ -79,44 +73,30 @@ def sparse_adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
     (neurons that train only for some language pairs); ``row_scale`` ([K] fp32) scales each gradient.
     """
     _check(param, exp_avg, exp_avg_sq, grad, rows, row_scale, neuron_dim, compact)
-    which = _backend.choose(OP, param.device, backend=backend)
-    args = (param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step)
-    if which in ("cpu", "cuda"):
-        torch.ops.mmt.sparse_adamw_(*args, lr, beta1, beta2, eps, weight_decay, step, neuron_dim, compact)
-    elif which == "triton":
-        _sparse_adamw_triton(*args, lr, beta1, beta2, eps, weight_decay, step, neuron_dim, compact)
-    else:
-        _ref.sparse_adamw_(*args, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
-                           neuron_dim=neuron_dim, compact=compact)
+    which = SPARSE_ADAMW.choose(param.device, backend)
+    SPARSE_ADAMW(which, param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step, lr, beta1, beta2, eps,
+                 weight_decay, step, neuron_dim, compact)
 
 
 # ---- several tensors per call ---------------------------------------------------------------------------------
-MULTI_OP = "sparse_adamw_multi_"
+def _multi_reference(params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, lr, beta1, beta2,
+                     eps, weight_decay, step, neuron_dims, compact):
+    _ref.sparse_adamw_multi_(params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, lr=lr,
+                             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
+                             neuron_dims=neuron_dims, compact=compact)
 
 
-@_backend.register_fake("mmt::sparse_adamw_multi_")
-def _sparse_adamw_multi_fake(params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, lr, beta1,
-                             beta2, eps, weight_decay, step, neuron_dims, compact):
+def _multi_fake(params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, lr, beta1, beta2, eps,
+                weight_decay, step, neuron_dims, compact):
     return None
 
 
-@torch.library.custom_op("mmt::sparse_adamw_multi_triton_", mutates_args=("params", "exp_avgs", "exp_avg_sqs"))
-def _sparse_adamw_multi_triton(params: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-                               exp_avg_sqs: list[torch.Tensor], grads: list[torch.Tensor], rows: list[torch.Tensor],
-                               state_rows: list[torch.Tensor | None], row_scales: list[torch.Tensor | None],
-                               row_steps: list[torch.Tensor | None], lr: float, beta1: float, beta2: float,
-                               eps: float, weight_decay: float, step: int, neuron_dims: list[int],
-                               compact: bool) -> None:
-    from .triton.sparse_adamw import sparse_adamw_multi_ as kernel
-
-    kernel(params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, lr=lr, beta1=beta1,
-           beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, neuron_dims=neuron_dims, compact=compact)
-
-
-@_sparse_adamw_multi_triton.register_fake
-def _(params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, lr, beta1, beta2, eps,
-      weight_decay, step, neuron_dims, compact):
-    return None
+SPARSE_ADAMW_MULTI = register(OpSpec(
+    name="sparse_adamw_multi_",
+    schema="(Tensor(a!)[] params, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor[] grads, Tensor[] rows, "
+           "Tensor?[] state_rows, Tensor?[] row_scales, Tensor?[] row_steps, float lr, float beta1, float beta2, "
+           "float eps, float weight_decay, int step, int[] neuron_dims, bool compact) -> ()",
+    reference=_multi_reference, fake=_multi_fake, triton="sparse_adamw:sparse_adamw_multi_"))
 
 
 def sparse_adamw_multi_(params, exp_avgs, exp_avg_sqs, grads, rows, *, lr: float, beta1: float = 0.9,
@@ -173,12 +153,6 @@ def sparse_adamw_multi_(params, exp_avgs, exp_avg_sqs, grads, rows, *, lr: float
         if row_steps[i] is not None and (row_steps[i].dtype != torch.int64 or row_steps[i].numel() != rows[i].numel()):
             raise ValueError(f"{where}: row_steps must be int64 [{rows[i].numel()}], got {row_steps[i].dtype} "
                              f"{tuple(row_steps[i].shape)}")
-    which = _backend.choose(MULTI_OP, device, backend=backend)
-    args = (params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps)
-    if which in ("cpu", "cuda"):
-        torch.ops.mmt.sparse_adamw_multi_(*args, lr, beta1, beta2, eps, weight_decay, step, neuron_dims, compact)
-    elif which == "triton":
-        _sparse_adamw_multi_triton(*args, lr, beta1, beta2, eps, weight_decay, step, neuron_dims, compact)
-    else:
-        _ref.sparse_adamw_multi_(*args, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                                 step=step, neuron_dims=neuron_dims, compact=compact)
+    which = SPARSE_ADAMW_MULTI.choose(device, backend)
+    SPARSE_ADAMW_MULTI(which, params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, lr, beta1,
+                       beta2, eps, weight_decay, step, neuron_dims, compact)

@@ -3,7 +3,7 @@
 ``taylor_accumulate_(acc, act, grad, ...)`` adds, per sequence, the token mean of ``|a * dL/da|`` for every neuron
 (output channel) into ``acc`` in one pass. :class:`TaylorHook` calls it from a tensor hook during backward, so a
 detection pass keeps no activation or gradient copies around (the hooks of the original script stored both:
-about 1.4 GB per 2 048-token pass for Llama-2-7B's FFNs in bf16, METHODS.md 2(f)).
+about 1.4 GB per 2 048-token pass for Llama-2-7B's FFNs in bf16).
 """
 from __future__ import annotations
 
@@ -12,30 +12,17 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import _backend
 from . import reference as _ref
+from ._registry import OpSpec, register
 from .reference.taylor import token_weights
-
-OP = "taylor_accumulate_"
 
 __all__ = ["taylor_accumulate_", "token_weights", "TaylorHook"]
 
-
-@_backend.register_fake("mmt::taylor_accumulate_")
-def _taylor_fake(acc, act, grad, token_weight):
-    return None
-
-
-@torch.library.custom_op("mmt::taylor_accumulate_triton_", mutates_args=("acc",))
-def _taylor_triton(acc: torch.Tensor, act: torch.Tensor, grad: torch.Tensor, token_weight: torch.Tensor) -> None:
-    from .triton.taylor import taylor_accumulate_ as kernel
-
-    kernel(acc, act, grad, token_weight)
-
-
-@_taylor_triton.register_fake
-def _(acc, act, grad, token_weight):
-    return None
+TAYLOR_ACCUMULATE = register(OpSpec(
+    name="taylor_accumulate_",
+    schema="(Tensor(a!) acc, Tensor act, Tensor grad, Tensor token_weight) -> ()",
+    reference=_ref.taylor_accumulate_, fake=lambda acc, act, grad, token_weight: None,
+    triton="taylor:taylor_accumulate_", fp64=("reference",)))
 
 
 def taylor_accumulate_(acc: torch.Tensor, act: torch.Tensor, grad: torch.Tensor, *,
@@ -77,13 +64,8 @@ def taylor_accumulate_(acc: torch.Tensor, act: torch.Tensor, grad: torch.Tensor,
     act2, grad2 = act.reshape(n_tok, M).contiguous(), grad.reshape(n_tok, M).contiguous()
     if token_weight.numel() != act2.shape[0]:
         raise ValueError(f"taylor_accumulate_: {token_weight.numel()} token weights for {act2.shape[0]} tokens")
-    which = "reference" if act.dtype == torch.float64 else _backend.choose(OP, act.device, backend=backend)
-    if which in ("cpu", "cuda"):
-        torch.ops.mmt.taylor_accumulate_(acc, act2, grad2, token_weight)
-    elif which == "triton":
-        _taylor_triton(acc, act2, grad2, token_weight)
-    else:
-        _ref.taylor_accumulate_(acc, act2, grad2, token_weight)
+    which = TAYLOR_ACCUMULATE.choose(act.device, backend, act.dtype)
+    TAYLOR_ACCUMULATE(which, acc, act2, grad2, token_weight)
     return acc
 
 

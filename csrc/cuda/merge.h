@@ -1,4 +1,4 @@
-// Raw-pointer launchers for family 3 (compiled by nvcc without torch headers; see TOOLCHAIN.md).
+// Raw-pointer launchers for family 3 (compiled by nvcc without torch headers; see docs/kernels.md).
 #pragma once
 #include <cuda_runtime.h>
 

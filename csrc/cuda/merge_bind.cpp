@@ -40,7 +40,7 @@ at::Tensor merge_threshold_cuda(at::TensorList tensors, const std::optional<at::
   p.remaining = remaining.data_ptr<int64_t>();
   const cudaError_t err = cuda::launch_magnitude_threshold(p, to_cuda_dtype(tensors[0].scalar_type(), "mmt merge"),
                                                            c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "merge_threshold CUDA launch failed: ", cudaGetErrorString(err));
+  check_launch(err, "merge_threshold");
   return out;
 }
 
@@ -73,7 +73,7 @@ at::Tensor merge_cuda(at::TensorList tensors, const std::optional<at::Tensor>& b
   p.sign_by_count = sign_by_count;
   const cudaError_t err = cuda::launch_merge(p, to_cuda_dtype(tensors[0].scalar_type(), "mmt merge"),
                                              c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "merge CUDA launch failed: ", cudaGetErrorString(err));
+  check_launch(err, "merge");
   return out;
 }
 

@@ -1,5 +1,5 @@
 // Raw-pointer launchers for family 2's permute / dispatch / combine (compiled by nvcc without torch
-// headers; see TOOLCHAIN.md). The grouped expert GEMM runs in Triton on GPUs.
+// headers; see docs/kernels.md). The grouped expert GEMM runs in Triton on GPUs.
 #pragma once
 #include <cuda_runtime.h>
 

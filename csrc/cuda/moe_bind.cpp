@@ -16,10 +16,6 @@ namespace {
 
 using at::Tensor;
 
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, " CUDA launch failed: ", cudaGetErrorString(err));
-}
-
 std::tuple<Tensor, Tensor, Tensor> moe_permute_cuda(const Tensor& expert_ids, int64_t num_experts) {
   TORCH_CHECK(expert_ids.is_cuda() && expert_ids.scalar_type() == at::kLong, "moe_permute: expert_ids must be a CUDA "
               "int64 tensor, got ", expert_ids.scalar_type(), " on ", expert_ids.device());

@@ -45,7 +45,7 @@ void sparse_adamw_cuda(at::Tensor param, at::Tensor exp_avg, at::Tensor exp_avg_
   p.compact = a.compact;
   const cudaError_t err = cuda::launch_sparse_adamw(p, to_cuda_dtype(param.scalar_type(), "sparse_adamw_"),
                                                     c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "sparse_adamw_ CUDA launch failed: ", cudaGetErrorString(err));
+  check_launch(err, "sparse_adamw_");
 }
 
 // One launch for every tensor: descriptors go to a pinned host buffer, then to the device on the current stream
@@ -113,7 +113,7 @@ void sparse_adamw_multi_cuda(at::TensorList params, at::TensorList exp_avgs, at:
   const cudaError_t err = cuda::launch_sparse_adamw_multi(
       reinterpret_cast<const cuda::SparseAdamWTensor*>(device_table.data_ptr<uint8_t>()), n, total_blocks, m,
       c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "sparse_adamw_multi_ CUDA launch failed: ", cudaGetErrorString(err));
+  check_launch(err, "sparse_adamw_multi_");
 }
 
 }  // namespace

@@ -22,7 +22,7 @@ void taylor_accumulate_cuda(at::Tensor acc, const at::Tensor& act, const at::Ten
   const cudaError_t err = cuda::launch_taylor_accumulate(
       acc.data_ptr<float>(), act.data_ptr(), grad.data_ptr(), token_weight.data_ptr<float>(), a.N, a.M, dtype,
       chunks > 1 ? workspace.data_ptr<float>() : nullptr, c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "taylor_accumulate_ CUDA launch failed: ", cudaGetErrorString(err));
+  check_launch(err, "taylor_accumulate_");
 }
 
 }  // namespace

@@ -23,7 +23,7 @@ from mmt.config import MethodConfig, TrainConfig
 from mmt.errors import ConfigError, MethodError
 
 __all__ = ["SAMPLERS", "MethodConfig", "StepInfo", "TrainingPlan", "count_parameters", "default_optimizer",
-           "parse_directions"]
+           "param_groups", "parse_directions"]
 
 SAMPLERS = ("mixed", "pair", "mono")
 
@@ -92,9 +92,9 @@ class TrainingPlan:
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"TrainingPlan.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+            raise MethodError(f"TrainingPlan.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.loss_on not in (None, "target", "full"):
-            raise ValueError(f"TrainingPlan.loss_on must be 'target', 'full' or None, got {self.loss_on!r}")
+            raise MethodError(f"TrainingPlan.loss_on must be 'target', 'full' or None, got {self.loss_on!r}")
         if self.directions is not None:
             self.directions = [tuple(d) for d in self.directions]  # type: ignore[misc]
 
@@ -133,18 +133,23 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def param_groups(model: nn.Module, weight_decay: float,
+                 no_decay: Callable[[nn.Parameter], bool] | None = None) -> list[dict[str, Any]]:
+    """Optimizer groups over the trainable parameters: ``weight_decay`` for matrices, none for biases and norm
+    weights (1-D tensors) nor for the parameters ``no_decay`` selects; empty groups are left out."""
+    decay, rest = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (rest if p.ndim < 2 or (no_decay is not None and no_decay(p)) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def default_optimizer(model: nn.Module, train_config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 else decay).append(p)
-    if not decay and not no_decay:
+    groups = param_groups(model, train_config.weight_decay)
+    if not groups:
         raise MethodError("no trainable parameters: every parameter has requires_grad=False")
-    groups = [{"params": decay, "weight_decay": train_config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=train_config.lr, betas=tuple(train_config.adam_betas),
                              eps=train_config.adam_eps)
 

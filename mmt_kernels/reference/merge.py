@@ -87,7 +87,6 @@ def merge(tensors, base=None, weights=None, thresholds=None, densities=None, *, 
     """
     if method not in METHODS:
         raise ValueError(f"merge: unknown method {method!r}; expected one of {METHODS}")
-    K = len(tensors)
     acc = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     dev = tensors[0].device
     w = torch.tensor(weights, dtype=acc, device=dev)

@@ -1,4 +1,4 @@
-"""Reference for the Taylor importance accumulator (LANDeRMT neuron detection, METHODS.md 2(b) step 1)."""
+"""Reference for the Taylor importance accumulator (LANDeRMT neuron detection; docs/kernels.md)."""
 from __future__ import annotations
 
 import torch

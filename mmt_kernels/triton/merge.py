@@ -152,7 +152,7 @@ def magnitude_threshold(tensors, base, ks, block: int = 4096) -> torch.Tensor:
     return torch.where(kst > 0, vals, out)
 
 
-def merge(tensors, base, weights, thresholds, densities, *, method: str, lam: float, seed: int,
+def merge(tensors, base, weights, thresholds, densities, method: str, lam: float, seed: int,
           sign_by_count: bool, block: int = 1024) -> torch.Tensor:
     K, n = len(tensors), tensors[0].numel()
     dev = tensors[0].device

@@ -5,7 +5,7 @@ Nothing here reads a device value on the host: the grouped GEMM's grid is sized 
 the number of row tiles (``cdiv(N, BM) + E``), and each program finds its expert and row range from
 per-expert tile offsets computed on the device (the idea of vLLM's ``moe_align_block_size`` without
 padding the tokens). Under ``TRITON_INTERPRET=1`` every dot runs in fp32 (bf16 arithmetic is wrong in
-the interpreter, see TOOLCHAIN.md); on a GPU 16-bit operands go to ``tl.dot`` natively with fp32
+the interpreter, see docs/kernels.md); on a GPU 16-bit operands go to ``tl.dot`` natively with fp32
 accumulation and fp32 operands use exact ``ieee`` products (tf32 would exceed the tolerances).
 """
 from __future__ import annotations
@@ -453,7 +453,7 @@ def _fft_bwd_kernel(grad_ptr, reim_ptr, basis_ptr, dx_ptr, T, D, F, BT: tl.const
              mask=tmask[:, None] & dmask[None, :])
 
 
-def _fft_blocks(T, n):
+def _fft_blocks(n):
     if _INTERPRET:
         return 32, min(64, max(16, triton.next_power_of_2(n))), 64
     return 64, 64, 32
@@ -465,7 +465,7 @@ def fft_features(x, basis):
     feats = torch.empty(T, F, dtype=x.dtype, device=x.device)
     reim = torch.empty(T, 2 * F, dtype=torch.float32, device=x.device)
     if T and F:
-        bt, bf, bk = _fft_blocks(T, F)
+        bt, bf, bk = _fft_blocks(F)
         _fft_kernel[(triton.cdiv(T, bt), triton.cdiv(F, bf))](x, basis, feats, reim, T, D, F, BT=bt, BF=bf, BK=bk)
     return feats, reim
 
@@ -477,7 +477,7 @@ def fft_features_backward(grad, reim, basis):
     if T and D:
         if F == 0:
             return dx.zero_()
-        bt, bd, bf = _fft_blocks(T, D)
+        bt, bd, bf = _fft_blocks(D)
         _fft_bwd_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bd))](grad.contiguous(), reim, basis, dx, T, D, F,
                                                                   BT=bt, BD=bd, BF=bf)
     return dx

@@ -57,8 +57,8 @@ def bias_corrections(lr, beta1, beta2, step, row_step):
     return (lr / (1.0 - beta1 ** s)).float(), (1.0 - beta2 ** s).sqrt().float()
 
 
-def sparse_adamw_(param, exp_avg, exp_avg_sq, grad, rows, row_scale=None, row_step=None, *, lr, beta1, beta2,
-                  eps, weight_decay, step, neuron_dim=0, compact=False, state_rows=None):
+def sparse_adamw_(param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step, lr, beta1, beta2, eps, weight_decay,
+                  step, neuron_dim=0, compact=False, state_rows=None):
     K = rows.numel()
     if param.dim() == 1:
         C, stride_n, stride_c = 1, 1, 0
@@ -79,12 +79,13 @@ def sparse_adamw_(param, exp_avg, exp_avg_sq, grad, rows, row_scale=None, row_st
         row_scale if row_scale is not None else dummy,
         step_sizes if row_step is not None else dummy, bc2_sqrts if row_step is not None else dummy,
         K, C, stride_n, stride_c, float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, 1.0 - lr * weight_decay,
-        float(eps), step_sizes if row_step is None else 0.0, bc2_sqrts if row_step is None else 0.0, HAS_SCALE=row_scale is not None, HAS_ROW_STEP=row_step is not None, COMPACT=compact,
+        float(eps), step_sizes if row_step is None else 0.0, bc2_sqrts if row_step is None else 0.0,
+        HAS_SCALE=row_scale is not None, HAS_ROW_STEP=row_step is not None, COMPACT=compact,
         HAS_STATE_ROWS=state_rows is not None, BLOCK_K=block_k, BLOCK_C=block_c)
 
 
-def sparse_adamw_multi_(params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, *, lr, beta1,
-                        beta2, eps, weight_decay, step, neuron_dims, compact=False):
+def sparse_adamw_multi_(params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, lr, beta1, beta2,
+                        eps, weight_decay, step, neuron_dims, compact=False):
     """One launch per tensor: Triton has no portable way to walk a table of raw pointers of mixed dtypes
     (the CUDA backend does the single-launch version)."""
     for i, p in enumerate(params):

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from mmt_kernels import _backend
+from mmt_kernels import _backend, _registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,13 +22,13 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 
 def test_auto_prefers_compiled_cpu_kernel():
     expected = "cpu" if _backend.has_compiled("sparse_adamw_", "CPU") else "reference"
-    assert _backend.choose("sparse_adamw_", torch.device("cpu")) == expected
+    assert _registry.choose("sparse_adamw_", torch.device("cpu")) == expected
 
 
 def test_forced_backend_and_clear_error():
-    assert _backend.choose("sparse_adamw_", "cpu", backend="reference") == "reference"
+    assert _registry.choose("sparse_adamw_", "cpu", backend="reference") == "reference"
     with pytest.raises(_backend.BackendUnavailableError, match="CUDA tensors"):
-        _backend.choose("sparse_adamw_", "cpu", backend="cuda")
+        _registry.choose("sparse_adamw_", "cpu", backend="cuda")
     with pytest.raises(ValueError, match="unknown backend"):
         _backend.set_backend("fortran")
 
@@ -41,8 +41,8 @@ def test_env_override_is_validated():
 def test_env_override_forces_reference():
     res = run_python("""
         import torch, mmt_kernels
-        from mmt_kernels import _backend
-        print(_backend.choose('sparse_adamw_', torch.device('cpu')))
+        from mmt_kernels import _backend, _registry
+        print(_registry.choose('sparse_adamw_', torch.device('cpu')))
     """, MMT_KERNELS_BACKEND="reference")
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "reference"
@@ -59,12 +59,12 @@ def test_failed_C_load_warns_once_and_falls_back():
         sys.meta_path.insert(0, Broken())
         warnings.simplefilter("always")
         import torch, mmt_kernels
-        from mmt_kernels import _backend
+        from mmt_kernels import _backend, _registry
         p = torch.randn(4, 3)
         for _ in range(3):
             mmt_kernels.sparse_adamw_(p, torch.zeros(4, 3), torch.zeros(4, 3), torch.randn(4, 3), torch.tensor([1]),
                                       lr=1e-3)
-        print("choice", _backend.choose("sparse_adamw_", torch.device("cpu")))
+        print("choice", _registry.choose("sparse_adamw_", torch.device("cpu")))
     """)
     assert res.returncode == 0, res.stderr
     assert "choice reference" in res.stdout
@@ -77,3 +77,17 @@ def test_info_reports_backends():
     assert "torch" in res.stdout and "usable" in res.stdout
     if _backend.has_compiled("sparse_adamw_", "CPU"):
         assert "cpu_kernels       True" in res.stdout or "cpu_kernels True" in " ".join(res.stdout.split())
+
+
+def test_every_spec_repeats_its_cpp_schema():
+    from mmt_kernels._registry import OPS
+
+    if _backend.load_C():  # every C++ op has exactly one spec
+        cpp = {n.split("::")[1] for n in _backend._mmt_op_names() if not n.endswith("_triton")}
+        assert cpp == set(OPS)
+    for name, op in OPS.items():
+        if op.triton_op is not None:
+            triton_schema = str(getattr(torch.ops.mmt, f"{name}_triton").default._schema)
+            assert triton_schema == f"mmt::{name}_triton{op.spec.schema}"
+        if _backend.has_compiled(name, "CPU"):
+            assert str(getattr(torch.ops.mmt, name).default._schema) == f"mmt::{name}{op.spec.schema}"

@@ -12,6 +12,7 @@ import torch
 
 import mmt_kernels.moe as moe
 from mmt_kernels import _backend
+from mmt_kernels.moe.experts import _ref_mlp
 from mmt_kernels.reference import moe as ref
 
 from .tolerance import assert_close_to_golden
@@ -356,7 +357,7 @@ def _op_cases():
     perm, inv, offsets = ref.permute(ids, 4)
     x, yp, w = torch.randn(6, 10, generator=gen), torch.randn(12, 10, generator=gen), torch.rand(12, generator=gen)
     wg, wu, wd = expert_weights(4, 7, 10, torch.float32, gen)
-    y, g, u = moe._ref_mlp(yp, offsets, wg, wu, wd, 0)
+    y, g, u = _ref_mlp(yp, offsets, wg, wu, wd, 0)
     basis = ref.dft_basis(10, 4)
     reim = x @ basis
     return {

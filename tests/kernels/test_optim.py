@@ -1,8 +1,6 @@
 """NeuronSparseAdamW: strictness, equivalence to torch.optim.AdamW, compact state, selection switching, state_dict."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 

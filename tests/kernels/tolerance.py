@@ -1,8 +1,8 @@
 """Tolerances derived from the reference's own low-precision error (flash-attn's rule).
 
 A kernel's output may be at most ``factor`` times as far from a golden (fp64) result as the
-reference run in the same precision, plus a few units in the last place of the output dtype (fused multiply-adds and a different
-operation order; the Triton interpreter truncates fp32->bf16 stores instead of rounding).
+reference run in the same precision, plus a few units in the last place of the output dtype (fused multiply-adds and
+a different operation order; the Triton interpreter truncates fp32->bf16 stores instead of rounding).
 """
 from __future__ import annotations
 

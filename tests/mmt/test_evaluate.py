@@ -4,7 +4,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from mmt import evaluate as E
 from mmt.data import build_prompt

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mmt.models import decoder_layers, find_attention, find_ffn, linear_module_names, resolve
+from mmt.models import find_attention, find_ffn, linear_module_names, resolve
 from mmt.testing import tiny_model
 
 

@@ -1,6 +1,7 @@
 """Direction-aware training (DAT) with group-wise merging (DATM): Zheng et al., Findings of ACL 2025.
 
-See docs/methods.md, "Direction-aware training". XX->En suffers from conflict between languages, En->XX profits from synergy, so:
+See docs/methods.md, "Direction-aware training". XX->En suffers from conflict between languages,
+En->XX profits from synergy, so:
 
 * XX->En is trained **separately** per unit (an X-ALMA language group by default, or per language with
   ``separate_unit: language``), each unit from the same base;

@@ -78,7 +78,8 @@ def evaluate_gated(cfg: Any, manifest: str | Path, *, label: str = "directional"
                 continue
         base, tok = mmt.models.load_model(cfg.model)
         if gate.manifest.get("lora"):
-            model = require("peft", purpose="LoRA direction gate").PeftModel.from_pretrained(base, w)  # exactly the adapter picked (never stacked on another)
+            # exactly the adapter picked (never stacked on another)
+            model = require("peft", purpose="LoRA direction gate").PeftModel.from_pretrained(base, w)
         else:
             model = mmt.models.load_model(cfg.model, name_or_path=w)[0]
         ecfg = copy.deepcopy(cfg.eval)

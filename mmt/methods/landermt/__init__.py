@@ -26,7 +26,7 @@ from mmt.registry import register_method
 
 from .car import add_car, set_car_pair
 from .config import PAPER_LANGUAGES, Config
-from .detect import _encode, add_detect_args, detect, run_detect, run_detection, select_layers
+from .detect import _encode, add_detect_args, detect, run_detect, run_detection, select_layers  # noqa: F401
 from .neurons import NeuronMap, NeuronUnit, categorise, neuron_units
 from .plan import prepare
 

@@ -33,15 +33,16 @@ class Config(MethodConfig):
     specific_ratio: fraction rho of each module's neurons that are language-specific (top variance).
     neurons_used: "general+specific" (default), "specific" (LANDeRMT-LS ablation), "general".
     scaled: importance-scaled gradients: c = 1/2 (I^G_s + I^G_t) + I^S_s + I^S_t (raw sums).
-    scale_normalise: divide c by its mean over selected neurons [INF] (the code uses raw sums, an arbitrary
-        lr multiplier; False reproduces it).
+    scale_normalise: divide c by its mean over selected neurons [our choice] (the original code uses raw sums,
+        an arbitrary lr multiplier; False reproduces it).
     strict: strict sparse AdamW (unselected neurons do not move); False = torch AdamW on masked gradients.
     train_other: in "ffn" mode, also train the other parameters of the selected layers (attention, norms)
         densely (the code trains every module of a selected block).
     car: add the CAR routing gate to the FFN of the selected layers.
-    car_specific_gate: "one_minus" (the specific sub-FFN gets (1-g)·x [INF]) or "none" (ungated).
-    car_other_languages_off: neurons specific to languages outside the current pair are inactive [UNV].
-    car_bias_init: initial gate bias (0 gives g = 0.5) [INF].
+    car_specific_gate: "one_minus" (the specific sub-FFN gets (1-g)·x [our choice]) or "none" (ungated).
+    car_other_languages_off: neurons specific to languages outside the current pair are inactive
+        [not published].
+    car_bias_init: initial gate bias (0 gives g = 0.5) [our choice].
     detect_output: where prepare() writes a detection it ran itself (None: not saved).
     """
 

@@ -34,14 +34,14 @@ def _param_name(model: nn.Module, tensor: torch.Tensor) -> str:
     for n, p in model.named_parameters():
         if p is tensor:
             return n
-    raise KeyError("parameter not found in model")
+    raise AssertionError("parameter not found in model")
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:
     for n, m in model.named_modules():
         if m is module:
             return n
-    raise KeyError("module not found in model")
+    raise AssertionError("module not found in model")
 
 
 def neuron_units(model: nn.Module, layers: Iterable[int], kind: str) -> list[NeuronUnit]:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mmt.errors import ConfigError, MethodError
-from mmt.methods.base import StepInfo, TrainingPlan
+from mmt.methods.base import StepInfo, TrainingPlan, param_groups
 from mmt.models import decoder_layers
 from mmt_kernels import NeuronSparseAdamW
 
@@ -88,19 +88,13 @@ def prepare(model: nn.Module, config: Config, tokenizer=None, *, data_dir: str |
         return cache[pair]
 
     def build_optimizer(model_: nn.Module, train_cfg) -> torch.optim.Optimizer:
-        decay, no_decay = [], []
-        for p in model_.parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 else decay).append(p)
-        groups = [g for g in ({"params": decay, "weight_decay": train_cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        groups = param_groups(model_, train_cfg.weight_decay)
         dims = {p: nd for p, (_, nd) in by_tensor.items() if p.dim() == 2}
         return NeuronSparseAdamW(groups, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas), eps=train_cfg.adam_eps,
                                  neuron_dims=dims, strict=config.strict)
 
     def on_step_start(info: StepInfo, model_: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        if info.pair is None:
-            raise RuntimeError("landermt needs language-pair-homogeneous steps (sampler 'pair')")
+        assert info.pair is not None, "landermt plans ask for language-pair-homogeneous steps (sampler 'pair')"
         pair = tuple(info.pair)
         sel, scl = selection_for(pair)
         if isinstance(optimizer, NeuronSparseAdamW):

@@ -93,7 +93,8 @@ class Config(MethodConfig):
                 raise ConfigError(f"mixmoe: with routing='grouped', top_k={self.top_k} must be in "
                                  f"[1, num_lm_experts={self.num_lm_experts}]")
             if self.top_k_mt is not None and not 1 <= self.top_k_mt <= self.num_mt_experts:
-                raise ConfigError(f"mixmoe: top_k_mt={self.top_k_mt} must be in [1, num_mt_experts={self.num_mt_experts}]")
+                raise ConfigError(f"mixmoe: top_k_mt={self.top_k_mt} must be in "
+                                  f"[1, num_mt_experts={self.num_mt_experts}]")
             return
         n_allowed = self.num_lm_experts if self.stage == 1 else self.num_lm_experts + self.num_mt_experts
         if not 1 <= self.top_k <= n_allowed:

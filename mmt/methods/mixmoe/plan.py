@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mmt.errors import CheckpointError, ConfigError
-from mmt.methods.base import TrainingPlan, count_parameters, parse_directions
+from mmt.methods.base import TrainingPlan, count_parameters, param_groups, parse_directions
 from mmt.models import find_attention
 
 from .config import ARTIFACT, Config
@@ -49,7 +49,8 @@ def prepare(model: nn.Module, config: Config, tokenizer=None) -> tuple[nn.Module
         with torch.no_grad():
             for name, t in state.items():
                 if params[name].shape != t.shape:
-                    raise CheckpointError(f"mixmoe: {name} is {tuple(t.shape)} in {src}, {tuple(params[name].shape)} here")
+                    raise CheckpointError(f"mixmoe: {name} is {tuple(t.shape)} in {src}, "
+                                          f"{tuple(params[name].shape)} here")
                 params[name].copy_(t)
         info["loaded stage 1"] = f"{src} ({len(state)} tensors)"
     set_stage(model, config.stage)
@@ -80,12 +81,7 @@ def prepare(model: nn.Module, config: Config, tokenizer=None) -> tuple[nn.Module
     def build_optimizer(m: nn.Module, train_config):
         # Frozen experts live inside the same [E, f, d] tensors as trained ones and get exactly zero
         # gradients; AdamW then leaves them unchanged only without weight decay, so expert tensors get none.
-        decay, no_decay = [], []
-        for p in m.parameters():
-            if p.requires_grad:
-                (no_decay if (p.ndim < 2 or id(p) in expert_ids) else decay).append(p)
-        groups = [g for g in ({"params": decay, "weight_decay": train_config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        groups = param_groups(m, train_config.weight_decay, no_decay=lambda p: id(p) in expert_ids)
         return torch.optim.AdamW(groups, lr=train_config.lr, betas=tuple(train_config.adam_betas),
                                  eps=train_config.adam_eps)
 
