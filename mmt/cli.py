@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args, unknown = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):  # key=value after an option (`--no-progress density=0.3`) is an override too
+        args.overrides = list(args.overrides or []) + [u for u in unknown if "=" in u and not u.startswith("-")]
+        unknown = [u for u in unknown if not ("=" in u and not u.startswith("-"))]
     if unknown and not getattr(args, "_unavailable", None):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not args.command:

@@ -191,12 +191,30 @@ def _validate(obj: Any, where: str) -> None:
         if not ok:
             raise ConfigError(f"{where}.{key}: {msg}")
 
+    def languages(key: str, items: Iterable[str] | None, directions: bool) -> None:
+        from mmt import languages as L  # the language table is only needed once a config is read
+
+        for i, item in enumerate(items or []):
+            try:
+                L.parse_direction(item) if directions else L.normalize(item)
+            except ValueError as exc:
+                raise ConfigError(f"{where}.{key}[{i}]: {exc}") from None
+
     if isinstance(obj, ModelConfig):
         check(obj.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {obj.dtype!r}")
     elif isinstance(obj, DataSource):
         check(obj.kind in SOURCE_KINDS, "kind", f"must be one of {SOURCE_KINDS}, got {obj.kind!r}")
         check(isinstance(obj.directions, list), "directions", "must be a list like ['de-en', 'en-de']")
+        languages("directions", obj.directions, directions=obj.kind != "mono")
+        check(obj.max_examples is None or obj.max_examples >= 1, "max_examples", "must be >= 1 (or null for all)")
+        check(obj.skip >= 0, "skip", "must be >= 0")
     elif isinstance(obj, DataConfig):
+        from mmt.data import TEMPLATES
+
+        check(obj.template in TEMPLATES or "<input>" in obj.template, "template",
+              f"unknown template {obj.template!r}; known: {', '.join(TEMPLATES)} (or a custom string containing "
+              "<input>, <srclang>, <tgtlang>)")
+        languages("languages", obj.languages, directions=False)
         check(obj.loss_on in ("target", "full"), "loss_on", f"must be 'target' or 'full', got {obj.loss_on!r}")
         check(obj.on_bad_line in ("error", "skip"), "on_bad_line", "must be 'error' or 'skip'")
         check(obj.max_length > 8, "max_length", "must be > 8")
@@ -210,8 +228,21 @@ def _validate(obj: Any, where: str) -> None:
               f"global batch {obj.batch_size} is not a multiple of micro_batch_size {obj.micro_batch_size}")
         check(obj.max_steps >= 1, "max_steps", "must be >= 1")
         check(len(obj.adam_betas) == 2, "adam_betas", "needs two values")
+        check(all(0 <= b < 1 for b in obj.adam_betas), "adam_betas", "values must be in [0, 1)")
+        for key in ("lr", "warmup_steps", "warmup_ratio", "min_lr_ratio", "weight_decay", "max_grad_norm",
+                    "save_every", "log_every"):
+            check(getattr(obj, key) >= 0, key, f"must be >= 0, got {getattr(obj, key)!r}")
+        check(obj.adam_eps > 0, "adam_eps", "must be > 0")
+        check(0 <= obj.seed < 2**32, "seed", f"must be in [0, 2**32), got {obj.seed}")
+        check(obj.keep_last >= 1, "keep_last", "must be >= 1")
+        check(obj.warmup_ratio <= 1 and obj.min_lr_ratio <= 1, "warmup_ratio", "ratios must be <= 1")
+        check(bool(str(obj.output_dir).strip()), "output_dir", "must not be empty")
     elif isinstance(obj, EvalConfig):
         check(obj.num_beams >= 1, "num_beams", "must be >= 1")
+        check(obj.batch_size >= 1 and obj.max_new_tokens >= 1, "batch_size", "batch_size and max_new_tokens must be >= 1")
+        check(obj.max_sentences is None or obj.max_sentences >= 1, "max_sentences", "must be >= 1 (or null for all)")
+        check(obj.first_line >= 0, "first_line", "must be >= 0")
+        languages("directions", obj.directions, directions=True)
         check(obj.shots >= 0, "shots", "must be >= 0")
 
 
@@ -345,7 +376,12 @@ def build_dataclass(cls: type, values: Any, where: str) -> Any:
 
 def parse_value(text: str) -> Any:
     """Parse an override value as a YAML scalar/list (``1e-5`` -> float, ``true`` -> bool)."""
-    value = yaml.safe_load(text) if text.strip() else ""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"value {text!r} is not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
     if isinstance(value, str):  # YAML 1.1 reads 1e-5 as a string
         try:
             return float(value)
@@ -382,12 +418,12 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str] | None,
                 except (ValueError, IndexError):
                     raise ConfigError(f"override {item!r}: bad list index {key!r}") from None
                 if last:
-                    node[index] = parse_value(value)
+                    node[index] = _parse_override(item, value)
                 else:
                     node = node[index]
             elif isinstance(node, dict):
                 if last:
-                    node[key] = parse_value(value)
+                    node[key] = _parse_override(item, value)
                 else:
                     if node.get(key) is None:
                         node[key] = {}
@@ -395,6 +431,13 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str] | None,
             else:
                 raise ConfigError(f"override {item!r}: {'.'.join(keys[:depth])} is not a mapping or a list")
     return raw
+
+
+def _parse_override(item: str, value: str) -> Any:
+    try:
+        return parse_value(value)
+    except ConfigError as exc:
+        raise ConfigError(f"override {item!r}: {exc}") from None
 
 
 def overrides_from_args(args: argparse.Namespace, options: Mapping[str, str]) -> list[str]:

@@ -115,6 +115,10 @@ def load_model(cfg: Any = None, *, name_or_path: str | None = None, dtype: str |
         mkw["attn_implementation"] = attn
     tok_src = cfg.tokenizer if cfg is not None and cfg.tokenizer else None
     t0 = time.time()
+    from mmt.checkpoint import describe_folder
+
+    if gguf is None and (what := describe_folder(where)) is not None:
+        raise ModelLoadError(f"model {name!r}: {what}")
     try:
         if gguf is None:
             model = AutoModelForCausalLM.from_pretrained(where, **mkw)
@@ -136,7 +140,7 @@ def load_model(cfg: Any = None, *, name_or_path: str | None = None, dtype: str |
                     _write_cache(model, tokenizer, cache)
             if verbose:
                 print(f"[mmt] model from {origin} in {time.time() - t0:.0f}s", flush=True)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a config.json transformers does not recognise
         raise ModelLoadError(f"could not load model {name!r} ({where}): {exc}. Offline? Hub ids need network or a "
                              "local cache; a directory needs config.json; a .gguf path must exist.") from exc
     if tokenizer.pad_token_id is None:
@@ -209,21 +213,26 @@ def save_model(model: nn.Module, tokenizer: Any, out: str | Path) -> Path:
     return out
 
 
-def write_model(model: nn.Module, tokenizer: Any, folder: str | Path) -> None:
+def write_model(model: nn.Module, tokenizer: Any, folder: str | Path,
+                state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write a standalone, reloadable model (+ tokenizer) into the existing ``folder`` (not atomic by itself).
 
     A peft (LoRA) model is written with its adapters merged into a copy of the weights, so plain
     ``AutoModelForCausalLM.from_pretrained`` loads it; a changed architecture (:mod:`mmt.arch`) writes its mmt
-    config. A model that its config would not rebuild is refused (:func:`check_reloadable`)."""
+    config. A model that its config would not rebuild is refused (:func:`check_reloadable`). ``state_dict``:
+    the consolidated weights when the model's own are sharded (FSDP, DeepSpeed ZeRO-3)."""
     from mmt.arch import spec_of
 
     if hasattr(model, "merge_and_unload"):
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
+        state_dict = None  # the merged copy's own weights
     config = model.mmt_config() if spec_of(model) is not None else model.config
     check_reloadable(model, config)
-    model.save_pretrained(folder, safe_serialization=True)
+    # save_pretrained edits the mapping it is given (drops tied copies): hand it a shallow copy
+    model.save_pretrained(folder, state_dict=dict(state_dict) if state_dict is not None else None,
+                          safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 

@@ -15,12 +15,14 @@ Design choices that matter for correctness:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import json
 import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,20 +31,20 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from mmt import checkpoint as ckpt
 from mmt.config import dump_config
 from mmt.data import (IGNORE_INDEX, StepSampler, TrainSet, build_train_set, collate, pad_token_id,
                       shard_micro_batches)
-from mmt.errors import CheckpointError, ConfigError
+from mmt.errors import CheckpointError, ConfigError, MethodError
 from mmt.methods.base import StepInfo, TrainingPlan, default_optimizer
-from mmt.models import load_model, save_model
+from mmt.models import load_model, write_model
 from mmt.registry import get_method
-
-CKPT_PREFIX = "step-"
 
 
 def lr_lambda(cfg: Any):
@@ -103,6 +105,62 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], use_logits_to_
     return token_loss_sum(out.logits, labels), out
 
 
+# methods whose optimizer or layers need whole (unsharded) tensors, with the reason
+UNSHARDED_ONLY = {
+    "landermt": "its neuron-sparse AdamW updates neuron rows of whole weight matrices, which FSDP and ZeRO shard",
+    "mixmoe": "its upcycled MoE layers and routing kernels have not been checked on sharded weights",
+}
+
+
+def _as_float(value: Any) -> float | None:
+    """A gradient norm as a float: DeepSpeed may return None, FSDP2 a DTensor."""
+    if value is None:
+        return None
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    return float(value)
+
+
+def _copy_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the full tensor ``full`` into ``param``, or into this process's shard when ``param`` is a DTensor."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        shard = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements).to_local()
+        param.to_local().copy_(shard)
+    else:
+        param.copy_(full.to(param.dtype))
+
+
+def _restore_dtensor_state(optimizer: torch.optim.Optimizer) -> None:
+    """Optimizer state read back for DTensor parameters arrives as plain local shards: wrap them again."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not hasattr(p, "device_mesh") or p not in optimizer.state:
+                continue
+            from torch.distributed.tensor import DTensor
+
+            local_shape = p.to_local().shape
+            for k, v in list(optimizer.state[p].items()):
+                if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.shape == local_shape:
+                    optimizer.state[p][k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements,
+                                                               shape=p.shape, stride=p.stride())
+
+
+def _leaf_differences(old: Any, new: Any, where: str) -> list[tuple[str, Any, Any]]:
+    """(key path, old, new) for every leaf where two config trees differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _leaf_differences(old.get(k), new.get(k), f"{where}.{k}")]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _leaf_differences(a, b, f"{where}[{i}]")]
+    return [] if old == new else [(where, old, new)]
+
+
+class RunMismatchError(CheckpointError):
+    """The checkpoint is intact but belongs to a run with other data, another model or method."""
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -131,6 +189,11 @@ class Trainer:
             accelerator = Accelerator(mixed_precision=train_cfg.mixed_precision, gradient_accumulation_steps=1,
                                       kwargs_handlers=kwargs)
         self.acc = accelerator
+        engine = self.acc.distributed_type
+        if engine in (DistributedType.FSDP, DistributedType.DEEPSPEED) and plan.method in UNSHARDED_ONLY:
+            raise MethodError(f"method {plan.method!r} does not run under {engine.value}: "
+                              f"{UNSHARDED_ONLY[plan.method]}. Launch it with DDP (examples/accelerate/ddp.yaml) or "
+                              "on one process; see docs/scaling.md")
         world = self.acc.num_processes
         if train_cfg.batch_size % (world * train_cfg.micro_batch_size):
             raise ConfigError(f"train.batch_size={train_cfg.batch_size} must be a multiple of micro_batch_size "
@@ -150,68 +213,129 @@ class Trainer:
         self.use_logits_to_keep = _accepts_logits_to_keep(model)
         builder = plan.build_optimizer or default_optimizer
         optimizer = builder(model, train_cfg)
+        self.deepspeed = engine == DistributedType.DEEPSPEED
+        if self.deepspeed and train_cfg.save_every:
+            raise ConfigError("train.save_every: resumable checkpoints are not written under DeepSpeed yet (its ZeRO "
+                              "optimizer state lives outside the torch optimizer); set train.save_every=0, or use "
+                              "FSDP2 (examples/accelerate/fsdp2.yaml) for resumable sharded training")
+        if self.deepspeed:  # no dataloader goes through prepare: say the batch geometry so that "auto" resolves
+            ds = self.acc.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = train_cfg.micro_batch_size
+            ds["gradient_accumulation_steps"] = self.accum
+            ds["train_batch_size"] = train_cfg.batch_size
+            ds["gradient_clipping"] = float(train_cfg.max_grad_norm or 0.0)
+        # the schedule drives the torch optimizer itself (DeepSpeed's ZeRO wrapper is not a torch Optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg))
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        self.torch_optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.torch_optimizer, lr_lambda(train_cfg))
+        self.torch_optimizer = optimizer
         self.step = 0
         self.tokens_seen = 0
         self.resumed_from: str | None = None
+        self._fingerprints: dict[str, Any] | None = None
+        self._resume_checked = False
 
     # ---------------------------------------------------------------- checkpoints
 
-    def checkpoints(self) -> list[Path]:
-        root = self.out / "checkpoints"
-        if not root.is_dir():
-            return []
-        done = [p for p in root.iterdir() if p.name.startswith(CKPT_PREFIX) and (p / "trainer_state.json").is_file()]
-        return sorted(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
 
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().contiguous().clone() for n, p in self.raw_model.named_parameters() if p.requires_grad}
+    def checkpoints(self) -> list[Path]:
+        """Completely written checkpoints, oldest first."""
+        return ckpt.list_checkpoints(self.ckpt_root)
+
+    def _sharded(self) -> bool:
+        """Whether each process holds only a shard of the parameters / optimizer state (FSDP, DeepSpeed)."""
+        return self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) or any(
+            hasattr(p, "device_mesh") for p in self.raw_model.parameters())
+
+    def fingerprints(self) -> dict[str, Any]:
+        """What a resumed run must share with the run that wrote the checkpoint: the tokenised examples and
+        the model's parameter names, shapes and dtypes."""
+        if self._fingerprints is None:
+            h = hashlib.sha256()
+            for ids, labels in zip(self.train_set.ids, self.train_set.labels):
+                h.update(np.asarray(ids, dtype=np.int64).tobytes())
+                h.update(np.asarray(labels, dtype=np.int64).tobytes())
+                h.update(b"|")
+            m = hashlib.sha256()
+            for n, p in self.raw_model.named_parameters():
+                m.update(f"{n}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad};".encode())
+            self._fingerprints = {"data": {"examples": len(self.train_set), "sha256": h.hexdigest()},
+                                  "model": {"parameters": sum(1 for _ in self.raw_model.parameters()),
+                                            "sha256": m.hexdigest()}}
+        return self._fingerprints
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's state dict on the main process (a collective under FSDP / DeepSpeed ZeRO-3)."""
+        state_dict = self.acc.get_state_dict(self.model)
+        if not any(hasattr(t, "full_tensor") for t in state_dict.values()):
+            return state_dict
+        # FSDP2 on CPU: torch's full-state-dict gather skips CPU shards; gather them tensor by tensor, in the same
+        # order on every process, keeping the result on the main process only
+        full = {}
+        for name, t in state_dict.items():
+            t = t.full_tensor() if hasattr(t, "full_tensor") else t
+            if self.acc.is_main_process:
+                full[name] = t.detach().cpu()
+        return full
 
     def save_checkpoint(self) -> Path:
-        root = self.out / "checkpoints"
-        final = root / f"{CKPT_PREFIX}{self.step:07d}"
-        tmp = root / f".tmp-{CKPT_PREFIX}{self.step:07d}"
+        """Write ``checkpoints/checkpoint-<step>``: a full HF model + tokenizer, then the resume state, then the
+        manifest; built in a hidden folder and renamed, so a kill leaves the previous checkpoint intact."""
+        root = self.ckpt_root
+        final = root / f"{ckpt.PREFIX}{self.step}"
+        tmp = root / f"{ckpt.TMP_PREFIX}{ckpt.PREFIX}{self.step}"
         if self.acc.is_main_process:
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.acc.wait_for_everyone()
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        torch.save(rng, tmp / f"rng_{self.acc.process_index}.pt")
-        self.acc.wait_for_everyone()
+        rank = self.acc.process_index
+        ckpt.save_state({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+                        tmp, f"rng_{rank}")
+        if self._sharded():  # every process writes its own shard of the optimizer state, never gathered
+            ckpt.save_state(self.torch_optimizer.state_dict(), tmp, f"optimizer_{rank}")
+        state_dict = self._full_state_dict()
         if self.acc.is_main_process:
-            save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
-            self._write_loadable_model(tmp)
-            torch.save(self.torch_optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            trainable = {n for n, p in self.raw_model.named_parameters() if p.requires_grad}
+            save_file({n: t.detach().cpu().contiguous().clone() for n, t in state_dict.items() if n in trainable},
+                      str(tmp / "trainable.safetensors"))
+            self._save_model(tmp, state_dict, strict=False)
+            if not self._sharded():
+                ckpt.save_state(self.torch_optimizer.state_dict(), tmp, "optimizer")
+            ckpt.save_state(self.scheduler.state_dict(), tmp, "scheduler")
             if self.plan.state_dict is not None:
-                torch.save(self.plan.state_dict(), tmp / "method_state.pt")
+                ckpt.save_state(self.plan.state_dict(), tmp, "method_state")
             if self.plan.save_artifacts is not None:
                 self.plan.save_artifacts(tmp)
             state = {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
-                     "world_size": self.acc.num_processes, "method": self.plan.method, "config": self.run_config}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
+                     "world_size": self.acc.num_processes, "sharded": self._sharded(), "method": self.plan.method,
+                     **self.fingerprints(), "config": self.run_config}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str), encoding="utf-8")
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            ckpt.write_manifest(tmp, {"step": self.step})
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            for old in self.checkpoints()[:-max(1, self.cfg.keep_last)]:
-                shutil.rmtree(old, ignore_errors=True)
+            ckpt.prune(root, self.cfg.keep_last)
         self.acc.wait_for_everyone()
         return final
 
-    def _write_loadable_model(self, folder: Path) -> None:
-        """Make a checkpoint a standalone model too (config.json, safetensors, tokenizer), so that ``mmt eval
-        --model <checkpoint>`` and best-checkpoint selection load it like ``final/``. A model that would not
-        reload as itself is left out with a warning (the checkpoint still resumes); ``final/`` refuses it."""
-        from mmt.models import write_model
-
+    def _save_model(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None, *,
+                    strict: bool = True) -> None:
+        """A standalone model (config, safetensors, tokenizer) through :func:`mmt.models.write_model`, so that
+        architectures changed by a method reload as themselves and ``mmt eval --model <checkpoint>`` works.
+        ``strict=False`` (checkpoints): a model that would not reload as itself is left out with one warning,
+        and the checkpoint still resumes; ``final/`` refuses it."""
         rng = random.getstate(), np.random.get_state()
         try:
-            with torch.random.fork_rng(devices=[]):  # building the reload check must not move the run's RNG
-                write_model(self.acc.unwrap_model(self.model), self.tokenizer, folder)
+            with torch.random.fork_rng(devices=[]):  # the reload check must not move the run's RNG
+                write_model(self.acc.unwrap_model(self.model), self.tokenizer, directory, state_dict=state_dict)
         except CheckpointError as exc:
+            if strict:
+                raise
             if not getattr(self, "_warned_unloadable", False):
                 print(f"[mmt] warning: checkpoints hold no standalone model: {exc}", flush=True)
                 self._warned_unloadable = True
@@ -219,46 +343,130 @@ class Trainer:
             random.setstate(rng[0])
             np.random.set_state(rng[1])
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        path = Path(path)
-        state = json.loads((path / "trainer_state.json").read_text())
+    def _check_matches(self, path: Path, state: dict[str, Any]) -> None:
+        """A clear error when the checkpoint was written by a run with another method, data or model."""
+        def differences(section: str) -> str:
+            old = (state.get("config") or {}).get(section)
+            new = (self.run_config or {}).get(section)
+            diff = [f"{key}: {a!r} then, {b!r} now" for key, a, b in _leaf_differences(old, new, section)
+                    if not key.endswith(".data_dir")]
+            return (" (" + "; ".join(diff[:5]) + ")") if diff else ""
+
+        advice = "resume with the same config, or start over with train.resume=never or another train.output_dir"
         if state.get("method") != self.plan.method:
-            raise CheckpointError(f"{path}: checkpoint of method {state.get('method')!r}, this run is {self.plan.method!r}")
+            raise RunMismatchError(f"{path}: written by method {state.get('method')!r}, this run is "
+                                  f"{self.plan.method!r}; {advice}")
+        now = self.fingerprints()
+        old_data, old_model = state.get("data") or {}, state.get("model") or {}
+        if old_data != now["data"]:
+            raise RunMismatchError(
+                f"{path}: the training data differ from the run that wrote this checkpoint "
+                f"({old_data.get('examples')} examples then, {now['data']['examples']} now"
+                f"{'' if old_data.get('examples') != now['data']['examples'] else ', same count, other content'})"
+                f"{differences('data')}; {advice}")
+        if old_model != now["model"]:
+            raise RunMismatchError(
+                f"{path}: the model differs from the one that wrote this checkpoint (parameter names, shapes, "
+                f"dtypes or trainable set: {old_model.get('parameters')} parameters then, "
+                f"{now['model']['parameters']} now){differences('model')}{differences('method')}; {advice}")
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Resume from ``path`` after verifying its manifest; reads no pickle."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"train.resume={str(path)!r}: not a checkpoint folder")
+        ckpt.verify(path)
+        try:
+            state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path / 'trainer_state.json'}: unreadable ({exc})") from None
+        self._check_matches(path, state)
+        if state.get("sharded") and state.get("world_size") != self.acc.num_processes:
+            raise CheckpointError(f"{path}: written by {state.get('world_size')} processes with sharded optimizer "
+                                  f"state; resume it with the same number of processes, not {self.acc.num_processes}")
         params = dict(self.raw_model.named_parameters())
-        saved = load_file(str(path / "trainable.safetensors"))
+        try:
+            saved = load_file(str(path / "trainable.safetensors"))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path / 'trainable.safetensors'}: unreadable ({exc})") from None
         missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
         if missing:
-            raise CheckpointError(f"{path}: checkpoint lacks trainable parameters {missing[:5]} (different method config?)")
+            raise CheckpointError(f"{path}: checkpoint lacks trainable parameters {missing[:5]}")
         with torch.no_grad():
             for n, t in saved.items():
                 if n not in params:
                     raise CheckpointError(f"{path}: checkpoint has parameter {n!r} that the model does not")
-                params[n].copy_(t.to(params[n].dtype))
-        self.torch_optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        if self.plan.load_state_dict is not None and (path / "method_state.pt").is_file():
-            self.plan.load_state_dict(torch.load(path / "method_state.pt", weights_only=False))
-        self.sampler.load_state_dict(state["sampler"])
-        rng_file = path / f"rng_{self.acc.process_index}.pt"
-        if rng_file.is_file() and state.get("world_size") == self.acc.num_processes:
-            rng = torch.load(rng_file, weights_only=False)
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
-            torch.set_rng_state(rng["torch"])
+                _copy_into(params[n], t)
+        rank = self.acc.process_index
+        opt_state = ckpt.load_state(path, f"optimizer_{rank}" if state.get("sharded") else "optimizer")
+        self.torch_optimizer.load_state_dict(opt_state)
+        _restore_dtensor_state(self.torch_optimizer)
+        self.scheduler.load_state_dict(ckpt.load_state(path, "scheduler"))
+        if self.plan.load_state_dict is not None and (path / "method_state.json").is_file():
+            self.plan.load_state_dict(ckpt.load_state(path, "method_state"))
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path / 'trainer_state.json'}: sampler state: {exc}") from None
+        if state.get("world_size") == self.acc.num_processes and (path / f"rng_{rank}.json").is_file():
+            rng = ckpt.load_state(path, f"rng_{rank}")
+            try:
+                random.setstate(rng["python"])
+                np.random.set_state(rng["numpy"])
+                torch.set_rng_state(rng["torch"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise CheckpointError(f"{path / f'rng_{rank}.json'}: bad RNG state ({exc})") from None
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.resumed_from = str(path)
 
     def maybe_resume(self) -> None:
+        """``train.resume``: ``never``; ``auto`` (the newest intact checkpoint, falling back past damaged ones
+        and saying why); or a checkpoint folder (an error if it is damaged)."""
+        self._resume_checked = True
         mode = str(self.cfg.resume)
         if mode == "never":
             return
-        if mode == "auto":
-            ckpts = self.checkpoints()
-            if ckpts:
-                self.load_checkpoint(ckpts[-1])
+        if mode != "auto":
+            self.load_checkpoint(mode)
+        else:
+            problems: list[str] = []
+            for path in reversed(self.checkpoints()):
+                try:
+                    self.load_checkpoint(path)
+                    break
+                except CheckpointError as exc:
+                    if isinstance(exc, RunMismatchError):
+                        raise  # another run's checkpoint: falling back to an older one would not help
+                    problems.append(str(exc))
+                    self._say(f"warning: cannot resume from {path.name}: {exc}")
+            if problems and self.resumed_from is None:
+                raise CheckpointError(f"no intact checkpoint in {self.ckpt_root}: " + "; ".join(problems)
+                                      + ". Set train.resume=never to start over")
+            if problems:
+                self._say(f"falling back to the newest intact checkpoint, {Path(self.resumed_from).name}")
+        if self.resumed_from is not None:
+            self._say(f"resumed from {self.resumed_from} (step {self.step} of {self.cfg.max_steps})")
+
+    def _say(self, message: str) -> None:
+        if self.acc.is_main_process:
+            print(message, file=sys.stderr, flush=True)
+
+    def _trim_log(self) -> None:
+        """Drop log records after the step training (re)starts from, so a resumed run does not repeat steps."""
+        log = self.out / "log.jsonl"
+        if not self.acc.is_main_process or not log.is_file():
             return
-        self.load_checkpoint(mode)
+        kept = []
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                if int(json.loads(line).get("step", 0)) <= self.step:
+                    kept.append(line)
+            except (ValueError, AttributeError, TypeError):
+                continue  # a line cut by a kill
+        tmp = log.with_name(log.name + ".tmp")
+        tmp.write_text("".join(f"{ln}\n" for ln in kept), encoding="utf-8")
+        os.replace(tmp, log)
 
     # ---------------------------------------------------------------- loop
 
@@ -270,7 +478,12 @@ class Trainer:
 
     def train(self) -> TrainResult:
         torch.manual_seed(self.cfg.seed + self.acc.process_index)
-        self.maybe_resume()
+        if not self._resume_checked:
+            self.maybe_resume()
+        self._trim_log()
+        if self.acc.is_main_process:
+            ckpt.prune(self.ckpt_root, self.cfg.keep_last)  # leftovers of a killed run
+        self.acc.wait_for_everyone()
         self.model.train()
         cfg, ts = self.cfg, self.train_set
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {self.plan.method}", dynamic_ncols=True,
@@ -289,6 +502,8 @@ class Trainer:
                 self.plan.on_step_start(info, self.raw_model, self.torch_optimizer)
             local_loss = torch.zeros((), dtype=torch.float64)
             scale = self.acc.num_processes / max(global_label_tokens, 1)
+            if self.deepspeed:
+                scale *= self.accum  # DeepSpeed divides each micro-batch loss by its accumulation steps
             for j, idx in enumerate(micro):
                 info.micro_step = j
                 info.batch_directions = None if ts.mono else [ts.keys[i] for i in idx]
@@ -298,7 +513,7 @@ class Trainer:
                 ctx = contextlib.nullcontext() if last or self.acc.num_processes == 1 else self.acc.no_sync(self.model)
                 with ctx:
                     with self.acc.autocast():
-                        loss_sum, out = lm_loss_sum(self.model, feats, self.use_logits_to_keep)
+                        loss_sum, _ = lm_loss_sum(self.model, feats, self.use_logits_to_keep)
                         loss = loss_sum * scale
                         if self.plan.extra_loss is not None:
                             loss = loss + self.plan.extra_loss(self.raw_model) / len(micro)
@@ -308,7 +523,7 @@ class Trainer:
                     self.plan.after_backward(self.raw_model, info)
             grad_norm = None
             if cfg.max_grad_norm and cfg.max_grad_norm > 0 and trainable:
-                grad_norm = float(self.acc.clip_grad_norm_(trainable, cfg.max_grad_norm))
+                grad_norm = _as_float(self.acc.clip_grad_norm_(trainable, cfg.max_grad_norm))
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -342,16 +557,23 @@ class Trainer:
                            resumed_from=self.resumed_from)
 
     def save_final(self) -> Path | None:
-        """Write the trained model (+ tokenizer, method artifacts) to ``output_dir/final``."""
-        self.acc.wait_for_everyone()
+        """Write the trained model (+ tokenizer, method artifacts) to ``output_dir/final``, once, from the
+        consolidated state dict (gathered from every process's shard under FSDP / DeepSpeed ZeRO-3)."""
+        state_dict = self._full_state_dict()
         path = None
         if self.acc.is_main_process:
-            path = save_model(self.acc.unwrap_model(self.model), self.tokenizer, self.out / "final")
+            path = self.out / "final"
+            tmp = self.out / f"{ckpt.TMP_PREFIX}final"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self._save_model(tmp, state_dict)
             if self.plan.save_artifacts is not None:
-                self.plan.save_artifacts(path)
+                self.plan.save_artifacts(tmp)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
         self.acc.wait_for_everyone()
         return path
-
 
     def save_method_artifacts(self) -> Path | None:
         """Method artifacts alone (e.g. Mix-MoE's expert weights) in ``output_dir``, when the model is not
@@ -372,12 +594,17 @@ def run(cfg: Any, model: nn.Module | None = None, tokenizer: Any = None, *, prin
     Returns (model, tokenizer, plan, TrainResult).
     """
     set_seed(cfg.train.seed)
+    out = Path(cfg.train.output_dir)
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # checked before the (slow) model load
+        raise ConfigError(f"train.output_dir={str(out)!r}: {blocking} is a file, not a folder")
     if model is None:
         model, tokenizer = load_model(cfg.model)
     model, plan = get_method(cfg.method_name).prepare(model, cfg.method, tokenizer=tokenizer)
     plan.model = model
     train_set = build_train_set(cfg.data, tokenizer, plan=plan)
     trainer = Trainer(model, tokenizer, plan, train_set, cfg.train, data_cfg=cfg.data, run_config=cfg.to_dict())
+    trainer.maybe_resume()  # before anything is written: a run that cannot resume leaves the folder as it was
     if trainer.acc.is_main_process:
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
         dump_config(cfg, Path(cfg.train.output_dir) / "config.yaml")

@@ -78,22 +78,39 @@ def read_lines(path: str | os.PathLike, *, max_chars: int | None = 2000, check_e
         raise DataError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from None
     except (OSError, EOFError) as exc:
         raise DataError(f"{path}: cannot read ({exc})") from None
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not part of the first segment
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+    if not any(ln.strip() for ln in lines):
+        raise DataError(f"{path}: empty file (no non-blank lines)")
     bad: list[int] = []
+    reasons: dict[str, int] = {}
     for i, ln in enumerate(lines):
-        problem = None
+        problem = reason = None
         if check_empty and not ln.strip():
-            problem = "empty line"
+            problem = reason = "empty line"
         elif max_chars is not None and len(ln) > max_chars:
-            problem = f"over-long line ({len(ln)} characters > max_chars={max_chars})"
+            problem, reason = f"over-long line ({len(ln)} characters > max_chars={max_chars})", "over-long line"
         if problem:
             if on_bad_line == "error":
                 raise DataError(f"{path}:{i + 1}: {problem} (set data.on_bad_line=skip to drop such lines)")
             bad.append(i)
+            reasons[reason] = reasons.get(reason, 0) + 1
+    report_skipped(path, reasons, len(lines), first=bad[0] + 1 if bad else None)
     return lines, bad
+
+
+def report_skipped(path: Path | str, reasons: dict[str, int], total: int, first: int | None = None) -> None:
+    """Say on stderr how many lines of ``path`` were skipped, per reason (``data.on_bad_line=skip``)."""
+    if not reasons:
+        return
+    import sys
+
+    detail = ", ".join(f"{n} {reason}{'s' if n > 1 else ''}" for reason, n in sorted(reasons.items()))
+    print(f"data: skipped {sum(reasons.values())} of {total} lines of {path} ({detail}; first at line {first})",
+          file=sys.stderr, flush=True)
 
 
 def text_line_of_byte(path: Path, offset: int) -> int:
@@ -207,6 +224,8 @@ def load_jsonl(path: str | os.PathLike, *, max_chars: int | None = 2000, on_bad_
     path = Path(path)
     lines, _ = read_lines(path, max_chars=None, check_empty=False)
     out = []
+    reasons: dict[str, int] = {}
+    first = None
     for i, line in enumerate(lines):
         where = f"{path}:{i + 1}"
         if not line.strip():
@@ -231,12 +250,16 @@ def load_jsonl(path: str | os.PathLike, *, max_chars: int | None = 2000, on_bad_
         if not src.strip() or not tgt.strip():
             problem = "empty source or target"
         elif max_chars is not None and max(len(src), len(tgt)) > max_chars:
-            problem = f"over-long text (> max_chars={max_chars})"
+            problem = "over-long text"
         if problem:
             if on_bad_line == "error":
-                raise DataError(f"{where}: {problem}")
+                limit = f" (> max_chars={max_chars})" if problem == "over-long text" else ""
+                raise DataError(f"{where}: {problem}{limit} (set data.on_bad_line=skip to drop such lines)")
+            reasons[problem] = reasons.get(problem, 0) + 1
+            first = first or i + 1
             continue
         out.append(Example(s, t, src, tgt, where))
+    report_skipped(path, reasons, len(lines), first)
     return out
 
 

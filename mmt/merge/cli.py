@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 from .plan import load_merge_config
@@ -25,6 +26,9 @@ directory next to it, then renamed). Config keys: see `python -c "import mmt.mer
 
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
+    if args.config and "=" in args.config and not Path(args.config).is_file():  # only key=value, no config file
+        overrides.insert(0, args.config)
+        args.config = None
     if args.output:
         overrides.append(f"output={args.output}")
     if args.overwrite:

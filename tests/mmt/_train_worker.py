@@ -27,6 +27,10 @@ def main() -> None:
     p.add_argument("--sampler", default="mixed")
     p.add_argument("--schedule", default="cosine")
     p.add_argument("--params-out", default=None)
+    p.add_argument("--save-final", action="store_true", help="also write output_dir/final")
+    p.add_argument("--fsdp2-on-cpu", action="store_true",
+                   help="shard with FSDP2 on the CPU (gloo) process group: accelerate itself enables FSDP only on "
+                        "accelerator devices, so the test switches its state the way `accelerate launch` would")
     a = p.parse_args()
 
     import torch
@@ -54,12 +58,31 @@ def main() -> None:
 
     plan = TrainingPlan(method="mfti", sampler=a.sampler, on_step_end=on_step_end)
     ts = build_train_set(cfg.data, tok, plan=plan)
-    trainer = Trainer(model, tok, plan, ts, cfg.train, data_cfg=cfg.data)
+    accelerator = None
+    if a.fsdp2_on_cpu:
+        from accelerate import Accelerator
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        accelerator = Accelerator()
+        assert accelerator.distributed_type == DistributedType.MULTI_CPU, accelerator.distributed_type
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
+                                                auto_wrap_policy="transformer_based_wrap",
+                                                state_dict_type="FULL_STATE_DICT")
+        accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState().distributed_type = DistributedType.FSDP  # AcceleratorState() copies it when re-created
+        accelerator.state.fsdp_plugin = plugin
+    trainer = Trainer(model, tok, plan, ts, cfg.train, data_cfg=cfg.data, accelerator=accelerator)
     result = trainer.train()
+    if a.save_final:
+        trainer.save_final()
+    full = trainer._full_state_dict()  # a collective under FSDP: every process calls it
     if a.params_out and trainer.acc.is_main_process:
-        state = {n: p.detach().contiguous() for n, p in trainer.raw_model.named_parameters()}
+        names = [n for n, _ in trainer.raw_model.named_parameters()]
+        state = {n: full[n].detach().cpu().contiguous() for n in names}
         save_file(state, a.params_out)
         Path(a.params_out + ".losses").write_text(" ".join(repr(x) for x in result.losses))
+        Path(a.params_out + ".engine").write_text(f"{trainer.acc.distributed_type.value} {trainer.acc.num_processes}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,4 @@
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,10 +74,12 @@ def test_checkpoints_atomic_keep_last(tok, jsonl_data, tmp_path):
     trainer, _ = _train(tok, jsonl_data, tmp_path, "train.max_steps=6", "train.batch_size=4", "train.micro_batch_size=4",
                         "train.save_every=2", "train.keep_last=2")
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["step-0000004", "step-0000006"]
-    ck = tmp_path / "checkpoints" / "step-0000006"
-    for f in ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng_0.pt", "trainer_state.json"):
+    assert names == ["checkpoint-4", "checkpoint-6"]
+    ck = tmp_path / "checkpoints" / "checkpoint-6"
+    for f in ("trainable.safetensors", "optimizer.json", "optimizer.safetensors", "scheduler.json", "rng_0.json",
+              "trainer_state.json", "manifest.json", "config.json", "model.safetensors", "tokenizer.json"):
         assert (ck / f).is_file(), f
+    assert not list(ck.glob("*.pt")) and not list(ck.glob("*.bin"))
 
 
 def _run_worker(args, env=None, check=True):
@@ -108,24 +109,3 @@ def test_resume_after_kill_is_exact(tok_dir, jsonl_data, tmp_path):
     la = [float(x) for x in (tmp_path / "a.st.losses").read_text().split()]
     lb = [float(x) for x in (tmp_path / "b.st.losses").read_text().split()]
     assert lb == la[4:]  # the resumed run did steps 5 and 6, with the same batches
-
-
-def test_two_process_ddp_matches_single_process(tok_dir, jsonl_data, tmp_path):
-    pytest.importorskip("accelerate")
-    common = ["--tok", str(tok_dir), "--data", str(jsonl_data), "--steps", "3", "--batch", "8", "--micro", "2",
-              "--save-every", "0", "--schedule", "constant"]
-    single = _run_worker([*common, "--out", str(tmp_path / "s"), "--params-out", str(tmp_path / "s.st")])
-    assert single.returncode == 0, single.stderr[-2000:]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    accel = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
-    cmd = [accel, "launch", "--num_processes", "2", "--num_machines", "1", "--cpu", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", "29517", str(WORKER), *common,
-           "--out", str(tmp_path / "d"), "--params-out", str(tmp_path / "d.st")]
-    ddp = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    s, d = _params(tmp_path / "s.st"), _params(tmp_path / "d.st")
-    for k in s:
-        assert torch.allclose(s[k], d[k], atol=1e-5, rtol=1e-4), k
-    ls = [float(x) for x in (tmp_path / "s.st.losses").read_text().split()]
-    ld = [float(x) for x in (tmp_path / "d.st.losses").read_text().split()]
-    assert ld == pytest.approx(ls, rel=1e-5)

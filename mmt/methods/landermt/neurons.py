@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -170,14 +170,19 @@ class NeuronMap:
         path = Path(path)
         if not path.is_file():
             raise MethodError(f"LANDeRMT neuron file not found: {path} (write one with `mmt detect`)")
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("landermt", "{}"))
-            if meta.get("format") != "mmt.landermt.neurons/1":
-                raise MethodError(f"{path} is not a LANDeRMT neuron file (no 'landermt' metadata)")
-            units = [NeuronUnit(**{**u, "params": [tuple(p) for p in u["params"]]}) for u in meta["units"]]
-            imp = {u.name: f.get_tensor(f"{u.name}::importance") for u in units}
-            own = {u.name: f.get_tensor(f"{u.name}::owner") for u in units}
-        return cls(meta["languages"], meta["layers"], units, imp, own, meta.get("config", {}))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("landermt", "{}"))
+                if meta.get("format") != "mmt.landermt.neurons/1":
+                    raise MethodError(f"{path} is not a LANDeRMT neuron file (no 'landermt' metadata)")
+                units = [NeuronUnit(**{**u, "params": [tuple(p) for p in u["params"]]}) for u in meta["units"]]
+                imp = {u.name: f.get_tensor(f"{u.name}::importance") for u in units}
+                own = {u.name: f.get_tensor(f"{u.name}::owner") for u in units}
+            return cls(meta["languages"], meta["layers"], units, imp, own, meta.get("config", {}))
+        except MethodError:
+            raise
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:  # truncated, edited, not ours
+            raise MethodError(f"{path}: damaged or not a LANDeRMT neuron file ({type(exc).__name__}: {exc})") from None
 
     def plot(self, path: str | Path) -> Path:
         counts = self.counts().float()

@@ -51,6 +51,9 @@ def prepare(model: nn.Module, config: Config, tokenizer=None, *, data_dir: str |
         for pname, nd in u.params:
             if pname not in names:
                 raise MethodError(f"landermt: parameter {pname} of the neuron file is not in this model")
+            if names[pname].shape[nd] != u.size:
+                raise MethodError(f"landermt: the neuron file has {u.size} neurons for {pname}, the model's tensor "
+                                  f"has shape {tuple(names[pname].shape)} (a neuron file of another model?)")
             neuron_params[pname] = (u.name, nd)
             names[pname].requires_grad_(True)
     if config.neuron_kind == "ffn" and config.train_other:
