@@ -33,7 +33,7 @@ from mmt.registry import get_method
 PRECISIONS = ("no", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "inverse_sqrt", "linear")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
-SOURCE_KINDS = ("parallel", "tatoeba", "flores", "jsonl", "hf", "mono")
+SOURCE_KINDS = ("parallel", "tatoeba", "flores", "jsonl", "alma", "hf", "mono")
 
 __all__ = ["ConfigError", "DataConfig", "DataSource", "EvalConfig", "MethodConfig", "ModelConfig", "RunConfig",
            "TrainConfig", "apply_overrides", "build_dataclass", "check_keys", "coerce", "dump_config", "from_dict",
@@ -77,8 +77,10 @@ class DataSource:
 
     kind: ``parallel`` (``<path>/<a>-<b>/<split>.<iso>.gz`` pairs), ``tatoeba``
     (``<path>/en-<x>/sample.<iso>.gz``), ``flores`` (folder of ``<flores_code>.txt[.gz]`` files,
-    any direction between them), ``jsonl`` (lines with src_lang, tgt_lang, src, tgt), ``hf`` (a
-    Hugging Face dataset; needs ``datasets`` and network or a local copy), ``mono`` (folder of
+    any direction between them), ``jsonl`` (lines with src_lang, tgt_lang, src, tgt), ``alma`` (ALMA/X-ALMA
+    JSON ``{"translation": {"de": .., "en": ..}}``, both directions unless ``directions`` says), ``hf`` (a
+    Hugging Face dataset: a hub name, a ``save_to_disk`` folder or local data files; needs ``datasets``),
+    ``mono`` (folder of
     monolingual ``<flores_code>.txt[.gz]`` files, for the ``mono`` sampler).
     ``path`` is relative to ``data_dir`` unless absolute; None uses the kind's default folder.
     ``directions`` like ``["de-en", "en-de"]`` (for ``mono``: language codes).

@@ -1,0 +1,105 @@
+"""Data formats: ALMA/X-ALMA JSON, local Hugging Face datasets (data files, save_to_disk), BOMs, the summary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mmt.config import DataSource, load_config
+from mmt.data import build_train_set
+from mmt.data.readers import load_alma_json, load_source
+from mmt.data.summary import summarize
+from mmt.errors import DataError
+
+RECORDS = [{"translation": {"de": "Das Wetter ist schön.", "en": "The weather is nice."}},
+           {"translation": {"de": "Wo ist der Bahnhof?", "en": "Where is the train station?"}},
+           {"translation": {"deu_Latn": "Ich lese.", "eng_Latn": "I read."}}]
+
+
+def _alma(path, records=RECORDS, bom=False, array=False):
+    text = json.dumps(records, ensure_ascii=False) if array else "".join(
+        json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    path.write_text(("\ufeff" if bom else "") + text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("array", [False, True])
+def test_alma_both_directions_from_one_file_with_bom(tmp_path, array):
+    exs = load_alma_json(_alma(tmp_path / "train.de-en.json", bom=True, array=array))
+    assert [(e.src_lang, e.tgt_lang) for e in exs] == [("de", "en"), ("en", "de")] * 3
+    assert exs[0].src == "Das Wetter ist schön." and exs[1].src == "The weather is nice."
+    assert exs[5].src == "I read." and exs[5].tgt == "Ich lese."
+    assert exs[2].where.endswith(":2") or exs[2].where.endswith("[1]")
+
+
+def test_alma_directions_select(tmp_path):
+    path = _alma(tmp_path / "x.json", RECORDS + [{"translation": {"cs": "Ahoj.", "en": "Hi.", "de": "Hallo."}}])
+    exs = load_alma_json(path, [("en", "de"), ("cs", "en")])
+    assert [(e.src_lang, e.tgt_lang) for e in exs] == [("en", "de")] * 4 + [("cs", "en")]
+    with pytest.raises(DataError, match=r"x\.json:4: 'translation' has 3 languages"):
+        load_alma_json(path)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"translation": {"de": "a", "en": "b"}}\n{"translation": \n', r":2: invalid JSON"),
+    ('{"src": "a"}\n', r":1: expected an object with a 'translation' mapping"),
+    ('{"translation": {"de": "a", "klingon": "b"}}\n', r":1: unknown language code 'klingon'"),
+    ('{"translation": {"de": "a", "en": 3}}\n', r":1: translation\['en'\] must be a string"),
+    ('{"translation": {"de": "a", "en": " "}}\n', r":1: empty text"),
+])
+def test_alma_errors_name_file_and_line(tmp_path, content, message):
+    p = tmp_path / "bad.json"
+    p.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        load_alma_json(p)
+
+
+def test_alma_skip_reports(tmp_path, capsys):
+    p = _alma(tmp_path / "a.json", RECORDS + [{"translation": {"de": "", "en": "x"}}])
+    assert len(load_alma_json(p, on_bad_line="skip")) == 6
+    assert "skipped 1 of 4 records" in capsys.readouterr().out
+
+
+def test_alma_source_through_the_config_and_summary(tmp_path, tok):
+    _alma(tmp_path / "train.json")
+    cfg = load_config(None, [f"data.data_dir={tmp_path}"])
+    cfg.data.train = [DataSource(kind="alma", path="train.json")]
+    ts = build_train_set(cfg.data, tok)
+    assert {k: len(v) for k, v in ts.streams.items()} == {("de", "en"): 3, ("en", "de"): 3}
+    text = summarize(ts, {"train.json": {"empty text": 2}})
+    assert "6 examples in 2 directions" in text
+    assert "de-en" in text and "en-de" in text and "train.json: 2 empty text" in text
+    loss_tokens = sum(ts.label_tokens(i) for i in ts.streams[("de", "en")])
+    assert f"{loss_tokens:>11,}" in text.splitlines()[2]
+    assert "skipped: none" in summarize(ts)
+
+
+def test_hf_local_data_files_and_saved_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    files = _alma(tmp_path / "train.jsonl", bom=True)
+    src = DataSource(kind="hf", path=str(files), directions=["de-en", "en-de"])
+    exs = load_source(src, None)
+    assert sorted({e.direction for e in exs}) == [("de", "en"), ("en", "de")] and len(exs) == 6
+    flat = tmp_path / "flat.csv"
+    flat.write_text("\ufeffquelle,ziel\nHallo,Hello\nDanke,Thanks\n", encoding="utf-8")
+    exs = load_source(DataSource(kind="hf", path=str(flat), directions=["de-en"], src_field="quelle",
+                                 tgt_field="ziel"), None)
+    assert [(e.src, e.tgt) for e in exs] == [("Hallo", "Hello"), ("Danke", "Thanks")]
+    saved = tmp_path / "saved"
+    rows = datasets.load_dataset("json", data_files=str(_alma(tmp_path / "two.jsonl", RECORDS[:2])), split="train")
+    datasets.DatasetDict({"train": rows}).save_to_disk(str(saved))
+    exs = load_source(DataSource(kind="hf", path=str(saved), directions=["en-de"]), None)
+    assert [e.src for e in exs] == ["The weather is nice.", "Where is the train station?"]
+    with pytest.raises(DataError, match="splits \\['train'\\], not 'test'"):
+        load_source(DataSource(kind="hf", path=str(saved), directions=["en-de"], split="test"), None)
+
+
+def test_hf_without_datasets_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    from mmt.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"mmt\[hf\]"):
+        load_source(DataSource(kind="hf", path=str(_alma(tmp_path / "t.jsonl")), directions=["de-en"]), None)
