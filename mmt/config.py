@@ -105,7 +105,8 @@ class DataConfig:
     train: list[DataSource] = field(default_factory=list)
     languages: list[str] | None = None  # keep only directions whose both sides are in this list
     groups: list[int] | None = None     # keep only directions whose non-English side is in these X-ALMA groups
-    template: str = "T1"                # T1..T6 (mFTI), alma, xalma
+    template: str = "T1"                # T1..T6 (mFTI), alma, xalma, chat (the tokenizer's chat template), or custom
+    templates: list[str] = field(default_factory=list)  # several: each training example draws one (data.seed)
     loss_on: str = "target"             # "target" or "full"
     max_length: int = 256               # tokens; longer examples are truncated on the right
     temperature: float = 1.0            # direction sampling temperature (1 = proportional to size, larger flattens)

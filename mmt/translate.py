@@ -166,12 +166,13 @@ def translate_lines(models: _Models, lines: Sequence[str], direction: tuple[str,
                     batch_size: int = 8, num_beams: int = 1, max_new_tokens: int = 150,
                     progress: bool = True) -> list[str]:
     """Translate ``lines``; blank lines come back blank without being decoded."""
-    from mmt.data import build_prompt
+    from mmt.data import PromptBuilder
 
     s, t = direction
     keep = [i for i, ln in enumerate(lines) if ln.strip()]
     model, tok = models.for_direction(s, t)
-    hyps = generate_for(model, tok, [build_prompt(template, s, t, lines[i].strip()) for i in keep], direction,
+    prompt_of = PromptBuilder(template, tok)  # chat templates render through this model's tokenizer
+    hyps = generate_for(model, tok, [prompt_of(s, t, lines[i].strip()) for i in keep], direction,
                         template, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
                         progress=progress)
     out = [""] * len(lines)
@@ -214,7 +215,7 @@ receiving <src>-<tgt>.txt per direction."""
 
 
 def run_translate(args: argparse.Namespace) -> int:
-    from mmt.data import template_text
+    from mmt.data import PromptBuilder
 
     directions = _directions(args)
     if args.batch_size < 1 or args.beams < 1 or args.max_new_tokens < 1:
@@ -223,7 +224,7 @@ def run_translate(args: argparse.Namespace) -> int:
         raise ConfigError("several --directions write one file per direction: give --output <folder>")
     where, gated = resolve_model(args.model)
     template = args.template or run_template(Path(where)) or "T1"
-    template_text(template)  # an unknown template name fails before the model loads
+    PromptBuilder(template)  # an unknown template name fails before the model loads
     lines = read_input(args.input)
     models = _Models(where, gated, args.dtype)
     progress = not args.no_progress

@@ -103,3 +103,64 @@ def test_hf_without_datasets_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
     with pytest.raises(MissingDependencyError, match=r"mmt\[hf\]"):
         load_source(DataSource(kind="hf", path=str(_alma(tmp_path / "t.jsonl")), directions=["de-en"]), None)
+
+
+# --------------------------------------------------------------------------------------------
+# prompt formats: chat templates and several instruction templates
+
+CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture
+def chat_tok(tok_dir):
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(tok_dir)
+    t.chat_template = CHAT
+    return t
+
+
+def test_chat_prompt_through_apply_chat_template(chat_tok, tok):
+    from mmt.data import PromptBuilder, build_prompt
+
+    user = build_prompt("alma", "de", "en", "Hallo Welt.")
+    for name in ("chat", "xalma"):
+        p = PromptBuilder(name, chat_tok)("de", "en", "Hallo Welt.")
+        assert p == f"<|user|>{user}\n<|assistant|>"  # the tokenizer adds BOS itself: not written twice
+        ids = chat_tok(p)["input_ids"]
+        assert ids[0] == chat_tok.bos_token_id and ids[1] != chat_tok.bos_token_id
+    # without a chat template, xalma keeps its Llama-2 chat string and chat refuses
+    assert PromptBuilder("xalma", tok)("de", "en", "Hallo Welt.") == build_prompt("xalma", "de", "en", "Hallo Welt.")
+    with pytest.raises(Exception, match="chat template"):
+        PromptBuilder("chat", tok)
+
+
+def test_chat_template_training_set(tmp_path, chat_tok):
+    _alma(tmp_path / "train.json")
+    cfg = load_config(None, [f"data.data_dir={tmp_path}", "data.template=chat"])
+    cfg.data.train = [DataSource(kind="alma", path="train.json")]
+    ts = build_train_set(cfg.data, chat_tok)
+    text = chat_tok.decode(ts.ids[0])
+    assert text.startswith("<s><|user|>Translate this from German to English:") and "<|assistant|>" in text
+
+
+def test_several_templates_drawn_per_example_with_the_seed(tmp_path, tok):
+    from mmt.data import PromptBuilder, build_prompt
+
+    names = ["T1", "T3", "alma"]
+    def draws(seed):
+        builder = PromptBuilder(names, tok, seed=seed)
+        return [builder("de", "en", "x") for _ in range(60)]
+
+    assert draws(3) == draws(3)
+    assert {build_prompt(n, "de", "en", "x") for n in names} == set(draws(3))  # every template is used
+    assert draws(3) != draws(4)
+    _alma(tmp_path / "train.json")
+    overrides = [f"data.data_dir={tmp_path}", "data.templates=[T1, T3, alma]", "data.seed=5"]
+    cfg = load_config(None, overrides)
+    cfg.data.train = [DataSource(kind="alma", path="train.json")]
+    a, b = build_train_set(cfg.data, tok), build_train_set(cfg.data, tok)
+    assert a.ids == b.ids  # same seed, same prompts
+    with pytest.raises(Exception, match="unknown template 'T9'"):
+        PromptBuilder(["T1", "T9"])
