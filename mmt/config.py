@@ -143,6 +143,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     progress: bool = True
     save_model: bool = True             # write the final model (safetensors) to output_dir/final
+    report_to: list[str] | str = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, ... ("all")
 
 
 @dataclass
