@@ -164,3 +164,32 @@ def test_several_templates_drawn_per_example_with_the_seed(tmp_path, tok):
     assert a.ids == b.ids  # same seed, same prompts
     with pytest.raises(Exception, match="unknown template 'T9'"):
         PromptBuilder(["T1", "T9"])
+
+
+# --------------------------------------------------------------------------------------------
+# optional scorers say whether they are on, and why not
+
+
+def test_scorer_status(tmp_path, monkeypatch):
+    from mmt import scorers
+    from mmt.config import EvalConfig
+
+    monkeypatch.setenv("SACREBLEU", str(tmp_path / "sb"))
+    st = scorers.scorer_status(EvalConfig())
+    assert st["BLEU"] == st["chrF++"] == "on"
+    assert st["spBLEU"] == "off: eval.spbleu is false" and "no eval.comet_model" in st["COMET"]
+    installed = {"sentencepiece": False, "comet": False}
+    monkeypatch.setattr(scorers, "_installed", lambda m: installed[m])
+    cfg = EvalConfig(spbleu=True, comet_model=str(tmp_path / "comet"))
+    st = scorers.scorer_status(cfg)
+    assert "sentencepiece package is not installed" in st["spBLEU"] and "unbabel-comet" in st["COMET"]
+    installed.update(sentencepiece=True, comet=True)
+    st = scorers.scorer_status(cfg)
+    assert str(tmp_path / "sb" / "models" / "flores200sacrebleuspm") in st["spBLEU"]
+    assert "no COMET checkpoint" in st["COMET"]
+    scorers.spbleu_model_file().parent.mkdir(parents=True)
+    scorers.spbleu_model_file().write_bytes(b"model")
+    (tmp_path / "comet" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "comet" / "checkpoints" / "model.ckpt").write_bytes(b"ckpt")
+    assert scorers.scorer_status(cfg) == {"BLEU": "on", "chrF++": "on", "spBLEU": "on", "COMET": "on"}
+    assert "scorer spBLEU: on" in scorers.describe(scorers.scorer_status(cfg))
