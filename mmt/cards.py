@@ -82,7 +82,8 @@ def render_model_card(*, base_model: str | None, method: str, method_settings: M
         if nested:
             metrics = list(dict.fromkeys(m for v in nested.values() for m in v))
             lines += ["| | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
-            lines += [f"| {k} | " + " | ".join(_value(v.get(m, "-")) for m in metrics) + " |" for k, v in nested.items()]
+            lines += [f"| {k} | " + " | ".join(_value(v.get(m, "-")) for m in metrics) + " |"
+                      for k, v in nested.items()]
         lines += [f"- {k}: {_value(v)}" for k, v in flat.items()]
     else:
         lines += ["Not evaluated."]

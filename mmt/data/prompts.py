@@ -112,7 +112,8 @@ class PromptBuilder:
 
     def __call__(self, src_lang: str, tgt_lang: str, src: str) -> str:
         t = self.templates[int(self.rng.integers(len(self.templates)))] if self.rng is not None else self.templates[0]
-        if t in CHAT_USER_TEMPLATE and self.tokenizer is not None and (t == "chat" or has_chat_template(self.tokenizer)):
+        chat = self.tokenizer is not None and (t == "chat" or has_chat_template(self.tokenizer))
+        if t in CHAT_USER_TEMPLATE and chat:
             return chat_prompt(self.tokenizer, t, src_lang, tgt_lang, src)
         if t == "chat":
             raise ConfigError("template 'chat' needs the tokenizer (a chat template renders the prompt)")
