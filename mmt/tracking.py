@@ -37,6 +37,7 @@ def tracker_names(train_cfg: Any) -> list[str]:
     for n in names:
         if n not in TRACKERS:
             raise ConfigError(f"train.report_to: unknown tracker {n!r}; known: {', '.join(TRACKERS)}, all, none")
+    for n in names:
         mod, package, extra = TRACKERS[n]
         require(mod, package, extra, purpose=f"train.report_to={n}")
     return list(dict.fromkeys(names))
