@@ -75,13 +75,13 @@ def flat_config(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def init_trackers(accelerator: Any, cfg: Any) -> bool:
-    """Start the trackers of ``accelerator`` (built with :func:`accelerator_kwargs`) for the run ``cfg``
-    (a :class:`mmt.config.RunConfig`); returns whether any tracker is active."""
+def init_trackers(accelerator: Any, train_cfg: Any, config: Mapping[str, Any] | None = None) -> bool:
+    """Start the trackers of ``accelerator`` (built with :func:`accelerator_kwargs`); ``config`` is the run's
+    config as a dict (``RunConfig.to_dict()``), recorded flat as hyperparameters. Returns whether any is active."""
     if not getattr(accelerator, "log_with", None):
         return False
-    name = Path(cfg.train.output_dir).resolve().name or "mmt"
-    accelerator.init_trackers(name, config=flat_config(cfg.to_dict()))
+    name = Path(train_cfg.output_dir).resolve().name or "mmt"
+    accelerator.init_trackers(name, config=flat_config(config or {}))
     return True
 
 

@@ -32,7 +32,7 @@ def test_tensorboard_scalars_reread_in_a_fresh_process(tmp_path):
     kwargs = accelerator_kwargs(cfg.train)
     assert kwargs == {"log_with": ["tensorboard"], "project_dir": str(tmp_path / "run" / "tracking")}
     acc = Accelerator(cpu=True, **kwargs)
-    assert init_trackers(acc, cfg)
+    assert init_trackers(acc, cfg.train, cfg.to_dict())
     for step, loss in [(1, 2.5), (2, 2.0), (3, 1.25)]:
         log_metrics(acc, {"step": step, "loss": loss, "lr": 1e-5 * step, "note": "text is not a metric"}, step)
     end_trackers(acc)
@@ -55,7 +55,7 @@ def test_no_tracker_is_a_no_op(tmp_path):
     class Bare:  # an accelerator built without log_with
         log_with, trackers = [], []
 
-    assert not init_trackers(Bare(), cfg)
+    assert not init_trackers(Bare(), cfg.train, cfg.to_dict())
     log_metrics(Bare(), {"loss": 1.0}, 1)
     end_trackers(Bare())
     assert not (tmp_path / "tracking").exists()
