@@ -32,10 +32,12 @@ GATE_MANIFEST = "directional.json"
 def generate_for(model, tokenizer, prompts: Sequence[str], direction: tuple[str, str], template: str,
                  **kwargs) -> list[str]:
     """Hypotheses for ``prompts`` in ``direction``; the model is routed for that direction by ``generate``."""
+    from mmt.data.prompts import CHAT_USER_TEMPLATE
     from mmt.evaluate import generate
 
     params = inspect.signature(generate).parameters
-    extra = {k: v for k, v in (("direction", direction), ("template", template)) if k in params}
+    cut_at = CHAT_USER_TEMPLATE.get(template, template)  # a chat prompt's fields are those of its user turn
+    extra = {k: v for k, v in (("direction", direction), ("template", cut_at)) if k in params}
     return generate(model, tokenizer, list(prompts), **extra, **kwargs)
 
 

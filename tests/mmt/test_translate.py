@@ -122,3 +122,26 @@ def test_not_a_model_exit_2(tmp_path, capsys):
         assert cli.main(["translate", "--model", str(bad), "--src", "de", "--tgt", "en"]) == 2
         err = capsys.readouterr().err
         assert ("not a model" in err or "no such model" in err) and str(bad) in err
+
+
+def test_chat_template_model(tmp_path, tok_dir):
+    """A model whose tokenizer has a chat template is prompted through it (data.template: chat)."""
+    from transformers import AutoTokenizer
+
+    from mmt.data import PromptBuilder
+    from mmt.models import load_model, save_model
+    from mmt.testing import tiny_model
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    save_model(tiny_model("llama", vocab=384, seed=3), tok, tmp_path / "chat")
+    src = _write(tmp_path / "in.txt")
+    assert cli.main(["translate", "-m", str(tmp_path / "chat"), "--src", "de", "--tgt", "en", "--template", "chat",
+                     "-i", str(src), "-o", str(tmp_path / "out.txt"), "--max-new-tokens", "6", "--no-progress"]) == 0
+    model, tok2 = load_model(name_or_path=str(tmp_path / "chat"), verbose=False)
+    builder = PromptBuilder("chat", tok2)
+    keep = [ln for ln in LINES if ln.strip()]
+    hyps = iter(generate(model, tok2, [builder("de", "en", ln) for ln in keep], max_new_tokens=6))
+    want = [one_line(next(hyps)) if ln.strip() else "" for ln in LINES]
+    assert (tmp_path / "out.txt").read_text(encoding="utf-8").split("\n")[:-1] == want
