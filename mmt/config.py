@@ -33,7 +33,7 @@ from mmt.registry import get_method
 PRECISIONS = ("no", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "inverse_sqrt", "linear")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
-SOURCE_KINDS = ("parallel", "tatoeba", "flores", "jsonl", "hf", "mono")
+SOURCE_KINDS = ("parallel", "tatoeba", "flores", "jsonl", "alma", "hf", "mono")
 
 __all__ = ["ConfigError", "DataConfig", "DataSource", "EvalConfig", "MethodConfig", "ModelConfig", "RunConfig",
            "TrainConfig", "apply_overrides", "build_dataclass", "check_keys", "coerce", "dump_config", "from_dict",
@@ -77,8 +77,10 @@ class DataSource:
 
     kind: ``parallel`` (``<path>/<a>-<b>/<split>.<iso>.gz`` pairs), ``tatoeba``
     (``<path>/en-<x>/sample.<iso>.gz``), ``flores`` (folder of ``<flores_code>.txt[.gz]`` files,
-    any direction between them), ``jsonl`` (lines with src_lang, tgt_lang, src, tgt), ``hf`` (a
-    Hugging Face dataset; needs ``datasets`` and network or a local copy), ``mono`` (folder of
+    any direction between them), ``jsonl`` (lines with src_lang, tgt_lang, src, tgt), ``alma`` (ALMA/X-ALMA
+    JSON ``{"translation": {"de": .., "en": ..}}``, both directions unless ``directions`` says), ``hf`` (a
+    Hugging Face dataset: a hub name, a ``save_to_disk`` folder or local data files; needs ``datasets``),
+    ``mono`` (folder of
     monolingual ``<flores_code>.txt[.gz]`` files, for the ``mono`` sampler).
     ``path`` is relative to ``data_dir`` unless absolute; None uses the kind's default folder.
     ``directions`` like ``["de-en", "en-de"]`` (for ``mono``: language codes).
@@ -103,7 +105,8 @@ class DataConfig:
     train: list[DataSource] = field(default_factory=list)
     languages: list[str] | None = None  # keep only directions whose both sides are in this list
     groups: list[int] | None = None     # keep only directions whose non-English side is in these X-ALMA groups
-    template: str = "T1"                # T1..T6 (mFTI), alma, xalma
+    template: str = "T1"                # T1..T6 (mFTI), alma, xalma, chat (the tokenizer's chat template), or custom
+    templates: list[str] = field(default_factory=list)  # several: each training example draws one (data.seed)
     loss_on: str = "target"             # "target" or "full"
     max_length: int = 256               # tokens; longer examples are truncated on the right
     temperature: float = 1.0            # direction sampling temperature (1 = proportional to size, larger flattens)
@@ -140,6 +143,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     progress: bool = True
     save_model: bool = True             # write the final model (safetensors) to output_dir/final
+    report_to: list[str] | str = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, ... ("all")
 
 
 @dataclass

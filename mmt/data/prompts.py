@@ -1,9 +1,10 @@
-"""Prompt templates (mFTI T1-T6, ALMA, X-ALMA) and few-shot prompts."""
+"""Prompt templates (mFTI T1-T6, ALMA, X-ALMA), chat-template prompts, several templates per run, few-shot prompts."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 from mmt import languages as L
 from mmt.errors import ConfigError
 
@@ -52,3 +53,68 @@ def build_fewshot_prompt(template: str, shots: Sequence[Example], src_lang: str,
     parts = [build_prompt(template, ex.src_lang, ex.tgt_lang, ex.src) + " " + ex.tgt.strip() for ex in shots]
     parts.append(build_prompt(template, src_lang, tgt_lang, src))
     return sep.join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# chat models and several instruction templates
+
+# templates rendered through the tokenizer's chat template: the user turn is the named plain template
+# (X-ALMA prompts its chat models with the ALMA instruction as the user message)
+CHAT_USER_TEMPLATE = {"chat": "alma", "xalma": "alma"}
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_prompt(tokenizer, template: str, src_lang: str, tgt_lang: str, src: str) -> str:
+    """The user turn ``build_prompt(CHAT_USER_TEMPLATE[template], ...)`` through ``apply_chat_template``,
+    ending with the assistant's generation prompt. A BOS the template writes is dropped when the tokenizer
+    adds its own, so that tokenising the prompt does not start with two BOS tokens."""
+    if not has_chat_template(tokenizer):
+        raise ConfigError(f"template {template!r} needs a tokenizer with a chat template; this one has none "
+                          "(use 'alma' or a plain template)")
+    user = build_prompt(CHAT_USER_TEMPLATE[template], src_lang, tgt_lang, src)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                         add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and _adds_bos(tokenizer):
+        text = text[len(bos):]
+    return text
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos_id = tokenizer.bos_token_id
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos_id is not None and bool(ids) and ids[0] == bos_id
+
+
+class PromptBuilder:
+    """Prompts for training and inference from one template or several.
+
+    * ``chat``: the ALMA instruction through the tokenizer's chat template (an error without one);
+      ``xalma``: the same where the tokenizer has a chat template, else X-ALMA's Llama-2 chat string;
+    * several templates (LANDeRMT trains with multiple instruction templates): each call draws one,
+      from a generator seeded with ``seed``, so the same data and seed give the same prompts.
+    """
+
+    def __init__(self, template: str | Sequence[str], tokenizer=None, seed: int = 0):
+        self.templates = [template] if isinstance(template, str) else list(template)
+        if not self.templates:
+            raise ConfigError("no prompt template given")
+        for t in self.templates:
+            if t == "chat" and tokenizer is not None and not has_chat_template(tokenizer):
+                raise ConfigError("template 'chat' needs a tokenizer with a chat template; this one has none")
+            if t != "chat":
+                template_text(t)
+        self.tokenizer = tokenizer
+        self.rng = np.random.default_rng([seed, 0x7E41]) if len(self.templates) > 1 else None
+
+    def __call__(self, src_lang: str, tgt_lang: str, src: str) -> str:
+        t = self.templates[int(self.rng.integers(len(self.templates)))] if self.rng is not None else self.templates[0]
+        chat = self.tokenizer is not None and (t == "chat" or has_chat_template(self.tokenizer))
+        if t in CHAT_USER_TEMPLATE and chat:
+            return chat_prompt(self.tokenizer, t, src_lang, tgt_lang, src)
+        if t == "chat":
+            raise ConfigError("template 'chat' needs the tokenizer (a chat template renders the prompt)")
+        return build_prompt(t, src_lang, tgt_lang, src)

@@ -287,11 +287,22 @@ def load_hf(name: str, direction: tuple[str, str], split: str = "train", config:
         ds = load_dataset(name, cfg, split=split)
     except Exception as exc:  # offline, missing config, ...: say which dataset and why
         raise DataError(f"hub dataset {name!r} (config {cfg!r}, split {split!r}) could not be loaded: {exc}") from exc
+    return hf_examples(ds, f"{name}[{split}]", (s, t), src_field, tgt_field)
+
+
+def hf_examples(rows: Iterable[dict], name: str, direction: tuple[str, str], src_field: str | None = None,
+                tgt_field: str | None = None) -> list[Example]:
+    """Rows of a Hugging Face dataset as examples of ``direction``: the ALMA/WMT ``translation`` dict (either
+    direction from the same rows) or flat columns named by ``src_field``/``tgt_field``."""
+    s, t = direction
     out = []
-    for i, row in enumerate(ds):
-        where = f"{name}[{split}]:{i + 1}"
+    for i, row in enumerate(rows):
+        where = f"{name}:{i + 1}"
         if "translation" in row and isinstance(row["translation"], dict):
-            tr = row["translation"]
+            try:  # keys may be FLORES-200 codes; Arrow fills keys of other rows' languages with None
+                tr = {L.normalize(str(k)): v for k, v in row["translation"].items() if v is not None}
+            except ValueError as exc:
+                raise DataError(f"{where}: {exc}") from None
             if s not in tr or t not in tr:
                 raise DataError(f"{where}: 'translation' has keys {sorted(tr)}, need {s!r} and {t!r}")
             a, b = tr[s], tr[t]
@@ -303,6 +314,114 @@ def load_hf(name: str, direction: tuple[str, str], split: str = "train", config:
         if a and b and str(a).strip() and str(b).strip():
             out.append(Example(s, t, str(a), str(b), where))
     return out
+
+
+def load_alma_json(path: str | os.PathLike, directions: Sequence[tuple[str, str]] | None = None, *,
+                   max_chars: int | None = 2000, on_bad_line: str = "error") -> list[Example]:
+    """ALMA / X-ALMA JSON: records ``{"translation": {"de": "...", "en": "..."}}``, one per line (JSON Lines)
+    or one JSON array. Each record gives both directions between its two languages, or the ``directions``
+    asked for whose languages it holds. Language keys may be ISO 639-1/3 or FLORES-200 codes."""
+    path = Path(path)
+    lines, _ = read_lines(path, max_chars=None, check_empty=False)
+    if lines:
+        lines[0] = lines[0].removeprefix("\ufeff")  # a UTF-8 byte-order mark is not part of the JSON
+    records: list[tuple[str, Any]] = []
+    text = "\n".join(lines)
+    if text.lstrip().startswith("["):
+        try:
+            arr = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        records = [(f"{path}[{i}]", obj) for i, obj in enumerate(arr)]
+    else:
+        for i, line in enumerate(lines):
+            if line.strip():
+                try:
+                    records.append((f"{path}:{i + 1}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{i + 1}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    wanted = [(L.normalize(s), L.normalize(t)) for s, t in directions] if directions else None
+    out: list[Example] = []
+    skipped: dict[str, int] = {}
+    for where, obj in records:
+        tr = obj.get("translation") if isinstance(obj, dict) else None
+        if not isinstance(tr, dict):
+            raise DataError(f"{where}: expected an object with a 'translation' mapping, e.g. "
+                            '{"translation": {"de": "...", "en": "..."}}')
+        texts: dict[str, str] = {}
+        for key, value in tr.items():
+            try:
+                iso = L.normalize(str(key))
+            except ValueError as exc:
+                raise DataError(f"{where}: {exc}") from None
+            if not isinstance(value, str):
+                raise DataError(f"{where}: translation[{key!r}] must be a string")
+            texts[iso] = value
+        if wanted is None:
+            if len(texts) != 2:
+                raise DataError(f"{where}: 'translation' has {len(texts)} languages {sorted(texts)}; with more "
+                                "or fewer than two, list the source's directions")
+            a, b = sorted(texts)
+            pairs = [(a, b), (b, a)]
+        else:
+            pairs = [d for d in wanted if d[0] in texts and d[1] in texts]
+        problem = None
+        used = [texts[x] for d in pairs for x in d]
+        if any(not x.strip() for x in used):
+            problem = "empty text"
+        elif max_chars is not None and used and max(len(x) for x in used) > max_chars:
+            problem = f"over-long text (> max_chars={max_chars})"
+        if problem:
+            if on_bad_line == "error":
+                raise DataError(f"{where}: {problem} (set data.on_bad_line=skip to drop such records)")
+            skipped[problem] = skipped.get(problem, 0) + 1
+            continue
+        out += [Example(s, t, texts[s], texts[t], where) for s, t in pairs]
+    if skipped:
+        detail = ", ".join(f"{n} {why}" for why, n in skipped.items())
+        print(f"data: skipped {sum(skipped.values())} of {len(records)} records of {path} ({detail})", flush=True)
+    return out
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json",
+                                                                  "dataset_info.json"))
+
+
+_HF_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
+                ".arrow": "arrow"}
+
+
+def load_hf_local(path: str | os.PathLike, direction: tuple[str, str], split: str = "train",
+                  src_field: str | None = None, tgt_field: str | None = None) -> list[Example]:
+    """A local Hugging Face dataset: a folder saved with ``save_to_disk`` (``load_from_disk``), or data files
+    (``.json``/``.jsonl``/``.csv``/``.tsv``/``.parquet``, a file or a folder of them) read with their builder."""
+    datasets = require("datasets", extra="hf", purpose=f"reading the dataset {path}")
+    path = Path(path)
+    s, t = L.normalize(direction[0]), L.normalize(direction[1])
+    try:
+        if is_saved_dataset(path):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{path}: saved dataset has splits {sorted(ds)}, not {split!r}")
+                ds = ds[split]
+        else:
+            files = sorted(p for p in path.iterdir() if p.suffix in _HF_BUILDERS) if path.is_dir() else [path]
+            if not files or not path.exists():
+                raise DataError(f"{path}: no dataset here (a save_to_disk folder, or .json/.jsonl/.csv/.tsv/"
+                                ".parquet data files)")
+            kinds = {_HF_BUILDERS.get(p.suffix) for p in files}
+            if None in kinds or len(kinds) != 1:
+                raise DataError(f"{path}: data files must share one of the types {sorted(_HF_BUILDERS)}")
+            kw = {"delimiter": "\t"} if files[0].suffix == ".tsv" else {}
+            ds = datasets.load_dataset(kinds.pop(), data_files={split: [str(p) for p in files]}, split=split, **kw)
+    except DataError:
+        raise
+    except Exception as exc:  # a damaged or unreadable dataset: say which and why
+        raise DataError(f"{path}: the dataset could not be read: {type(exc).__name__}: {exc}") from exc
+    return hf_examples(ds, f"{path}[{split}]", (s, t), src_field, tgt_field)
 
 
 DEFAULT_PATHS = {"parallel": "parallel", "tatoeba": "tatoeba", "flores": "flores200/dev", "mono": "mono"}
@@ -320,7 +439,12 @@ def load_source(source: Any, data_dir: Path | None, *, max_chars: int | None = 2
         for ex in items:
             groups.setdefault(ex.lang, []).append(ex)
         return [ex for key in sorted(groups) for ex in _subset(groups[key], source, seed, key)]
-    if kind == "jsonl":
+    if kind == "alma":
+        if not source.path:
+            raise DataError("data source kind 'alma' needs 'path' (a JSON file of {\"translation\": {...}} records)")
+        dirs = [L.parse_direction(d) for d in source.directions] or None
+        items = load_alma_json(_under(data_dir, source.path), dirs, max_chars=max_chars, on_bad_line=on_bad_line)
+    elif kind == "jsonl":
         if not source.path:
             raise DataError("data source kind 'jsonl' needs 'path'")
         items = load_jsonl(_under(data_dir, source.path), max_chars=max_chars, on_bad_line=on_bad_line,
@@ -342,10 +466,16 @@ def load_source(source: Any, data_dir: Path | None, *, max_chars: int | None = 2
         elif kind == "hf":
             if not source.path:
                 raise DataError("data source kind 'hf' needs 'path' (the hub dataset name)")
+            # a save_to_disk folder or data files on disk, else a hub name
+            local = next((p for p in (Path(source.path).expanduser(), _under(data_dir, source.path))
+                          if p.exists()), None)
+            sf = source.src_field if source.src_field != "src" else None
+            tf = source.tgt_field if source.tgt_field != "tgt" else None
             for d in dirs:
-                items += load_hf(source.path, d, source.split, source.hf_config or f"{d[0]}-{d[1]}",
-                                 source.src_field if source.src_field != "src" else None,
-                                 source.tgt_field if source.tgt_field != "tgt" else None)
+                if local is not None:
+                    items += load_hf_local(local, d, source.split, sf, tf)
+                else:
+                    items += load_hf(source.path, d, source.split, source.hf_config or f"{d[0]}-{d[1]}", sf, tf)
         else:
             raise DataError(f"unknown data source kind {kind!r}")
     groups = {}

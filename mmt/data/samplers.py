@@ -15,7 +15,7 @@ from mmt import languages as L
 from mmt.errors import CheckpointError, ConfigError, DataError, MethodError
 
 from .batching import IGNORE_INDEX, encode_mono, encode_pair
-from .prompts import build_prompt
+from .prompts import PromptBuilder
 from .readers import Example, load_source, resolve_data_dir, stable_hash
 
 # --------------------------------------------------------------------------------------------
@@ -73,6 +73,7 @@ def build_train_set(data_cfg: Any, tokenizer, *, plan: Any = None, data_dir: Pat
     mono = plan is not None and plan.sampler == "mono"
     loss_on = (plan.loss_on if plan is not None and plan.loss_on else data_cfg.loss_on)
     ids, labels, keys = [], [], []
+    prompt_of = PromptBuilder(data_cfg.templates or data_cfg.template, tokenizer, seed=data_cfg.seed)
     for src in data_cfg.train:
         if (src.kind == "mono") != mono:
             raise DataError(f"data source kind {src.kind!r} does not fit the {'mono' if mono else 'translation'} "
@@ -89,7 +90,7 @@ def build_train_set(data_cfg: Any, tokenizer, *, plan: Any = None, data_dir: Pat
         items = filter_directions(items, plan.directions if plan is not None else None,
                                   data_cfg.languages, data_cfg.groups)
         for ex in items:
-            prompt = build_prompt(data_cfg.template, ex.src_lang, ex.tgt_lang, ex.src)
+            prompt = prompt_of(ex.src_lang, ex.tgt_lang, ex.src)
             a, b = encode_pair(tokenizer, prompt, ex.tgt, max_length=data_cfg.max_length, loss_on=loss_on)
             ids.append(a), labels.append(b), keys.append(ex.direction)
     if not ids:
