@@ -11,6 +11,7 @@ kernels; ``MMT_KERNELS_BACKEND`` or :func:`set_backend` forces one (see ``python
   name), :func:`magnitude_threshold`, :func:`dare_keep_mask`.
 """
 from ._backend import BackendUnavailableError, get_backend, set_backend
+from .loss import cross_entropy_grad_, cross_entropy_lse, gather_loss_positions, linear_cross_entropy
 from .merge import dare_keep_mask, magnitude_threshold
 from .merge import merge as merge_tensors
 from .moe import MoEFFN, fft_features, grouped_mlp, moe_combine, moe_dispatch, moe_ffn, moe_permute, route
@@ -23,5 +24,6 @@ __all__ = [
     "sparse_adamw_", "sparse_adamw_multi_", "NeuronSparseAdamW", "TaylorHook", "taylor_accumulate_", "token_weights",
     "MoEFFN", "fft_features", "grouped_mlp", "moe_combine", "moe_dispatch", "moe_ffn", "moe_permute", "route",
     "merge_tensors", "magnitude_threshold", "dare_keep_mask",
+    "linear_cross_entropy", "gather_loss_positions", "cross_entropy_lse", "cross_entropy_grad_",
 ]
 __version__ = "0.1.0"
