@@ -107,3 +107,44 @@ def test_bad_input_names_the_problem():
         S.sparse_weight_grad_(acc0, a[:3], rows, b)
     with pytest.raises(IndexError, match="neuron indices"):
         S.SparseWeightGrad().set_rows(nn.Linear(3, 4).weight, torch.tensor([4]), 0)
+
+
+def test_landermt_plan_routes_selected_weights_to_compact_grads(tmp_path, monkeypatch):
+    """With an optimizer that takes compact gradients, LANDeRMT's selected gate/up/down weights get only their
+    selected neurons' gradient (equal to those rows/columns of the dense dW) and no dense ``.grad``."""
+    from mmt.methods import landermt as lm
+    from mmt.methods.base import StepInfo
+    from mmt.testing import tiny_model
+    from mmt_kernels import NeuronSparseAdamW
+
+    def build():
+        model = tiny_model("llama", vocab=64, hidden=32, layers=2, heads=4, intermediate=40)
+        units = lm.neuron_units(model, [1], "ffn")
+        langs = ["de", "en"]
+        gen = torch.Generator().manual_seed(0)
+        imp = {u.name: torch.rand(len(langs), u.size, generator=gen) for u in units}
+        nmap = lm.NeuronMap(langs, [1], units, imp, lm.categorise(imp, 0.25), {"method": {"neuron_kind": "ffn"}})
+        path = tmp_path / "n.safetensors"
+        nmap.save(path)
+        return lm.prepare(model, lm.Config(neurons_file=str(path)))
+
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    dense_model, dense_plan = build()
+    dense_model(input_ids=ids, labels=ids).loss.backward()
+    monkeypatch.setattr(NeuronSparseAdamW, "accepts_compact_grad", True, raising=False)
+    model, plan = build()
+    sel, _ = plan.selection_for(("de", "en"))
+    plan.on_step_start(StepInfo(step=0, pair=("de", "en")), model, None)
+    model(input_ids=ids, labels=ids).loss.backward()
+    dense = dict(dense_model.named_parameters())
+    checked = 0
+    for name, p in model.named_parameters():
+        if p in sel and p.dim() == 2:
+            rows = torch.unique(sel[p])
+            assert p.grad is None, f"{name}: dense dW built"
+            nd = 1 if "down" in name else 0
+            full = dense[name].grad
+            expected = full[rows] if nd == 0 else full[:, rows].t()
+            torch.testing.assert_close(p.compact_grad, expected, rtol=1e-5, atol=1e-6)
+            checked += 1
+    assert checked == 3  # gate, up, down of the selected layer
