@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import os
 
+import common  # bench/conftest.py puts bench/ on sys.path
 import pytest
 import torch
 
-import common  # bench/conftest.py puts bench/ on sys.path
 import mmt_kernels
 
 SUITE = "fused_linear_cross_entropy"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOKENS = int(os.environ.get("MMT_BENCH_LOSS_TOKENS", 8 * 256))
-VOCAB = int(os.environ.get("MMT_BENCH_LOSS_VOCAB", 262144))
-HIDDEN = int(os.environ.get("MMT_BENCH_LOSS_HIDDEN", 640))  # Gemma 3 270M
+TOKENS = int(os.environ.get("MMT_BENCH_LOSS_TOKENS", "2048"))
+VOCAB = int(os.environ.get("MMT_BENCH_LOSS_VOCAB", "262144"))
+HIDDEN = int(os.environ.get("MMT_BENCH_LOSS_HIDDEN", "640"))  # Gemma 3 270M
 COMPILE = os.environ.get("MMT_BENCH_COMPILE", "1") != "0"
 
 

@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import torch
 
-from .reference import loss as _ref
 from ._registry import OpSpec, register
+from .reference import loss as _ref
 
-__all__ = ["linear_cross_entropy", "gather_loss_positions", "cross_entropy_lse", "cross_entropy_grad_",
-           "default_chunk_rows"]
+__all__ = [
+    "cross_entropy_grad_",
+    "cross_entropy_lse",
+    "default_chunk_rows",
+    "gather_loss_positions",
+    "linear_cross_entropy",
+]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 

@@ -16,7 +16,7 @@ from torch import nn
 from ._registry import OpSpec, register
 from .reference import sparse_grad as _ref
 
-__all__ = ["sparse_weight_grad_", "sparse_linear", "SparseWeightGrad"]
+__all__ = ["SparseWeightGrad", "sparse_linear", "sparse_weight_grad_"]
 
 SPARSE_WGRAD = register(OpSpec(
     name="sparse_weight_grad_", schema="(Tensor(a!) acc, Tensor a, Tensor rows, Tensor b) -> ()",

@@ -10,8 +10,6 @@ so one op covers both: ``acc += a[:, rows].T @ b`` (fp32 accumulator).
 """
 from __future__ import annotations
 
-import torch
-
 
 def sparse_weight_grad_(acc, a, rows, b) -> None:
     acc += a.to(acc.dtype)[:, rows].t() @ b.to(acc.dtype)

@@ -88,7 +88,7 @@ def test_sparse_linear_compact_grads_equal_dense_rows(backend, neuron_dim, dtype
     torch.testing.assert_close(lin.bias.grad, dense.bias.grad)
     dw = dense.weight.grad.float()
     expected = dw[rows] if neuron_dim == 0 else dw[:, rows].t()
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(lin.weight.compact_grad, expected, **tol)
     # a new selection drops the old buffer
     sel.set_rows(lin.weight, rows[:2], neuron_dim)
@@ -129,7 +129,7 @@ def test_landermt_plan_routes_selected_weights_to_compact_grads(tmp_path, monkey
         return lm.prepare(model, lm.Config(neurons_file=str(path)))
 
     ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(2))
-    dense_model, dense_plan = build()
+    dense_model, _ = build()
     dense_model(input_ids=ids, labels=ids).loss.backward()
     monkeypatch.setattr(NeuronSparseAdamW, "accepts_compact_grad", True, raising=False)
     model, plan = build()

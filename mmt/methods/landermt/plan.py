@@ -21,6 +21,7 @@ from .config import Config
 from .detect import run_detection
 from .neurons import NeuronMap
 
+
 def _sparse_weight_grads(model: nn.Module, by_tensor: dict) -> SparseWeightGrad | None:
     """Route the selected ``nn.Linear`` weights through ``sparse_linear``: their backward computes only the
     selected neurons' weight gradient, into ``weight.compact_grad``. On only when the optimizer consumes compact
