@@ -38,7 +38,20 @@ class _TrainCfg:
     lr, weight_decay, adam_betas, adam_eps = 1e-5, 0.0, [0.9, 0.999], 1e-8
 
 
+_LOADED: list = []
+
+
 def _model():
+    """A fresh copy of the model for each case (loaded once per session)."""
+    import copy
+
+    if not _LOADED:
+        _LOADED.append(_load())
+    model, source = _LOADED[0]
+    return copy.deepcopy(model).train(), source
+
+
+def _load():
     from mmt.models import load_model
 
     try:
@@ -56,7 +69,7 @@ def _model():
         model = tf.Gemma3ForCausalLM(cfg)
         source = "Gemma 3 270M config (random weights)"
     model.config.use_cache = False
-    return model.to(DEVICE).train(), source
+    return model.to(DEVICE), source
 
 
 def _landermt(model):

@@ -48,10 +48,11 @@ float row_lse(const T* z, int64_t V, float cap) {
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < V; ++j) m = std::max(m, capped(z[j], cap));
   if (m == -INFINITY) return m;
-  float s = 0.0f;
+  // the sum of V terms is kept in double: an fp32 running sum over a 262k vocabulary drifts by many ulps
+  double s = 0.0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < V; ++j) s += vexp(capped(z[j], cap) - m);
-  return m + std::log(s);
+  for (int64_t j = 0; j < V; ++j) s += static_cast<double>(vexp(capped(z[j], cap) - m));
+  return m + static_cast<float>(std::log(s));
 }
 
 template <typename T>
