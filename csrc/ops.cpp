@@ -62,4 +62,17 @@ TORCH_LIBRARY(mmt, m) {
   m.def(
       "merge(Tensor[] tensors, Tensor? base, float[] weights, Tensor? thresholds, float[] densities, str method, "
       "float lam, int seed, bool sign_by_count) -> Tensor");
+
+  // ---- fused linear + cross-entropy (row-wise softmax work on a chunk of logits) -----------------
+  // z = softcap * tanh(l / softcap) when softcap > 0, else l. Rows whose target is ignore_index get loss = lse = 0.
+  // cross_entropy_lse: fp32 loss[r] = lse(z[r]) - z[r, target[r]] and lse[r].
+  m.def("cross_entropy_lse(Tensor logits, Tensor target, int ignore_index, float softcap) "
+        "-> (Tensor loss, Tensor lse)");
+  // cross_entropy_grad_: logits[r] <- grad_loss[r] * d loss[r] / d logits[r] (softmax minus one-hot), in place.
+  m.def("cross_entropy_grad_(Tensor(a!) logits, Tensor target, Tensor lse, Tensor grad_loss, int ignore_index, "
+        "float softcap) -> ()");
+  // ---- neuron-sparse weight gradient ------------------------------------------------------------
+  // acc[K, C] += a[:, rows].T @ b (fp32 acc): rows of dW = dy.T @ x (a = dy, b = x) or its columns, transposed
+  // (a = x, b = dy), for the K selected neurons only.
+  m.def("sparse_weight_grad_(Tensor(a!) acc, Tensor a, Tensor rows, Tensor b) -> ()");
 }

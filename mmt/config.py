@@ -141,6 +141,7 @@ class TrainConfig:
     log_every: int = 10
     resume: str = "auto"                # auto (latest checkpoint in output_dir) | never | <checkpoint dir>
     gradient_checkpointing: bool = False
+    fused_loss: bool = True             # chunked linear + cross-entropy (no full logits); false: HF logits + CE
     progress: bool = True
     save_model: bool = True             # write the final model (safetensors) to output_dir/final
     report_to: list[str] | str = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, ... ("all")

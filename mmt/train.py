@@ -45,6 +45,7 @@ from mmt.errors import CheckpointError, ConfigError, MethodError
 from mmt.methods.base import StepInfo, TrainingPlan, default_optimizer
 from mmt.models import load_model, write_model
 from mmt.registry import get_method
+from mmt_kernels.loss import gather_loss_positions, linear_cross_entropy
 
 
 def lr_lambda(cfg: Any):
@@ -87,10 +88,45 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
-def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], use_logits_to_keep: bool) -> tuple[torch.Tensor, Any]:
-    """Forward + summed LM loss. With target-only labels the output projection (large for
-    multilingual vocabularies) runs only on the sequence positions where some row has a label."""
+def fused_loss_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(decoder, output layer) when the model's logits are exactly ``decoder(...).last_hidden_state @ W.T``.
+
+    Checked once on a few tokens (eval mode, no grad) rather than trusted by architecture: models that scale,
+    cap or bias their logits, or whose output layer is wrapped (e.g. an adapter), keep the unfused loss."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if type(head) is not nn.Linear or head.bias is not None or decoder is None or decoder is base:
+        return None
+    was_training = model.training
+    ids = torch.arange(min(8, head.weight.shape[0]), device=head.weight.device).unsqueeze(0)
+    try:
+        model.eval()
+        with torch.no_grad():
+            want = model(input_ids=ids).logits.float()
+            got = (decoder(input_ids=ids).last_hidden_state @ head.weight.t()).float()
+    except Exception:  # noqa: BLE001 - any model that cannot be split this way keeps the unfused loss
+        return None
+    finally:
+        model.train(was_training)
+    ok = got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    return (decoder, head) if ok else None
+
+
+def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], use_logits_to_keep: bool,
+                fused: tuple[nn.Module, nn.Linear] | None = None) -> tuple[torch.Tensor, Any]:
+    """Forward + summed LM loss.
+
+    ``fused`` (from :func:`fused_loss_parts`): the decoder runs alone and only the positions that carry a label
+    go through the output layer, chunked, so the [tokens, vocab] logits are never built
+    (``mmt_kernels.linear_cross_entropy``). Otherwise, with target-only labels the output projection (large
+    for multilingual vocabularies) runs only on the sequence positions where some row has a label."""
     labels = batch["labels"]
+    if fused is not None:
+        decoder, head = fused
+        out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        hidden, targets = gather_loss_positions(out.last_hidden_state, labels, IGNORE_INDEX)
+        return linear_cross_entropy(hidden, head.weight, targets, ignore_index=IGNORE_INDEX), out
     if use_logits_to_keep:
         has = (labels[:, 1:] != IGNORE_INDEX).any(dim=0)
         pos = torch.nonzero(has, as_tuple=False).flatten()
@@ -211,6 +247,9 @@ class Trainer:
             model.gradient_checkpointing_enable()
         self.raw_model = model
         self.use_logits_to_keep = _accepts_logits_to_keep(model)
+        # the fused loss calls the decoder directly, past a DDP wrapper's forward: single process only
+        self.fused = (fused_loss_parts(model) if getattr(train_cfg, "fused_loss", True)
+                      and self.acc.num_processes == 1 else None)
         builder = plan.build_optimizer or default_optimizer
         optimizer = builder(model, train_cfg)
         self.deepspeed = engine == DistributedType.DEEPSPEED
@@ -513,7 +552,7 @@ class Trainer:
                 ctx = contextlib.nullcontext() if last or self.acc.num_processes == 1 else self.acc.no_sync(self.model)
                 with ctx:
                     with self.acc.autocast():
-                        loss_sum, _ = lm_loss_sum(self.model, feats, self.use_logits_to_keep)
+                        loss_sum, _ = lm_loss_sum(self.model, feats, self.use_logits_to_keep, self.fused)
                         loss = loss_sum * scale
                         if self.plan.extra_loss is not None:
                             loss = loss + self.plan.extra_loss(self.raw_model) / len(micro)

@@ -14,11 +14,36 @@ from mmt.errors import ConfigError, MethodError
 from mmt.methods.base import StepInfo, TrainingPlan, param_groups
 from mmt.models import decoder_layers
 from mmt_kernels import NeuronSparseAdamW
+from mmt_kernels.sparse_grad import SparseWeightGrad, sparse_linear
 
 from .car import add_car, set_car_pair
 from .config import Config
 from .detect import run_detection
 from .neurons import NeuronMap
+
+
+def _sparse_weight_grads(model: nn.Module, by_tensor: dict) -> SparseWeightGrad | None:
+    """Route the selected ``nn.Linear`` weights through ``sparse_linear``: their backward computes only the
+    selected neurons' weight gradient, into ``weight.compact_grad``. On only when the optimizer consumes compact
+    gradients (``NeuronSparseAdamW.accepts_compact_grad``); otherwise the dense ``.grad`` path stays."""
+    if not getattr(NeuronSparseAdamW, "accepts_compact_grad", False):
+        return None
+    sparse = SparseWeightGrad()
+    for mod in model.modules():
+        if type(mod) is not nn.Linear or mod.weight not in by_tensor:
+            continue
+        nd = by_tensor[mod.weight][1]
+        sparse.dims[mod.weight] = nd
+
+        def forward(x, mod=mod, nd=nd):
+            rows = sparse.rows.get(mod.weight)
+            if rows is None or not (torch.is_grad_enabled() and mod.weight.requires_grad):
+                return nn.functional.linear(x, mod.weight, mod.bias)
+            return sparse_linear(x, mod.weight, mod.bias, rows, nd)
+
+        mod.forward = forward
+    return sparse if sparse.dims else None
+
 
 def prepare(model: nn.Module, config: Config, tokenizer=None, *, data_dir: str | Path | None = None,
             directions: list[tuple[str, str]] | None = None) -> tuple[nn.Module, TrainingPlan]:
@@ -67,6 +92,7 @@ def prepare(model: nn.Module, config: Config, tokenizer=None, *, data_dir: str |
             for p in m.car_gate.parameters():
                 p.requires_grad_(True)
     by_tensor = {names[n]: v for n, v in neuron_params.items()}
+    sparse_grads = _sparse_weight_grads(model, by_tensor) if config.strict else None
     cache: dict[tuple[str, str], tuple[dict, dict]] = {}
 
     def selection_for(pair: tuple[str, str]):
@@ -99,6 +125,9 @@ def prepare(model: nn.Module, config: Config, tokenizer=None, *, data_dir: str |
         sel, scl = selection_for(pair)
         if isinstance(optimizer, NeuronSparseAdamW):
             optimizer.set_selection(sel, scl or None)
+        if sparse_grads is not None:
+            for p, nd in sparse_grads.dims.items():
+                sparse_grads.set_rows(p, sel[p], nd)
         if car_mlps:
             set_car_pair(car_mlps, nmap, pair)
 
