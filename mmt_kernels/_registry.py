@@ -4,9 +4,9 @@ A spec names the op, gives its schema (the same text as its ``m.def`` in ``csrc/
 reference and fake (meta) kernel with the schema's signature, its Triton launcher, whether a C++/CUDA
 kernel exists, which backends take fp64, and the autograd function its public wrapper applies.
 :func:`register` attaches the fake to the C++ op (when ``_C`` defines it), wraps the Triton launcher as
-the custom op ``mmt::<name>_triton`` (``<name>_triton_`` for an in-place op) with the same schema and fake (opaque to ``torch.compile``), and
-returns an :class:`Op` whose :meth:`Op.choose` is the one place a backend is picked. How to add an op:
-docs/kernels.md.
+the custom op ``mmt::<name>_triton`` (``<name>_triton_`` for an in-place op) with the same schema and
+fake (opaque to ``torch.compile``), and returns an :class:`Op` whose :meth:`Op.choose` is the one place a
+backend is picked. How to add an op: docs/kernels.md.
 """
 from __future__ import annotations
 
