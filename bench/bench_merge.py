@@ -74,7 +74,7 @@ def test_merge_vs_peft(benchmark, method, K, n):
     benchmark.pedantic(ours, rounds=1, iterations=1)
     common.record(SUITE, {
         "method": method, "K": K, "elements": f"{n >> 20}M", "device": DEVICE,
-        "backend": kmerge._pick(tvs[0], "merge", None),
+        "backend": kmerge.MERGE.choose(tvs[0].device, None, tvs[0].dtype),
         "ours_s": t_ours, "peft_s": t_peft, "speedup_vs_peft": t_peft / t_ours,
         "ours_peak_MB": mem_ours / 2**20, "peft_peak_MB": mem_peft / 2**20,
         "mem_ratio_peft/ours": mem_peft / max(mem_ours, 1),

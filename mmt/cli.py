@@ -40,6 +40,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
                 "compare evaluated systems: paired bootstrap and approximate randomisation"),
     "experiment": ("mmt.experiment", "add_experiment_args", "run_experiment",
                    "run method configs at a matched budget, pick best dev checkpoints, compare"),
+    "translate": ("mmt.translate", "add_translate_args", "run_translate",
+                  "translate a file or stdin with a trained model"),
     "export": ("mmt.export", "add_export_args", "run_export",
                "write a run's result as standalone Hugging Face model(s), LoRA merged"),
 }

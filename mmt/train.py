@@ -38,13 +38,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmt import checkpoint as ckpt
+from mmt.cards import write_run_card
 from mmt.config import dump_config
 from mmt.data import (IGNORE_INDEX, StepSampler, TrainSet, build_train_set, collate, pad_token_id,
                       shard_micro_batches)
+from mmt.data.summary import summarize
 from mmt.errors import CheckpointError, ConfigError, MethodError
 from mmt.methods.base import StepInfo, TrainingPlan, default_optimizer
 from mmt.models import load_model, write_model
 from mmt.registry import get_method
+from mmt.tracking import accelerator_kwargs, end_trackers, init_trackers, log_metrics
 from mmt_kernels.loss import gather_loss_positions, linear_cross_entropy
 
 
@@ -223,8 +226,9 @@ class Trainer:
             kwargs = [DistributedDataParallelKwargs(find_unused_parameters=plan.ddp_find_unused_parameters)]
             # accumulation is done here (no_sync + our own loss scaling), so accelerate sees 1
             accelerator = Accelerator(mixed_precision=train_cfg.mixed_precision, gradient_accumulation_steps=1,
-                                      kwargs_handlers=kwargs)
+                                      kwargs_handlers=kwargs, **accelerator_kwargs(train_cfg))
         self.acc = accelerator
+        init_trackers(self.acc, train_cfg, run_config)
         engine = self.acc.distributed_type
         if engine in (DistributedType.FSDP, DistributedType.DEEPSPEED) and plan.method in UNSHARDED_ONLY:
             raise MethodError(f"method {plan.method!r} does not run under {engine.value}: "
@@ -514,6 +518,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.out / "log.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
+        log_metrics(self.acc, record, self.step)
 
     def train(self) -> TrainResult:
         torch.manual_seed(self.cfg.seed + self.acc.process_index)
@@ -589,6 +594,7 @@ class Trainer:
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                 self.save_checkpoint()
         bar.close()
+        end_trackers(self.acc)
         if cfg.save_every:
             self.save_checkpoint()
         return TrainResult(steps=self.step, final_loss=losses[-1] if losses else float("nan"), losses=losses,
@@ -650,12 +656,15 @@ def run(cfg: Any, model: nn.Module | None = None, tokenizer: Any = None, *, prin
         if print_plan:
             n_dirs = len(train_set.streams)
             print(plan.describe(model))
+            print(summarize(train_set, getattr(train_set, "skipped", None)), flush=True)
             print(f"data: {len(train_set):,} examples in {n_dirs} {'languages' if train_set.mono else 'directions'}; "
                   f"global batch {cfg.train.batch_size} = {trainer.acc.num_processes} process(es) x "
                   f"{trainer.accum} accumulation x {cfg.train.micro_batch_size}", flush=True)
     result = trainer.train()
     if cfg.train.save_model:
-        trainer.save_final()
+        final = trainer.save_final()
+        if final is not None:
+            write_run_card(final, cfg, train_set=train_set, steps=result.steps)
     else:
         trainer.save_method_artifacts()
     return trainer.acc.unwrap_model(trainer.model), tokenizer, plan, result

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # Triton kernels run on CPU tensors through the interpreter (see TOOLCHAIN.md).
+    # Triton kernels run on CPU tensors through the interpreter (see docs/kernels.md).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
