@@ -185,9 +185,11 @@ def test_train_step(benchmark, case, precision):
     if case == "hf_full":
         _BASE[key] = med
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    common.record(SUITE, {
+    row = {
         "model": source, "batch": f"{B}x{T}", "precision": precision, "case": case,
         "median_s": med, "min_s": min(times), "max_s": max(times), "tokens_per_s": B * T / med,
         "time_vs_hf_full": med / _BASE[key] if key in _BASE else "n/a",
-        "peak_step_MiB": peak / 2 ** 20, "trainable_params": trainable})
+        "peak_step_MiB": peak / 2 ** 20, "trainable_params": trainable}
+    common.record(SUITE, row)
+    print(row, flush=True)  # also on stdout (with -s): a long session's rows survive an interruption
     gc.collect()
