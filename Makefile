@@ -10,11 +10,12 @@ CUDA_ARCHS ?= 80 90
 PYTEST_ARGS ?=
 
 .PRECIOUS: $(VENV)/.installed-%
-.PHONY: help venv install build demo test test-all bench cuda-check cuda-bind-check triton-check gpu-run clean
+.PHONY: help venv install build demo test test-all lint bench cuda-check cuda-bind-check triton-check gpu-run clean
 
 help:
 	@echo "make demo        run the demo (mFTI on a real small model, before/after scores)"
-	@echo "make test        fast test suite (+ cuda-check when nvcc exists)"
+	@echo "make test        lint + fast test suite (+ cuda-check when nvcc exists, triton-check when triton is installed)"
+	@echo "make lint        ruff check and ruff format --check (line length 120, isort)"
 	@echo "make test-all    every test, slow end-to-end ones included"
 	@echo "make bench       pytest-benchmark suites; writes bench/results/<device>.md"
 	@echo "make cuda-check  compile every csrc/cuda/*.cu for sm_80 and sm_90 (no GPU needed)"
@@ -62,12 +63,17 @@ demo: $(VENV)/.installed-demo $(VENV)/.built
 	$(VENV)/bin/mmt demo
 
 test: $(VENV)/.installed-dev $(VENV)/.built
+	@$(MAKE) --no-print-directory lint
 	@if [ -n "$(NVCC)" ]; then $(MAKE) --no-print-directory cuda-check; else echo "cuda-check skipped: nvcc not found"; fi
 	@$(MAKE) --no-print-directory triton-check
 	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 test-all: $(VENV)/.installed-dev $(VENV)/.built
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(VENV)/.installed-dev $(VENV)/.built
 	$(PY) -m pytest bench -q --benchmark-only $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc

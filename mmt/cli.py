@@ -197,7 +197,7 @@ def run_train(args: argparse.Namespace) -> int:
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.epilog = """examples:
   mmt eval --model runs/mfti_demo/final --directions de-en en-de
-  mmt eval --model runs/mfti_demo/checkpoints/step-0000012     # any checkpoint is a standalone model
+  mmt eval --model runs/mfti_demo/checkpoints/checkpoint-12     # any checkpoint is a standalone model
   mmt eval --model runs/directional_demo                       # a direction-aware run: routed per direction
   mmt eval --model gemma3-270m --shots 3 --max-sentences 100
   mmt eval -c examples/configs/icl_8shot.yaml                  # the 8-shot in-context baseline

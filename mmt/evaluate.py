@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteriaList
 
 from mmt import languages as L
-from mmt.errors import ConfigError, require
+from mmt.errors import CheckpointError, ConfigError, require
 from mmt.data import (Example, build_fewshot_prompt, build_prompt, collate_prompts, load_flores, pad_token_id,
                       resolve_data_dir, template_text)
 
@@ -380,7 +380,7 @@ def compare_markdown(before: EvalReport, after: EvalReport) -> str:
 
 def training_directions_of(model_path: str | Path) -> list[str] | None:
     """The directions a model written by ``mmt train`` was trained on, read from its run's ``config.yaml``
-    (``final/`` and ``checkpoints/step-N/`` sit inside the run directory); None when unknown."""
+    (``final/`` and ``checkpoints/checkpoint-N/`` sit inside the run directory); None when unknown."""
     import yaml
 
     p = Path(model_path)
@@ -407,14 +407,15 @@ def select_best_checkpoint(cfg: Any, *, metric: str = "chrf", split: str = "flor
     import os
     import shutil
 
+    from mmt.checkpoint import list_checkpoints
     from mmt.models import load_model
 
     run = Path(cfg.train.output_dir)
-    candidates = sorted(p for p in (run / "checkpoints").glob("step-*") if (p / "config.json").is_file())
+    candidates = [p for p in list_checkpoints(run / "checkpoints") if (p / "config.json").is_file()]
     if (run / "final" / "config.json").is_file():
         candidates.append(run / "final")
     if not candidates:
-        raise FileNotFoundError(f"{run}: no checkpoint or final/ model to select from")
+        raise CheckpointError(f"{run}: no checkpoint or final/ model to select from")
     ecfg = copy.deepcopy(cfg.eval)
     ecfg.test_set, ecfg.shots, ecfg.first_line = split, 0, 0
     if max_sentences is not None:

@@ -292,12 +292,10 @@ def load_checkpoint_weights(model: Any, checkpoint: Path) -> None:
 
 
 def checkpoints(train_dir: Path) -> list[Path]:
-    """Finished trainer checkpoints (``checkpoints/step-N`` with trainer_state.json), oldest first."""
-    from mmt.train import CKPT_PREFIX
+    """Finished trainer checkpoints (``checkpoints/checkpoint-N`` with a manifest), oldest first."""
+    from mmt.checkpoint import list_checkpoints
 
-    root = Path(train_dir) / "checkpoints"
-    done = [p for p in root.glob(f"{CKPT_PREFIX}*") if (p / "trainer_state.json").is_file()] if root.is_dir() else []
-    return sorted(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+    return list_checkpoints(Path(train_dir) / "checkpoints")
 
 
 # --------------------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def test_experiment_resumes_without_redoing_finished_runs(setup, monkeypatch):
     summary = json.loads((out / "experiment.json").read_text())
     for r in summary["runs"]:
         assert r["budget"]["optimizer_steps"] == 4 and r["budget"]["batch_size"] == 4
-        assert set(r["dev"]) == {"step-0000002", "step-0000004"}
+        assert set(r["dev"]) == {"checkpoint-2", "checkpoint-4"}
         best = max(r["dev"].values(), key=lambda v: (v["chrf"], -v["step"]))
         assert r["best_step"] == best["step"]
     cmp = res["compare"]

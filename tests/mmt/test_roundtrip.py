@@ -226,13 +226,13 @@ def test_best_checkpoint_on_dev_and_checkpoints_evaluate(flores_root, tok, tmp_p
     train.run(cfg, model=tiny_model("llama", vocab=len(tok), hidden=32, intermediate=48), tokenizer=tok,
               print_plan=False)
     sel = select_best_checkpoint(cfg, metric="chrf", split="flores200/dev", log=None)
-    assert set(sel["scores"]) == {"step-0000001", "step-0000002", "step-0000003", "final"}
+    assert set(sel["scores"]) == {"checkpoint-1", "checkpoint-2", "checkpoint-3", "final"}
     assert sel["best"] == max(sel["scores"], key=lambda k: (sel["scores"][k], k == "final"))
     assert (out / "best" / "config.json").is_file() and not (out / "best" / "optimizer.pt").exists()
     assert json.loads((out / "selection.json").read_text())["best"] == sel["best"]
     with pytest.raises(ValueError, match="test set"):
         select_best_checkpoint(cfg, split="flores200/devtest", log=None)
-    rc = cli_main(["eval", "--model", str(out / "checkpoints" / "step-0000001"), "--directions", "de-en",
+    rc = cli_main(["eval", "--model", str(out / "checkpoints" / "checkpoint-1"), "--directions", "de-en",
                    "--output-dir", str(tmp_path / "ev"), "--label", "ck", f"data.data_dir={flores_root}",
                    "eval.max_new_tokens=4", "eval.off_target=false"])
     assert rc == 0
