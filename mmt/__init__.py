@@ -13,8 +13,6 @@ import sys
 
 __version__ = "0.1.0"
 
-from mmt import arch as _arch  # noqa: F401  saved changed architectures reload via AutoModelForCausalLM
-
 __all__ = ["__version__"]
 
 _CONFIG_AUTO = "transformers.models.auto.configuration_auto"

@@ -214,11 +214,13 @@ def _validate(obj: Any, where: str) -> None:
         check(obj.max_examples is None or obj.max_examples >= 1, "max_examples", "must be >= 1 (or null for all)")
         check(obj.skip >= 0, "skip", "must be >= 0")
     elif isinstance(obj, DataConfig):
-        from mmt.data import TEMPLATES
+        from mmt.data.prompts import CHAT_USER_TEMPLATE, TEMPLATES
 
-        check(obj.template in TEMPLATES or "<input>" in obj.template, "template",
-              f"unknown template {obj.template!r}; known: {', '.join(TEMPLATES)} (or a custom string containing "
-              "<input>, <srclang>, <tgtlang>)")
+        known = sorted({*TEMPLATES, *CHAT_USER_TEMPLATE})
+        for key, name in [("template", obj.template)] + [(f"templates[{i}]", t) for i, t in enumerate(obj.templates)]:
+            check(name in known or "<input>" in name, key,
+                  f"unknown template {name!r}; known: {', '.join(known)} (or a custom string containing "
+                  "<input>, <srclang>, <tgtlang>)")
         languages("languages", obj.languages, directions=False)
         check(obj.loss_on in ("target", "full"), "loss_on", f"must be 'target' or 'full', got {obj.loss_on!r}")
         check(obj.on_bad_line in ("error", "skip"), "on_bad_line", "must be 'error' or 'skip'")
@@ -473,24 +475,29 @@ def _method_config(name: str, values: dict[str, Any], where: str, drop_unknown: 
     return cls.from_dict(values, where=where)
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file", expect: str = "a mapping") -> dict[str, Any]:
+    """The top-level mapping of a YAML file (empty file: ``{}``); any problem is a ConfigError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8-sig"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: invalid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: the top level must be {expect}")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 method: str | None = None) -> RunConfig:
     """Load a YAML run config (or defaults when ``path`` is None), apply overrides and ``method``."""
     source = str(path) if path is not None else "<defaults>"
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: invalid YAML: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping with sections {sorted((*SECTIONS, 'method'))}")
-        raw = loaded
+        raw = read_yaml_mapping(path, expect=f"a mapping with sections {sorted((*SECTIONS, 'method'))}")
     raw = apply_overrides(raw, overrides or [])
     return from_dict(raw, source=source, method=method)
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
+from mmt.config import check_keys, read_yaml_mapping
 from mmt.errors import CheckpointError, ConfigError, MmtError
 
 TOP_KEYS = {"name", "output_dir", "model", "data", "eval", "budget", "selection", "baselines", "runs", "compare"}
@@ -108,9 +108,7 @@ class Experiment:
 def _check_keys(where: str, values: Any, known: set[str]) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known keys: {sorted(known)}")
+    check_keys(known, values, where)
     return values
 
 
@@ -137,13 +135,7 @@ def _overrides(where: str, value: Any) -> list[str]:
 def load_experiment(path: str | Path, output_dir: str | None = None) -> Experiment:
     """Parse and check an experiment file; every problem names the file and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
-    raw = _check_keys(str(path), raw if raw is not None else {}, TOP_KEYS)
+    raw = _check_keys(str(path), read_yaml_mapping(path, "experiment file"), TOP_KEYS)
     here = path.parent
 
     b = _check_keys(f"{path}: budget", raw.get("budget") or {}, BUDGET_KEYS)
@@ -237,12 +229,7 @@ def build_run_config(config: Path, overrides: list[str], *, shared: dict[str, di
     the run's overrides (``{run_dir}`` / ``{exp_dir}`` expanded) and forced ``train`` values."""
     from mmt.config import apply_overrides, from_dict
 
-    try:
-        raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: {config}: invalid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: {config}: the top level must be a mapping")
+    raw = read_yaml_mapping(config, f"{where}: run config")
     for sec, values in shared.items():
         raw[sec] = _merge(raw.get(sec), values)
     try:

@@ -103,6 +103,11 @@ class Config(MethodConfig):
             raise ConfigError("mixmoe: mt_expert_size must be 'lm' (all experts of a layer share one shape)")
         if self.partition not in ("random", "contiguous"):
             raise ConfigError(f"mixmoe: partition must be 'random' or 'contiguous', got {self.partition!r}")
+        if self.router_input not in ("concat", "sum"):
+            raise ConfigError(f"mixmoe: router_input must be 'concat' or 'sum', got {self.router_input!r}")
+        if self.n_freq < 1 or (self.fft_proj_dim is not None and self.fft_proj_dim < 1):
+            raise ConfigError(f"mixmoe: n_freq and fft_proj_dim must be >= 1, got {self.n_freq!r} and "
+                              f"{self.fft_proj_dim!r}")
         if self.fft_variant not in ("hidden", "none"):
             raise ConfigError(f"mixmoe: fft_variant must be 'hidden' or 'none', got {self.fft_variant!r} (the "
                              "sequence-axis variant B mixes future tokens into a decoder's router; not offered)")
