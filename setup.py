@@ -9,6 +9,7 @@ nvcc flags live in csrc/cuda/nvcc.flags, shared with `make cuda-check`: what is 
 torch must already be installed (pip install --no-build-isolation); without it no extension is
 built and mmt_kernels runs its PyTorch references, saying so once at import.
 """
+
 import glob
 import os
 import re
@@ -31,9 +32,12 @@ def _want_cuda(torch_mod, cuda_home):
     if have and mode == "auto":
         nvcc = _nvcc_version(cuda_home)
         if nvcc is None or nvcc.split(".")[0] != torch_mod.version.cuda.split(".")[0]:
-            print(f"mmt: WARNING: nvcc in {cuda_home} is CUDA {nvcc}, torch was built with CUDA "
-                  f"{torch_mod.version.cuda}; building the CPU kernels only (Triton still runs on the GPU). "
-                  "Point CUDA_HOME at a matching toolkit, or set MMT_BUILD_CUDA=1 to try anyway.", file=sys.stderr)
+            print(
+                f"mmt: WARNING: nvcc in {cuda_home} is CUDA {nvcc}, torch was built with CUDA "
+                f"{torch_mod.version.cuda}; building the CPU kernels only (Triton still runs on the GPU). "
+                "Point CUDA_HOME at a matching toolkit, or set MMT_BUILD_CUDA=1 to try anyway.",
+                file=sys.stderr,
+            )
             return False
     if mode == "1" and not have:
         raise SystemExit(
@@ -46,8 +50,9 @@ def _want_cuda(torch_mod, cuda_home):
 
 def _nvcc_version(cuda_home):
     try:
-        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
-                             timeout=60).stdout
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True, timeout=60
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     m = re.search(r"release (\d+\.\d+)", out)
@@ -59,13 +64,19 @@ def _extensions():
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("mmt: torch is not importable at build time; building without mmt_kernels._C "
-              "(install torch first and use `pip install --no-build-isolation`)", file=sys.stderr)
+        print(
+            "mmt: torch is not importable at build time; building without mmt_kernels._C "
+            "(install torch first and use `pip install --no-build-isolation`)",
+            file=sys.stderr,
+        )
         return [], {}
 
-    rel = lambda paths: [os.path.relpath(p, ROOT) for p in paths]
-    sources = rel([os.path.join(ROOT, "csrc", "ops.cpp")]
-                  + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))))
+    def rel(paths):
+        return [os.path.relpath(p, ROOT) for p in paths]
+
+    sources = rel(
+        [os.path.join(ROOT, "csrc", "ops.cpp")] + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    )
     cxx_flags = ["-O3", "-fopenmp", "-DNDEBUG"]
     link_flags = ["-fopenmp"]
     define_macros = []
@@ -76,7 +87,8 @@ def _extensions():
         sources += rel(sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))))
         define_macros.append(("MMT_WITH_CUDA", "1"))
         ext = CUDAExtension(
-            "mmt_kernels._C", sources,
+            "mmt_kernels._C",
+            sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": NVCC_FLAGS},
@@ -84,7 +96,8 @@ def _extensions():
         )
     else:
         ext = CppExtension(
-            "mmt_kernels._C", sources,
+            "mmt_kernels._C",
+            sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags},

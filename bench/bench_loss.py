@@ -9,6 +9,7 @@ Run: ``pytest bench/bench_loss.py -q --benchmark-only``. ``MMT_BENCH_LOSS_TOKENS
 ``MMT_BENCH_LOSS_HIDDEN`` change the shape (the default needs ~7 GB free for HF's loss);
 ``MMT_BENCH_COMPILE=0`` skips the torch.compile peer (its compilation takes minutes on a small CPU).
 """
+
 from __future__ import annotations
 
 import os
@@ -33,9 +34,11 @@ def _hf_loss(h, w, t):
 
 
 def _providers(train_weight: bool):
-    out = {"hf": _hf_loss,
-           "mmt": lambda h, w, t: mmt_kernels.linear_cross_entropy(h, w, t),
-           "mmt recompute": lambda h, w, t: mmt_kernels.linear_cross_entropy(h, w, t, recompute=True)}
+    out = {
+        "hf": _hf_loss,
+        "mmt": lambda h, w, t: mmt_kernels.linear_cross_entropy(h, w, t),
+        "mmt recompute": lambda h, w, t: mmt_kernels.linear_cross_entropy(h, w, t, recompute=True),
+    }
     if COMPILE:
         out["hf+compile"] = torch.compile(_hf_loss, dynamic=False)
     if DEVICE == "cuda":
@@ -54,13 +57,14 @@ def _providers(train_weight: bool):
 def test_fused_loss_vs_peers(benchmark, dtype, train_weight):
     torch.manual_seed(0)
     hidden = torch.randn(TOKENS, HIDDEN, device=DEVICE, dtype=dtype, requires_grad=True)
-    weight = (torch.randn(VOCAB, HIDDEN, device=DEVICE) / HIDDEN ** 0.5).to(dtype).requires_grad_(train_weight)
+    weight = (torch.randn(VOCAB, HIDDEN, device=DEVICE) / HIDDEN**0.5).to(dtype).requires_grad_(train_weight)
     target = torch.randint(0, VOCAB, (TOKENS,), device=DEVICE)
 
     def run(fn):
         def step():
             hidden.grad = weight.grad = None
             fn(hidden, weight, target).backward()
+
         return step
 
     results = {}
@@ -80,8 +84,20 @@ def test_fused_loss_vs_peers(benchmark, dtype, train_weight):
         results[name] = (sorted(times)[len(times) // 2], min(times), max(times), peak)
     base_t, base_m = results["hf"][0], results["hf"][3]
     for name, (t, lo, hi, peak) in results.items():
-        common.record(SUITE, {
-            "tokens": TOKENS, "vocab": VOCAB, "hidden": HIDDEN, "dtype": str(dtype).replace("torch.", ""),
-            "head": "trained" if train_weight else "frozen", "provider": name, "median_s": t,
-            "min_s": lo, "max_s": hi, "time_vs_hf": t / base_t, "peak_MiB": peak / 2 ** 20,
-            "mem_vs_hf": peak / max(base_m, 1)})
+        common.record(
+            SUITE,
+            {
+                "tokens": TOKENS,
+                "vocab": VOCAB,
+                "hidden": HIDDEN,
+                "dtype": str(dtype).replace("torch.", ""),
+                "head": "trained" if train_weight else "frozen",
+                "provider": name,
+                "median_s": t,
+                "min_s": lo,
+                "max_s": hi,
+                "time_vs_hf": t / base_t,
+                "peak_MiB": peak / 2**20,
+                "mem_vs_hf": peak / max(base_m, 1),
+            },
+        )

@@ -16,6 +16,7 @@ has less free memory than it needs. ``MMT_BENCH_MERGEKIT_SCALE=small`` uses 6 la
 A second, small case checks fidelity: mergekit's fp32 TIES against ``mmt merge`` with ``tie_break: exact_k``
 (expected: no element differs) and with the default ``tie_break: threshold``.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,10 +54,19 @@ print("@@" + json.dumps({"rss_mb": rss}))
 def gemma3_270m_config(small: bool = False):
     from transformers import Gemma3TextConfig
 
-    return Gemma3TextConfig(vocab_size=65536 if small else 262144, hidden_size=640, intermediate_size=2048,
-                            num_hidden_layers=6 if small else 18, num_attention_heads=4, num_key_value_heads=1,
-                            head_dim=256, max_position_embeddings=32768, tie_word_embeddings=True,
-                            architectures=["Gemma3ForCausalLM"], torch_dtype="bfloat16")
+    return Gemma3TextConfig(
+        vocab_size=65536 if small else 262144,
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=6 if small else 18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        architectures=["Gemma3ForCausalLM"],
+        torch_dtype="bfloat16",
+    )
 
 
 def write_checkpoints(root: Path, k: int, config) -> list[Path]:
@@ -65,8 +75,9 @@ def write_checkpoints(root: Path, k: int, config) -> list[Path]:
     from transformers import Gemma3ForCausalLM
 
     with torch.device("meta"):
-        shapes = {n: tuple(p.shape) for n, p in Gemma3ForCausalLM(config).state_dict().items()
-                  if n != "lm_head.weight"}  # tied to the embeddings
+        shapes = {
+            n: tuple(p.shape) for n, p in Gemma3ForCausalLM(config).state_dict().items() if n != "lm_head.weight"
+        }  # tied to the embeddings
     g = torch.Generator().manual_seed(0)
     dirs = []
     base = None
@@ -98,13 +109,22 @@ def _run(module: str, args: list[str], env_path: str | None = None, timeout: int
     else:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-c", RUNNER, module, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNNER, module, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(REPO),
+    )
     wall = time.time() - t0
     if proc.returncode != 0:
         killed = proc.returncode < 0 or proc.returncode == 137
-        return {"wall_s": None, "rss_mb": None,
-                "error": "killed (out of memory?)" if killed else proc.stderr.strip().splitlines()[-1:]}
+        return {
+            "wall_s": None,
+            "rss_mb": None,
+            "error": "killed (out of memory?)" if killed else proc.stderr.strip().splitlines()[-1:],
+        }
     line = next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("@@"))
     return {"wall_s": wall, **json.loads(line[2:])}
 
@@ -122,8 +142,15 @@ def mergekit_path() -> str | None:
 def run_mmt(root: Path, dirs: list[Path], out: Path, **extra) -> dict:
     import yaml
 
-    cfg = {"method": "ties", "base_model": str(dirs[0]), "models": [str(d) for d in dirs[1:]], "density": DENSITY,
-           "output": str(out), "overwrite": True, **extra}
+    cfg = {
+        "method": "ties",
+        "base_model": str(dirs[0]),
+        "models": [str(d) for d in dirs[1:]],
+        "density": DENSITY,
+        "output": str(out),
+        "overwrite": True,
+        **extra,
+    }
     path = root / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return _run("mmt.cli", ["merge", str(path), "--no-progress"])
@@ -132,9 +159,12 @@ def run_mmt(root: Path, dirs: list[Path], out: Path, **extra) -> dict:
 def run_mergekit(root: Path, dirs: list[Path], out: Path, fp32: bool, mk: str) -> dict:
     import yaml
 
-    cfg = {"merge_method": "ties", "base_model": str(dirs[0]),
-           "models": [{"model": str(d), "parameters": {"weight": 1.0, "density": DENSITY}} for d in dirs[1:]],
-           "dtype": "float32" if fp32 else "bfloat16"}
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(dirs[0]),
+        "models": [{"model": str(d), "parameters": {"weight": 1.0, "density": DENSITY}} for d in dirs[1:]],
+        "dtype": "float32" if fp32 else "bfloat16",
+    }
     if fp32:
         cfg["out_dtype"] = "bfloat16"
     path = root / f"{out.name}.yml"
@@ -162,9 +192,18 @@ def fidelity(root: Path, mk: str) -> list[str]:
     """Small Gemma 3 shapes, K = 4: elements that differ from mergekit's fp32 TIES, per tie_break."""
     from transformers import Gemma3TextConfig
 
-    config = Gemma3TextConfig(vocab_size=4096, hidden_size=640, intermediate_size=2048, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=1, head_dim=256,
-                              tie_word_embeddings=True, architectures=["Gemma3ForCausalLM"], torch_dtype="bfloat16")
+    config = Gemma3TextConfig(
+        vocab_size=4096,
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        tie_word_embeddings=True,
+        architectures=["Gemma3ForCausalLM"],
+        torch_dtype="bfloat16",
+    )
     dirs = write_checkpoints(root / "fid", 4, config)
     r = run_mergekit(root, dirs, root / "fid_mergekit", fp32=True, mk=mk)
     if r.get("error"):
@@ -178,8 +217,10 @@ def fidelity(root: Path, mk: str) -> list[str]:
         n = sum(t.numel() for t in ref.values())
         diff = sum(int((got[k].view(torch.int16) != v.view(torch.int16)).sum()) for k, v in ref.items())
         worst = max(float((got[k].float() - v.float()).abs().max()) for k, v in ref.items())
-        lines.append(f"fidelity, K=4, {n / 1e6:.1f}M parameters, fp32 maths: `tie_break: {tie_break}` differs from "
-                     f"mergekit in {diff} of {n} elements ({100 * diff / n:.2f}%), largest difference {worst:.3g}")
+        lines.append(
+            f"fidelity, K=4, {n / 1e6:.1f}M parameters, fp32 maths: `tie_break: {tie_break}` differs from "
+            f"mergekit in {diff} of {n} elements ({100 * diff / n:.2f}%), largest difference {worst:.3g}"
+        )
     return lines
 
 
@@ -190,12 +231,15 @@ def main() -> str:
     with tempfile.TemporaryDirectory(dir=os.environ.get("MMT_BENCH_TMP")) as tmp:
         root = Path(tmp)
         # Written by a child process, so that this one stays small: a forked child's peak RSS starts at ours.
-        subprocess.run([sys.executable, __file__, "--write", str(root / "ck"), "8", SCALE], check=True,
-                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+        subprocess.run(
+            [sys.executable, __file__, "--write", str(root / "ck"), "8", SCALE],
+            check=True,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+        )
         dirs8 = [root / "ck" / ("base" if m == 0 else f"m{m}") for m in range(9)]
         n_params = sum(math.prod(s) for s in _shapes(dirs8[0]).values())
         for k in (4, 8):
-            dirs = dirs8[:k + 1]
+            dirs = dirs8[: k + 1]
             r = run_mmt(root, dirs, root / f"mmt_k{k}")
             rows.append((f"K={k}", "mmt", r))
             if mk is None:
@@ -204,12 +248,22 @@ def main() -> str:
                 tool = f"mergekit, {'fp32' if fp32 else 'bf16'} maths"
                 need = {(4, False): 8.5, (8, False): 14.0, (4, True): 15.5, (8, True): 25.0}[k, fp32] * n_params / 268e6
                 if fp32 and k == 8 and not small and os.environ.get("MMT_BENCH_MERGEKIT_FP32_K8") != "1":
-                    rows.append((f"K={k}", tool, {"error": "not run: needs more than 23 GB "
-                                                           "(MMT_BENCH_MERGEKIT_FP32_K8=1 runs it)"}))
+                    rows.append(
+                        (
+                            f"K={k}",
+                            tool,
+                            {"error": "not run: needs more than 23 GB (MMT_BENCH_MERGEKIT_FP32_K8=1 runs it)"},
+                        )
+                    )
                     continue
                 if _mem_available_gb() < need:
-                    rows.append((f"K={k}", tool, {"error": f"not run: {_mem_available_gb():.0f} GB free, "
-                                                           f"needs about {need:.0f} GB"}))
+                    rows.append(
+                        (
+                            f"K={k}",
+                            tool,
+                            {"error": f"not run: {_mem_available_gb():.0f} GB free, needs about {need:.0f} GB"},
+                        )
+                    )
                     continue
                 rows.append((f"K={k}", tool, run_mergekit(root, dirs, root / f"mk_k{k}_{int(fp32)}", fp32, mk)))
         if mk is not None:
@@ -217,13 +271,19 @@ def main() -> str:
         else:
             notes.append("mergekit is not installed here (nor in MMT_MERGEKIT_PATH): only mmt was measured")
     title = "## Reduced shapes (6 layers, 64k vocabulary)" if small else "## Gemma 3 270M's full shapes"
-    lines = [title, "",
-             f"TIES, density {DENSITY}, bf16 checkpoints with Gemma 3 270M's tensors"
-             + (" (reduced: 6 layers, 64k vocabulary)" if small else "") + f", {n_params / 1e6:.0f}M parameters "
-             f"each; {os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.0f} at the end: shared); "
-             f"torch {torch.__version__}. Wall time of a fresh process (imports included), peak RSS (VmHWM) of "
-             "that process. Inputs come from the page cache.", "",
-             "| case | tool | wall s | peak RSS |", "|---|---|---|---|"]
+    lines = [
+        title,
+        "",
+        f"TIES, density {DENSITY}, bf16 checkpoints with Gemma 3 270M's tensors"
+        + (" (reduced: 6 layers, 64k vocabulary)" if small else "")
+        + f", {n_params / 1e6:.0f}M parameters "
+        f"each; {os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.0f} at the end: shared); "
+        f"torch {torch.__version__}. Wall time of a fresh process (imports included), peak RSS (VmHWM) of "
+        "that process. Inputs come from the page cache.",
+        "",
+        "| case | tool | wall s | peak RSS |",
+        "|---|---|---|---|",
+    ]
     for case, tool, r in rows:
         if r.get("error"):
             lines.append(f"| {case} | {tool} | {r['error']} | – |")

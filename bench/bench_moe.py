@@ -11,6 +11,7 @@ Providers, side by side in one process on the same inputs:
 Shapes: coarse (T 4096, d 1024, f 2816, E 8, k 2) and fine-grained (T 4096, d 1024, f 256, E 64, k 8).
 ``MMT_BENCH_QUICK=1`` shrinks T to 1024 for a smoke run. Timings are never asserted.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,10 @@ import os
 import subprocess
 import sys
 
+import common
 import pytest
 import torch
-import torch.nn.functional as F
 
-import common
 import mmt_kernels.moe as moe
 from mmt_kernels.reference import moe as ref
 
@@ -56,9 +56,9 @@ def _inputs(T, d, f, E, k):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(T, d, generator=gen)
     logits = torch.randn(T, E, generator=gen)
-    wg = torch.randn(E, f, d, generator=gen) / d ** 0.5
-    wu = torch.randn(E, f, d, generator=gen) / d ** 0.5
-    wd = torch.randn(E, d, f, generator=gen) / f ** 0.5
+    wg = torch.randn(E, f, d, generator=gen) / d**0.5
+    wu = torch.randn(E, f, d, generator=gen) / d**0.5
+    wd = torch.randn(E, d, f, generator=gen) / f**0.5
     return [t.to(DEVICE, DTYPE).requires_grad_(True) for t in (x, logits, wg, wu, wd)]
 
 
@@ -67,10 +67,12 @@ def _providers():
         r = moe.moe_ffn(x, lg, wg, wu, wd, k=k)
         return r.out, r.aux_loss, r.z_loss
 
-    provs = {"loop": lambda *a, k: ref.moe_ffn(*a, k=k),
-             "loop+compile": None,
-             "grouped_mm": (lambda *a, k: grouped_mm_moe(*a, k=k)) if hasattr(torch, "_grouped_mm") else None,
-             "mmt": lambda *a, k: ours(*a, k)}
+    provs = {
+        "loop": lambda *a, k: ref.moe_ffn(*a, k=k),
+        "loop+compile": None,
+        "grouped_mm": (lambda *a, k: grouped_mm_moe(*a, k=k)) if hasattr(torch, "_grouped_mm") else None,
+        "mmt": lambda *a, k: ours(*a, k),
+    }
     compiled = torch.compile(ref.moe_ffn, dynamic=True)  # per-expert token counts vary: one dynamic graph
     provs["loop+compile"] = lambda *a, k: compiled(*a, k=k)
     return provs
@@ -82,6 +84,7 @@ def _step_fn(fn, inputs, dout, k):
             t.grad = None
         out, aux, z = fn(*inputs, k=k)
         ((out * dout).sum() + 0.01 * aux + 1e-3 * z).backward()
+
     return run
 
 
@@ -91,8 +94,13 @@ def _peak_memory(provider: str, shape: str) -> int:
     (common.peak_memory_bytes forks; a child forked after OpenMP/autograd ran in the parent can hang in
     libgomp, so this spawns a new process instead: peak RSS minus RSS once the inputs exist.)"""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-    res = subprocess.run([sys.executable, __file__, "--peak-memory", provider, shape], capture_output=True, text=True,
-                         env=env, timeout=900)
+    res = subprocess.run(
+        [sys.executable, __file__, "--peak-memory", provider, shape],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     if res.returncode:
         raise RuntimeError(res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "memory probe failed")
     return json.loads(res.stdout.strip().splitlines()[-1])["peak"]
@@ -124,10 +132,20 @@ def test_moe_layer_fwd_bwd(benchmark, shape):
         if name == "loop":
             base = (t, mem)
     for name, (t, mem) in rows.items():
-        common.record(SUITE, {"case": f"layer fwd+bwd {shape}", **{k_: v for k_, v in cfg.items()},
-                              "dtype": str(DTYPE).replace("torch.", ""), "provider": name, "median_s": t,
-                              "speedup_vs_loop": base[0] / t if base else None, "GFLOP/s": flops / t / 1e9,
-                              "peak_MiB": mem / 2 ** 20, "mem_vs_loop": mem / base[1] if base and base[1] > 0 else None})
+        common.record(
+            SUITE,
+            {
+                "case": f"layer fwd+bwd {shape}",
+                **{k_: v for k_, v in cfg.items()},
+                "dtype": str(DTYPE).replace("torch.", ""),
+                "provider": name,
+                "median_s": t,
+                "speedup_vs_loop": base[0] / t if base else None,
+                "GFLOP/s": flops / t / 1e9,
+                "peak_MiB": mem / 2**20,
+                "mem_vs_loop": mem / base[1] if base and base[1] > 0 else None,
+            },
+        )
     benchmark.pedantic(step(_providers()["mmt"]), rounds=1, iterations=1)
 
 
@@ -140,6 +158,7 @@ def test_fft_features_vs_rfft(benchmark):
         def go():
             x.grad = None
             fn(x, nf).backward(g)
+
         return go
 
     ours = run(lambda a, n: moe.fft_features(a, n))
@@ -147,14 +166,25 @@ def test_fft_features_vs_rfft(benchmark):
     t_peer = common.median_time(peer, device=DEVICE, warmup=2, reps=5)
     t_ours = common.median_time(ours, device=DEVICE, warmup=2, reps=5)
     for name, t in (("torch.fft.rfft eager", t_peer), ("mmt (DFT GEMM)", t_ours)):
-        common.record(SUITE, {"case": f"fft_features fwd+bwd T={Tn} d={d} F={nf}", "dtype": str(DTYPE).replace(
-            "torch.", ""), "provider": name, "median_s": t, "speedup_vs_rfft": t_peer / t})
+        common.record(
+            SUITE,
+            {
+                "case": f"fft_features fwd+bwd T={Tn} d={d} F={nf}",
+                "dtype": str(DTYPE).replace("torch.", ""),
+                "provider": name,
+                "median_s": t,
+                "speedup_vs_rfft": t_peer / t,
+            },
+        )
     benchmark.pedantic(ours, rounds=1, iterations=1)
 
 
 def test_targets_note():
-    common.note(SUITE, "CPU targets from the brief: >= 1.5x the loop at coarse, >= 3x at fine-grained, no more "
-                       "peak memory. GFLOP/s counts the 3 expert GEMMs forward and 6 backward.")
+    common.note(
+        SUITE,
+        "CPU targets from the brief: >= 1.5x the loop at coarse, >= 3x at fine-grained, no more "
+        "peak memory. GFLOP/s counts the 3 expert GEMMs forward and 6 backward.",
+    )
 
 
 def _vm(field: str) -> int:

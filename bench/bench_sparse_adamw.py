@@ -5,14 +5,15 @@ Run: ``pytest bench/bench_sparse_adamw.py -q --benchmark-only`` (add ``-k small`
 Rows go to ``bench/results/<device>.md`` through ``bench/common.py``. Timings are medians, peers run side by side
 in the same process on the same tensors; nothing is asserted about speed.
 """
+
 from __future__ import annotations
 
 import os
 
+import common  # bench/conftest.py puts bench/ on sys.path
 import pytest
 import torch
 
-import common  # bench/conftest.py puts bench/ on sys.path
 import mmt_kernels
 
 SUITE = "sparse_adamw"
@@ -40,13 +41,15 @@ def _gather_scatter_step(p, g, rows, m, v, step, neuron_dim):
     w.mul_(1 - lr * wd)
     m.mul_(b1).add_(gs, alpha=1 - b1)
     v.mul_(b2).addcmul_(gs, gs, value=1 - b2)
-    denom = (v.sqrt() / (1 - b2 ** step) ** 0.5).add_(eps)
-    w.addcdiv_(m, denom, value=-lr / (1 - b1 ** step))
+    denom = (v.sqrt() / (1 - b2**step) ** 0.5).add_(eps)
+    w.addcdiv_(m, denom, value=-lr / (1 - b1**step))
     p.index_copy_(neuron_dim, rows, w if neuron_dim == 0 else w.t())
 
 
 @pytest.mark.parametrize("frac", FRACTIONS, ids=lambda f: f"{int(f * 100)}pct")
-@pytest.mark.parametrize("shape,neuron_dim", SHAPES, ids=lambda s: "x".join(map(str, s)) if isinstance(s, tuple) else f"dim{s}")
+@pytest.mark.parametrize(
+    "shape,neuron_dim", SHAPES, ids=lambda s: "x".join(map(str, s)) if isinstance(s, tuple) else f"dim{s}"
+)
 def test_sparse_adamw_vs_peers(benchmark, shape, neuron_dim, frac):
     torch.manual_seed(0)
     dev = DEVICE
@@ -61,8 +64,20 @@ def test_sparse_adamw_vs_peers(benchmark, shape, neuron_dim, frac):
 
     # ours: the fused op with compact state (what NeuronSparseAdamW runs)
     m_c, v_c = torch.zeros(K, C, device=dev), torch.zeros(K, C, device=dev)
-    ours = lambda: mmt_kernels.sparse_adamw_(p, m_c, v_c, g, rows, step=5, neuron_dim=neuron_dim,  # noqa: E731
-                                             compact=True, **HP)
+
+    def ours():
+        return mmt_kernels.sparse_adamw_(
+            p,
+            m_c,
+            v_c,
+            g,
+            rows,
+            step=5,
+            neuron_dim=neuron_dim,
+            compact=True,
+            **HP,
+        )
+
     benchmark.pedantic(ours, rounds=5, warmup_rounds=1, iterations=1)
     t_ours = benchmark.stats.stats.median
 
@@ -71,8 +86,9 @@ def test_sparse_adamw_vs_peers(benchmark, shape, neuron_dim, frac):
     for name, kw in (("foreach", dict(foreach=True)), ("fused", dict(fused=True))):
         w = torch.nn.Parameter(p.clone())
         try:
-            opt = torch.optim.AdamW([w], lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]), eps=HP["eps"],
-                                    weight_decay=HP["weight_decay"], **kw)
+            opt = torch.optim.AdamW(
+                [w], lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]), eps=HP["eps"], weight_decay=HP["weight_decay"], **kw
+            )
 
             def masked_step(w=w, opt=opt):
                 w.grad = g * mask
@@ -85,15 +101,20 @@ def test_sparse_adamw_vs_peers(benchmark, shape, neuron_dim, frac):
         del w
     # (b) gather / AdamW on the slice / scatter, plain torch
     m_g, v_g = torch.zeros(K, C, device=dev), torch.zeros(K, C, device=dev)
-    peers["gather_scatter"] = common.median_time(lambda: _gather_scatter_step(p, g, rows, m_g, v_g, 5, neuron_dim),
-                                                 warmup=1, reps=3, device=dev)
+    peers["gather_scatter"] = common.median_time(
+        lambda: _gather_scatter_step(p, g, rows, m_g, v_g, 5, neuron_dim), warmup=1, reps=3, device=dev
+    )
 
     best_masked = min(v for k, v in peers.items() if k.startswith("masked"))
     moved = K * C * (4 * 2 + 4 + 8 + 8)  # param r/w, grad r, exp_avg r/w, exp_avg_sq r/w (fp32)
     compact_bytes = 2 * K * C * 4 + K * 8 * 2  # moments + neuron index + step counter
     full_bytes = 2 * R * C * 4
-    row = {"shape": "x".join(map(str, shape)), "neurons": "rows" if neuron_dim == 0 else "columns",
-           "selected": f"{int(frac * 100)}%", "ours_ms": t_ours * 1e3}
+    row = {
+        "shape": "x".join(map(str, shape)),
+        "neurons": "rows" if neuron_dim == 0 else "columns",
+        "selected": f"{int(frac * 100)}%",
+        "ours_ms": t_ours * 1e3,
+    }
     for k, t in peers.items():
         row[f"{k}_ms"] = t * 1e3
     row["x_vs_best_masked"] = best_masked / t_ours
@@ -154,11 +175,19 @@ def test_end_to_end_step(benchmark, mode):
     benchmark.pedantic(step, rounds=3, warmup_rounds=1, iterations=1)
     # On CPU glibc keeps a warm step's small blocks in its heap, so RSS cannot see a step's peak: CUDA only.
     peak = common.peak_memory_bytes(step, DEVICE) if DEVICE == "cuda" else None
-    state = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-                if isinstance(v, torch.Tensor))
+    state = sum(
+        v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    common.record(SUITE + "_end_to_end", {
-        "mode": mode, "model": "llama 8x256 (ffn 688), vocab 2048", "batch": f"{B}x{T}",
-        "step_ms": benchmark.stats.stats.median * 1e3,
-        "peak_extra_MB": "n/a (CPU)" if peak is None else peak / 2 ** 20,
-        "optimizer_state_MB": state / 2 ** 20, "trainable_params": trainable})
+    common.record(
+        SUITE + "_end_to_end",
+        {
+            "mode": mode,
+            "model": "llama 8x256 (ffn 688), vocab 2048",
+            "batch": f"{B}x{T}",
+            "step_ms": benchmark.stats.stats.median * 1e3,
+            "peak_extra_MB": "n/a (CPU)" if peak is None else peak / 2**20,
+            "optimizer_state_MB": state / 2**20,
+            "trainable_params": trainable,
+        },
+    )

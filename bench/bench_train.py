@@ -11,6 +11,7 @@ Run: ``pytest bench/bench_train.py -q --benchmark-only``. ``MMT_BENCH_TRAIN_MODE
 real model when its package is installed, else random weights of its config), ``MMT_BENCH_TRAIN_BATCH``
 (default ``8x64``), ``MMT_BENCH_TRAIN_REPEATS`` (default 3), ``MMT_BENCH_TRAIN_PRECISION`` (``fp32,bf16``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,9 +62,17 @@ def _load():
         import transformers as tf
 
         common.note(SUITE, f"{MODEL} not loadable ({type(exc).__name__}); random weights of Gemma 3 270M's config")
-        cfg = tf.Gemma3TextConfig(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
-                                  num_attention_heads=4, num_key_value_heads=1, head_dim=256,
-                                  sliding_window=512, max_position_embeddings=32768)
+        cfg = tf.Gemma3TextConfig(
+            vocab_size=262144,
+            hidden_size=640,
+            intermediate_size=2048,
+            num_hidden_layers=18,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256,
+            sliding_window=512,
+            max_position_embeddings=32768,
+        )
         cfg._attn_implementation = "eager"
         torch.manual_seed(0)
         model = tf.Gemma3ForCausalLM(cfg)
@@ -186,10 +195,18 @@ def test_train_step(benchmark, case, precision):
         _BASE[key] = med
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     row = {
-        "model": source, "batch": f"{B}x{T}", "precision": precision, "case": case,
-        "median_s": med, "min_s": min(times), "max_s": max(times), "tokens_per_s": B * T / med,
+        "model": source,
+        "batch": f"{B}x{T}",
+        "precision": precision,
+        "case": case,
+        "median_s": med,
+        "min_s": min(times),
+        "max_s": max(times),
+        "tokens_per_s": B * T / med,
         "time_vs_hf_full": med / _BASE[key] if key in _BASE else "n/a",
-        "peak_step_MiB": peak / 2 ** 20, "trainable_params": trainable}
+        "peak_step_MiB": peak / 2**20,
+        "trainable_params": trainable,
+    }
     common.record(SUITE, row)
     print(row, flush=True)  # also on stdout (with -s): a long session's rows survive an interruption
     gc.collect()

@@ -4,6 +4,7 @@ Benchmarks record rows with :func:`record`; ``bench/conftest.py`` writes every s
 ``bench/results/<device>.md`` at the end of the session, with the versions used. Timings are
 medians over repetitions, run side by side in one process, and reported as ratios against peers.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,9 @@ def synchronize(device: torch.device | str | None = None) -> None:
         torch.cuda.synchronize()
 
 
-def median_time(fn: Callable[[], object], *, warmup: int = 2, reps: int = 5, device=None,
-                setup: Callable[[], None] | None = None) -> float:
+def median_time(
+    fn: Callable[[], object], *, warmup: int = 2, reps: int = 5, device=None, setup: Callable[[], None] | None = None
+) -> float:
     """Median wall time of ``fn()`` in seconds (CUDA-synchronised); ``setup`` runs untimed before each rep."""
     for _ in range(warmup):
         if setup:

@@ -1,4 +1,5 @@
 """Writes every recorded benchmark suite into bench/results/<device>.md at the end of the session."""
+
 from __future__ import annotations
 
 import datetime

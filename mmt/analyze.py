@@ -70,7 +70,7 @@ class AnalyzeOptions:
     optimizer: str = "adamw"
     threshold: float = 0.0
     warmup_steps: int = 0
-    output_dir: str | None = None       # default: <train.output_dir>/analyze
+    output_dir: str | None = None  # default: <train.output_dir>/analyze
     progress: bool = True
 
     def validate(self) -> None:
@@ -112,8 +112,9 @@ def _needs_full_logits(model: nn.Module) -> bool:
     """Architectures whose logits are more than ``lm_head(hidden)`` take the model's own forward."""
     cfg = getattr(model, "config", None)
     scaled = any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in ("logit_scale", "logits_scaling"))
-    split = hasattr(model, "get_decoder") and model.get_decoder() is not None and \
-        model.get_output_embeddings() is not None
+    split = (
+        hasattr(model, "get_decoder") and model.get_decoder() is not None and model.get_output_embeddings() is not None
+    )
     return scaled or not split
 
 
@@ -185,15 +186,21 @@ def take_step(params: Sequence[nn.Parameter], flat_grad: torch.Tensor, rule: Ste
     offset = 0
     for p in params:
         n = p.numel()
-        p.grad = flat_grad[offset:offset + n].view_as(p).to(p.dtype).clone()
+        p.grad = flat_grad[offset : offset + n].view_as(p).to(p.dtype).clone()
         offset += n
     rule.make(list(params)).step()
     for p in params:
         p.grad = None
 
 
-def warm_up(model: nn.Module, params: Sequence[nn.Parameter], batches: Sequence[dict[str, torch.Tensor]],
-            rule: StepRule, max_grad_norm: float = 0.0, progress: bool = False) -> list[float]:
+def warm_up(
+    model: nn.Module,
+    params: Sequence[nn.Parameter],
+    batches: Sequence[dict[str, torch.Tensor]],
+    rule: StepRule,
+    max_grad_norm: float = 0.0,
+    progress: bool = False,
+) -> list[float]:
     """Joint training steps (one optimizer, its state kept across steps); returns the loss of each step."""
     from tqdm.auto import tqdm
 
@@ -242,9 +249,15 @@ def _cosines(grads: torch.Tensor) -> np.ndarray:
     return ((g @ g.T) / (norms[:, None] * norms[None, :])).numpy()
 
 
-def measure(model: nn.Module, params: Sequence[nn.Parameter], directions: Sequence[str],
-            grad_batches: dict[str, list[dict[str, torch.Tensor]]], heldout: dict[str, dict[str, torch.Tensor]],
-            rule: StepRule, progress: bool = False) -> Measurement:
+def measure(
+    model: nn.Module,
+    params: Sequence[nn.Parameter],
+    directions: Sequence[str],
+    grad_batches: dict[str, list[dict[str, torch.Tensor]]],
+    heldout: dict[str, dict[str, torch.Tensor]],
+    rule: StepRule,
+    progress: bool = False,
+) -> Measurement:
     """Gradient alignment per round and one-step transfer between every pair of ``directions``.
 
     The model is put in eval mode (no dropout: the numbers are deterministic) and left with exactly the
@@ -300,7 +313,7 @@ def measure(model: nn.Module, params: Sequence[nn.Parameter], directions: Sequen
 
 
 def side(direction: str) -> str:
-    """"xx-en", "en-xx" or "other" for a direction like "de-en"."""
+    """ "xx-en", "en-xx" or "other" for a direction like "de-en"."""
     src, tgt = direction.split("-")
     if tgt == PIVOT and src != PIVOT:
         return "xx-en"
@@ -343,15 +356,24 @@ def block_summary(matrix: np.ndarray, directions: Sequence[str], se: np.ndarray 
     out: dict[str, Any] = {}
     for a in ("xx-en", "en-xx"):
         for b in ("xx-en", "en-xx"):
-            cells = [(i, j) for i in range(len(sides)) for j in range(len(sides))
-                     if i != j and sides[i] == a and sides[j] == b and np.isfinite(matrix[i, j])]
+            cells = [
+                (i, j)
+                for i in range(len(sides))
+                for j in range(len(sides))
+                if i != j and sides[i] == a and sides[j] == b and np.isfinite(matrix[i, j])
+            ]
             key = a if a == b else f"{a} <- {b}"
             if not cells:
                 out[key] = None
                 continue
             vals = np.array([matrix[i, j] for i, j in cells])
-            entry = {"mean": float(vals.mean()), "min": float(vals.min()), "max": float(vals.max()),
-                     "negative_share": float((vals < 0).mean()), "n": len(cells)}
+            entry = {
+                "mean": float(vals.mean()),
+                "min": float(vals.min()),
+                "max": float(vals.max()),
+                "negative_share": float((vals < 0).mean()),
+                "n": len(cells),
+            }
             if se is not None:  # standard error of the block mean, treating entries as independent
                 entry["se"] = float(math.sqrt(sum(se[i, j] ** 2 for i, j in cells)) / len(cells))
             out[key] = entry
@@ -391,9 +413,11 @@ def suggest_groups(transfer: np.ndarray, directions: Sequence[str], threshold: f
 def grouping_yaml(groups: dict[str, list[str]], threshold: float) -> str:
     import yaml
 
-    head = ("# XX->En grouping suggested by `mmt analyze`: languages in one group transfer positively to each\n"
-            f"# other (both ways, above {threshold:g}). Paste into a direction-aware config\n"
-            "# (method.name: directional).\n")
+    head = (
+        "# XX->En grouping suggested by `mmt analyze`: languages in one group transfer positively to each\n"
+        f"# other (both ways, above {threshold:g}). Paste into a direction-aware config\n"
+        "# (method.name: directional).\n"
+    )
     body = {"method": {"name": "directional", "separate_unit": "group", "groups": groups}}
     return head + yaml.safe_dump(body, sort_keys=False, default_flow_style=None)
 
@@ -417,8 +441,10 @@ def _directions(cfg: Any, options: AnalyzeOptions, in_data: Sequence[str]) -> li
             raise ConfigError(f"analyze: direction {x!r}: {exc}") from None
     dirs = ordered(dirs)
     if len(dirs) < 2:
-        raise ConfigError(f"analyze: needs at least two directions, got {dirs}; list them in "
-                          "data.train[*].directions or pass --directions")
+        raise ConfigError(
+            f"analyze: needs at least two directions, got {dirs}; list them in "
+            "data.train[*].directions or pass --directions"
+        )
     return dirs
 
 
@@ -429,29 +455,38 @@ def load_examples(cfg: Any, options: AnalyzeOptions, batch_size: int) -> dict[st
 
     if not cfg.data.train:
         raise ConfigError("analyze: data.train is empty: list at least one source (kind, directions, ...)")
-    data_dir = resolve_data_dir(cfg.data.data_dir, required=any(
-        s.kind != "hf" and not (s.path and Path(s.path).is_absolute()) for s in cfg.data.train))
+    data_dir = resolve_data_dir(
+        cfg.data.data_dir,
+        required=any(s.kind != "hf" and not (s.path and Path(s.path).is_absolute()) for s in cfg.data.train),
+    )
     found: dict[str, list[Any]] = {}
     for src in cfg.data.train:
         if src.kind == "mono":
             continue
-        for ex in load_source(src, data_dir, max_chars=cfg.data.max_chars, on_bad_line=cfg.data.on_bad_line,
-                              seed=cfg.data.seed):
+        for ex in load_source(
+            src, data_dir, max_chars=cfg.data.max_chars, on_bad_line=cfg.data.on_bad_line, seed=cfg.data.seed
+        ):
             found.setdefault(f"{ex.src_lang}-{ex.tgt_lang}", []).append(ex)
     directions = _directions(cfg, options, found)
-    needed = (options.heldout_size + options.rounds * batch_size
-              + math.ceil(options.warmup_steps * batch_size / len(directions)))
+    needed = (
+        options.heldout_size
+        + options.rounds * batch_size
+        + math.ceil(options.warmup_steps * batch_size / len(directions))
+    )
     short = {k: len(found.get(k, [])) for k in directions if len(found.get(k, [])) < needed}
     if short:
-        raise DataError(f"analyze: too few examples in data.train for {short} (need {needed} per direction: "
-                        "heldout_size + rounds x batch_size + warm-up share); add data or lower "
-                        "--rounds/--batch-size/--heldout-size/--warmup-steps")
+        raise DataError(
+            f"analyze: too few examples in data.train for {short} (need {needed} per direction: "
+            "heldout_size + rounds x batch_size + warm-up share); add data or lower "
+            "--rounds/--batch-size/--heldout-size/--warmup-steps"
+        )
     rng = np.random.default_rng(cfg.data.seed)
     return {k: [found[k][i] for i in rng.permutation(len(found[k]))[:needed]] for k in directions}
 
 
-def encode_batches(cfg: Any, tokenizer: Any, examples: dict[str, list[Any]], options: AnalyzeOptions,
-                   batch_size: int) -> tuple[dict[str, list[dict]], dict[str, dict], list[dict]]:
+def encode_batches(
+    cfg: Any, tokenizer: Any, examples: dict[str, list[Any]], options: AnalyzeOptions, batch_size: int
+) -> tuple[dict[str, list[dict]], dict[str, dict], list[dict]]:
     """(gradient batches per direction, held-out batch per direction, mixed warm-up batches), tokenised like
     training data. The examples of a direction are used in this order: held-out, gradient rounds, warm-up."""
     from mmt.data import build_prompt, collate, encode_pair, pad_token_id
@@ -459,8 +494,16 @@ def encode_batches(cfg: Any, tokenizer: Any, examples: dict[str, list[Any]], opt
     pad = pad_token_id(tokenizer)
 
     def batch(items: list[Any]) -> dict[str, torch.Tensor]:
-        feats = [encode_pair(tokenizer, build_prompt(cfg.data.template, ex.src_lang, ex.tgt_lang, ex.src), ex.tgt,
-                             max_length=cfg.data.max_length, loss_on=cfg.data.loss_on) for ex in items]
+        feats = [
+            encode_pair(
+                tokenizer,
+                build_prompt(cfg.data.template, ex.src_lang, ex.tgt_lang, ex.src),
+                ex.tgt,
+                max_length=cfg.data.max_length,
+                loss_on=cfg.data.loss_on,
+            )
+            for ex in items
+        ]
         return collate(feats, pad)
 
     grads, held = {}, {}
@@ -468,10 +511,10 @@ def encode_batches(cfg: Any, tokenizer: Any, examples: dict[str, list[Any]], opt
     for name, items in examples.items():
         h = options.heldout_size
         held[name] = batch(items[:h])
-        grads[name] = [batch(items[h + r * batch_size:h + (r + 1) * batch_size]) for r in range(options.rounds)]
-        pool.append(items[h + options.rounds * batch_size:])
+        grads[name] = [batch(items[h + r * batch_size : h + (r + 1) * batch_size]) for r in range(options.rounds)]
+        pool.append(items[h + options.rounds * batch_size :])
     mixed = [ex for group in zip(*pool) for ex in group]  # round-robin over directions
-    warm = [batch(mixed[s * batch_size:(s + 1) * batch_size]) for s in range(options.warmup_steps)]
+    warm = [batch(mixed[s * batch_size : (s + 1) * batch_size]) for s in range(options.warmup_steps)]
     return grads, held, warm
 
 
@@ -485,8 +528,9 @@ def trainable_space(model: nn.Module, cfg: Any, options: AnalyzeOptions) -> tupl
         r, alpha = getattr(m, "lora_r", 16), getattr(m, "lora_alpha", 32)
         targets = getattr(m, "lora_target_modules", "all-linear")
         torch.manual_seed(cfg.train.seed)  # the LoRA A initialisation, reproducibly
-        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
-                                                 task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+        )
         what = f"LoRA r={r} alpha={alpha} targets={targets}"
     else:
         from mmt.models import decoder_layers
@@ -528,9 +572,11 @@ class Analysis:
 
     @property
     def blocks(self) -> dict[str, Any]:
-        return {"transfer": block_summary(self.transfer, self.directions, self.transfer_se),
-                "loss_drop": block_summary(self.loss_drop, self.directions),
-                "alignment": block_summary(self.alignment, self.directions)}
+        return {
+            "transfer": block_summary(self.transfer, self.directions, self.transfer_se),
+            "loss_drop": block_summary(self.loss_drop, self.directions),
+            "alignment": block_summary(self.alignment, self.directions),
+        }
 
     def verdict(self) -> dict[str, Any]:
         """Does XX->En show more conflict (lower mean off-diagonal transfer) than En->XX?"""
@@ -542,15 +588,19 @@ class Analysis:
         se = math.sqrt(xx["se"] ** 2 + ex["se"] ** 2)
         answer = bool(diff > 0)
         clear = abs(diff) > 2 * se
-        text = (f"XX->En {'shows more' if answer else 'does not show more'} conflict than En->XX: mean off-diagonal "
-                f"transfer {xx['mean']:+.3f} within XX->En vs {ex['mean']:+.3f} within En->XX "
-                f"(difference {diff:+.3f} +- {se:.3f}, {'beyond' if clear else 'within'} two standard errors); "
-                f"negative entries {xx['negative_share']:.0%} of {xx['n']} within XX->En vs "
-                f"{ex['negative_share']:.0%} of {ex['n']} within En->XX")
+        text = (
+            f"XX->En {'shows more' if answer else 'does not show more'} conflict than En->XX: mean off-diagonal "
+            f"transfer {xx['mean']:+.3f} within XX->En vs {ex['mean']:+.3f} within En->XX "
+            f"(difference {diff:+.3f} +- {se:.3f}, {'beyond' if clear else 'within'} two standard errors); "
+            f"negative entries {xx['negative_share']:.0%} of {xx['n']} within XX->En vs "
+            f"{ex['negative_share']:.0%} of {ex['n']} within En->XX"
+        )
         align = self.blocks["alignment"]
         if align.get("xx-en") and align.get("en-xx"):
-            text += (f"; mean gradient cosine {align['xx-en']['mean']:+.3f} within XX->En vs "
-                     f"{align['en-xx']['mean']:+.3f} within En->XX")
+            text += (
+                f"; mean gradient cosine {align['xx-en']['mean']:+.3f} within XX->En vs "
+                f"{align['en-xx']['mean']:+.3f} within En->XX"
+            )
         return {"answer": answer, "clear": clear, "difference": diff, "se": se, "text": text}
 
     @property
@@ -562,27 +612,50 @@ class Analysis:
         def arr(x: np.ndarray) -> Any:
             return [[None if not np.isfinite(v) else float(v) for v in row] for row in np.asarray(x)]
 
-        return {"directions": self.directions, "settings": self.settings,
-                "alignment": {"mean": arr(self.alignment), "std_over_rounds": arr(self.alignment_std),
-                              "of_mean_gradients": arr(self.alignment_mean_grad)},
-                "transfer": {"normalised": arr(self.transfer), "se": arr(self.transfer_se),
-                             "loss_drop": arr(self.loss_drop)},
-                "unnormalised_rows": self.unnormalised, "heldout_loss": self.heldout_loss,
-                "grad_norms": arr(self.grad_norms),
-                "blocks": self.blocks, "verdict": self.verdict(), "groups": self.groups, "seconds": self.seconds}
+        return {
+            "directions": self.directions,
+            "settings": self.settings,
+            "alignment": {
+                "mean": arr(self.alignment),
+                "std_over_rounds": arr(self.alignment_std),
+                "of_mean_gradients": arr(self.alignment_mean_grad),
+            },
+            "transfer": {
+                "normalised": arr(self.transfer),
+                "se": arr(self.transfer_se),
+                "loss_drop": arr(self.loss_drop),
+            },
+            "unnormalised_rows": self.unnormalised,
+            "heldout_loss": self.heldout_loss,
+            "grad_norms": arr(self.grad_norms),
+            "blocks": self.blocks,
+            "verdict": self.verdict(),
+            "groups": self.groups,
+            "seconds": self.seconds,
+        }
 
 
 def summarise(m: Measurement, settings: dict[str, Any], threshold: float = 0.0) -> Analysis:
     t, se, raw = transfer_matrix(m)
     std = m.cos.std(axis=0, ddof=1) if m.cos.shape[0] > 1 else np.zeros_like(m.cos[0])
-    return Analysis(directions=list(m.directions), settings=settings, alignment=m.cos.mean(axis=0),
-                    alignment_std=std, alignment_mean_grad=m.cos_mean_grad, transfer=t, transfer_se=se,
-                    loss_drop=raw, heldout_loss=[float(b.mean()) for b in m.base], grad_norms=m.grad_norms,
-                    groups=suggest_groups(t, m.directions, threshold))
+    return Analysis(
+        directions=list(m.directions),
+        settings=settings,
+        alignment=m.cos.mean(axis=0),
+        alignment_std=std,
+        alignment_mean_grad=m.cos_mean_grad,
+        transfer=t,
+        transfer_se=se,
+        loss_drop=raw,
+        heldout_loss=[float(b.mean()) for b in m.base],
+        grad_norms=m.grad_norms,
+        groups=suggest_groups(t, m.directions, threshold),
+    )
 
 
-def analyze(cfg: Any, options: AnalyzeOptions | None = None, *, model: nn.Module | None = None,
-            tokenizer: Any = None) -> Analysis:
+def analyze(
+    cfg: Any, options: AnalyzeOptions | None = None, *, model: nn.Module | None = None, tokenizer: Any = None
+) -> Analysis:
     """Measure alignment and transfer for the directions of ``cfg`` (a :class:`mmt.config.RunConfig`).
 
     ``model``/``tokenizer`` default to ``cfg.model``; a given model gets LoRA adapters injected (space
@@ -603,8 +676,13 @@ def analyze(cfg: Any, options: AnalyzeOptions | None = None, *, model: nn.Module
     t_load = time.perf_counter()
     grad_batches, heldout, warm_batches = encode_batches(cfg, tokenizer, examples, options, batch_size)
     model, params, space = trainable_space(model, cfg, options)
-    rule = StepRule(kind=options.optimizer, lr=float(cfg.train.lr), betas=tuple(cfg.train.adam_betas),
-                    eps=float(cfg.train.adam_eps), weight_decay=float(cfg.train.weight_decay))
+    rule = StepRule(
+        kind=options.optimizer,
+        lr=float(cfg.train.lr),
+        betas=tuple(cfg.train.adam_betas),
+        eps=float(cfg.train.adam_eps),
+        weight_decay=float(cfg.train.weight_decay),
+    )
     _check_loss_path(model, heldout[directions[0]])
     warm_losses = []
     t_warm = time.perf_counter()
@@ -614,14 +692,29 @@ def analyze(cfg: Any, options: AnalyzeOptions | None = None, *, model: nn.Module
     t_measure = time.perf_counter()
     m = measure(model, params, directions, grad_batches, heldout, rule, progress=options.progress)
     t_end = time.perf_counter()
-    settings = {"model": cfg.model.name_or_path, "config": getattr(cfg, "source", None), "space": space,
-                "trainable_parameters": int(sum(p.numel() for p in params)), "rounds": options.rounds,
-                "batch_size": batch_size, "heldout_size": options.heldout_size, "step": asdict(rule),
-                "template": cfg.data.template, "loss_on": cfg.data.loss_on, "threshold": options.threshold,
-                "seed": cfg.data.seed, "warmup_steps": options.warmup_steps, "warmup_losses": warm_losses}
+    settings = {
+        "model": cfg.model.name_or_path,
+        "config": getattr(cfg, "source", None),
+        "space": space,
+        "trainable_parameters": int(sum(p.numel() for p in params)),
+        "rounds": options.rounds,
+        "batch_size": batch_size,
+        "heldout_size": options.heldout_size,
+        "step": asdict(rule),
+        "template": cfg.data.template,
+        "loss_on": cfg.data.loss_on,
+        "threshold": options.threshold,
+        "seed": cfg.data.seed,
+        "warmup_steps": options.warmup_steps,
+        "warmup_losses": warm_losses,
+    }
     result = summarise(m, settings, options.threshold)
-    result.seconds = {"load": round(t_load - t0, 1), "warmup": round(t_measure - t_warm, 1),
-                      "measure": round(t_end - t_measure, 1), "total": round(t_end - t0, 1)}
+    result.seconds = {
+        "load": round(t_load - t0, 1),
+        "warmup": round(t_measure - t_warm, 1),
+        "measure": round(t_end - t_measure, 1),
+        "total": round(t_end - t0, 1),
+    }
     return result
 
 
@@ -634,8 +727,10 @@ def _check_loss_path(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
         theirs = model(**batch).loss
     model.train(was_training)
     if not torch.allclose(mine.mean(), theirs.float(), rtol=1e-4, atol=1e-5):
-        raise MmtError(f"analyze: the label-token loss ({mine.mean().item():.6f}) differs from the model's own loss "
-                       f"({theirs.item():.6f}) for {type(model).__name__}; this architecture is not supported")
+        raise MmtError(
+            f"analyze: the label-token loss ({mine.mean().item():.6f}) differs from the model's own loss "
+            f"({theirs.item():.6f}) for {type(model).__name__}; this architecture is not supported"
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -648,8 +743,15 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def plot_matrix(matrix: np.ndarray, directions: Sequence[str], path: Path, *, title: str,
-                spread: np.ndarray | None = None, colorbar: str = "") -> Path:
+def plot_matrix(
+    matrix: np.ndarray,
+    directions: Sequence[str],
+    path: Path,
+    *,
+    title: str,
+    spread: np.ndarray | None = None,
+    colorbar: str = "",
+) -> Path:
     """Diverging heatmap (0 = white) with the XX->En and En->XX blocks outlined and their labels coloured.
 
     The colour scale spans the off-diagonal entries (the diagonal is 1 by definition and saturates)."""
@@ -676,8 +778,7 @@ def plot_matrix(matrix: np.ndarray, directions: Sequence[str], path: Path, *, ti
                 ax.text(j, i, "n/a", ha="center", va="center", fontsize=7)
                 continue
             label = f"{m[i, j]:.2f}" + (f"\n±{spread[i, j]:.2f}" if spread is not None and i != j else "")
-            ax.text(j, i, label, ha="center", va="center", fontsize=7,
-                    color="w" if abs(m[i, j]) > 0.6 * vmax else "k")
+            ax.text(j, i, label, ha="center", va="center", fontsize=7, color="w" if abs(m[i, j]) > 0.6 * vmax else "k")
     sides = [side(x) for x in directions]
     colors = {"xx-en": "#c45a00", "en-xx": "#1b7a3a"}
     present = []
@@ -716,39 +817,87 @@ def _table(matrix: np.ndarray, directions: Sequence[str], spread: np.ndarray | N
 def report_markdown(a: Analysis) -> str:
     s = a.settings
     blocks = a.blocks
-    lines = ["# Conflict and synergy between directions", "",
-             (f"Model `{s['model']}`, trainable space: {s['space']} ({s['trainable_parameters']:,} parameters). "
-              f"{s['rounds']} gradient batches of {s['batch_size']} per direction, {s['heldout_size']} held-out "
-              f"examples per direction, one {s['step']['kind']} step at lr {s['step']['lr']:g}"
-              + (f", after {s['warmup_steps']} joint warm-up steps (loss {s['warmup_losses'][0]:.3f} -> "
-                 f"{s['warmup_losses'][-1]:.3f})." if s.get("warmup_steps") else ", from the start of training.")),
-             "",
-             "## Verdict", "", a.verdict()["text"] + ".", "",
-             "## Transfer", "",
-             ("T[row, column] = drop of the row direction's held-out loss after one step on the column direction's "
-              "gradient, divided by the drop after a step on its own (positive = synergy, negative = conflict); "
-              "± is the standard error over held-out examples."), "",
-             _table(a.transfer, a.directions, a.transfer_se), "",
-             *([(f"Rows not normalised (their own step did not lower their held-out loss by two standard errors): "
-                 f"{', '.join(a.unnormalised)}; see the raw drops below."), ""] if a.unnormalised else []),
-             "Raw held-out loss drop (nats) of the row after a step on the column:", "",
-             _table(a.loss_drop, a.directions), "",
-             "## Gradient alignment", "",
-             "Cosine of the per-direction gradients, mean ± standard deviation over gradient batches.", "",
-             _table(a.alignment, a.directions, a.alignment_std), "",
-             "## Blocks (off-diagonal entries)", "",
-             "| matrix | block | mean | min | max | negative share |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# Conflict and synergy between directions",
+        "",
+        (
+            f"Model `{s['model']}`, trainable space: {s['space']} ({s['trainable_parameters']:,} parameters). "
+            f"{s['rounds']} gradient batches of {s['batch_size']} per direction, {s['heldout_size']} held-out "
+            f"examples per direction, one {s['step']['kind']} step at lr {s['step']['lr']:g}"
+            + (
+                f", after {s['warmup_steps']} joint warm-up steps (loss {s['warmup_losses'][0]:.3f} -> "
+                f"{s['warmup_losses'][-1]:.3f})."
+                if s.get("warmup_steps")
+                else ", from the start of training."
+            )
+        ),
+        "",
+        "## Verdict",
+        "",
+        a.verdict()["text"] + ".",
+        "",
+        "## Transfer",
+        "",
+        (
+            "T[row, column] = drop of the row direction's held-out loss after one step on the column direction's "
+            "gradient, divided by the drop after a step on its own (positive = synergy, negative = conflict); "
+            "± is the standard error over held-out examples."
+        ),
+        "",
+        _table(a.transfer, a.directions, a.transfer_se),
+        "",
+        *(
+            [
+                (
+                    f"Rows not normalised (their own step did not lower their held-out loss by two standard errors): "
+                    f"{', '.join(a.unnormalised)}; see the raw drops below."
+                ),
+                "",
+            ]
+            if a.unnormalised
+            else []
+        ),
+        "Raw held-out loss drop (nats) of the row after a step on the column:",
+        "",
+        _table(a.loss_drop, a.directions),
+        "",
+        "## Gradient alignment",
+        "",
+        "Cosine of the per-direction gradients, mean ± standard deviation over gradient batches.",
+        "",
+        _table(a.alignment, a.directions, a.alignment_std),
+        "",
+        "## Blocks (off-diagonal entries)",
+        "",
+        "| matrix | block | mean | min | max | negative share |",
+        "|---|---|---|---|---|---|",
+    ]
     for matrix in ("transfer", "loss_drop", "alignment"):
         for block, e in blocks[matrix].items():
             if e:
-                lines.append(f"| {matrix} | {block} | {e['mean']:+.3f} | {e['min']:+.3f} | {e['max']:+.3f} | "
-                             f"{e['negative_share']:.0%} |")
-    lines += ["", "## Suggested XX->En grouping", "",
-              ("Groups whose members all transfer positively to each other (both ways); `grouping.yaml` holds "
-               "the `method.groups` snippet for direction-aware training."), ""]
+                lines.append(
+                    f"| {matrix} | {block} | {e['mean']:+.3f} | {e['min']:+.3f} | {e['max']:+.3f} | "
+                    f"{e['negative_share']:.0%} |"
+                )
+    lines += [
+        "",
+        "## Suggested XX->En grouping",
+        "",
+        (
+            "Groups whose members all transfer positively to each other (both ways); `grouping.yaml` holds "
+            "the `method.groups` snippet for direction-aware training."
+        ),
+        "",
+    ]
     lines += [f"- `{name}`: {', '.join(langs)}" for name, langs in a.groups.items()] or ["- (no XX->En directions)"]
-    lines += ["", (f"Time: {a.seconds.get('total', 0):.0f} s ({a.seconds.get('warmup', 0):.0f} s warm-up, "
-                   f"{a.seconds.get('measure', 0):.0f} s measuring)."), ""]
+    lines += [
+        "",
+        (
+            f"Time: {a.seconds.get('total', 0):.0f} s ({a.seconds.get('warmup', 0):.0f} s warm-up, "
+            f"{a.seconds.get('measure', 0):.0f} s measuring)."
+        ),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -756,13 +905,30 @@ def write_outputs(a: Analysis, out_dir: str | Path) -> dict[str, Path]:
     """Write analysis.json, alignment.png, transfer.png, report.md and grouping.yaml; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"json": out / "analysis.json", "alignment": out / "alignment.png", "transfer": out / "transfer.png",
-             "report": out / "report.md", "grouping": out / "grouping.yaml"}
+    files = {
+        "json": out / "analysis.json",
+        "alignment": out / "alignment.png",
+        "transfer": out / "transfer.png",
+        "report": out / "report.md",
+        "grouping": out / "grouping.yaml",
+    }
     _atomic_write(files["json"], json.dumps(a.to_dict(), indent=1))
-    plot_matrix(a.alignment, a.directions, files["alignment"], spread=a.alignment_std, colorbar="cosine",
-                title="gradient alignment (cosine, mean ± std over batches)")
-    plot_matrix(a.transfer, a.directions, files["transfer"], spread=a.transfer_se, colorbar="normalised transfer",
-                title="transfer: held-out loss drop of row after a step on column / own step")
+    plot_matrix(
+        a.alignment,
+        a.directions,
+        files["alignment"],
+        spread=a.alignment_std,
+        colorbar="cosine",
+        title="gradient alignment (cosine, mean ± std over batches)",
+    )
+    plot_matrix(
+        a.transfer,
+        a.directions,
+        files["transfer"],
+        spread=a.transfer_se,
+        colorbar="normalised transfer",
+        title="transfer: held-out loss drop of row after a step on column / own step",
+    )
     _atomic_write(files["report"], report_markdown(a))
     _atomic_write(files["grouping"], grouping_yaml(a.groups, a.settings.get("threshold", 0.0)))
     return files
@@ -786,15 +952,24 @@ for direction-aware training) to --output-dir (default <train.output_dir>/analyz
     p.add_argument("--directions", nargs="+", help="directions to compare (default: those of data.train)")
     p.add_argument("--rounds", type=int, default=d.rounds, help=f"gradient batches per direction ({d.rounds})")
     p.add_argument("--batch-size", type=int, help="examples per gradient batch (default train.micro_batch_size)")
-    p.add_argument("--heldout-size", type=int, default=d.heldout_size,
-                   help=f"held-out examples per direction ({d.heldout_size})")
+    p.add_argument(
+        "--heldout-size", type=int, default=d.heldout_size, help=f"held-out examples per direction ({d.heldout_size})"
+    )
     p.add_argument("--space", choices=SPACES, default=d.space, help="parameters analysed (default lora)")
     p.add_argument("--layers", type=int, nargs="+", help="decoder layer indices for --space layers")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="the probe step (default adamw)")
-    p.add_argument("--threshold", type=float, default=d.threshold,
-                   help="minimum mutual transfer for two XX->En directions to share a group (0)")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
-                   help="joint AdamW steps over all directions before measuring (0: measure at the start)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=d.threshold,
+        help="minimum mutual transfer for two XX->En directions to share a group (0)",
+    )
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=d.warmup_steps,
+        help="joint AdamW steps over all directions before measuring (0: measure at the start)",
+    )
     p.add_argument("--output-dir", help="where to write the results (default <train.output_dir>/analyze)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -803,10 +978,19 @@ def run_analyze(args: argparse.Namespace) -> int:
     from mmt.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    options = AnalyzeOptions(directions=args.directions, rounds=args.rounds, batch_size=args.batch_size,
-                             heldout_size=args.heldout_size, space=args.space, layers=args.layers,
-                             optimizer=args.optimizer, threshold=args.threshold, warmup_steps=args.warmup_steps,
-                             output_dir=args.output_dir, progress=not args.no_progress)
+    options = AnalyzeOptions(
+        directions=args.directions,
+        rounds=args.rounds,
+        batch_size=args.batch_size,
+        heldout_size=args.heldout_size,
+        space=args.space,
+        layers=args.layers,
+        optimizer=args.optimizer,
+        threshold=args.threshold,
+        warmup_steps=args.warmup_steps,
+        output_dir=args.output_dir,
+        progress=not args.no_progress,
+    )
     result = analyze(cfg, options)
     out = Path(options.output_dir or Path(cfg.train.output_dir) / "analyze")
     files = write_outputs(result, out)

@@ -67,8 +67,9 @@ def _builder(name: str, module: str | None) -> Callable[[Any, dict], None]:
         except ImportError as exc:
             raise CheckpointError(f"changed architecture {name!r}: cannot import {module} ({exc})") from None
     if name not in _BUILDERS:
-        raise CheckpointError(f"unknown changed architecture {name!r} (known: {sorted(_BUILDERS)}); "
-                              "this checkpoint needs a newer mmt")
+        raise CheckpointError(
+            f"unknown changed architecture {name!r} (known: {sorted(_BUILDERS)}); this checkpoint needs a newer mmt"
+        )
     return _BUILDERS[name]
 
 
@@ -77,8 +78,15 @@ class MmtConfig(PretrainedConfig):
 
     model_type = MODEL_TYPE
 
-    def __init__(self, base: dict | None = None, arch: str | None = None, module: str | None = None,
-                 settings: dict | None = None, mmt_format: int = FORMAT, **kwargs):
+    def __init__(
+        self,
+        base: dict | None = None,
+        arch: str | None = None,
+        module: str | None = None,
+        settings: dict | None = None,
+        mmt_format: int = FORMAT,
+        **kwargs,
+    ):
         self.base = dict(base or {})
         self.arch = arch
         self.module = module
@@ -116,8 +124,13 @@ class MmtModelMixin:
         for key in ("architectures", "transformers_version"):
             base.pop(key, None)
         spec = self._mmt_spec
-        return MmtConfig(base=base, arch=spec["arch"], module=spec.get("module"), settings=spec["settings"],
-                         architectures=["MmtForCausalLM"])
+        return MmtConfig(
+            base=base,
+            arch=spec["arch"],
+            module=spec.get("module"),
+            settings=spec["settings"],
+            architectures=["MmtForCausalLM"],
+        )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         out = super().save_pretrained(save_directory, *args, **kwargs)
@@ -131,8 +144,7 @@ def _tagged_class(base_cls: type) -> type:
     if issubclass(base_cls, MmtModelMixin):
         return base_cls
     if base_cls not in _CLASSES:
-        _CLASSES[base_cls] = type(f"Mmt{base_cls.__name__}", (MmtModelMixin, base_cls),
-                                  {"__module__": __name__})
+        _CLASSES[base_cls] = type(f"Mmt{base_cls.__name__}", (MmtModelMixin, base_cls), {"__module__": __name__})
     return _CLASSES[base_cls]
 
 
@@ -162,8 +174,10 @@ def _check_loading_info(path, info: dict) -> None:
     problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     problems = {k: v for k, v in problems.items() if v}
     if problems:
-        detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:4]))}"
-                           + (f" (+{len(v) - 4})" if len(v) > 4 else "") for k, v in problems.items())
+        detail = "; ".join(
+            f"{k.replace('_', ' ')}: {', '.join(map(str, v[:4]))}" + (f" (+{len(v) - 4})" if len(v) > 4 else "")
+            for k, v in problems.items()
+        )
         raise CheckpointError(f"{path}: the weights do not match the architecture its config describes ({detail})")
 
 

@@ -42,11 +42,19 @@ def _value(v: Any) -> str:
     return "`None`" if v is None else str(v)
 
 
-def render_model_card(*, base_model: str | None, method: str, method_settings: Mapping[str, Any] | None = None,
-                      data_counts: Mapping[str, int] | None = None, steps: int | None = None,
-                      scores: Mapping[str, Any] | None = None, title: str | None = None,
-                      tags: Sequence[str] = (), languages: Sequence[str] = (),
-                      notes: str | None = None) -> str:
+def render_model_card(
+    *,
+    base_model: str | None,
+    method: str,
+    method_settings: Mapping[str, Any] | None = None,
+    data_counts: Mapping[str, int] | None = None,
+    steps: int | None = None,
+    scores: Mapping[str, Any] | None = None,
+    title: str | None = None,
+    tags: Sequence[str] = (),
+    languages: Sequence[str] = (),
+    notes: str | None = None,
+) -> str:
     """The card's text. ``data_counts``: examples per direction ("de-en": 1200) or per corpus;
     ``scores``: {"de-en": {"bleu": 30.1, "chrf": 55.0}} or {"bleu": 30.1}."""
     if not method:
@@ -82,8 +90,9 @@ def render_model_card(*, base_model: str | None, method: str, method_settings: M
         if nested:
             metrics = list(dict.fromkeys(m for v in nested.values() for m in v))
             lines += ["| | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
-            lines += [f"| {k} | " + " | ".join(_value(v.get(m, "-")) for m in metrics) + " |"
-                      for k, v in nested.items()]
+            lines += [
+                f"| {k} | " + " | ".join(_value(v.get(m, "-")) for m in metrics) + " |" for k, v in nested.items()
+            ]
         lines += [f"- {k}: {_value(v)}" for k, v in flat.items()]
     else:
         lines += ["Not evaluated."]
@@ -92,15 +101,30 @@ def render_model_card(*, base_model: str | None, method: str, method_settings: M
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(folder: str | os.PathLike, *, base_model: str | None, method: str,
-                     method_settings: Mapping[str, Any] | None = None, data_counts: Mapping[str, int] | None = None,
-                     steps: int | None = None, scores: Mapping[str, Any] | None = None, **extra: Any) -> Path:
+def write_model_card(
+    folder: str | os.PathLike,
+    *,
+    base_model: str | None,
+    method: str,
+    method_settings: Mapping[str, Any] | None = None,
+    data_counts: Mapping[str, int] | None = None,
+    steps: int | None = None,
+    scores: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> Path:
     """Write ``<folder>/README.md`` atomically (the folder must exist); returns its path."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"model card: {folder} is not a folder")
-    text = render_model_card(base_model=base_model, method=method, method_settings=method_settings,
-                             data_counts=data_counts, steps=steps, scores=scores, **extra)
+    text = render_model_card(
+        base_model=base_model,
+        method=method,
+        method_settings=method_settings,
+        data_counts=data_counts,
+        steps=steps,
+        scores=scores,
+        **extra,
+    )
     fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".tmp", dir=folder)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
@@ -125,12 +149,27 @@ def direction_counts(train_set: Any) -> dict[str, int]:
     return out
 
 
-def write_run_card(folder: str | os.PathLike, cfg: Any, *, train_set: Any = None, steps: int | None = None,
-                   scores: Mapping[str, Any] | None = None) -> Path:
+def write_run_card(
+    folder: str | os.PathLike,
+    cfg: Any,
+    *,
+    train_set: Any = None,
+    steps: int | None = None,
+    scores: Mapping[str, Any] | None = None,
+) -> Path:
     """The card of a model saved by a training run (a :class:`mmt.config.RunConfig`)."""
     settings = cfg.method.to_dict() if cfg.method is not None else {}
-    notes = (f"Prompt template: `{cfg.data.template}` (use the same with `mmt translate`, which reads it from the "
-             f"run's config.yaml). Loss on: {cfg.data.loss_on}; max length {cfg.data.max_length} tokens.")
-    return write_model_card(folder, base_model=cfg.model.name_or_path, method=cfg.method_name,
-                            method_settings=settings, data_counts=direction_counts(train_set) if train_set else None,
-                            steps=steps, scores=scores, notes=notes)
+    notes = (
+        f"Prompt template: `{cfg.data.template}` (use the same with `mmt translate`, which reads it from the "
+        f"run's config.yaml). Loss on: {cfg.data.loss_on}; max length {cfg.data.max_length} tokens."
+    )
+    return write_model_card(
+        folder,
+        base_model=cfg.model.name_or_path,
+        method=cfg.method_name,
+        method_settings=settings,
+        data_counts=direction_counts(train_set) if train_set else None,
+        steps=steps,
+        scores=scores,
+        notes=notes,
+    )

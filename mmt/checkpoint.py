@@ -35,8 +35,22 @@ MANIFEST = "manifest.json"
 FORMAT = "mmt-checkpoint/1"
 _CHUNK = 1 << 22
 
-__all__ = ["FORMAT", "MANIFEST", "PREFIX", "checkpoint_step", "decode", "describe_folder", "encode", "file_sha256", "list_checkpoints",
-           "load_state", "prune", "save_state", "verify", "write_manifest"]
+__all__ = [
+    "FORMAT",
+    "MANIFEST",
+    "PREFIX",
+    "checkpoint_step",
+    "decode",
+    "describe_folder",
+    "encode",
+    "file_sha256",
+    "list_checkpoints",
+    "load_state",
+    "prune",
+    "save_state",
+    "verify",
+    "write_manifest",
+]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -67,8 +81,12 @@ def encode(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
             return {k: encode(v, tensors, f"{path}.{k}" if path else k) for k, v in obj.items()}
-        return {"__items__": [[encode(k, tensors, "key"), encode(v, tensors, f"{path}.{k}" if path else str(k))]
-                              for k, v in obj.items()]}
+        return {
+            "__items__": [
+                [encode(k, tensors, "key"), encode(v, tensors, f"{path}.{k}" if path else str(k))]
+                for k, v in obj.items()
+            ]
+        }
     raise TypeError(f"checkpoint state at {path or '<root>'}: cannot store a {type(obj).__name__}")
 
 
@@ -164,8 +182,10 @@ def verify(directory: Path, *, hashes: bool = True) -> dict[str, Any]:
     missing or damaged file."""
     mpath = directory / MANIFEST
     if not mpath.is_file():
-        raise CheckpointError(f"{directory}: not a complete mmt checkpoint (no {MANIFEST}; an older format, or a "
-                              "folder whose writing was interrupted)")
+        raise CheckpointError(
+            f"{directory}: not a complete mmt checkpoint (no {MANIFEST}; an older format, or a "
+            "folder whose writing was interrupted)"
+        )
     try:
         doc = json.loads(mpath.read_text(encoding="utf-8"))
         files = doc["files"]
@@ -193,7 +213,7 @@ def checkpoint_step(path: Path) -> int | None:
     if not name.startswith(PREFIX):
         return None
     try:
-        return int(name[len(PREFIX):])
+        return int(name[len(PREFIX) :])
     except ValueError:
         return None
 
@@ -216,12 +236,18 @@ def describe_folder(path: str | Path) -> str | None:
         final = p / "final"
         ckpts = list_checkpoints(p / "checkpoints")
         what = f"{final}" if final.is_dir() else (str(ckpts[-1]) if ckpts else None)
-        return f"{p} is a training run folder; pass its model: {what}" if what else \
-            f"{p} is a training run folder without a finished model or checkpoint yet"
+        return (
+            f"{p} is a training run folder; pass its model: {what}"
+            if what
+            else f"{p} is a training run folder without a finished model or checkpoint yet"
+        )
     ckpts = list_checkpoints(p)
     if ckpts or any(checkpoint_step(c) is not None for c in p.iterdir()):
-        return (f"{p} is the checkpoints folder of a training run; pass one checkpoint, e.g. {ckpts[-1]}" if ckpts
-                else f"{p} is the checkpoints folder of a training run, with no complete checkpoint")
+        return (
+            f"{p} is the checkpoints folder of a training run; pass one checkpoint, e.g. {ckpts[-1]}"
+            if ckpts
+            else f"{p} is the checkpoints folder of a training run, with no complete checkpoint"
+        )
     if checkpoint_step(p) is not None or p.name.startswith(TMP_PREFIX):
         return f"{p} is an incomplete training checkpoint (its writing was interrupted); use an older one"
     return f"{p} is not a model folder (no config.json)"
@@ -234,5 +260,5 @@ def prune(root: Path, keep_last: int) -> None:
     for p in root.iterdir():
         if p.name.startswith(TMP_PREFIX) or (checkpoint_step(p) is not None and not (p / MANIFEST).is_file()):
             shutil.rmtree(p, ignore_errors=True)
-    for old in list_checkpoints(root)[:-max(1, keep_last)]:
+    for old in list_checkpoints(root)[: -max(1, keep_last)]:
         shutil.rmtree(old, ignore_errors=True)

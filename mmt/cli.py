@@ -34,16 +34,36 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "demo": ("mmt.demo", "add_args", "run_demo", "CPU demo: score Gemma 3 270M, fine-tune with mFTI, score again"),
     "detect": ("mmt.methods.landermt", "add_detect_args", "run_detect", "LANDeRMT: detect language-aware neurons"),
     "merge": ("mmt.merge", "add_args", "run", "merge fine-tuned checkpoints (linear, TIES, DARE), streaming"),
-    "analyze": ("mmt.analyze", "add_args", "run_analyze",
-                "measure conflict and synergy between directions; suggest direction-aware groups"),
-    "compare": ("mmt.compare", "add_compare_args", "run_compare",
-                "compare evaluated systems: paired bootstrap and approximate randomisation"),
-    "experiment": ("mmt.experiment", "add_experiment_args", "run_experiment",
-                   "run method configs at a matched budget, pick best dev checkpoints, compare"),
-    "translate": ("mmt.translate", "add_translate_args", "run_translate",
-                  "translate a file or stdin with a trained model"),
-    "export": ("mmt.export", "add_export_args", "run_export",
-               "write a run's result as standalone Hugging Face model(s), LoRA merged"),
+    "analyze": (
+        "mmt.analyze",
+        "add_args",
+        "run_analyze",
+        "measure conflict and synergy between directions; suggest direction-aware groups",
+    ),
+    "compare": (
+        "mmt.compare",
+        "add_compare_args",
+        "run_compare",
+        "compare evaluated systems: paired bootstrap and approximate randomisation",
+    ),
+    "experiment": (
+        "mmt.experiment",
+        "add_experiment_args",
+        "run_experiment",
+        "run method configs at a matched budget, pick best dev checkpoints, compare",
+    ),
+    "translate": (
+        "mmt.translate",
+        "add_translate_args",
+        "run_translate",
+        "translate a file or stdin with a trained model",
+    ),
+    "export": (
+        "mmt.export",
+        "add_export_args",
+        "run_export",
+        "write a run's result as standalone Hugging Face model(s), LoRA merged",
+    ),
 }
 
 EPILOG = """\
@@ -84,13 +104,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
     parser = argparse.ArgumentParser(
-        prog="mmt", description="Post-train Hugging Face causal LMs for multilingual machine translation.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="mmt",
+        description="Post-train Hugging Face causal LMs for multilingual machine translation.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"mmt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")
     for name, (_, _, _, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         if name != chosen:
             continue
         try:
@@ -135,8 +159,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML run config (sections model, data, method, train, eval)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="override config values, e.g. train.lr=1e-5 data.template=alma")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="override config values, e.g. train.lr=1e-5 data.template=alma",
+    )
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -166,8 +194,10 @@ def run_train(args: argparse.Namespace) -> int:
     if method.run is not None:  # a method of several training runs (e.g. direction-aware: units + merge)
         return method.run(cfg, with_eval=args.eval)
     model, tokenizer, plan, result = train.run(cfg)
-    print(f"trained {result.steps} steps in {result.seconds:.0f}s; final loss {result.final_loss:.4f}; "
-          f"output in {result.output_dir}")
+    print(
+        f"trained {result.steps} steps in {result.seconds:.0f}s; final loss {result.final_loss:.4f}; "
+        f"output in {result.output_dir}"
+    )
     if not PartialState().is_main_process:
         return 0
     if getattr(cfg.method, "select_best", False):  # mFTI's protocol: the best checkpoint on a dev split
@@ -175,8 +205,9 @@ def run_train(args: argparse.Namespace) -> int:
         from mmt.models import load_model
 
         m = cfg.method
-        sel = select_best_checkpoint(cfg, metric=m.select_metric, split=m.select_split,
-                                     max_sentences=m.select_sentences)
+        sel = select_best_checkpoint(
+            cfg, metric=m.select_metric, split=m.select_split, max_sentences=m.select_sentences
+        )
         print(f"best on {sel['split']} ({sel['metric']}): {sel['best']}; copied to {result.output_dir}/best")
         if args.eval:
             model, tokenizer = load_model(cfg.model, name_or_path=str(Path(result.output_dir) / "best"))
@@ -185,8 +216,9 @@ def run_train(args: argparse.Namespace) -> int:
         from mmt.export import merge_lora
 
         model = merge_lora(model)  # the weights final/ holds: `mmt eval --model final/` gives the same scores
-        _evaluate_and_write(cfg, model, tokenizer, label=f"{cfg.method_name}",
-                            seen=training_directions_of(result.output_dir))
+        _evaluate_and_write(
+            cfg, model, tokenizer, label=f"{cfg.method_name}", seen=training_directions_of(result.output_dir)
+        )
     return 0
 
 
@@ -205,8 +237,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 Writes <label>.json, <label>.md and <label>_hyps/<direction>.txt to eval.output_dir."""
     _add_common(p)
-    p.add_argument("--model", help="model to score: directory, hub id, .gguf file or alias "
-                                  "(overrides model.name_or_path)")
+    p.add_argument(
+        "--model", help="model to score: directory, hub id, .gguf file or alias (overrides model.name_or_path)"
+    )
     p.add_argument("--directions", nargs="+", help="e.g. de-en en-de (overrides eval.directions)")
     p.add_argument("--max-sentences", type=int, help="first N test lines per direction")
     p.add_argument("--shots", type=int, help="k-shot in-context examples drawn from eval.shots_from")
@@ -218,9 +251,17 @@ Writes <label>.json, <label>.md and <label>_hyps/<direction>.txt to eval.output_
 def run_eval(args: argparse.Namespace) -> int:
     from mmt.models import load_model  # see run_train: kept out of `mmt --help`
 
-    ov = overrides_from_args(args, {"model": "model.name_or_path", "directions": "eval.directions",
-                                    "max_sentences": "eval.max_sentences", "shots": "eval.shots",
-                                    "beams": "eval.num_beams", "output_dir": "eval.output_dir"})
+    ov = overrides_from_args(
+        args,
+        {
+            "model": "model.name_or_path",
+            "directions": "eval.directions",
+            "max_sentences": "eval.max_sentences",
+            "shots": "eval.shots",
+            "beams": "eval.num_beams",
+            "output_dir": "eval.output_dir",
+        },
+    )
     cfg = load_config(args.config, ov)
     label = args.label or cfg.model.name_or_path.rstrip("/").split("/")[-1]
     if (Path(cfg.model.name_or_path) / "directional.json").is_file():  # one model per direction: route each
@@ -243,8 +284,9 @@ def run_eval(args: argparse.Namespace) -> int:
 def _evaluate_and_write(cfg, model, tokenizer, label: str, seen=None) -> None:
     from mmt.evaluate import evaluate, write_report  # see run_train
 
-    report = evaluate(model, tokenizer, cfg.eval, template=cfg.data.template, data_dir=cfg.data.data_dir, label=label,
-                      seen=seen)
+    report = evaluate(
+        model, tokenizer, cfg.eval, template=cfg.data.template, data_dir=cfg.data.data_dir, label=label, seen=seen
+    )
     out = Path(cfg.eval.output_dir or Path(cfg.train.output_dir) / "eval")
     write_report(report, out)
     print(report.markdown())

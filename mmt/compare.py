@@ -34,8 +34,17 @@ from mmt.errors import ConfigError, DataError, MissingDependencyError
 
 METRIC_NAMES = {"bleu": "BLEU", "chrf": "chrF++", "comet": "COMET"}
 DEFAULT_SEED = 12345  # sacreBLEU's own default
-GROUP_ORDER = ("all", "seen", "unseen", "xx->en", "en->xx", "seen xx->en", "seen en->xx", "unseen xx->en",
-               "unseen en->xx")
+GROUP_ORDER = (
+    "all",
+    "seen",
+    "unseen",
+    "xx->en",
+    "en->xx",
+    "seen xx->en",
+    "seen en->xx",
+    "unseen xx->en",
+    "unseen en->xx",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,8 +87,10 @@ def _find_reports(path: Path) -> list[Path]:
             if (folder / f"{p.stem}_hyps").is_dir():
                 found.append(p)
     if not found:
-        raise DataError(f"{path}: no result files (<label>.json next to <label>_hyps/) in it, its eval/ or test/ "
-                        "folder; pass the output folder of mmt eval, mmt demo, mmt train --eval or mmt experiment")
+        raise DataError(
+            f"{path}: no result files (<label>.json next to <label>_hyps/) in it, its eval/ or test/ "
+            "folder; pass the output folder of mmt eval, mmt demo, mmt train --eval or mmt experiment"
+        )
     return found
 
 
@@ -96,8 +107,9 @@ def _resolve_test_set(recorded: str, data_dir: str | Path | None) -> Path:
             cand = root.joinpath(*p.parts[-k:])
             if cand.is_dir():
                 return cand
-    raise DataError(f"test set {recorded} (named by the result file) not found, nor under the data folder "
-                    f"{root}; pass --data-dir")
+    raise DataError(
+        f"test set {recorded} (named by the result file) not found, nor under the data folder {root}; pass --data-dir"
+    )
 
 
 def _trained_directions_from_config(cfg: dict[str, Any]) -> list[str] | None:
@@ -181,13 +193,19 @@ def load_system(path: str | Path, *, label: str | None = None, data_dir: str | P
             test_folder = test_folder or _resolve_test_set(settings["test_set"], data_dir)
             s, t = d.split("-")
             first = int(settings.get("first_line") or 0)
-            refs[d] = load_flores(test_folder, (s, t))[t][first:first + len(hyps[d])]
+            refs[d] = load_flores(test_folder, (s, t))[t][first : first + len(hyps[d])]
         if len(refs[d]) != len(hyps[d]):
             raise DataError(f"{path}: {d} has {len(hyps[d])} hypotheses but {len(refs[d])} references")
     if not hyps:
         raise DataError(f"{path}: the result file lists no directions")
-    return System(label=label or str(data["label"]), source=str(path), hypotheses=hyps, references=refs,
-                  settings=settings, trained_directions=_trained_directions(path, settings))
+    return System(
+        label=label or str(data["label"]),
+        source=str(path),
+        hypotheses=hyps,
+        references=refs,
+        settings=settings,
+        trained_directions=_trained_directions(path, settings),
+    )
 
 
 def load_systems(inputs: Sequence[str], data_dir: str | Path | None = None) -> list[System]:
@@ -225,8 +243,13 @@ def load_systems(inputs: Sequence[str], data_dir: str | Path | None = None) -> l
 class _Metric:
     """Sentence-level statistics whose column sums give the corpus score."""
 
-    def __init__(self, name: str, stats_fn: Callable[[list[str]], np.ndarray], score_fn: Callable[[np.ndarray], float],
-                 sacrebleu_metric: Any = None):
+    def __init__(
+        self,
+        name: str,
+        stats_fn: Callable[[list[str]], np.ndarray],
+        score_fn: Callable[[np.ndarray], float],
+        sacrebleu_metric: Any = None,
+    ):
         self.name, self.stats_fn, self.score_fn, self.sacrebleu_metric = name, stats_fn, score_fn, sacrebleu_metric
 
 
@@ -248,15 +271,18 @@ def _comet_metric(seg_scores: Callable[[list[str]], list[float]]) -> _Metric:
     return _Metric("comet", stats, lambda summed: float(100 * summed[0] / max(summed[1], 1)))
 
 
-def metrics_for(direction: str, refs: list[str], comet_scorer: Callable | None = None,
-                srcs: list[str] | None = None) -> list[_Metric]:
+def metrics_for(
+    direction: str, refs: list[str], comet_scorer: Callable | None = None, srcs: list[str] | None = None
+) -> list[_Metric]:
     from sacrebleu.metrics import BLEU, CHRF
 
     from mmt.evaluate import bleu_tokenizer
 
     tgt = direction.split("-")[1]
-    out = [_sacrebleu_metric("bleu", refs, BLEU(tokenize=bleu_tokenizer(tgt))),
-           _sacrebleu_metric("chrf", refs, CHRF(word_order=2))]
+    out = [
+        _sacrebleu_metric("bleu", refs, BLEU(tokenize=bleu_tokenizer(tgt))),
+        _sacrebleu_metric("chrf", refs, CHRF(word_order=2)),
+    ]
     if comet_scorer is not None:
         out.append(_comet_metric(lambda hyps: comet_scorer(srcs, hyps, refs)))
     return out
@@ -343,8 +369,9 @@ def _sacrebleu_seed(seed: int):
             os.environ["SACREBLEU_SEED"] = old
 
 
-def sacrebleu_paired(named: list[tuple[str, list[str]]], refs: list[str], metrics: list[_Metric], *,
-                     test: str, samples: int, seed: int) -> dict[str, list[Any]]:
+def sacrebleu_paired(
+    named: list[tuple[str, list[str]]], refs: list[str], metrics: list[_Metric], *, test: str, samples: int, seed: int
+) -> dict[str, list[Any]]:
     """sacreBLEU's ``PairedTest`` (bs or ar) over ``named`` systems (the first is the baseline):
     {metric name: [Result per system]} with plain floats."""
     from sacrebleu.significance import PairedTest
@@ -372,22 +399,27 @@ def _fnum(x: Any) -> float | None:
 def default_groups(directions: list[str], seen: set[str] | None) -> dict[str, list[str]]:
     """Direction groups to average over; a group equal to an earlier one, or a crossing (seen xx->en ...) of a
     single direction, is left out."""
+
     def pick(pred):
         return [d for d in directions if pred(d)]
 
     def xx_en(d):
         return d.endswith("-en") and not d.startswith("en-")
+
     def en_xx(d):
         return d.startswith("en-") and not d.endswith("-en")
+
     cand = {"all": directions}
     if seen is not None:
         cand |= {"seen": pick(lambda d: d in seen), "unseen": pick(lambda d: d not in seen)}
     cand |= {"xx->en": pick(xx_en), "en->xx": pick(en_xx)}
     if seen is not None:
-        cand |= {"seen xx->en": pick(lambda d: d in seen and xx_en(d)),
-                 "seen en->xx": pick(lambda d: d in seen and en_xx(d)),
-                 "unseen xx->en": pick(lambda d: d not in seen and xx_en(d)),
-                 "unseen en->xx": pick(lambda d: d not in seen and en_xx(d))}
+        cand |= {
+            "seen xx->en": pick(lambda d: d in seen and xx_en(d)),
+            "seen en->xx": pick(lambda d: d in seen and en_xx(d)),
+            "unseen xx->en": pick(lambda d: d not in seen and xx_en(d)),
+            "unseen en->xx": pick(lambda d: d not in seen and en_xx(d)),
+        }
     out: dict[str, list[str]] = {}
     for name in GROUP_ORDER:
         dirs = cand.get(name) or []
@@ -398,10 +430,18 @@ def default_groups(directions: list[str], seen: set[str] | None) -> dict[str, li
     return out
 
 
-def compare(systems: list[System], *, baseline: str | None = None, seen: Sequence[str] | None = None,
-            samples: int = 1000, ar_trials: int = 10000, seed: int = DEFAULT_SEED,
-            comet_scorer: Callable | None = None, sources: dict[str, list[str]] | None = None,
-            log: Callable[[str], Any] | None = print) -> dict[str, Any]:
+def compare(
+    systems: list[System],
+    *,
+    baseline: str | None = None,
+    seen: Sequence[str] | None = None,
+    samples: int = 1000,
+    ar_trials: int = 10000,
+    seed: int = DEFAULT_SEED,
+    comet_scorer: Callable | None = None,
+    sources: dict[str, list[str]] | None = None,
+    log: Callable[[str], Any] | None = print,
+) -> dict[str, Any]:
     """Paired tests of every system against the baseline; returns the JSON-ready result."""
     import sacrebleu
 
@@ -425,13 +465,16 @@ def compare(systems: list[System], *, baseline: str | None = None, seen: Sequenc
     if dropped:
         notes.append(f"directions not scored by every system, left out: {', '.join(dropped)}")
     if not directions:
-        raise DataError("the systems share no direction: " + "; ".join(
-            f"{s.label}: {', '.join(s.hypotheses)}" for s in systems))
+        raise DataError(
+            "the systems share no direction: " + "; ".join(f"{s.label}: {', '.join(s.hypotheses)}" for s in systems)
+        )
     for s in systems[1:]:
         for d in directions:
             if s.references[d] != base.references[d]:
-                raise DataError(f"{s.label} ({s.source}) and {base.label} ({base.source}) were scored on different "
-                                f"{d} sentences (check test_set, first_line, max_sentences)")
+                raise DataError(
+                    f"{s.label} ({s.source}) and {base.label} ({base.source}) were scored on different "
+                    f"{d} sentences (check test_set, first_line, max_sentences)"
+                )
     if seen is not None:
         seen_set: set[str] | None = {_norm_direction(d) for d in seen}
     else:
@@ -524,15 +567,22 @@ def compare(systems: list[System], *, baseline: str | None = None, seen: Sequenc
 
     return {
         "baseline": base.label,
-        "systems": [{"label": s.label, "source": s.source, "trained_directions": s.trained_directions,
-                     "settings": s.settings} for s in systems],
+        "systems": [
+            {"label": s.label, "source": s.source, "trained_directions": s.trained_directions, "settings": s.settings}
+            for s in systems
+        ],
         "metrics": metric_names,
         "seen_directions": sorted(seen_set) if seen_set is not None else None,
-        "settings": {"bootstrap_samples": samples, "ar_trials": ar_trials, "seed": seed,
-                     "sacrebleu": sacrebleu.__version__, "comet": comet_scorer is not None,
-                     "interval": "95%: bootstrap mean +- half-width (sacreBLEU); delta: 2.5th-97.5th percentile "
-                                 "of paired resampled differences",
-                     "groups": "stratified: each direction resampled with its own sacreBLEU draws, scores averaged"},
+        "settings": {
+            "bootstrap_samples": samples,
+            "ar_trials": ar_trials,
+            "seed": seed,
+            "sacrebleu": sacrebleu.__version__,
+            "comet": comet_scorer is not None,
+            "interval": "95%: bootstrap mean +- half-width (sacreBLEU); delta: 2.5th-97.5th percentile "
+            "of paired resampled differences",
+            "groups": "stratified: each direction resampled with its own sacreBLEU draws, scores averaged",
+        },
         "groups": per_group,
         "directions": per_dir,
         "notes": notes,
@@ -577,12 +627,16 @@ def markdown(result: dict[str, Any]) -> str:
     systems = [s["label"] for s in result["systems"]]
     metrics, base = result["metrics"], result["baseline"]
     st = result["settings"]
-    out = [f"# Comparison against {base}", "",
-           f"Paired bootstrap ({st['bootstrap_samples']} resamples) and approximate randomisation "
-           f"({st['ar_trials']} trials), seed {st['seed']}, sacreBLEU {st['sacrebleu']}. Scores: corpus score "
-           "(bootstrap mean ± 95% CI half-width); Δ: difference to the baseline with the 95% interval of the paired "
-           "resampled differences, * = p < 0.05 (paired bootstrap); p: paired bootstrap / approximate "
-           "randomisation. Averages resample each direction (stratified).", ""]
+    out = [
+        f"# Comparison against {base}",
+        "",
+        f"Paired bootstrap ({st['bootstrap_samples']} resamples) and approximate randomisation "
+        f"({st['ar_trials']} trials), seed {st['seed']}, sacreBLEU {st['sacrebleu']}. Scores: corpus score "
+        "(bootstrap mean ± 95% CI half-width); Δ: difference to the baseline with the 95% interval of the paired "
+        "resampled differences, * = p < 0.05 (paired bootstrap); p: paired bootstrap / approximate "
+        "randomisation. Averages resample each direction (stratified).",
+        "",
+    ]
     if result.get("seen_directions") is not None:
         out += [f"Seen (trained) directions: {', '.join(result['seen_directions']) or 'none'}.", ""]
     for note in result["notes"]:
@@ -607,8 +661,9 @@ def plot_deltas(result: dict[str, Any], path: str | Path) -> Path:
     metrics, base = result["metrics"], result["baseline"]
     others = [s["label"] for s in result["systems"] if s["label"] != base]
     groups = list(result["groups"])
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 1.2 + 0.32 * len(groups) * len(others)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(4.8 * len(metrics), 1.2 + 0.32 * len(groups) * len(others)), squeeze=False
+    )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, m in zip(axes[0], metrics):
         y, ticks = 0, []
@@ -616,8 +671,15 @@ def plot_deltas(result: dict[str, Any], path: str | Path) -> Path:
             for k, label in enumerate(others):
                 x = result["groups"][g]["systems"][label][m]
                 lo, hi = x["delta_ci"]
-                ax.errorbar(x["delta"], y, xerr=[[x["delta"] - lo], [hi - x["delta"]]], fmt="o", capsize=3,
-                            color=colors[k % len(colors)], label=label if g == groups[0] else None)
+                ax.errorbar(
+                    x["delta"],
+                    y,
+                    xerr=[[x["delta"] - lo], [hi - x["delta"]]],
+                    fmt="o",
+                    capsize=3,
+                    color=colors[k % len(colors)],
+                    label=label if g == groups[0] else None,
+                )
                 ticks.append((y, g if k == 0 else ""))
                 y -= 1
             y -= 0.6
@@ -659,22 +721,41 @@ def system_sources(system: System, data_dir: str | Path | None = None) -> dict[s
     out = {}
     for d, hyps in system.hypotheses.items():
         s, t = d.split("-")
-        out[d] = load_flores(folder, (s, t))[s][first:first + len(hyps)]
+        out[d] = load_flores(folder, (s, t))[s][first : first + len(hyps)]
     return out
 
 
-def run_comparison(inputs: Sequence[str], out_dir: str | Path, *, baseline: str | None = None,
-                   seen: Sequence[str] | None = None, samples: int = 1000, ar_trials: int = 10000,
-                   seed: int = DEFAULT_SEED, comet_model: str | None = None, data_dir: str | Path | None = None,
-                   plot: bool = True, log: Callable[[str], Any] | None = print) -> dict[str, Any]:
+def run_comparison(
+    inputs: Sequence[str],
+    out_dir: str | Path,
+    *,
+    baseline: str | None = None,
+    seen: Sequence[str] | None = None,
+    samples: int = 1000,
+    ar_trials: int = 10000,
+    seed: int = DEFAULT_SEED,
+    comet_model: str | None = None,
+    data_dir: str | Path | None = None,
+    plot: bool = True,
+    log: Callable[[str], Any] | None = print,
+) -> dict[str, Any]:
     """Load, compare, write: what ``mmt compare`` and ``mmt experiment`` run."""
     systems = load_systems(inputs, data_dir=data_dir)
     scorer, sources = None, None
     if comet_model:
         scorer = comet_segment_scorer(comet_model)
         sources = system_sources(systems[0], data_dir)
-    result = compare(systems, baseline=baseline, seen=seen, samples=samples, ar_trials=ar_trials, seed=seed,
-                     comet_scorer=scorer, sources=sources, log=log)
+    result = compare(
+        systems,
+        baseline=baseline,
+        seen=seen,
+        samples=samples,
+        ar_trials=ar_trials,
+        seed=seed,
+        comet_scorer=scorer,
+        sources=sources,
+        log=log,
+    )
     write_outputs(result, out_dir, plot=plot)
     return result
 
@@ -695,8 +776,12 @@ compare_deltas.png to --output-dir."""
     p.add_argument("inputs", nargs="+", metavar="RUN_OR_RESULT", help="result files or run folders (baseline first)")
     p.add_argument("--output-dir", "-o", default="runs/compare", help="where to write (default runs/compare)")
     p.add_argument("--baseline", help="label of the system every other is tested against (default: the first)")
-    p.add_argument("--seen", nargs="+", metavar="DIRECTION",
-                   help="trained directions (default: read from the runs' configs, if any)")
+    p.add_argument(
+        "--seen",
+        nargs="+",
+        metavar="DIRECTION",
+        help="trained directions (default: read from the runs' configs, if any)",
+    )
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (default 1000)")
     p.add_argument("--ar-trials", type=int, default=10000, help="approximate randomisation trials (default 10000)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"resampling seed >= 1 (default {DEFAULT_SEED})")
@@ -706,9 +791,18 @@ compare_deltas.png to --output-dir."""
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    result = run_comparison(args.inputs, args.output_dir, baseline=args.baseline, seen=args.seen,
-                            samples=args.bootstrap, ar_trials=args.ar_trials, seed=args.seed,
-                            comet_model=args.comet_model, data_dir=args.data_dir, plot=not args.no_plot)
+    result = run_comparison(
+        args.inputs,
+        args.output_dir,
+        baseline=args.baseline,
+        seen=args.seen,
+        samples=args.bootstrap,
+        ar_trials=args.ar_trials,
+        seed=args.seed,
+        comet_model=args.comet_model,
+        data_dir=args.data_dir,
+        plot=not args.no_plot,
+    )
     first = next(iter(result["groups"]))
     systems = [s["label"] for s in result["systems"]]
     print("\n".join(_table(result["groups"][first], systems, result["metrics"], result["baseline"])))

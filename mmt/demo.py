@@ -28,15 +28,34 @@ DEMO_CONFIG: dict = {
     "model": {"name_or_path": "gemma3-270m", "dtype": "float32"},
     "data": {
         "train": [{"kind": "tatoeba", "directions": ["de-en", "en-de", "fr-en", "en-fr"], "max_examples": 120}],
-        "template": "T1", "loss_on": "target", "max_length": 96,
+        "template": "T1",
+        "loss_on": "target",
+        "max_length": 96,
     },
     "method": {"name": "mfti", "freeze_embeddings": True},
-    "train": {"output_dir": "runs/demo/train", "max_steps": 24, "batch_size": 8, "micro_batch_size": 8,
-              "lr": 2.0e-5, "lr_schedule": "constant", "warmup_steps": 2, "save_every": 0, "log_every": 1,
-              "save_model": False, "max_grad_norm": 1.0},
-    "eval": {"test_set": "flores200/devtest", "directions": ["de-en", "en-de", "fr-en", "en-fr"],
-             "max_sentences": 16, "batch_size": 16, "num_beams": 1, "max_new_tokens": 48,
-             "shots_from": "flores200/dev_subset", "off_target": True},
+    "train": {
+        "output_dir": "runs/demo/train",
+        "max_steps": 24,
+        "batch_size": 8,
+        "micro_batch_size": 8,
+        "lr": 2.0e-5,
+        "lr_schedule": "constant",
+        "warmup_steps": 2,
+        "save_every": 0,
+        "log_every": 1,
+        "save_model": False,
+        "max_grad_norm": 1.0,
+    },
+    "eval": {
+        "test_set": "flores200/devtest",
+        "directions": ["de-en", "en-de", "fr-en", "en-fr"],
+        "max_sentences": 16,
+        "batch_size": 16,
+        "num_beams": 1,
+        "max_new_tokens": 48,
+        "shots_from": "flores200/dev_subset",
+        "off_target": True,
+    },
 }
 
 
@@ -107,14 +126,22 @@ def run_demo(args: argparse.Namespace) -> int:
     timings["eval_after"] = time.time() - t
     write_report(after, out, "after")
 
-    plot_before_after(before, after, out / "demo.png",
-                      title=f"{cfg.model.name_or_path}: {cfg.method_name}, {result.steps} steps")
+    plot_before_after(
+        before, after, out / "demo.png", title=f"{cfg.model.name_or_path}: {cfg.method_name}, {result.steps} steps"
+    )
     plot_loss(None, out / "loss.png", losses=result.losses)
     timings["total"] = time.time() - t0
-    summary = {"model": cfg.model.name_or_path, "method": cfg.method_name, "steps": result.steps,
-               "train_losses": result.losses, "timings_s": timings, "before": before.to_dict(),
-               "after": after.to_dict(), "fewshot": fewshot.to_dict() if fewshot else None,
-               "config": cfg.to_dict()}
+    summary = {
+        "model": cfg.model.name_or_path,
+        "method": cfg.method_name,
+        "steps": result.steps,
+        "train_losses": result.losses,
+        "timings_s": timings,
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+        "fewshot": fewshot.to_dict() if fewshot else None,
+        "config": cfg.to_dict(),
+    }
     (out / "demo_results.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
     table = compare_markdown(before, after)
     (out / "demo_results.md").write_text(table + "\n", encoding="utf-8")
@@ -133,7 +160,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
 _SAMPLE = [
     ("The train leaves at eight o'clock.", "Der Zug fährt um acht Uhr ab.", "Le train part à huit heures."),
-    ("My sister lives in a small town.", "Meine Schwester wohnt in einer kleinen Stadt.", "Ma sœur habite dans une petite ville."),
+    (
+        "My sister lives in a small town.",
+        "Meine Schwester wohnt in einer kleinen Stadt.",
+        "Ma sœur habite dans une petite ville.",
+    ),
     ("We are going to the market tomorrow.", "Wir gehen morgen auf den Markt.", "Nous allons au marché demain."),
     ("The book is on the table.", "Das Buch liegt auf dem Tisch.", "Le livre est sur la table."),
     ("It is raining again today.", "Heute regnet es wieder.", "Il pleut encore aujourd'hui."),
@@ -141,36 +172,80 @@ _SAMPLE = [
     ("The children are playing in the garden.", "Die Kinder spielen im Garten.", "Les enfants jouent dans le jardin."),
     ("I drink coffee every morning.", "Ich trinke jeden Morgen Kaffee.", "Je bois du café tous les matins."),
     ("The museum is closed on Mondays.", "Das Museum ist montags geschlossen.", "Le musée est fermé le lundi."),
-    ("She has been learning French for two years.", "Sie lernt seit zwei Jahren Französisch.", "Elle apprend le français depuis deux ans."),
+    (
+        "She has been learning French for two years.",
+        "Sie lernt seit zwei Jahren Französisch.",
+        "Elle apprend le français depuis deux ans.",
+    ),
     ("The doctor will see you now.", "Der Arzt empfängt Sie jetzt.", "Le médecin va vous recevoir maintenant."),
     ("This soup is too hot.", "Diese Suppe ist zu heiß.", "Cette soupe est trop chaude."),
     ("We missed the last bus.", "Wir haben den letzten Bus verpasst.", "Nous avons raté le dernier bus."),
     ("The river flows through the city.", "Der Fluss fließt durch die Stadt.", "Le fleuve traverse la ville."),
     ("He forgot his keys at home.", "Er hat seine Schlüssel zu Hause vergessen.", "Il a oublié ses clés à la maison."),
     ("The shop opens at nine.", "Der Laden öffnet um neun.", "Le magasin ouvre à neuf heures."),
-    ("Our teacher explains everything clearly.", "Unser Lehrer erklärt alles deutlich.", "Notre professeur explique tout clairement."),
+    (
+        "Our teacher explains everything clearly.",
+        "Unser Lehrer erklärt alles deutlich.",
+        "Notre professeur explique tout clairement.",
+    ),
     ("I would like a glass of water.", "Ich hätte gern ein Glas Wasser.", "Je voudrais un verre d'eau."),
-    ("The weather will be better next week.", "Nächste Woche wird das Wetter besser.", "Le temps sera meilleur la semaine prochaine."),
-    ("They built a new bridge last year.", "Letztes Jahr haben sie eine neue Brücke gebaut.", "Ils ont construit un nouveau pont l'année dernière."),
+    (
+        "The weather will be better next week.",
+        "Nächste Woche wird das Wetter besser.",
+        "Le temps sera meilleur la semaine prochaine.",
+    ),
+    (
+        "They built a new bridge last year.",
+        "Letztes Jahr haben sie eine neue Brücke gebaut.",
+        "Ils ont construit un nouveau pont l'année dernière.",
+    ),
     ("Please close the window.", "Bitte schließ das Fenster.", "Ferme la fenêtre, s'il te plaît."),
     ("The cat is sleeping on the sofa.", "Die Katze schläft auf dem Sofa.", "Le chat dort sur le canapé."),
-    ("We need more time to finish the project.", "Wir brauchen mehr Zeit, um das Projekt abzuschließen.", "Nous avons besoin de plus de temps pour terminer le projet."),
+    (
+        "We need more time to finish the project.",
+        "Wir brauchen mehr Zeit, um das Projekt abzuschließen.",
+        "Nous avons besoin de plus de temps pour terminer le projet.",
+    ),
     ("The concert was very beautiful.", "Das Konzert war sehr schön.", "Le concert était très beau."),
     ("My phone does not work anymore.", "Mein Telefon funktioniert nicht mehr.", "Mon téléphone ne fonctionne plus."),
-    ("The library has many old books.", "Die Bibliothek hat viele alte Bücher.", "La bibliothèque a beaucoup de vieux livres."),
+    (
+        "The library has many old books.",
+        "Die Bibliothek hat viele alte Bücher.",
+        "La bibliothèque a beaucoup de vieux livres.",
+    ),
     ("He runs in the park every evening.", "Er läuft jeden Abend im Park.", "Il court dans le parc tous les soirs."),
-    ("The meeting starts in ten minutes.", "Die Besprechung beginnt in zehn Minuten.", "La réunion commence dans dix minutes."),
+    (
+        "The meeting starts in ten minutes.",
+        "Die Besprechung beginnt in zehn Minuten.",
+        "La réunion commence dans dix minutes.",
+    ),
     ("I have never seen the sea.", "Ich habe das Meer noch nie gesehen.", "Je n'ai jamais vu la mer."),
     ("The price of bread has gone up.", "Der Brotpreis ist gestiegen.", "Le prix du pain a augmenté."),
     ("Where is the nearest pharmacy?", "Wo ist die nächste Apotheke?", "Où est la pharmacie la plus proche ?"),
-    ("The students wrote a long report.", "Die Studenten schrieben einen langen Bericht.", "Les étudiants ont écrit un long rapport."),
+    (
+        "The students wrote a long report.",
+        "Die Studenten schrieben einen langen Bericht.",
+        "Les étudiants ont écrit un long rapport.",
+    ),
     ("Our neighbours have a big dog.", "Unsere Nachbarn haben einen großen Hund.", "Nos voisins ont un grand chien."),
     ("The plane landed on time.", "Das Flugzeug ist pünktlich gelandet.", "L'avion a atterri à l'heure."),
     ("She plays the piano very well.", "Sie spielt sehr gut Klavier.", "Elle joue très bien du piano."),
-    ("We ate dinner with our friends.", "Wir haben mit unseren Freunden zu Abend gegessen.", "Nous avons dîné avec nos amis."),
-    ("The road is closed because of snow.", "Die Straße ist wegen Schnee gesperrt.", "La route est fermée à cause de la neige."),
+    (
+        "We ate dinner with our friends.",
+        "Wir haben mit unseren Freunden zu Abend gegessen.",
+        "Nous avons dîné avec nos amis.",
+    ),
+    (
+        "The road is closed because of snow.",
+        "Die Straße ist wegen Schnee gesperrt.",
+        "La route est fermée à cause de la neige.",
+    ),
     ("I am reading an interesting article.", "Ich lese einen interessanten Artikel.", "Je lis un article intéressant."),
-    ("The hospital needs more nurses.", "Das Krankenhaus braucht mehr Pflegekräfte.", "L'hôpital a besoin de plus d'infirmières."),
+    (
+        "The hospital needs more nurses.",
+        "Das Krankenhaus braucht mehr Pflegekräfte.",
+        "L'hôpital a besoin de plus d'infirmières.",
+    ),
     ("Tomorrow is a holiday.", "Morgen ist ein Feiertag.", "Demain est un jour férié."),
 ]
 

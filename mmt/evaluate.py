@@ -27,10 +27,17 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteriaList
 
 from mmt import languages as L
+from mmt.data import (
+    Example,
+    build_fewshot_prompt,
+    build_prompt,
+    collate_prompts,
+    load_flores,
+    pad_token_id,
+    resolve_data_dir,
+    template_text,
+)
 from mmt.errors import CheckpointError, ConfigError, require
-from mmt.data import (Example, build_fewshot_prompt, build_prompt, collate_prompts, load_flores, pad_token_id,
-                      resolve_data_dir, template_text)
-
 
 # --------------------------------------------------------------------------------------------
 # generation
@@ -93,9 +100,19 @@ def postprocess(text: str, template: str | None = None) -> str:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 8, num_beams: int = 1,
-             max_new_tokens: int = 150, max_prompt_tokens: int | None = 1024, progress: bool = False,
-             template: str | None = None, direction: tuple[str, str] | None = None) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 8,
+    num_beams: int = 1,
+    max_new_tokens: int = 150,
+    max_prompt_tokens: int | None = 1024,
+    progress: bool = False,
+    template: str | None = None,
+    direction: tuple[str, str] | None = None,
+) -> list[str]:
     """Translate each prompt (greedy or beam search); returns cleaned hypotheses in input order.
 
     ``template``: cut each hypothesis at that template's next field marker (see :func:`postprocess`).
@@ -115,14 +132,24 @@ def generate(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 8, n
     if progress:
         it = tqdm(it, desc="generate", leave=False)
     for start in it:
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         batch = collate_prompts(tokenizer, [prompts[i] for i in idx], max_length=max_prompt_tokens)
         batch = {k: v.to(device) for k, v in batch.items()}
-        gen = model.generate(**batch, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                             early_stopping=True if num_beams > 1 else False, stopping_criteria=stop,
-                             pad_token_id=pad_token_id(tokenizer), eos_token_id=eos, use_cache=True,
-                             temperature=None, top_p=None, top_k=None)
-        new = gen[:, batch["input_ids"].shape[1]:]
+        gen = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            early_stopping=True if num_beams > 1 else False,
+            stopping_criteria=stop,
+            pad_token_id=pad_token_id(tokenizer),
+            eos_token_id=eos,
+            use_cache=True,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+        new = gen[:, batch["input_ids"].shape[1] :]
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for i, t in zip(idx, texts):
             out[i] = postprocess(t, template)
@@ -139,8 +166,9 @@ def bleu_tokenizer(lang: str) -> str:
         return "zh"
     if iso == "ja":
         try:
-            import MeCab  # noqa: F401
             import ipadic  # noqa: F401
+            import MeCab  # noqa: F401
+
             return "ja-mecab"
         except ImportError:
             return "char"
@@ -234,11 +262,13 @@ class EvalReport:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def averages(self) -> dict[str, dict[str, float]]:
-        groups = {"xx->en": [r for r in self.results if r.direction.endswith("-en")],
-                  "en->xx": [r for r in self.results if r.direction.startswith("en-")],
-                  "seen": [r for r in self.results if r.seen is True],
-                  "unseen": [r for r in self.results if r.seen is False],
-                  "all": list(self.results)}
+        groups = {
+            "xx->en": [r for r in self.results if r.direction.endswith("-en")],
+            "en->xx": [r for r in self.results if r.direction.startswith("en-")],
+            "seen": [r for r in self.results if r.seen is True],
+            "unseen": [r for r in self.results if r.seen is False],
+            "all": list(self.results),
+        }
         out = {}
         for name, rs in groups.items():
             if not rs:
@@ -255,41 +285,67 @@ class EvalReport:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "settings": self.settings, "results": [asdict(r) for r in self.results],
-                "averages": self.averages()}
+        return {
+            "label": self.label,
+            "settings": self.settings,
+            "results": [asdict(r) for r in self.results],
+            "averages": self.averages(),
+        }
 
     def markdown(self) -> str:
         has_comet = any(r.comet is not None for r in self.results)
         head = "| direction | n | BLEU | chrF++ | off-target |" + (" COMET |" if has_comet else "")
         sep = "|---|---:|---:|---:|---:|" + ("---:|" if has_comet else "")
         rows = [f"**{self.label}**", "", head, sep]
-        fmt_ot = lambda v: "-" if v is None or np.isnan(v) else f"{100 * v:.0f}%"
+
+        def fmt_ot(v):
+            return "-" if v is None or np.isnan(v) else f"{100 * v:.0f}%"
+
         for r in self.results:
-            rows.append(f"| {r.direction} | {r.n} | {r.bleu:.2f} | {r.chrf:.2f} | {fmt_ot(r.off_target)} |"
-                        + (f" {r.comet:.2f} |" if has_comet and r.comet is not None else (" - |" if has_comet else "")))
+            rows.append(
+                f"| {r.direction} | {r.n} | {r.bleu:.2f} | {r.chrf:.2f} | {fmt_ot(r.off_target)} |"
+                + (f" {r.comet:.2f} |" if has_comet and r.comet is not None else (" - |" if has_comet else ""))
+            )
         for name, a in self.averages().items():
-            rows.append(f"| *avg {name}* | | {a['bleu']:.2f} | {a['chrf']:.2f} | {fmt_ot(a.get('off_target'))} |"
-                        + (f" {a['comet']:.2f} |" if has_comet and "comet" in a else (" - |" if has_comet else "")))
+            rows.append(
+                f"| *avg {name}* | | {a['bleu']:.2f} | {a['chrf']:.2f} | {fmt_ot(a.get('off_target'))} |"
+                + (f" {a['comet']:.2f} |" if has_comet and "comet" in a else (" - |" if has_comet else ""))
+            )
         return "\n".join(rows)
 
 
-def draw_shots(dev_folder: Path, direction: tuple[str, str], k: int, seed: int,
-               exclude_sources: set[str] | None = None) -> list[Example]:
+def draw_shots(
+    dev_folder: Path, direction: tuple[str, str], k: int, seed: int, exclude_sources: set[str] | None = None
+) -> list[Example]:
     """k examples from a dev split (never the test set); shorter lines preferred to save context."""
     data = load_flores(dev_folder, direction)
     s, t = direction
     rng = np.random.default_rng([seed, 31337])
-    cand = [i for i in range(len(data[s])) if len(data[s][i]) < 200
-            and (exclude_sources is None or data[s][i] not in exclude_sources)]
+    cand = [
+        i
+        for i in range(len(data[s]))
+        if len(data[s][i]) < 200 and (exclude_sources is None or data[s][i] not in exclude_sources)
+    ]
     if len(cand) < k:
         cand = list(range(len(data[s])))
     picks = rng.choice(cand, size=k, replace=False)
     return [Example(s, t, data[s][i], data[t][i], f"{dev_folder}:{i + 1}") for i in picks]
 
 
-def evaluate(model, tokenizer, eval_cfg: Any, *, template: str = "T1", data_dir: str | Path | None = None,
-             label: str = "model", shots: int | None = None, seed: int = 0, progress: bool = True,
-             log=print, seen: Sequence[str] | None = None) -> EvalReport:
+def evaluate(
+    model,
+    tokenizer,
+    eval_cfg: Any,
+    *,
+    template: str = "T1",
+    data_dir: str | Path | None = None,
+    label: str = "model",
+    shots: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    log=print,
+    seen: Sequence[str] | None = None,
+) -> EvalReport:
     """Score ``model`` on each direction of ``eval_cfg`` (a :class:`mmt.config.EvalConfig`).
 
     ``seen``: the training directions ("de-en", ...); the report then averages seen and unseen directions
@@ -305,7 +361,7 @@ def evaluate(model, tokenizer, eval_cfg: Any, *, template: str = "T1", data_dir:
         t0 = time.time()
         data = load_flores(test_folder, (s, t))
         stop = None if eval_cfg.max_sentences is None else eval_cfg.first_line + eval_cfg.max_sentences
-        srcs, refs = data[s][eval_cfg.first_line:stop], data[t][eval_cfg.first_line:stop]
+        srcs, refs = data[s][eval_cfg.first_line : stop], data[t][eval_cfg.first_line : stop]
         if k > 0:
             shot_folder = Path(eval_cfg.shots_from)
             shot_folder = shot_folder if shot_folder.is_absolute() else root / shot_folder
@@ -315,11 +371,25 @@ def evaluate(model, tokenizer, eval_cfg: Any, *, template: str = "T1", data_dir:
             prompts = [build_fewshot_prompt(tpl, ex, s, t, x) for x in srcs]
         else:
             prompts = [build_prompt(tpl, s, t, x) for x in srcs]
-        hyps = generate(model, tokenizer, prompts, batch_size=eval_cfg.batch_size, num_beams=eval_cfg.num_beams,
-                        max_new_tokens=eval_cfg.max_new_tokens, progress=progress, template=tpl, direction=(s, t))
-        r = DirectionResult(direction=f"{s}-{t}", n=len(srcs), bleu=bleu(hyps, refs, t), chrf=chrf_pp(hyps, refs),
-                            bleu_tokenize=bleu_tokenizer(t),
-                            seen=None if seen is None else f"{s}-{t}" in {_norm_direction(d) for d in seen})
+        hyps = generate(
+            model,
+            tokenizer,
+            prompts,
+            batch_size=eval_cfg.batch_size,
+            num_beams=eval_cfg.num_beams,
+            max_new_tokens=eval_cfg.max_new_tokens,
+            progress=progress,
+            template=tpl,
+            direction=(s, t),
+        )
+        r = DirectionResult(
+            direction=f"{s}-{t}",
+            n=len(srcs),
+            bleu=bleu(hyps, refs, t),
+            chrf=chrf_pp(hyps, refs),
+            bleu_tokenize=bleu_tokenizer(t),
+            seen=None if seen is None else f"{s}-{t}" in {_norm_direction(d) for d in seen},
+        )
         if eval_cfg.off_target:
             r.off_target = off_target_rate(hyps, t)
         if getattr(eval_cfg, "spbleu", False):
@@ -331,9 +401,16 @@ def evaluate(model, tokenizer, eval_cfg: Any, *, template: str = "T1", data_dir:
         hyps_all[r.direction] = hyps
         if log:
             log(f"[{label}] {r.direction}: BLEU {r.bleu:.2f} chrF++ {r.chrf:.2f} ({r.n} sentences, {r.seconds:.0f}s)")
-    settings = {"template": tpl, "shots": k, "num_beams": eval_cfg.num_beams, "max_new_tokens": eval_cfg.max_new_tokens,
-                "test_set": str(test_folder), "first_line": eval_cfg.first_line, "max_sentences": eval_cfg.max_sentences,
-                "seen_directions": None if seen is None else sorted(_norm_direction(d) for d in seen)}
+    settings = {
+        "template": tpl,
+        "shots": k,
+        "num_beams": eval_cfg.num_beams,
+        "max_new_tokens": eval_cfg.max_new_tokens,
+        "test_set": str(test_folder),
+        "first_line": eval_cfg.first_line,
+        "max_sentences": eval_cfg.max_sentences,
+        "seen_directions": None if seen is None else sorted(_norm_direction(d) for d in seen),
+    }
     return EvalReport(label=label, results=results, hypotheses=hyps_all, settings=settings)
 
 
@@ -358,19 +435,25 @@ def write_report(report: EvalReport, out_dir: str | Path, name: str | None = Non
 
 def compare_markdown(before: EvalReport, after: EvalReport) -> str:
     """Before/after table with deltas (directions matched by name)."""
-    rows = [f"| direction | BLEU {before.label} | BLEU {after.label} | chrF++ {before.label} | chrF++ {after.label} | Δ chrF++ |",
-            "|---|---:|---:|---:|---:|---:|"]
+    rows = [
+        f"| direction | BLEU {before.label} | BLEU {after.label} | chrF++ {before.label} | chrF++ {after.label} | Δ chrF++ |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     amap = {r.direction: r for r in after.results}
     for b in before.results:
         a = amap.get(b.direction)
         if a is None:
             continue
-        rows.append(f"| {b.direction} | {b.bleu:.2f} | {a.bleu:.2f} | {b.chrf:.2f} | {a.chrf:.2f} | {a.chrf - b.chrf:+.2f} |")
+        rows.append(
+            f"| {b.direction} | {b.bleu:.2f} | {a.bleu:.2f} | {b.chrf:.2f} | {a.chrf:.2f} | {a.chrf - b.chrf:+.2f} |"
+        )
     ba, aa = before.averages(), after.averages()
     for k in ba:
         if k in aa:
-            rows.append(f"| *avg {k}* | {ba[k]['bleu']:.2f} | {aa[k]['bleu']:.2f} | {ba[k]['chrf']:.2f} | "
-                        f"{aa[k]['chrf']:.2f} | {aa[k]['chrf'] - ba[k]['chrf']:+.2f} |")
+            rows.append(
+                f"| *avg {k}* | {ba[k]['bleu']:.2f} | {aa[k]['bleu']:.2f} | {ba[k]['chrf']:.2f} | "
+                f"{aa[k]['chrf']:.2f} | {aa[k]['chrf'] - ba[k]['chrf']:+.2f} |"
+            )
     return "\n".join(rows)
 
 
@@ -393,14 +476,19 @@ def training_directions_of(model_path: str | Path) -> list[str] | None:
             listed = (raw.get("method") or {}).get("directions")
             if listed:
                 return list(listed)
-            dirs = [x for src in (raw.get("data") or {}).get("train") or [] if src.get("kind") != "mono"
-                    for x in src.get("directions") or []]
+            dirs = [
+                x
+                for src in (raw.get("data") or {}).get("train") or []
+                if src.get("kind") != "mono"
+                for x in src.get("directions") or []
+            ]
             return dirs or None
     return None
 
 
-def select_best_checkpoint(cfg: Any, *, metric: str = "chrf", split: str = "flores200/dev",
-                           max_sentences: int | None = None, log=print) -> dict[str, Any]:
+def select_best_checkpoint(
+    cfg: Any, *, metric: str = "chrf", split: str = "flores200/dev", max_sentences: int | None = None, log=print
+) -> dict[str, Any]:
     """Score every checkpoint and ``final/`` of the run ``cfg.train.output_dir`` on a dev split (never the test
     set) over ``cfg.eval.directions``; copy the best to ``<run>/best/`` and write ``<run>/selection.json``."""
     import copy
@@ -425,8 +513,16 @@ def select_best_checkpoint(cfg: Any, *, metric: str = "chrf", split: str = "flor
     scores = {}
     for cand in candidates:
         model, tok = load_model(cfg.model, name_or_path=str(cand), verbose=False)
-        rep = evaluate(model, tok, ecfg, template=cfg.data.template, data_dir=cfg.data.data_dir,
-                       label=cand.name, progress=False, log=None)
+        rep = evaluate(
+            model,
+            tok,
+            ecfg,
+            template=cfg.data.template,
+            data_dir=cfg.data.data_dir,
+            label=cand.name,
+            progress=False,
+            log=None,
+        )
         scores[cand.name] = rep.averages()["all"][metric]
         if log:
             log(f"[select] {cand.name}: dev {metric} {scores[cand.name]:.2f}")

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from mmt.config import check_keys, read_yaml_mapping
 from mmt.errors import CheckpointError, ConfigError, MmtError
 
@@ -74,7 +73,7 @@ class Selection:
     first_line: int = 0
     max_sentences: int = 32
     every: int | None = None  # checkpoint interval in optimizer steps; None: only the final model
-    metric: str = "chrf"      # chrf | bleu, averaged over the dev directions
+    metric: str = "chrf"  # chrf | bleu, averaged over the dev directions
     directions: list[str] | None = None  # default: the test directions
 
 
@@ -140,16 +139,21 @@ def load_experiment(path: str | Path, output_dir: str | None = None) -> Experime
 
     b = _check_keys(f"{path}: budget", raw.get("budget") or {}, BUDGET_KEYS)
     if ("steps" in b) == ("tokens" in b):
-        raise ConfigError(f"{path}: budget: give exactly one of 'steps' (optimizer steps per run) or 'tokens' "
-                          "(training tokens per run)")
+        raise ConfigError(
+            f"{path}: budget: give exactly one of 'steps' (optimizer steps per run) or 'tokens' "
+            "(training tokens per run)"
+        )
     if "batch_size" not in b:
         raise ConfigError(f"{path}: budget.batch_size: required (global examples per optimizer step, every run)")
     enforce = b.get("enforce", "force")
     if enforce not in ("force", "check"):
         raise ConfigError(f"{path}: budget.enforce: must be 'force' or 'check', got {enforce!r}")
-    budget = Budget(batch_size=_int(f"{path}: budget.batch_size", b["batch_size"]),
-                    steps=_int(f"{path}: budget.steps", b["steps"]) if "steps" in b else None,
-                    tokens=_int(f"{path}: budget.tokens", b["tokens"]) if "tokens" in b else None, enforce=enforce)
+    budget = Budget(
+        batch_size=_int(f"{path}: budget.batch_size", b["batch_size"]),
+        steps=_int(f"{path}: budget.steps", b["steps"]) if "steps" in b else None,
+        tokens=_int(f"{path}: budget.tokens", b["tokens"]) if "tokens" in b else None,
+        enforce=enforce,
+    )
 
     s = _check_keys(f"{path}: selection", raw.get("selection") or {}, SELECTION_KEYS)
     sel = Selection(**s)
@@ -174,16 +178,30 @@ def load_experiment(path: str | Path, output_dir: str | None = None) -> Experime
             st = _check_keys(f"{where}.pre[{j}]", st, STAGE_KEYS)
             if "config" not in st:
                 raise ConfigError(f"{where}.pre[{j}]: needs 'config'")
-            pre.append(Stage(_config_path(here, st["config"], f"{where}.pre[{j}].config"),
-                             _overrides(f"{where}.pre[{j}].overrides", st.get("overrides"))))
-        runs.append(RunSpec(_label(f"{where}.label", r["label"]), _config_path(here, r["config"], f"{where}.config"),
-                            _overrides(f"{where}.overrides", r.get("overrides")), pre))
+            pre.append(
+                Stage(
+                    _config_path(here, st["config"], f"{where}.pre[{j}].config"),
+                    _overrides(f"{where}.pre[{j}].overrides", st.get("overrides")),
+                )
+            )
+        runs.append(
+            RunSpec(
+                _label(f"{where}.label", r["label"]),
+                _config_path(here, r["config"], f"{where}.config"),
+                _overrides(f"{where}.overrides", r.get("overrides")),
+                pre,
+            )
+        )
 
     baselines = []
     for i, bl in enumerate(raw.get("baselines") or []):
         bl = _check_keys(f"{path}: baselines[{i}]", bl, BASELINE_KEYS)
-        baselines.append((_label(f"{path}: baselines[{i}].label", bl.get("label")),
-                          _int(f"{path}: baselines[{i}].shots", bl.get("shots", 0), minimum=0)))
+        baselines.append(
+            (
+                _label(f"{path}: baselines[{i}].label", bl.get("label")),
+                _int(f"{path}: baselines[{i}].shots", bl.get("shots", 0), minimum=0),
+            )
+        )
     labels = [r.label for r in runs] + [b[0] for b in baselines]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -198,8 +216,17 @@ def load_experiment(path: str | Path, output_dir: str | None = None) -> Experime
                 raise ConfigError(f"{path}: {sec}: expected a mapping (a run config section shared by every run)")
             shared[sec] = raw[sec]
     out = output_dir or raw.get("output_dir") or f"runs/experiments/{path.stem}"
-    return Experiment(source=path, output_dir=Path(out), budget=budget, selection=sel, runs=runs, baselines=baselines,
-                      shared=shared, compare=cmp, name=str(raw.get("name") or path.stem))
+    return Experiment(
+        source=path,
+        output_dir=Path(out),
+        budget=budget,
+        selection=sel,
+        runs=runs,
+        baselines=baselines,
+        shared=shared,
+        compare=cmp,
+        name=str(raw.get("name") or path.stem),
+    )
 
 
 def _config_path(here: Path, value: Any, where: str) -> Path:
@@ -223,8 +250,15 @@ def _merge(base: Any, extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_run_config(config: Path, overrides: list[str], *, shared: dict[str, dict[str, Any]], where: str,
-                     placeholders: dict[str, str], train: dict[str, Any] | None = None):
+def build_run_config(
+    config: Path,
+    overrides: list[str],
+    *,
+    shared: dict[str, dict[str, Any]],
+    where: str,
+    placeholders: dict[str, str],
+    train: dict[str, Any] | None = None,
+):
     """A :class:`mmt.config.RunConfig` from a run config file plus the experiment's shared sections,
     the run's overrides (``{run_dir}`` / ``{exp_dir}`` expanded) and forced ``train`` values."""
     from mmt.config import apply_overrides, from_dict
@@ -269,8 +303,10 @@ def load_checkpoint_weights(model: Any, checkpoint: Path) -> None:
     extra = sorted(set(saved) - set(params))
     missing = sorted(n for n, p in params.items() if p.requires_grad and n not in saved)
     if extra or missing:
-        raise CheckpointError(f"{checkpoint}: tensors do not match the model (unknown {extra[:3]}, missing "
-                              f"{missing[:3]}); was it written by this run?")
+        raise CheckpointError(
+            f"{checkpoint}: tensors do not match the model (unknown {extra[:3]}, missing "
+            f"{missing[:3]}); was it written by this run?"
+        )
     with torch.no_grad():
         for n, t in saved.items():
             if params[n].shape != t.shape:
@@ -301,8 +337,10 @@ def _read_marker(path: Path, config_hash: str, what: str) -> dict[str, Any] | No
         return None
     marker = json.loads(path.read_text(encoding="utf-8"))
     if marker.get("config_hash") != config_hash:
-        raise ConfigError(f"{what} finished earlier with another configuration ({path}); delete {path.parent} to "
-                          "redo it, or use another output_dir")
+        raise ConfigError(
+            f"{what} finished earlier with another configuration ({path}); delete {path.parent} to "
+            "redo it, or use another output_dir"
+        )
     return marker
 
 
@@ -326,8 +364,16 @@ def _train_directional(cfg: Any) -> dict[str, Any]:
 def _evaluate(model: Any, tokenizer: Any, cfg: Any, eval_cfg: Any, *, label: str, shots: int = 0):
     from mmt.evaluate import evaluate
 
-    return evaluate(model, tokenizer, eval_cfg, template=cfg.data.template, data_dir=cfg.data.data_dir, label=label,
-                    shots=shots, progress=False)
+    return evaluate(
+        model,
+        tokenizer,
+        eval_cfg,
+        template=cfg.data.template,
+        data_dir=cfg.data.data_dir,
+        label=label,
+        shots=shots,
+        progress=False,
+    )
 
 
 def _write_test_report(report: Any, out: Path, label: str, cfg: Any, extra: dict[str, Any]) -> Path:
@@ -344,7 +390,7 @@ def _write_test_report(report: Any, out: Path, label: str, cfg: Any, extra: dict
     first = int(report.settings.get("first_line") or 0)
     for r in report.results:
         s, t = r.direction.split("-")
-        refs = load_flores(test, (s, t))[t][first:first + r.n]
+        refs = load_flores(test, (s, t))[t][first : first + r.n]
         (ref_dir / f"{r.direction}.txt").write_text("".join(x + "\n" for x in refs), encoding="utf-8")
     return out / f"{label}.json"
 
@@ -361,10 +407,13 @@ def _trained_directions(cfg: Any) -> list[str]:
     for src in cfg.data.train:
         if src.kind == "mono":
             continue
-        items = load_source(src, data_dir, max_chars=cfg.data.max_chars, on_bad_line=cfg.data.on_bad_line,
-                            seed=cfg.data.seed)
-        found += [f"{ex.src_lang}-{ex.tgt_lang}" for ex in filter_directions(items, wanted, cfg.data.languages,
-                                                                               cfg.data.groups)]
+        items = load_source(
+            src, data_dir, max_chars=cfg.data.max_chars, on_bad_line=cfg.data.on_bad_line, seed=cfg.data.seed
+        )
+        found += [
+            f"{ex.src_lang}-{ex.tgt_lang}"
+            for ex in filter_directions(items, wanted, cfg.data.languages, cfg.data.groups)
+        ]
     return list(dict.fromkeys(found))
 
 
@@ -407,8 +456,14 @@ class Runner:
         run_dir = self.out / "runs" / spec.label
         where = f"{exp.source}: runs[{i}] ({spec.label})"
         forced: dict[str, Any] = {"output_dir": str(run_dir / "train"), "resume": "auto", "save_model": False}
-        cfg = build_run_config(spec.config, spec.overrides, shared=exp.shared, where=where,
-                               placeholders=self._placeholders(run_dir), train=forced)
+        cfg = build_run_config(
+            spec.config,
+            spec.overrides,
+            shared=exp.shared,
+            where=where,
+            placeholders=self._placeholders(run_dir),
+            train=forced,
+        )
         units = 1
         if cfg.method_name == "directional":
             from mmt.methods.directional import plan_units, training_directions
@@ -423,13 +478,18 @@ class Runner:
         if cfg.train.batch_size != b.batch_size:
             problems.append(f"train.batch_size={cfg.train.batch_size} (budget {b.batch_size})")
         if cfg.train.max_steps * units != total:
-            problems.append(f"train.max_steps={cfg.train.max_steps}" + (f" x {units} units" if units > 1 else "")
-                            + f" (budget {total} steps)")
+            problems.append(
+                f"train.max_steps={cfg.train.max_steps}"
+                + (f" x {units} units" if units > 1 else "")
+                + f" (budget {total} steps)"
+            )
         if problems and b.enforce == "check":
             raise ConfigError(f"{where}: does not match the budget: {'; '.join(problems)} (budget.enforce: check)")
         if rest and b.enforce == "force":
-            self.log(f"[experiment] {spec.label}: {units} units; {total} steps split as {per_unit} per unit "
-                     f"({per_unit * units} in all)")
+            self.log(
+                f"[experiment] {spec.label}: {units} units; {total} steps split as {per_unit} per unit "
+                f"({per_unit * units} in all)"
+            )
         if per_unit < 1:
             raise ConfigError(f"{where}: budget of {total} steps is less than one step per unit ({units} units)")
         cfg.train.batch_size = b.batch_size
@@ -443,9 +503,16 @@ class Runner:
         elif cfg.method_name != "directional":
             cfg.train.save_every = per_unit  # one checkpoint: the final model, and a resume point
             cfg.train.keep_last = 2
-        budget = {"kind": b.kind, "optimizer_steps": per_unit * units, "units": units, "steps_per_unit": per_unit,
-                  "batch_size": b.batch_size, "examples": per_unit * units * b.batch_size,
-                  "tokens_budget": b.tokens, "checkpoint_every": cfg.train.save_every or None}
+        budget = {
+            "kind": b.kind,
+            "optimizer_steps": per_unit * units,
+            "units": units,
+            "steps_per_unit": per_unit,
+            "batch_size": b.batch_size,
+            "examples": per_unit * units * b.batch_size,
+            "tokens_budget": b.tokens,
+            "checkpoint_every": cfg.train.save_every or None,
+        }
         return cfg, budget
 
     def _steps_for_tokens(self, cfg: Any, where: str) -> int:
@@ -461,8 +528,10 @@ class Runner:
         ts = build_train_set(cfg.data, tok)
         mean_len = sum(len(x) for x in ts.ids) / max(len(ts.ids), 1)
         steps = max(1, round(b.tokens / (b.batch_size * mean_len)))
-        self.log(f"[experiment] {where}: {mean_len:.1f} tokens per example -> {steps} steps of {b.batch_size} "
-                 f"for {b.tokens} tokens")
+        self.log(
+            f"[experiment] {where}: {mean_len:.1f} tokens per example -> {steps} steps of {b.batch_size} "
+            f"for {b.tokens} tokens"
+        )
         return steps
 
     # ---- baselines
@@ -478,8 +547,10 @@ class Runner:
         dev_key = _config_hash({"dev": [sel.dev_set, sel.first_line, sel.max_sentences, sel.directions]}, {})
         todo = []
         for label, shots in self.exp.baselines:
-            h = _config_hash({"model": cfg.to_dict()["model"], "eval": cfg.to_dict()["eval"],
-                              "template": cfg.data.template}, {"shots": shots})
+            h = _config_hash(
+                {"model": cfg.to_dict()["model"], "eval": cfg.to_dict()["eval"], "template": cfg.data.template},
+                {"shots": shots},
+            )
             path = self.out / "baselines" / label / "done.json"
             marker = _read_marker(path, h, f"baseline {label}")
             need_dev = shots == 0 and (marker is None or (marker.get("dev") or {}).get("key") != dev_key)
@@ -496,18 +567,29 @@ class Runner:
                     t0 = time.time()
                     rep = _evaluate(model, tok, cfg, cfg.eval, label=label, shots=shots)
                     self.calls["evaluate"] += 1
-                    res = _write_test_report(rep, self.test_dir, label, cfg, {"trained_directions": [], "shots": shots,
-                                                                               "system": "baseline"})
-                    marker = {"label": label, "shots": shots, "config_hash": h, "result": str(res),
-                              "seconds": time.time() - t0, "averages": rep.averages()}
+                    res = _write_test_report(
+                        rep, self.test_dir, label, cfg, {"trained_directions": [], "shots": shots, "system": "baseline"}
+                    )
+                    marker = {
+                        "label": label,
+                        "shots": shots,
+                        "config_hash": h,
+                        "result": str(res),
+                        "seconds": time.time() - t0,
+                        "averages": rep.averages(),
+                    }
                     _atomic_json(path, marker)
                     self.log(f"[experiment] baseline {label}: {rep.averages().get('all')} ({time.time() - t0:.0f}s)")
                 if need_dev:
                     t0 = time.time()
                     rep = _evaluate(model, tok, cfg, _dev_eval_cfg(cfg, sel), label=f"{label}@dev", shots=0)
                     self.calls["evaluate"] += 1
-                    marker["dev"] = {"key": dev_key, "bleu": _mean_metric(rep, "bleu"),
-                                     "chrf": _mean_metric(rep, "chrf"), "seconds": time.time() - t0}
+                    marker["dev"] = {
+                        "key": dev_key,
+                        "bleu": _mean_metric(rep, "bleu"),
+                        "chrf": _mean_metric(rep, "chrf"),
+                        "seconds": time.time() - t0,
+                    }
                     _atomic_json(path, marker)
             del model
             gc.collect()
@@ -527,32 +609,45 @@ class Runner:
         cfg, budget = self.run_config(i, spec)
         run_dir = self.out / "runs" / spec.label
         sel = self.exp.selection
-        h = _config_hash(cfg.to_dict(), {"budget": budget, "selection": sel.__dict__,
-                                         "pre": [(str(s.config), s.overrides) for s in spec.pre]})
+        h = _config_hash(
+            cfg.to_dict(),
+            {"budget": budget, "selection": sel.__dict__, "pre": [(str(s.config), s.overrides) for s in spec.pre]},
+        )
         marker = _read_marker(run_dir / "done.json", h, f"run {spec.label}")
         if marker is not None:
             self.log(f"[experiment] {spec.label}: done earlier, skipped")
             return marker
         t0 = time.time()
         pre = [self._pre_stage(spec, j, st, run_dir) for j, st in enumerate(spec.pre)]
-        self.log(f"[experiment] {spec.label}: {cfg.method_name}, {budget['optimizer_steps']} steps x batch "
-                 f"{budget['batch_size']}")
+        self.log(
+            f"[experiment] {spec.label}: {cfg.method_name}, {budget['optimizer_steps']} steps x batch "
+            f"{budget['batch_size']}"
+        )
         if cfg.method_name == "directional":
             info = self._run_directional(cfg, spec.label)
         else:
             info = self._run_single(cfg, spec.label, run_dir, sel)
-        info |= {"label": spec.label, "method": cfg.method_name, "budget": budget, "pre_stages": pre,
-                 "config_hash": h, "seconds": time.time() - t0}
+        info |= {
+            "label": spec.label,
+            "method": cfg.method_name,
+            "budget": budget,
+            "pre_stages": pre,
+            "config_hash": h,
+            "seconds": time.time() - t0,
+        }
         _atomic_json(run_dir / "done.json", info)
         return info
 
     def _pre_stage(self, spec: RunSpec, j: int, st: Stage, run_dir: Path) -> dict[str, Any]:
         stage_dir = run_dir / f"pre-{j}"
-        cfg = build_run_config(st.config, st.overrides, shared={k: v for k, v in self.exp.shared.items()
-                                                                 if k == "model"},
-                               where=f"{self.exp.source}: runs {spec.label} pre[{j}]",
-                               placeholders=self._placeholders(run_dir),
-                               train={"output_dir": str(stage_dir), "resume": "auto"})
+        cfg = build_run_config(
+            st.config,
+            st.overrides,
+            shared={k: v for k, v in self.exp.shared.items() if k == "model"},
+            where=f"{self.exp.source}: runs {spec.label} pre[{j}]",
+            placeholders=self._placeholders(run_dir),
+            train={"output_dir": str(stage_dir), "resume": "auto"},
+        )
         h = _config_hash(cfg.to_dict(), {})
         done = _read_marker(stage_dir / "done.json", h, f"run {spec.label} pre-stage {j}")
         if done is not None:
@@ -560,8 +655,15 @@ class Runner:
         t0 = time.time()
         _, _, _, result = _train(cfg)
         self.calls["train"] += 1
-        info = {"config": str(st.config), "method": cfg.method_name, "steps": result.steps, "tokens": result.tokens,
-                "batch_size": cfg.train.batch_size, "seconds": time.time() - t0, "config_hash": h}
+        info = {
+            "config": str(st.config),
+            "method": cfg.method_name,
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "batch_size": cfg.train.batch_size,
+            "seconds": time.time() - t0,
+            "config_hash": h,
+        }
         _atomic_json(stage_dir / "done.json", info)
         gc.collect()
         return info
@@ -583,11 +685,16 @@ class Runner:
                 load_checkpoint_weights(model, ck)
                 rep = _evaluate(model, tok, cfg, dev_cfg, label=f"{label}@{ck.name}")
                 self.calls["evaluate"] += 1
-                dev[ck.name] = {"step": int(json.loads((ck / "trainer_state.json").read_text())["step"]),
-                                "bleu": _mean_metric(rep, "bleu"), "chrf": _mean_metric(rep, "chrf")}
+                dev[ck.name] = {
+                    "step": int(json.loads((ck / "trainer_state.json").read_text())["step"]),
+                    "bleu": _mean_metric(rep, "bleu"),
+                    "chrf": _mean_metric(rep, "chrf"),
+                }
                 _atomic_json(dev_file, dev)
-                self.log(f"[experiment] {label} {ck.name}: dev BLEU {dev[ck.name]['bleu']:.2f} "
-                         f"chrF++ {dev[ck.name]['chrf']:.2f}")
+                self.log(
+                    f"[experiment] {label} {ck.name}: dev BLEU {dev[ck.name]['bleu']:.2f} "
+                    f"chrF++ {dev[ck.name]['chrf']:.2f}"
+                )
             best = max(ckpts, key=lambda c: (dev[c.name][sel.metric], -int(c.name.split("-")[-1])))
         else:
             best = ckpts[-1]
@@ -597,15 +704,33 @@ class Runner:
         rep = _evaluate(model, tok, cfg, cfg.eval, label=label)
         test_seconds = time.time() - t_test
         self.calls["evaluate"] += 1
-        path = _write_test_report(rep, self.test_dir, label, cfg, {
-            "trained_directions": _trained_directions(cfg), "checkpoint": str(best), "checkpoint_step": state["step"],
-            "system": cfg.method_name})
+        path = _write_test_report(
+            rep,
+            self.test_dir,
+            label,
+            cfg,
+            {
+                "trained_directions": _trained_directions(cfg),
+                "checkpoint": str(best),
+                "checkpoint_step": state["step"],
+                "system": cfg.method_name,
+            },
+        )
         del model
         gc.collect()
-        return {"result": str(path), "trained_steps": result.steps, "tokens": result.tokens,
-                "train_seconds": result.seconds, "select_seconds": t_test - t_select, "test_seconds": test_seconds,
-                "best_checkpoint": best.name, "best_step": state["step"],
-                "tokens_at_best": state.get("tokens_seen"), "dev": dev, "averages": rep.averages()}
+        return {
+            "result": str(path),
+            "trained_steps": result.steps,
+            "tokens": result.tokens,
+            "train_seconds": result.seconds,
+            "select_seconds": t_test - t_select,
+            "test_seconds": test_seconds,
+            "best_checkpoint": best.name,
+            "best_step": state["step"],
+            "tokens_at_best": state.get("tokens_seen"),
+            "dev": dev,
+            "averages": rep.averages(),
+        }
 
     def _run_directional(self, cfg: Any, label: str) -> dict[str, Any]:
         """Every unit and the merge; scored as a whole (the units are merged, so no per-checkpoint selection)."""
@@ -617,12 +742,18 @@ class Runner:
         self.calls["evaluate"] += 1
         if rep is None:
             raise MmtError(f"{label}: the direction gate covers none of the test directions {cfg.eval.directions}")
-        path = _write_test_report(rep, self.test_dir, label, cfg, {"trained_directions": _trained_directions(cfg),
-                                                                   "system": "directional"})
+        path = _write_test_report(
+            rep, self.test_dir, label, cfg, {"trained_directions": _trained_directions(cfg), "system": "directional"}
+        )
         steps = sum(u.get("steps") or cfg.train.max_steps for u in manifest["units"].values())
-        return {"result": str(path), "trained_steps": steps, "units": list(manifest["units"]),
-                "merged": "merged" in manifest, "best_checkpoint": "final (merged units)",
-                "averages": rep.averages()}
+        return {
+            "result": str(path),
+            "trained_steps": steps,
+            "units": list(manifest["units"]),
+            "merged": "merged" in manifest,
+            "best_checkpoint": "final (merged units)",
+            "averages": rep.averages(),
+        }
 
     # ---- all
 
@@ -639,19 +770,35 @@ class Runner:
             resolve_data_dir(cfg.data.data_dir)
             templates.add(cfg.eval.template or cfg.data.template)
         if len(templates) > 1:
-            self.log(f"[experiment] warning: the runs use different prompt templates {sorted(templates)}; the "
-                     "baselines use the first run's")
+            self.log(
+                f"[experiment] warning: the runs use different prompt templates {sorted(templates)}; the "
+                "baselines use the first run's"
+            )
         baseline_labels = self.baselines()
         runs = [self.run(i, spec) for i, spec in enumerate(self.exp.runs)]
         labels = baseline_labels + [r["label"] for r in runs]
         cmp = self.exp.compare
         inputs = [str(self.test_dir / f"{x}.json") for x in labels]
-        result = run_comparison(inputs, self.out / "compare", baseline=cmp.get("baseline"),
-                                samples=int(cmp.get("bootstrap", 1000)), ar_trials=int(cmp.get("ar_trials", 10000)),
-                                seed=int(cmp.get("seed", 12345)), comet_model=cmp.get("comet_model"), log=self.log)
-        summary = {"name": self.exp.name, "experiment": str(self.exp.source), "budget": self.exp.budget.__dict__,
-                   "selection": self.exp.selection.__dict__, "runs": runs, "baselines": self.baseline_markers(),
-                   "compare": str(self.out / "compare" / "compare.md"), "seconds_this_call": time.time() - t0}
+        result = run_comparison(
+            inputs,
+            self.out / "compare",
+            baseline=cmp.get("baseline"),
+            samples=int(cmp.get("bootstrap", 1000)),
+            ar_trials=int(cmp.get("ar_trials", 10000)),
+            seed=int(cmp.get("seed", 12345)),
+            comet_model=cmp.get("comet_model"),
+            log=self.log,
+        )
+        summary = {
+            "name": self.exp.name,
+            "experiment": str(self.exp.source),
+            "budget": self.exp.budget.__dict__,
+            "selection": self.exp.selection.__dict__,
+            "runs": runs,
+            "baselines": self.baseline_markers(),
+            "compare": str(self.out / "compare" / "compare.md"),
+            "seconds_this_call": time.time() - t0,
+        }
         _atomic_json(self.out / "experiment.json", summary)
         md = budget_markdown(summary, result)
         md += "\n\n" + (self.out / "compare" / "compare.md").read_text(encoding="utf-8")
@@ -663,15 +810,20 @@ class Runner:
 
 def budget_markdown(summary: dict[str, Any], compare: dict[str, Any] | None = None) -> str:
     """Budget per run, the dev curves (with zero-shot as step 0) and each run's test result against the baseline."""
-    rows = [f"# Experiment {summary['name']}", "",
-            "| run | method | optimizer steps x batch | tokens | best checkpoint (dev) | extra stages | seconds |",
-            "|---|---|---:|---:|---|---|---:|"]
+    rows = [
+        f"# Experiment {summary['name']}",
+        "",
+        "| run | method | optimizer steps x batch | tokens | best checkpoint (dev) | extra stages | seconds |",
+        "|---|---|---:|---:|---|---|---:|",
+    ]
     for r in summary["runs"]:
         b = r["budget"]
         pre = "; ".join(f"{p['method']} {p['steps']} x {p['batch_size']}" for p in r.get("pre_stages") or []) or "-"
-        rows.append(f"| {r['label']} | {r['method']} | {b['optimizer_steps']} x {b['batch_size']}"
-                    + (f" ({b['units']} units)" if b["units"] > 1 else "")
-                    + f" | {r.get('tokens') or '-'} | {r.get('best_checkpoint')} | {pre} | {r['seconds']:.0f} |")
+        rows.append(
+            f"| {r['label']} | {r['method']} | {b['optimizer_steps']} x {b['batch_size']}"
+            + (f" ({b['units']} units)" if b["units"] > 1 else "")
+            + f" | {r.get('tokens') or '-'} | {r.get('best_checkpoint')} | {pre} | {r['seconds']:.0f} |"
+        )
     for bl in summary["baselines"]:
         rows.append(f"| {bl['label']} | {bl['shots']}-shot prompting | 0 | 0 | - | - | {bl.get('seconds', 0):.0f} |")
     metric = summary["selection"]["metric"]
@@ -680,10 +832,15 @@ def budget_markdown(summary: dict[str, Any], compare: dict[str, Any] | None = No
     zero = next((bl["dev"][metric] for bl in summary["baselines"] if bl.get("dev")), None)
     if curves:
         steps = sorted({v["step"] for c in curves.values() for v in c})
-        rows += ["", f"Dev {name} (mean over the dev directions) per optimizer step"
-                 + (" (step 0: the untuned model, zero-shot)" if zero is not None else "") + ":", "",
-                 "| run | " + " | ".join(str(s) for s in ([0] if zero is not None else []) + steps) + " |",
-                 "|---|" + "---:|" * (len(steps) + (zero is not None))]
+        rows += [
+            "",
+            f"Dev {name} (mean over the dev directions) per optimizer step"
+            + (" (step 0: the untuned model, zero-shot)" if zero is not None else "")
+            + ":",
+            "",
+            "| run | " + " | ".join(str(s) for s in ([0] if zero is not None else []) + steps) + " |",
+            "|---|" + "---:|" * (len(steps) + (zero is not None)),
+        ]
         for label, c in curves.items():
             by = {v["step"]: v[metric] for v in c}
             cells = ([f"{zero:.1f}"] if zero is not None else []) + [f"{by[s]:.1f}" if s in by else "-" for s in steps]

@@ -7,6 +7,7 @@
 * ``mmt export --run DIR --output OUT`` is the CLI for both kinds of run (a single-model run's ``final/`` is
   already standalone and is copied).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,17 @@ def _lora_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def merge_adapters_into(model: nn.Module, adapters: Sequence[str | Path], *, method: str = "ties",
-                        weights: Sequence[float] | None = None, density: float = 0.2, lam: float = 1.0,
-                        sign: str = "total", seed: int = 0) -> dict[str, Any]:
+def merge_adapters_into(
+    model: nn.Module,
+    adapters: Sequence[str | Path],
+    *,
+    method: str = "ties",
+    weights: Sequence[float] | None = None,
+    density: float = 0.2,
+    lam: float = 1.0,
+    sign: str = "total",
+    seed: int = 0,
+) -> dict[str, Any]:
     """Add the ``method`` merge of the adapters' dense updates to ``model``'s weights (in place).
 
     Each adapted weight becomes ``W + merge(delta_1, ..., delta_K)``; nothing is truncated. Returns a summary
@@ -64,15 +73,22 @@ def merge_adapters_into(model: nn.Module, adapters: Sequence[str | Path], *, met
         p = params[name]
         ds = [d[name] for d in deltas]
         if ds[0].shape != p.shape:
-            raise CheckpointError(f"LoRA update for {name} has shape {tuple(ds[0].shape)}, the weight "
-                                  f"{tuple(p.shape)}")
-        merged = kmerge.merge(ds, None, method=method_k, weights=w, density=density, lam=lam,
-                              seed=tensor_seed(seed, name), sign=sign)
+            raise CheckpointError(f"LoRA update for {name} has shape {tuple(ds[0].shape)}, the weight {tuple(p.shape)}")
+        merged = kmerge.merge(
+            ds, None, method=method_k, weights=w, density=density, lam=lam, seed=tensor_seed(seed, name), sign=sign
+        )
         p.copy_((p.float() + merged).to(p.dtype))
         num += float(merged.norm()) ** 2
         den += float(p.float().norm()) ** 2
-    return {"method": method, "density": density, "lam": lam, "adapters": [str(a) for a in adapters],
-            "tensors": len(names), "relative_update": (num / max(den, 1e-30)) ** 0.5, "truncation": None}
+    return {
+        "method": method,
+        "density": density,
+        "lam": lam,
+        "adapters": [str(a) for a in adapters],
+        "tensors": len(names),
+        "relative_update": (num / max(den, 1e-30)) ** 0.5,
+        "truncation": None,
+    }
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -99,8 +115,13 @@ def export_directional(run_dir: str | Path, output: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=output.name + ".tmp", dir=output.parent))
     try:
         names: dict[str, str] = {}
-        manifest: dict[str, Any] = {"lora": False, "base": None, "units": {}, "gate": {},
-                                    "exported_from": str(Path(run_dir).resolve())}
+        manifest: dict[str, Any] = {
+            "lora": False,
+            "base": None,
+            "units": {},
+            "gate": {},
+            "exported_from": str(Path(run_dir).resolve()),
+        }
         for direction in gate.directions():
             weights = gate.weights_for(*direction.split("-"))
             if weights not in names:

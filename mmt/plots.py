@@ -22,8 +22,9 @@ def _plt():
     return plt
 
 
-def plot_before_after(before: Any, after: Any, path: str | Path, metrics: Sequence[str] = ("chrf", "bleu"),
-                      title: str | None = None) -> Path:
+def plot_before_after(
+    before: Any, after: Any, path: str | Path, metrics: Sequence[str] = ("chrf", "bleu"), title: str | None = None
+) -> Path:
     """Grouped bars per direction for two :class:`mmt.evaluate.EvalReport` objects."""
     plt = _plt()
     dirs = [r.direction for r in before.results]
@@ -73,9 +74,18 @@ def plot_loss(log_jsonl: str | Path, path: str | Path, losses: Sequence[float] |
     return save_figure(fig, path)
 
 
-def plot_heatmap(matrix: Any, path: str | Path, *, row_labels: Sequence[str] | None = None,
-                 col_labels: Sequence[str] | None = None, title: str = "", cmap: str = "viridis",
-                 annotate: bool | None = None, xlabel: str = "", ylabel: str = "") -> Path:
+def plot_heatmap(
+    matrix: Any,
+    path: str | Path,
+    *,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    title: str = "",
+    cmap: str = "viridis",
+    annotate: bool | None = None,
+    xlabel: str = "",
+    ylabel: str = "",
+) -> Path:
     """Generic heatmap (score matrix src x tgt, neurons per layer x language, expert load per layer)."""
     plt = _plt()
     m = np.asarray(matrix, dtype=float)
@@ -96,8 +106,7 @@ def plot_heatmap(matrix: Any, path: str | Path, *, row_labels: Sequence[str] | N
                 if np.isfinite(m[i, j]):
                     # dark text on the bright end of the colormap, white on the dark end
                     bright = hi > lo and (m[i, j] - lo) / (hi - lo) > 0.6
-                    ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", fontsize=7,
-                            color="k" if bright else "w")
+                    ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", fontsize=7, color="k" if bright else "w")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -112,5 +121,6 @@ def plot_score_matrix(report: Any, path: str | Path, metric: str = "chrf") -> Pa
     m = np.full((len(srcs), len(tgts)), np.nan)
     for s, t, v in pairs:
         m[srcs.index(s), tgts.index(t)] = v if v is not None else np.nan
-    return plot_heatmap(m, path, row_labels=srcs, col_labels=tgts, title=f"{report.label}: {metric}",
-                        xlabel="target", ylabel="source")
+    return plot_heatmap(
+        m, path, row_labels=srcs, col_labels=tgts, title=f"{report.label}: {metric}", xlabel="target", ylabel="source"
+    )

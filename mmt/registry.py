@@ -41,8 +41,9 @@ class Method:
 _METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, *, module: str, config: type, prepare: Callable[..., Any],
-                    run: Callable[..., int] | None = None) -> Method:
+def register_method(
+    name: str, *, module: str, config: type, prepare: Callable[..., Any], run: Callable[..., int] | None = None
+) -> Method:
     """Register method ``name`` from the package ``module`` (pass ``__name__``). Registering one name from two
     packages is a programming error."""
     previous = _METHODS.get(name)

@@ -32,8 +32,10 @@ def spbleu_off_reason() -> str | None:
         return "the sentencepiece package is not installed (pip install sentencepiece)"
     f = spbleu_model_file()
     if not f.is_file():
-        return (f"no FLORES-200 SentencePiece model at {f} (download it from sacreBLEU's flores200 URL to that "
-                "path, or set $SACREBLEU to a folder holding models/" + SPBLEU_FILE + ")")
+        return (
+            f"no FLORES-200 SentencePiece model at {f} (download it from sacreBLEU's flores200 URL to that "
+            "path, or set $SACREBLEU to a folder holding models/" + SPBLEU_FILE + ")"
+        )
     return None
 
 

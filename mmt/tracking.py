@@ -89,8 +89,11 @@ def log_metrics(accelerator: Any, metrics: Mapping[str, Any], step: int) -> None
     """Send the numeric entries of a log record (loss, lr, tokens/s, ...) to the trackers, if any."""
     if not getattr(accelerator, "trackers", None):
         return
-    values = {k: float(v) for k, v in metrics.items()
-              if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+    values = {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+    }
     if values:
         accelerator.log(values, step=step)
 

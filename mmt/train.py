@@ -40,8 +40,7 @@ from tqdm.auto import tqdm
 from mmt import checkpoint as ckpt
 from mmt.cards import write_run_card
 from mmt.config import dump_config
-from mmt.data import (IGNORE_INDEX, StepSampler, TrainSet, build_train_set, collate, pad_token_id,
-                      shard_micro_batches)
+from mmt.data import IGNORE_INDEX, StepSampler, TrainSet, build_train_set, collate, pad_token_id, shard_micro_batches
 from mmt.data.summary import summarize
 from mmt.errors import CheckpointError, ConfigError, MethodError
 from mmt.methods.base import StepInfo, TrainingPlan, default_optimizer
@@ -79,8 +78,12 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropy over label positions (labels == -100 are ignored)."""
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
-    return nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
-                                       shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
@@ -116,8 +119,12 @@ def fused_loss_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return (decoder, head) if ok else None
 
 
-def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], use_logits_to_keep: bool,
-                fused: tuple[nn.Module, nn.Linear] | None = None) -> tuple[torch.Tensor, Any]:
+def lm_loss_sum(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    use_logits_to_keep: bool,
+    fused: tuple[nn.Module, nn.Linear] | None = None,
+) -> tuple[torch.Tensor, Any]:
     """Forward + summed LM loss.
 
     ``fused`` (from :func:`fused_loss_parts`): the decoder runs alone and only the positions that carry a label
@@ -137,8 +144,9 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], use_logits_to_
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=pos)
             logits = out.logits.float()
             tgt = labels[:, pos + 1]
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
-                                               ignore_index=IGNORE_INDEX, reduction="sum")
+            loss = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), tgt.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
             return loss, out
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return token_loss_sum(out.logits, labels), out
@@ -182,15 +190,19 @@ def _restore_dtensor_state(optimizer: torch.optim.Optimizer) -> None:
             local_shape = p.to_local().shape
             for k, v in list(optimizer.state[p].items()):
                 if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.shape == local_shape:
-                    optimizer.state[p][k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements,
-                                                               shape=p.shape, stride=p.stride())
+                    optimizer.state[p][k] = DTensor.from_local(
+                        v.to(p.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                    )
 
 
 def _leaf_differences(old: Any, new: Any, where: str) -> list[tuple[str, Any, Any]]:
     """(key path, old, new) for every leaf where two config trees differ."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new), key=str)
-                for d in _leaf_differences(old.get(k), new.get(k), f"{where}.{k}")]
+        return [
+            d
+            for k in sorted(set(old) | set(new), key=str)
+            for d in _leaf_differences(old.get(k), new.get(k), f"{where}.{k}")
+        ]
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         return [d for i, (a, b) in enumerate(zip(old, new)) for d in _leaf_differences(a, b, f"{where}[{i}]")]
     return [] if old == new else [(where, old, new)]
@@ -218,33 +230,59 @@ class Trainer:
     Hooks receive the unwrapped model and the underlying torch optimizer.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, plan: TrainingPlan, train_set: TrainSet, train_cfg: Any,
-                 *, data_cfg: Any = None, accelerator: Any = None, run_config: dict | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        plan: TrainingPlan,
+        train_set: TrainSet,
+        train_cfg: Any,
+        *,
+        data_cfg: Any = None,
+        accelerator: Any = None,
+        run_config: dict | None = None,
+    ):
         self.cfg, self.plan, self.train_set, self.tokenizer = train_cfg, plan, train_set, tokenizer
         self.run_config = run_config
         if accelerator is None:
             kwargs = [DistributedDataParallelKwargs(find_unused_parameters=plan.ddp_find_unused_parameters)]
             # accumulation is done here (no_sync + our own loss scaling), so accelerate sees 1
-            accelerator = Accelerator(mixed_precision=train_cfg.mixed_precision, gradient_accumulation_steps=1,
-                                      kwargs_handlers=kwargs, **accelerator_kwargs(train_cfg))
+            accelerator = Accelerator(
+                mixed_precision=train_cfg.mixed_precision,
+                gradient_accumulation_steps=1,
+                kwargs_handlers=kwargs,
+                **accelerator_kwargs(train_cfg),
+            )
         self.acc = accelerator
         init_trackers(self.acc, train_cfg, run_config)
         engine = self.acc.distributed_type
         if engine in (DistributedType.FSDP, DistributedType.DEEPSPEED) and plan.method in UNSHARDED_ONLY:
-            raise MethodError(f"method {plan.method!r} does not run under {engine.value}: "
-                              f"{UNSHARDED_ONLY[plan.method]}. Launch it with DDP (examples/accelerate/ddp.yaml) or "
-                              "on one process; see docs/scaling.md")
+            raise MethodError(
+                f"method {plan.method!r} does not run under {engine.value}: "
+                f"{UNSHARDED_ONLY[plan.method]}. Launch it with DDP (examples/accelerate/ddp.yaml) or "
+                "on one process; see docs/scaling.md"
+            )
         world = self.acc.num_processes
         if train_cfg.batch_size % (world * train_cfg.micro_batch_size):
-            raise ConfigError(f"train.batch_size={train_cfg.batch_size} must be a multiple of micro_batch_size "
-                             f"({train_cfg.micro_batch_size}) x processes ({world})")
+            raise ConfigError(
+                f"train.batch_size={train_cfg.batch_size} must be a multiple of micro_batch_size "
+                f"({train_cfg.micro_batch_size}) x processes ({world})"
+            )
         self.accum = train_cfg.batch_size // (world * train_cfg.micro_batch_size)
         self.out = Path(train_cfg.output_dir)
-        temperature = plan.pair_temperature if plan.pair_temperature is not None else (
-            data_cfg.temperature if data_cfg is not None else 1.0)
-        self.sampler = StepSampler(train_set, train_cfg.batch_size, mode=plan.sampler, seed=train_cfg.seed,
-                                   temperature=temperature,
-                                   pair_order=data_cfg.pair_order if data_cfg is not None else "round_robin")
+        temperature = (
+            plan.pair_temperature
+            if plan.pair_temperature is not None
+            else (data_cfg.temperature if data_cfg is not None else 1.0)
+        )
+        self.sampler = StepSampler(
+            train_set,
+            train_cfg.batch_size,
+            mode=plan.sampler,
+            seed=train_cfg.seed,
+            temperature=temperature,
+            pair_order=data_cfg.pair_order if data_cfg is not None else "round_robin",
+        )
         self.pad_id = pad_token_id(tokenizer) if tokenizer is not None else 0
 
         if train_cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
@@ -252,15 +290,18 @@ class Trainer:
         self.raw_model = model
         self.use_logits_to_keep = _accepts_logits_to_keep(model)
         # the fused loss calls the decoder directly, past a DDP wrapper's forward: single process only
-        self.fused = (fused_loss_parts(model) if getattr(train_cfg, "fused_loss", True)
-                      and self.acc.num_processes == 1 else None)
+        self.fused = (
+            fused_loss_parts(model) if getattr(train_cfg, "fused_loss", True) and self.acc.num_processes == 1 else None
+        )
         builder = plan.build_optimizer or default_optimizer
         optimizer = builder(model, train_cfg)
         self.deepspeed = engine == DistributedType.DEEPSPEED
         if self.deepspeed and train_cfg.save_every:
-            raise ConfigError("train.save_every: resumable checkpoints are not written under DeepSpeed yet (its ZeRO "
-                              "optimizer state lives outside the torch optimizer); set train.save_every=0, or use "
-                              "FSDP2 (examples/accelerate/fsdp2.yaml) for resumable sharded training")
+            raise ConfigError(
+                "train.save_every: resumable checkpoints are not written under DeepSpeed yet (its ZeRO "
+                "optimizer state lives outside the torch optimizer); set train.save_every=0, or use "
+                "FSDP2 (examples/accelerate/fsdp2.yaml) for resumable sharded training"
+            )
         if self.deepspeed:  # no dataloader goes through prepare: say the batch geometry so that "auto" resolves
             ds = self.acc.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = train_cfg.micro_batch_size
@@ -290,7 +331,8 @@ class Trainer:
     def _sharded(self) -> bool:
         """Whether each process holds only a shard of the parameters / optimizer state (FSDP, DeepSpeed)."""
         return self.acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) or any(
-            hasattr(p, "device_mesh") for p in self.raw_model.parameters())
+            hasattr(p, "device_mesh") for p in self.raw_model.parameters()
+        )
 
     def fingerprints(self) -> dict[str, Any]:
         """What a resumed run must share with the run that wrote the checkpoint: the tokenised examples and
@@ -304,9 +346,10 @@ class Trainer:
             m = hashlib.sha256()
             for n, p in self.raw_model.named_parameters():
                 m.update(f"{n}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad};".encode())
-            self._fingerprints = {"data": {"examples": len(self.train_set), "sha256": h.hexdigest()},
-                                  "model": {"parameters": sum(1 for _ in self.raw_model.parameters()),
-                                            "sha256": m.hexdigest()}}
+            self._fingerprints = {
+                "data": {"examples": len(self.train_set), "sha256": h.hexdigest()},
+                "model": {"parameters": sum(1 for _ in self.raw_model.parameters()), "sha256": m.hexdigest()},
+            }
         return self._fingerprints
 
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -335,15 +378,20 @@ class Trainer:
             tmp.mkdir(parents=True)
         self.acc.wait_for_everyone()
         rank = self.acc.process_index
-        ckpt.save_state({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-                        tmp, f"rng_{rank}")
+        ckpt.save_state(
+            {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            tmp,
+            f"rng_{rank}",
+        )
         if self._sharded():  # every process writes its own shard of the optimizer state, never gathered
             ckpt.save_state(self.torch_optimizer.state_dict(), tmp, f"optimizer_{rank}")
         state_dict = self._full_state_dict()
         if self.acc.is_main_process:
             trainable = {n for n, p in self.raw_model.named_parameters() if p.requires_grad}
-            save_file({n: t.detach().cpu().contiguous().clone() for n, t in state_dict.items() if n in trainable},
-                      str(tmp / "trainable.safetensors"))
+            save_file(
+                {n: t.detach().cpu().contiguous().clone() for n, t in state_dict.items() if n in trainable},
+                str(tmp / "trainable.safetensors"),
+            )
             self._save_model(tmp, state_dict, strict=False)
             if not self._sharded():
                 ckpt.save_state(self.torch_optimizer.state_dict(), tmp, "optimizer")
@@ -352,9 +400,16 @@ class Trainer:
                 ckpt.save_state(self.plan.state_dict(), tmp, "method_state")
             if self.plan.save_artifacts is not None:
                 self.plan.save_artifacts(tmp)
-            state = {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
-                     "world_size": self.acc.num_processes, "sharded": self._sharded(), "method": self.plan.method,
-                     **self.fingerprints(), "config": self.run_config}
+            state = {
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "sampler": self.sampler.state_dict(),
+                "world_size": self.acc.num_processes,
+                "sharded": self._sharded(),
+                "method": self.plan.method,
+                **self.fingerprints(),
+                "config": self.run_config,
+            }
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str), encoding="utf-8")
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
@@ -366,8 +421,9 @@ class Trainer:
         self.acc.wait_for_everyone()
         return final
 
-    def _save_model(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None, *,
-                    strict: bool = True) -> None:
+    def _save_model(
+        self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None, *, strict: bool = True
+    ) -> None:
         """A standalone model (config, safetensors, tokenizer) through :func:`mmt.models.write_model`, so that
         architectures changed by a method reload as themselves and ``mmt eval --model <checkpoint>`` works.
         ``strict=False`` (checkpoints): a model that would not reload as itself is left out with one warning,
@@ -388,17 +444,22 @@ class Trainer:
 
     def _check_matches(self, path: Path, state: dict[str, Any]) -> None:
         """A clear error when the checkpoint was written by a run with another method, data or model."""
+
         def differences(section: str) -> str:
             old = (state.get("config") or {}).get(section)
             new = (self.run_config or {}).get(section)
-            diff = [f"{key}: {a!r} then, {b!r} now" for key, a, b in _leaf_differences(old, new, section)
-                    if not key.endswith(".data_dir")]
+            diff = [
+                f"{key}: {a!r} then, {b!r} now"
+                for key, a, b in _leaf_differences(old, new, section)
+                if not key.endswith(".data_dir")
+            ]
             return (" (" + "; ".join(diff[:5]) + ")") if diff else ""
 
         advice = "resume with the same config, or start over with train.resume=never or another train.output_dir"
         if state.get("method") != self.plan.method:
-            raise RunMismatchError(f"{path}: written by method {state.get('method')!r}, this run is "
-                                  f"{self.plan.method!r}; {advice}")
+            raise RunMismatchError(
+                f"{path}: written by method {state.get('method')!r}, this run is {self.plan.method!r}; {advice}"
+            )
         now = self.fingerprints()
         old_data, old_model = state.get("data") or {}, state.get("model") or {}
         if old_data != now["data"]:
@@ -406,12 +467,14 @@ class Trainer:
                 f"{path}: the training data differ from the run that wrote this checkpoint "
                 f"({old_data.get('examples')} examples then, {now['data']['examples']} now"
                 f"{'' if old_data.get('examples') != now['data']['examples'] else ', same count, other content'})"
-                f"{differences('data')}; {advice}")
+                f"{differences('data')}; {advice}"
+            )
         if old_model != now["model"]:
             raise RunMismatchError(
                 f"{path}: the model differs from the one that wrote this checkpoint (parameter names, shapes, "
                 f"dtypes or trainable set: {old_model.get('parameters')} parameters then, "
-                f"{now['model']['parameters']} now){differences('model')}{differences('method')}; {advice}")
+                f"{now['model']['parameters']} now){differences('model')}{differences('method')}; {advice}"
+            )
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Resume from ``path`` after verifying its manifest; reads no pickle."""
@@ -425,8 +488,10 @@ class Trainer:
             raise CheckpointError(f"{path / 'trainer_state.json'}: unreadable ({exc})") from None
         self._check_matches(path, state)
         if state.get("sharded") and state.get("world_size") != self.acc.num_processes:
-            raise CheckpointError(f"{path}: written by {state.get('world_size')} processes with sharded optimizer "
-                                  f"state; resume it with the same number of processes, not {self.acc.num_processes}")
+            raise CheckpointError(
+                f"{path}: written by {state.get('world_size')} processes with sharded optimizer "
+                f"state; resume it with the same number of processes, not {self.acc.num_processes}"
+            )
         params = dict(self.raw_model.named_parameters())
         try:
             saved = load_file(str(path / "trainable.safetensors"))
@@ -484,8 +549,11 @@ class Trainer:
                     problems.append(str(exc))
                     self._say(f"warning: cannot resume from {path.name}: {exc}")
             if problems and self.resumed_from is None:
-                raise CheckpointError(f"no intact checkpoint in {self.ckpt_root}: " + "; ".join(problems)
-                                      + ". Set train.resume=never to start over")
+                raise CheckpointError(
+                    f"no intact checkpoint in {self.ckpt_root}: "
+                    + "; ".join(problems)
+                    + ". Set train.resume=never to start over"
+                )
             if problems:
                 self._say(f"falling back to the newest intact checkpoint, {Path(self.resumed_from).name}")
         if self.resumed_from is not None:
@@ -530,8 +598,13 @@ class Trainer:
         self.acc.wait_for_everyone()
         self.model.train()
         cfg, ts = self.cfg, self.train_set
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {self.plan.method}", dynamic_ncols=True,
-                   disable=not (cfg.progress and self.acc.is_main_process))
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            desc=f"train {self.plan.method}",
+            dynamic_ncols=True,
+            disable=not (cfg.progress and self.acc.is_main_process),
+        )
         losses: list[float] = []
         t_start = time.time()
         window_tokens, window_t = 0, time.time()
@@ -573,7 +646,11 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.plan.on_step_end is not None:
                 self.plan.on_step_end(info, self.raw_model, self.torch_optimizer)
-            total = self.acc.reduce(local_loss.to(self.acc.device), reduction="sum") if self.acc.num_processes > 1 else local_loss
+            total = (
+                self.acc.reduce(local_loss.to(self.acc.device), reduction="sum")
+                if self.acc.num_processes > 1
+                else local_loss
+            )
             step_loss = float(total) / max(global_label_tokens, 1)
             losses.append(step_loss)
             self.step += 1
@@ -584,9 +661,15 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tps:.0f}")
             if self.step % max(1, cfg.log_every) == 0 or self.step == cfg.max_steps:
-                rec = {"step": self.step, "loss": step_loss, "lr": self.scheduler.get_last_lr()[0],
-                       "grad_norm": grad_norm, "tokens": self.tokens_seen, "tokens_per_s": tps,
-                       "elapsed_s": now - t_start}
+                rec = {
+                    "step": self.step,
+                    "loss": step_loss,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "tokens": self.tokens_seen,
+                    "tokens_per_s": tps,
+                    "elapsed_s": now - t_start,
+                }
                 if pair is not None:
                     rec["pair"] = "-".join(pair) if isinstance(pair, tuple) else str(pair)
                 self._log(rec)
@@ -597,9 +680,15 @@ class Trainer:
         end_trackers(self.acc)
         if cfg.save_every:
             self.save_checkpoint()
-        return TrainResult(steps=self.step, final_loss=losses[-1] if losses else float("nan"), losses=losses,
-                           seconds=time.time() - t_start, tokens=self.tokens_seen, output_dir=str(self.out),
-                           resumed_from=self.resumed_from)
+        return TrainResult(
+            steps=self.step,
+            final_loss=losses[-1] if losses else float("nan"),
+            losses=losses,
+            seconds=time.time() - t_start,
+            tokens=self.tokens_seen,
+            output_dir=str(self.out),
+            resumed_from=self.resumed_from,
+        )
 
     def save_final(self) -> Path | None:
         """Write the trained model (+ tokenizer, method artifacts) to ``output_dir/final``, once, from the
@@ -657,9 +746,12 @@ def run(cfg: Any, model: nn.Module | None = None, tokenizer: Any = None, *, prin
             n_dirs = len(train_set.streams)
             print(plan.describe(model))
             print(summarize(train_set, getattr(train_set, "skipped", None)), flush=True)
-            print(f"data: {len(train_set):,} examples in {n_dirs} {'languages' if train_set.mono else 'directions'}; "
-                  f"global batch {cfg.train.batch_size} = {trainer.acc.num_processes} process(es) x "
-                  f"{trainer.accum} accumulation x {cfg.train.micro_batch_size}", flush=True)
+            print(
+                f"data: {len(train_set):,} examples in {n_dirs} {'languages' if train_set.mono else 'directions'}; "
+                f"global batch {cfg.train.batch_size} = {trainer.acc.num_processes} process(es) x "
+                f"{trainer.accum} accumulation x {cfg.train.micro_batch_size}",
+                flush=True,
+            )
     result = trainer.train()
     if cfg.train.save_model:
         final = trainer.save_final()

@@ -29,8 +29,9 @@ GATE_MANIFEST = "directional.json"
 # generation: the one entry point into mmt.evaluate (routing lives there, not here)
 
 
-def generate_for(model, tokenizer, prompts: Sequence[str], direction: tuple[str, str], template: str,
-                 **kwargs) -> list[str]:
+def generate_for(
+    model, tokenizer, prompts: Sequence[str], direction: tuple[str, str], template: str, **kwargs
+) -> list[str]:
     """Hypotheses for ``prompts`` in ``direction``; the model is routed for that direction by ``generate``."""
     from mmt.data.prompts import CHAT_USER_TEMPLATE
     from mmt.evaluate import generate
@@ -164,9 +165,17 @@ def write_output(path: str, lines: Sequence[str]) -> None:
 # API
 
 
-def translate_lines(models: _Models, lines: Sequence[str], direction: tuple[str, str], template: str, *,
-                    batch_size: int = 8, num_beams: int = 1, max_new_tokens: int = 150,
-                    progress: bool = True) -> list[str]:
+def translate_lines(
+    models: _Models,
+    lines: Sequence[str],
+    direction: tuple[str, str],
+    template: str,
+    *,
+    batch_size: int = 8,
+    num_beams: int = 1,
+    max_new_tokens: int = 150,
+    progress: bool = True,
+) -> list[str]:
     """Translate ``lines``; blank lines come back blank without being decoded."""
     from mmt.data import PromptBuilder
 
@@ -174,9 +183,17 @@ def translate_lines(models: _Models, lines: Sequence[str], direction: tuple[str,
     keep = [i for i, ln in enumerate(lines) if ln.strip()]
     model, tok = models.for_direction(s, t)
     prompt_of = PromptBuilder(template, tok)  # chat templates render through this model's tokenizer
-    hyps = generate_for(model, tok, [prompt_of(s, t, lines[i].strip()) for i in keep], direction,
-                        template, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                        progress=progress)
+    hyps = generate_for(
+        model,
+        tok,
+        [prompt_of(s, t, lines[i].strip()) for i in keep],
+        direction,
+        template,
+        batch_size=batch_size,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        progress=progress,
+    )
     out = [""] * len(lines)
     for i, h in zip(keep, hyps):
         out[i] = h
@@ -231,8 +248,16 @@ def run_translate(args: argparse.Namespace) -> int:
     models = _Models(where, gated, args.dtype)
     progress = not args.no_progress
     for s, t in directions:
-        hyps = translate_lines(models, lines, (s, t), template, batch_size=args.batch_size, num_beams=args.beams,
-                               max_new_tokens=args.max_new_tokens, progress=progress)
+        hyps = translate_lines(
+            models,
+            lines,
+            (s, t),
+            template,
+            batch_size=args.batch_size,
+            num_beams=args.beams,
+            max_new_tokens=args.max_new_tokens,
+            progress=progress,
+        )
         out = args.output if len(directions) == 1 else str(Path(args.output) / f"{s}-{t}.txt")
         write_output(out, hyps)
         if out != "-":

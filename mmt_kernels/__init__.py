@@ -11,6 +11,7 @@ kernels; ``MMT_KERNELS_BACKEND`` or :func:`set_backend` forces one (see ``python
 - family 3, batched weight merging: :func:`merge_tensors` (the module ``mmt_kernels.merge`` keeps its
   name), :func:`magnitude_threshold`, :func:`dare_keep_mask`.
 """
+
 from ._backend import BackendUnavailableError, get_backend, set_backend
 from .loss import cross_entropy_grad_, cross_entropy_lse, gather_loss_positions, linear_cross_entropy
 from .merge import dare_keep_mask, magnitude_threshold
@@ -22,11 +23,32 @@ from .sparse_grad import SparseWeightGrad, sparse_linear, sparse_weight_grad_
 from .taylor import TaylorHook, taylor_accumulate_, token_weights
 
 __all__ = [
-    "BackendUnavailableError", "get_backend", "set_backend",
-    "sparse_adamw_", "sparse_adamw_multi_", "NeuronSparseAdamW", "TaylorHook", "taylor_accumulate_", "token_weights",
-    "MoEFFN", "fft_features", "grouped_mlp", "moe_combine", "moe_dispatch", "moe_ffn", "moe_permute", "route",
-    "merge_tensors", "magnitude_threshold", "dare_keep_mask",
-    "sparse_weight_grad_", "sparse_linear", "SparseWeightGrad",
-    "linear_cross_entropy", "gather_loss_positions", "cross_entropy_lse", "cross_entropy_grad_",
+    "BackendUnavailableError",
+    "get_backend",
+    "set_backend",
+    "sparse_adamw_",
+    "sparse_adamw_multi_",
+    "NeuronSparseAdamW",
+    "TaylorHook",
+    "taylor_accumulate_",
+    "token_weights",
+    "MoEFFN",
+    "fft_features",
+    "grouped_mlp",
+    "moe_combine",
+    "moe_dispatch",
+    "moe_ffn",
+    "moe_permute",
+    "route",
+    "merge_tensors",
+    "magnitude_threshold",
+    "dare_keep_mask",
+    "sparse_weight_grad_",
+    "sparse_linear",
+    "SparseWeightGrad",
+    "linear_cross_entropy",
+    "gather_loss_positions",
+    "cross_entropy_lse",
+    "cross_entropy_grad_",
 ]
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ reported once, with the reason, and the op falls back to the reference: never si
 
 This module answers "can backend X run here"; ``_registry`` declares the ops and picks their backend.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -113,7 +114,8 @@ def available(backend: str, device_type: str, op: str, *, has_triton: bool = Tru
             return False, f"the cuda backend takes CUDA tensors, got {device_type}"
         if not has_compiled(op, "CUDA"):
             return False, "mmt_kernels._C was built without CUDA kernels for it" + (
-                f" ({_C_error})" if _C_error else "")
+                f" ({_C_error})" if _C_error else ""
+            )
         return True, ""
     if backend == "triton":
         if not has_triton:
@@ -140,9 +142,11 @@ def report() -> dict[str, object]:
     info["C_loaded"] = load_C()
     info["C_error"] = _C_error
     info["cpu_kernels"] = load_C() and any(
-        torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU") for name in _mmt_op_names())
+        torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU") for name in _mmt_op_names()
+    )
     info["cuda_kernels"] = load_C() and any(
-        torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA") for name in _mmt_op_names())
+        torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA") for name in _mmt_op_names()
+    )
     info["ops"] = sorted(_mmt_op_names())
     info["cuda_available"] = torch.cuda.is_available()
     info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"

@@ -8,6 +8,7 @@ the custom op ``mmt::<name>_triton`` (``<name>_triton_`` for an in-place op) wit
 fake (opaque to ``torch.compile``), and returns an :class:`Op` whose :meth:`Op.choose` is the one place a
 backend is picked. How to add an op: docs/kernels.md.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,18 +21,18 @@ from . import _backend
 from ._backend import BackendUnavailableError
 
 DEFAULT_CUDA_ORDER = ("cuda", "triton", "reference")  # faster-by-measurement order on CUDA tensors
-TRITON_ONLY_CUDA_ORDER = ("triton", "reference")       # ops without a CUDA C++ kernel
+TRITON_ONLY_CUDA_ORDER = ("triton", "reference")  # ops without a CUDA C++ kernel
 CPU_ORDER = ("cpu", "reference")
 
 
 @dataclass(frozen=True)
 class OpSpec:
-    name: str                      # torch.ops.mmt.<name> (C++ CPU/CUDA); mmt::<name>_triton (Triton)
-    schema: str                    # "(Tensor x, int k) -> Tensor", as in csrc/ops.cpp
+    name: str  # torch.ops.mmt.<name> (C++ CPU/CUDA); mmt::<name>_triton (Triton)
+    schema: str  # "(Tensor x, int k) -> Tensor", as in csrc/ops.cpp
     reference: Callable[..., Any]  # the schema's signature, plain PyTorch, any device
-    fake: Callable[..., Any]       # output shapes/dtypes for torch.compile and meta tensors
-    triton: str | None = None      # "module:function" in mmt_kernels/triton (imported on first use)
-    cuda: bool = True              # has a CUDA C++ kernel; False: Triton runs it on GPU, even when "cuda" is forced
+    fake: Callable[..., Any]  # output shapes/dtypes for torch.compile and meta tensors
+    triton: str | None = None  # "module:function" in mmt_kernels/triton (imported on first use)
+    cuda: bool = True  # has a CUDA C++ kernel; False: Triton runs it on GPU, even when "cuda" is forced
     fp64: tuple[str, ...] = ("reference", "cpu")  # backends that accept fp64 inputs
     autograd: type[torch.autograd.Function] | None = None  # what the public wrapper applies off the reference
 
@@ -44,8 +45,12 @@ class Op:
         self.name = spec.name
         self.triton_op = None
         if spec.triton is not None:
-            self.triton_op = torch.library.custom_op(f"mmt::{triton_name(spec.name)}", self._launch_triton,
-                                                     mutates_args=_mutated(spec.schema), schema=spec.schema)
+            self.triton_op = torch.library.custom_op(
+                f"mmt::{triton_name(spec.name)}",
+                self._launch_triton,
+                mutates_args=_mutated(spec.schema),
+                schema=spec.schema,
+            )
             self.triton_op.register_fake(spec.fake)
         if _backend.load_C() and hasattr(torch.ops.mmt, spec.name):
             torch.library.register_fake(f"mmt::{spec.name}")(spec.fake)
@@ -55,8 +60,10 @@ class Op:
         # The launchers index tensors by their shapes: a strided view would be read and written wrongly.
         for i, t in enumerate(_tensors(args)):
             if not t.is_contiguous():
-                raise ValueError(f"mmt::{triton_name(self.name)}: tensor argument {i} (shape {tuple(t.shape)}, strides "
-                                 f"{t.stride()}) must be contiguous")
+                raise ValueError(
+                    f"mmt::{triton_name(self.name)}: tensor argument {i} (shape {tuple(t.shape)}, strides "
+                    f"{t.stride()}) must be contiguous"
+                )
         module, function = self.spec.triton.split(":")
         launcher = getattr(importlib.import_module(f"mmt_kernels.triton.{module}"), function)
         device = next((t.device for t in _tensors(args) if t.is_cuda), None)
@@ -83,8 +90,7 @@ class Op:
                 args[i] = a.contiguous()
                 if i in self._mutated:
                     write_back.append((a, args[i]))
-            elif isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and not t.is_contiguous()
-                                                      for t in a):
+            elif isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and not t.is_contiguous() for t in a):
                 args[i] = [t.contiguous() if isinstance(t, torch.Tensor) else t for t in a]
                 if i in self._mutated:
                     write_back += [(t, c) for t, c in zip(a, args[i]) if c is not t]
@@ -97,8 +103,13 @@ class Op:
         """The op's autograd function (for a kernel backend; the reference differentiates itself)."""
         return self.spec.autograd.apply(*args)
 
-    def choose(self, device: torch.device | str, backend: str | None = None, dtype: torch.dtype | None = None,
-               unable: tuple[str, ...] = ()) -> str:
+    def choose(
+        self,
+        device: torch.device | str,
+        backend: str | None = None,
+        dtype: torch.dtype | None = None,
+        unable: tuple[str, ...] = (),
+    ) -> str:
         """The backend for tensors of ``dtype`` on ``device``; ``unable``: backends whose kernels cannot take
         these inputs (e.g. too many tensors), skipped by ``auto`` and refused when forced."""
         return _choose(self.name, device, backend, dtype, unable)
@@ -120,7 +131,7 @@ def triton_name(name: str) -> str:
 
 
 def _arguments(schema: str) -> list[str]:
-    return [a.strip() for a in schema[schema.index("(") + 1:schema.rindex(") ->")].split(",")]
+    return [a.strip() for a in schema[schema.index("(") + 1 : schema.rindex(") ->")].split(",")]
 
 
 def _mutated(schema: str) -> tuple[str, ...]:
@@ -140,8 +151,9 @@ def _tensors(args):
 
 
 @torch.compiler.assume_constant_result  # evaluated once while tracing: no graph break under torch.compile
-def _choose(name: str, device: torch.device | str, backend: str | None, dtype: torch.dtype | None,
-            unable: tuple[str, ...] = ()) -> str:
+def _choose(
+    name: str, device: torch.device | str, backend: str | None, dtype: torch.dtype | None, unable: tuple[str, ...] = ()
+) -> str:
     spec = OPS[name].spec
     device_type = torch.device(device).type
     wanted = (backend or _backend.get_backend()).lower()
@@ -150,8 +162,10 @@ def _choose(name: str, device: torch.device | str, backend: str | None, dtype: t
     has_triton = spec.triton is not None
     if wanted != "auto":
         if dtype == torch.float64 and wanted not in spec.fp64:
-            raise BackendUnavailableError(f"backend {wanted!r} cannot run mmt op {name!r}: it takes no fp64 "
-                                          f"tensors (only {', '.join(spec.fp64)} do)")
+            raise BackendUnavailableError(
+                f"backend {wanted!r} cannot run mmt op {name!r}: it takes no fp64 "
+                f"tensors (only {', '.join(spec.fp64)} do)"
+            )
         if wanted in unable:
             raise BackendUnavailableError(f"backend {wanted!r} cannot run mmt op {name!r} on these inputs")
         ok, why = _backend.available(wanted, device_type, name, has_triton=has_triton)
@@ -167,8 +181,9 @@ def _choose(name: str, device: torch.device | str, backend: str | None, dtype: t
     return "reference"
 
 
-def choose(name: str, device: torch.device | str, *, backend: str | None = None,
-           dtype: torch.dtype | None = None) -> str:
+def choose(
+    name: str, device: torch.device | str, *, backend: str | None = None, dtype: torch.dtype | None = None
+) -> str:
     """The backend that runs mmt op ``name`` on tensors of ``dtype`` on ``device``.
 
     ``backend`` (per call) beats ``set_backend``/``MMT_KERNELS_BACKEND``, which beat ``auto`` (the first

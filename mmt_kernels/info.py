@@ -1,4 +1,5 @@
 """`python -m mmt_kernels.info`: build flags, backends available, device."""
+
 from __future__ import annotations
 
 import json

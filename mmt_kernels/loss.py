@@ -13,6 +13,7 @@ Two row-wise ops do the softmax work on a chunk of logits (fp32/bf16/fp16 in, fp
 - ``cross_entropy_lse(logits, target, ignore_index, softcap) -> (loss, lse)``
 - ``cross_entropy_grad_(logits!, target, lse, grad_loss, ignore_index, softcap)``
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,15 +37,28 @@ def _lse_fake(logits, target, ignore_index, softcap):
     return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
 
 
-CE_LSE = register(OpSpec(
-    name="cross_entropy_lse", schema="(Tensor logits, Tensor target, int ignore_index, float softcap) "
-                                     "-> (Tensor loss, Tensor lse)",
-    reference=_ref.cross_entropy_lse, fake=_lse_fake, triton="loss:cross_entropy_lse", cuda=False))
+CE_LSE = register(
+    OpSpec(
+        name="cross_entropy_lse",
+        schema="(Tensor logits, Tensor target, int ignore_index, float softcap) -> (Tensor loss, Tensor lse)",
+        reference=_ref.cross_entropy_lse,
+        fake=_lse_fake,
+        triton="loss:cross_entropy_lse",
+        cuda=False,
+    )
+)
 
-CE_GRAD = register(OpSpec(
-    name="cross_entropy_grad_", schema="(Tensor(a!) logits, Tensor target, Tensor lse, Tensor grad_loss, "
-                                       "int ignore_index, float softcap) -> ()",
-    reference=_ref.cross_entropy_grad_, fake=lambda *a: None, triton="loss:cross_entropy_grad_", cuda=False))
+CE_GRAD = register(
+    OpSpec(
+        name="cross_entropy_grad_",
+        schema="(Tensor(a!) logits, Tensor target, Tensor lse, Tensor grad_loss, "
+        "int ignore_index, float softcap) -> ()",
+        reference=_ref.cross_entropy_grad_,
+        fake=lambda *a: None,
+        triton="loss:cross_entropy_grad_",
+        cuda=False,
+    )
+)
 
 
 def _check_rows(name, logits, target, lse=None, grad_loss=None):
@@ -53,8 +67,7 @@ def _check_rows(name, logits, target, lse=None, grad_loss=None):
     if logits.dtype not in _DTYPES:
         raise TypeError(f"{name}: logits dtype must be fp32, bf16, fp16 or fp64, got {logits.dtype}")
     if target.dtype != torch.int64 or target.shape != (logits.shape[0],):
-        raise ValueError(f"{name}: target must be int64 [{logits.shape[0]}], got {target.dtype} "
-                         f"{tuple(target.shape)}")
+        raise ValueError(f"{name}: target must be int64 [{logits.shape[0]}], got {target.dtype} {tuple(target.shape)}")
     for what, t in (("lse", lse), ("grad_loss", grad_loss)):
         if t is not None and (t.dtype != torch.float32 or t.shape != (logits.shape[0],)):
             raise ValueError(f"{name}: {what} must be fp32 [{logits.shape[0]}], got {t.dtype} {tuple(t.shape)}")
@@ -63,8 +76,14 @@ def _check_rows(name, logits, target, lse=None, grad_loss=None):
             raise ValueError(f"{name}: {what} is on {t.device}, logits on {logits.device}")
 
 
-def cross_entropy_lse(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,
-                      softcap: float | None = None, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_entropy_lse(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row cross-entropy and log-sum-exp (fp32 [N] each; 0 on rows whose target is ``ignore_index``).
 
     Targets outside ``[0, V)`` other than ``ignore_index`` are an error of the caller (not checked per row on
@@ -74,15 +93,30 @@ def cross_entropy_lse(logits: torch.Tensor, target: torch.Tensor, *, ignore_inde
     return CE_LSE(which, logits.contiguous(), target.contiguous(), int(ignore_index), float(softcap or 0.0))
 
 
-def cross_entropy_grad_(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor, *,
-                        ignore_index: int = -100, softcap: float | None = None, backend: str | None = None) -> None:
+def cross_entropy_grad_(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    grad_loss: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    backend: str | None = None,
+) -> None:
     """Overwrite contiguous ``logits`` with ``grad_loss[r] * d loss[r] / d logits[r]``."""
     _check_rows("cross_entropy_grad_", logits, target, lse, grad_loss)
     if not logits.is_contiguous():
         raise ValueError("cross_entropy_grad_: logits must be contiguous (it is overwritten in place)")
     which = CE_GRAD.choose(logits.device, backend, logits.dtype)
-    CE_GRAD(which, logits, target.contiguous(), lse.contiguous(), grad_loss.contiguous(), int(ignore_index),
-            float(softcap or 0.0))
+    CE_GRAD(
+        which,
+        logits,
+        target.contiguous(),
+        lse.contiguous(),
+        grad_loss.contiguous(),
+        int(ignore_index),
+        float(softcap or 0.0),
+    )
 
 
 def default_chunk_rows(vocab: int, dtype: torch.dtype, budget_bytes: int = 64 << 20) -> int:
@@ -98,8 +132,9 @@ def _chunk_grads(hidden, weight, target, lse, grad_rows, ignore_index, softcap, 
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         g = hidden[s:e] @ weight.t()
-        cross_entropy_grad_(g, target[s:e], lse[s:e], grad_rows[: e - s], ignore_index=ignore_index,
-                            softcap=softcap, backend=backend)
+        cross_entropy_grad_(
+            g, target[s:e], lse[s:e], grad_rows[: e - s], ignore_index=ignore_index, softcap=softcap, backend=backend
+        )
         if need_h:
             torch.mm(g, weight, out=grad_h[s:e])
         if need_w and grad_w.dtype == g.dtype:
@@ -129,12 +164,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             logits = hidden[s:e] @ weight.t()
-            row_loss, lse[s:e] = cross_entropy_lse(logits, target[s:e], ignore_index=ignore_index,
-                                                   softcap=softcap, backend=backend)
+            row_loss, lse[s:e] = cross_entropy_lse(
+                logits, target[s:e], ignore_index=ignore_index, softcap=softcap, backend=backend
+            )
             loss += row_loss.sum()
             if eager:
-                cross_entropy_grad_(logits, target[s:e], lse[s:e], ones[: e - s], ignore_index=ignore_index,
-                                    softcap=softcap, backend=backend)
+                cross_entropy_grad_(
+                    logits,
+                    target[s:e],
+                    lse[s:e],
+                    ones[: e - s],
+                    ignore_index=ignore_index,
+                    softcap=softcap,
+                    backend=backend,
+                )
                 if need_h:
                     torch.mm(logits, weight, out=grad_h[s:e])
                 if need_w and grad_w.dtype == logits.dtype:
@@ -163,18 +206,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hidden, weight, target, lse = ctx.saved_tensors
             ignore_index, softcap, chunk, backend = ctx.args
             grad_rows = grad_out.float().expand(min(hidden.shape[0], chunk)).contiguous()
-            grad_h, grad_w = _chunk_grads(hidden, weight, target, lse, grad_rows, ignore_index, softcap, chunk,
-                                          backend, need_h, need_w)
+            grad_h, grad_w = _chunk_grads(
+                hidden, weight, target, lse, grad_rows, ignore_index, softcap, chunk, backend, need_h, need_w
+            )
             wdtype = weight.dtype
         if need_w:
             grad_w = grad_w.to(wdtype)
         return grad_h, grad_w, None, None, None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
-                         ignore_index: int = -100, softcap: float | None = None, reduction: str = "sum",
-                         chunk_rows: int | None = None, recompute: bool = False,
-                         backend: str | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    reduction: str = "sum",
+    chunk_rows: int | None = None,
+    recompute: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` (hidden ``[N, H]``, weight ``[V, H]``) against ``target`` ``[N]``.
 
     ``reduction``: ``"sum"`` or ``"mean"`` (over rows whose target is not ``ignore_index``). Under autocast
@@ -184,19 +236,24 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     (see ``_LinearCrossEntropy``).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"linear_cross_entropy: hidden [N, H] and weight [V, H] expected, got "
-                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"linear_cross_entropy: hidden [N, H] and weight [V, H] expected, got "
+            f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     if weight.shape[0] == 0:
         raise ValueError("linear_cross_entropy: weight has an empty vocabulary")
     if target.shape != (hidden.shape[0],) or target.dtype != torch.int64:
-        raise ValueError(f"linear_cross_entropy: target must be int64 [{hidden.shape[0]}], got {target.dtype} "
-                         f"{tuple(target.shape)}")
+        raise ValueError(
+            f"linear_cross_entropy: target must be int64 [{hidden.shape[0]}], got {target.dtype} {tuple(target.shape)}"
+        )
     if hidden.dtype not in _DTYPES or weight.dtype not in _DTYPES:
-        raise TypeError(f"linear_cross_entropy: hidden/weight dtype must be floating, got {hidden.dtype}, "
-                        f"{weight.dtype}")
+        raise TypeError(
+            f"linear_cross_entropy: hidden/weight dtype must be floating, got {hidden.dtype}, {weight.dtype}"
+        )
     if hidden.device != weight.device or target.device != hidden.device:
-        raise ValueError(f"linear_cross_entropy: hidden on {hidden.device}, weight on {weight.device}, target on "
-                         f"{target.device}")
+        raise ValueError(
+            f"linear_cross_entropy: hidden on {hidden.device}, weight on {weight.device}, target on {target.device}"
+        )
     if reduction not in ("sum", "mean"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'sum' or 'mean', got {reduction!r}")
     if softcap is not None and softcap < 0:
@@ -206,30 +263,35 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     elif hidden.dtype != weight.dtype:
-        raise TypeError(f"linear_cross_entropy: hidden is {hidden.dtype}, weight {weight.dtype} (outside autocast "
-                        "they must match)")
+        raise TypeError(
+            f"linear_cross_entropy: hidden is {hidden.dtype}, weight {weight.dtype} (outside autocast they must match)"
+        )
     # a trained weight takes a [V, H] update per chunk: larger chunks, fewer passes over dW
     budget = (256 << 20) if weight.requires_grad and torch.is_grad_enabled() else (64 << 20)
     chunk = int(chunk_rows or default_chunk_rows(weight.shape[0], hidden.dtype, budget))
     if chunk < 1:
         raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk}")
     with torch.autocast(device_type, enabled=False):
-        loss = _LinearCrossEntropy.apply(hidden, weight, target, int(ignore_index), float(softcap or 0.0), chunk,
-                                         backend, bool(recompute))
+        loss = _LinearCrossEntropy.apply(
+            hidden, weight, target, int(ignore_index), float(softcap or 0.0), chunk, backend, bool(recompute)
+        )
     if reduction == "mean":
         loss = loss / (target != ignore_index).sum().clamp_min(1)
     return loss
 
 
-def gather_loss_positions(hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_loss_positions(
+    hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token pairs that carry a loss: ``hidden[:, t]`` predicts ``labels[:, t + 1]``.
 
     Returns ``(hidden_rows [M, H], targets [M])`` for the M positions whose next label is not ``ignore_index``.
     """
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
-        raise ValueError(f"gather_loss_positions: hidden [B, T, H] and labels [B, T] expected, got "
-                         f"{tuple(hidden.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"gather_loss_positions: hidden [B, T, H] and labels [B, T] expected, got "
+            f"{tuple(hidden.shape)} and {tuple(labels.shape)}"
+        )
     nxt = labels[:, 1:]
     keep = nxt != ignore_index
     return hidden[:, :-1][keep], nxt[keep]

@@ -10,6 +10,7 @@ Example::
     from mmt_kernels import merge_tensors
     merged = merge_tensors([w_de, w_fr, w_zh], base=w0, method="ties", density=0.2, weights=[1, 1, 1])
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -28,8 +29,9 @@ def _threshold_fake(tensors, base, ks):
 
 
 def _merge_reference(tensors, base, weights, thresholds, densities, method, lam, seed, sign_by_count):
-    return _ref.merge(tensors, base, weights, thresholds, densities, method=method, lam=lam, seed=seed,
-                      sign_by_count=sign_by_count)
+    return _ref.merge(
+        tensors, base, weights, thresholds, densities, method=method, lam=lam, seed=seed, sign_by_count=sign_by_count
+    )
 
 
 def _merge_fake(tensors, base, weights, thresholds, densities, method, lam, seed, sign_by_count):
@@ -37,14 +39,27 @@ def _merge_fake(tensors, base, weights, thresholds, densities, method, lam, seed
 
 
 # fp64 is the reference's golden mode only.
-MERGE_THRESHOLD = register(OpSpec(
-    name="merge_threshold", schema="(Tensor[] tensors, Tensor? base, int[] ks) -> Tensor",
-    reference=_ref.magnitude_threshold, fake=_threshold_fake, triton="merge:magnitude_threshold", fp64=("reference",)))
-MERGE = register(OpSpec(
-    name="merge",
-    schema="(Tensor[] tensors, Tensor? base, float[] weights, Tensor? thresholds, float[] densities, str method, "
-           "float lam, int seed, bool sign_by_count) -> Tensor",
-    reference=_merge_reference, fake=_merge_fake, triton="merge:merge", fp64=("reference",)))
+MERGE_THRESHOLD = register(
+    OpSpec(
+        name="merge_threshold",
+        schema="(Tensor[] tensors, Tensor? base, int[] ks) -> Tensor",
+        reference=_ref.magnitude_threshold,
+        fake=_threshold_fake,
+        triton="merge:magnitude_threshold",
+        fp64=("reference",),
+    )
+)
+MERGE = register(
+    OpSpec(
+        name="merge",
+        schema="(Tensor[] tensors, Tensor? base, float[] weights, Tensor? thresholds, float[] densities, str method, "
+        "float lam, int seed, bool sign_by_count) -> Tensor",
+        reference=_merge_reference,
+        fake=_merge_fake,
+        triton="merge:merge",
+        fp64=("reference",),
+    )
+)
 
 
 CUDA_MAX_TASKS = 32  # the CUDA kernels take their K pointers as kernel arguments (kMergeMaxTasks)
@@ -98,8 +113,13 @@ def _per_task(name: str, value, K: int) -> list[float]:
     return value
 
 
-def magnitude_threshold(tensors: Sequence[torch.Tensor] | torch.Tensor, base: torch.Tensor | None = None, *,
-                        density: float | Sequence[float], backend: str | None = None) -> torch.Tensor:
+def magnitude_threshold(
+    tensors: Sequence[torch.Tensor] | torch.Tensor,
+    base: torch.Tensor | None = None,
+    *,
+    density: float | Sequence[float],
+    backend: str | None = None,
+) -> torch.Tensor:
     """fp32 [K]: per task, the smallest magnitude TIES keeps at ``density`` (the floor(density*numel)-th
     largest ``|x_k - base|``); +inf where that count is 0. Exact, by radix select on the bit patterns."""
     tensors = [t.contiguous() for t in _as_list(tensors)]
@@ -115,10 +135,19 @@ def magnitude_threshold(tensors: Sequence[torch.Tensor] | torch.Tensor, base: to
     return MERGE_THRESHOLD(which, tensors, base, ks)
 
 
-def merge(tensors: Sequence[torch.Tensor] | torch.Tensor, base: torch.Tensor | None = None, *, method: str,
-          weights: float | Sequence[float] | torch.Tensor | None = None, density: float | Sequence[float] = 1.0,
-          lam: float = 1.0, seed: int = 0, sign: str = "total", thresholds: torch.Tensor | None = None,
-          backend: str | None = None) -> torch.Tensor:
+def merge(
+    tensors: Sequence[torch.Tensor] | torch.Tensor,
+    base: torch.Tensor | None = None,
+    *,
+    method: str,
+    weights: float | Sequence[float] | torch.Tensor | None = None,
+    density: float | Sequence[float] = 1.0,
+    lam: float = 1.0,
+    seed: int = 0,
+    sign: str = "total",
+    thresholds: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Merge K same-shape tensors into one; returns a new tensor in the inputs' dtype.
 
     tensors: K fine-tuned tensors (a list, or one stacked ``[K, ...]`` tensor), or task vectors when
@@ -152,8 +181,9 @@ def merge(tensors: Sequence[torch.Tensor] | torch.Tensor, base: torch.Tensor | N
     if thresholds is not None:
         if thresholds.numel() != K:
             raise ValueError(f"merge: thresholds has {thresholds.numel()} entries for {K} tensors")
-        thresholds = thresholds.to(device=tensors[0].device,
-                                   dtype=torch.float64 if tensors[0].dtype == torch.float64 else torch.float32)
+        thresholds = thresholds.to(
+            device=tensors[0].device, dtype=torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+        )
         thresholds = thresholds.contiguous()
     which = MERGE.choose(tensors[0].device, backend, tensors[0].dtype, _unable(K))
     use_thr = thresholds if method == "ties" else None

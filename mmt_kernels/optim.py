@@ -16,6 +16,7 @@ Two modes:
 
 All updates of a param group run through one ``sparse_adamw_multi_`` call (a single kernel launch on CUDA).
 """
+
 from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
@@ -50,13 +51,23 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
     selection of the parameters it names; an empty index tensor freezes a parameter for the next steps.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, neuron_dim: int = 0,
-                 neuron_dims: Mapping[torch.Tensor, int] | None = None, strict: bool = True,
-                 backend: str | None = None):
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        neuron_dim: int = 0,
+        neuron_dims: Mapping[torch.Tensor, int] | None = None,
+        strict: bool = True,
+        backend: str | None = None,
+    ):
         if lr < 0 or eps < 0 or weight_decay < 0:
-            raise ValueError(f"NeuronSparseAdamW: lr, eps and weight_decay must be >= 0, got {lr}, {eps}, "
-                             f"{weight_decay}")
+            raise ValueError(
+                f"NeuronSparseAdamW: lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}"
+            )
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"NeuronSparseAdamW: betas must be in [0, 1), got {betas}")
         if neuron_dim not in (0, 1):
@@ -79,10 +90,10 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
             self._dims[p] = d
         for p, d in self._dims.items():
             _neurons_and_width(p, d)  # rejects 3-D+ parameters now rather than at the first step
-        self._rows: dict[torch.Tensor, torch.Tensor] = {}    # active selection (sorted int64 on p.device)
-        self._pos: dict[torch.Tensor, torch.Tensor] = {}     # its rows in the compact state (strict)
-        self._scale: dict[torch.Tensor, torch.Tensor] = {}   # optional fp32 per-selected-neuron grad scale
-        self._all: dict[torch.Tensor, torch.Tensor] = {}     # cached arange(R)
+        self._rows: dict[torch.Tensor, torch.Tensor] = {}  # active selection (sorted int64 on p.device)
+        self._pos: dict[torch.Tensor, torch.Tensor] = {}  # its rows in the compact state (strict)
+        self._scale: dict[torch.Tensor, torch.Tensor] = {}  # optional fp32 per-selected-neuron grad scale
+        self._all: dict[torch.Tensor, torch.Tensor] = {}  # cached arange(R)
         # set_selection fast path: the same index/scale tensor objects as a previous call (a method switching
         # between per-pair selections every step) skip validation and host-device copies. Entries keep the
         # source object alive so its id cannot be reused; the union size tells whether positions are stale.
@@ -92,8 +103,11 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
     def neuron_dim(self, p: torch.Tensor) -> int:
         return self._dims[p]
 
-    def set_selection(self, selection: Mapping[torch.Tensor, torch.Tensor | None],
-                      scales: Mapping[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def set_selection(
+        self,
+        selection: Mapping[torch.Tensor, torch.Tensor | None],
+        scales: Mapping[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         """Select the neurons each named parameter trains from the next step on.
 
         ``selection[p]``: neuron indices (any int tensor/list; sorted and deduplicated here; ``None`` = all
@@ -106,16 +120,22 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
         scales = scales or {}
         for p in scales:
             if p not in selection:
-                raise ValueError("NeuronSparseAdamW.set_selection: a scale was given for a parameter without a "
-                                 "selection in the same call")
+                raise ValueError(
+                    "NeuronSparseAdamW.set_selection: a scale was given for a parameter without a "
+                    "selection in the same call"
+                )
         for p, rows in selection.items():
             if p not in self._dims:
                 raise ValueError("NeuronSparseAdamW.set_selection: tensor is not an optimized parameter")
             scale_in = scales.get(p)
             key = (id(rows), id(scale_in))
             hit = self._seen.get(p, {}).get(key) if rows is not None else None
-            if hit is not None and hit[0] is rows and hit[1] is scale_in and (
-                    not self.strict or hit[4] == self.state[p]["neurons"].numel()):
+            if (
+                hit is not None
+                and hit[0] is rows
+                and hit[1] is scale_in
+                and (not self.strict or hit[4] == self.state[p]["neurons"].numel())
+            ):
                 self._rows[p], pos, scale_dev = hit[2], hit[3], hit[5] if len(hit) > 5 else None
                 if self.strict:
                     self._pos[p] = pos
@@ -133,9 +153,11 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                 rows_cpu = torch.as_tensor(rows).detach().to("cpu", torch.int64).reshape(-1)
                 rows_cpu = torch.unique(rows_cpu)  # sorted, deduplicated
                 if rows_cpu.numel() and (rows_cpu[0] < 0 or rows_cpu[-1] >= R):
-                    raise IndexError(f"NeuronSparseAdamW.set_selection: neuron indices must be in [0, {R}) for a "
-                                     f"parameter of shape {tuple(p.shape)} (neuron_dim {self._dims[p]}), got "
-                                     f"[{int(rows_cpu[0])}, {int(rows_cpu[-1])}]")
+                    raise IndexError(
+                        f"NeuronSparseAdamW.set_selection: neuron indices must be in [0, {R}) for a "
+                        f"parameter of shape {tuple(p.shape)} (neuron_dim {self._dims[p]}), got "
+                        f"[{int(rows_cpu[0])}, {int(rows_cpu[-1])}]"
+                    )
                 self._rows[p] = rows_cpu.to(p.device)
             scale = scales.get(p)
             if scale is None:
@@ -146,8 +168,10 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                 if scale.numel() == R and rows_cpu is not None and k != R:
                     scale = scale[rows_cpu]
                 if scale.numel() != k:
-                    raise ValueError(f"NeuronSparseAdamW.set_selection: scale has {scale.numel()} values; expected "
-                                     f"{k} (one per selected neuron) or {R} (one per neuron)")
+                    raise ValueError(
+                        f"NeuronSparseAdamW.set_selection: scale has {scale.numel()} values; expected "
+                        f"{k} (one per selected neuron) or {R} (one per neuron)"
+                    )
                 self._scale[p] = scale.to(p.device)
             if self.strict and rows_cpu is not None:
                 self._pos[p] = self._grow(p, rows_cpu)
@@ -155,8 +179,14 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                 cache = self._seen.setdefault(p, {})
                 if len(cache) > 256:  # bounded: many distinct ad-hoc selections fall back to the slow path
                     cache.clear()
-                cache[key] = (rows, scale_in, self._rows[p], self._pos.get(p),
-                              self.state[p]["neurons"].numel() if self.strict else 0, self._scale.get(p))
+                cache[key] = (
+                    rows,
+                    scale_in,
+                    self._rows[p],
+                    self._pos.get(p),
+                    self.state[p]["neurons"].numel() if self.strict else 0,
+                    self._scale.get(p),
+                )
 
     def selection(self, p: torch.Tensor) -> torch.Tensor | None:
         """The active neuron indices of ``p`` (None = all)."""
@@ -196,8 +226,11 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
             union = torch.cat([known, new]).sort().values
             old_at = torch.searchsorted(union, known).to(p.device)
             C = state["exp_avg"].shape[1]
-            for key, shape in (("exp_avg", (union.numel(), C)), ("exp_avg_sq", (union.numel(), C)),
-                               ("neuron_step", (union.numel(),))):
+            for key, shape in (
+                ("exp_avg", (union.numel(), C)),
+                ("exp_avg_sq", (union.numel(), C)),
+                ("neuron_step", (union.numel(),)),
+            ):
                 grown = torch.zeros(shape, dtype=state[key].dtype, device=p.device)
                 grown[old_at] = state[key]
                 state[key] = grown
@@ -224,9 +257,23 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                 if rows is not None and rows.numel() == 0:
                     continue  # frozen for this selection
                 state = self._init_state(p)
-                lists = by_device.setdefault(p.device, {k: [] for k in (
-                    "params", "exp_avgs", "exp_avg_sqs", "grads", "rows", "state_rows", "row_scales", "row_steps",
-                    "neuron_dims")})
+                lists = by_device.setdefault(
+                    p.device,
+                    {
+                        k: []
+                        for k in (
+                            "params",
+                            "exp_avgs",
+                            "exp_avg_sqs",
+                            "grads",
+                            "rows",
+                            "state_rows",
+                            "row_scales",
+                            "row_steps",
+                            "neuron_dims",
+                        )
+                    },
+                )
                 grad = p.grad if p.grad.dtype == p.dtype else p.grad.to(p.dtype)
                 grad = grad.contiguous()
                 scale = self._scale.get(p)
@@ -259,23 +306,49 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                 lists["neuron_dims"].append(self._dims[p])
             for lists in by_device.values():
                 if self.strict:
-                    sparse_adamw_multi_(lists["params"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["grads"],
-                                        lists["rows"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                                        weight_decay=group["weight_decay"], step=1,
-                                        neuron_dims=lists["neuron_dims"], state_rows=lists["state_rows"],
-                                        row_scales=lists["row_scales"], row_steps=lists["row_steps"], compact=True,
-                                        backend=self.backend, validate=False)  # set_selection validated them
+                    sparse_adamw_multi_(
+                        lists["params"],
+                        lists["exp_avgs"],
+                        lists["exp_avg_sqs"],
+                        lists["grads"],
+                        lists["rows"],
+                        lr=group["lr"],
+                        beta1=beta1,
+                        beta2=beta2,
+                        eps=group["eps"],
+                        weight_decay=group["weight_decay"],
+                        step=1,
+                        neuron_dims=lists["neuron_dims"],
+                        state_rows=lists["state_rows"],
+                        row_scales=lists["row_scales"],
+                        row_steps=lists["row_steps"],
+                        compact=True,
+                        backend=self.backend,
+                        validate=False,
+                    )  # set_selection validated them
                 else:  # one global step count per param in this mode; group params by it
                     by_step: dict[int, list[int]] = {}
                     for i, p in enumerate(lists["params"]):
                         by_step.setdefault(self.state[p]["step"], []).append(i)
                     for step, idx in by_step.items():
                         pick = lambda k: [lists[k][i] for i in idx]  # noqa: E731
-                        sparse_adamw_multi_(pick("params"), pick("exp_avgs"), pick("exp_avg_sqs"), pick("grads"),
-                                            pick("rows"), lr=group["lr"], beta1=beta1, beta2=beta2,
-                                            eps=group["eps"], weight_decay=group["weight_decay"], step=step,
-                                            neuron_dims=pick("neuron_dims"), compact=False, backend=self.backend,
-                                            validate=False)
+                        sparse_adamw_multi_(
+                            pick("params"),
+                            pick("exp_avgs"),
+                            pick("exp_avg_sqs"),
+                            pick("grads"),
+                            pick("rows"),
+                            lr=group["lr"],
+                            beta1=beta1,
+                            beta2=beta2,
+                            eps=group["eps"],
+                            weight_decay=group["weight_decay"],
+                            step=step,
+                            neuron_dims=pick("neuron_dims"),
+                            compact=False,
+                            backend=self.backend,
+                            validate=False,
+                        )
         return loss
 
     def _masked_grad(self, p, grad, rows, scale):
@@ -305,13 +378,16 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         extra = state_dict.get("neuron_sparse", {})
         if extra and bool(extra.get("strict")) != self.strict:
-            raise ValueError(f"NeuronSparseAdamW.load_state_dict: checkpoint has strict={extra.get('strict')}, "
-                             f"this optimizer strict={self.strict}")
+            raise ValueError(
+                f"NeuronSparseAdamW.load_state_dict: checkpoint has strict={extra.get('strict')}, "
+                f"this optimizer strict={self.strict}"
+            )
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         if len(saved_ids) != len(params):
-            raise ValueError(f"NeuronSparseAdamW.load_state_dict: {len(saved_ids)} saved parameters, "
-                             f"{len(params)} here")
+            raise ValueError(
+                f"NeuronSparseAdamW.load_state_dict: {len(saved_ids)} saved parameters, {len(params)} here"
+            )
         base = {k: v for k, v in state_dict.items() if k != "neuron_sparse"}
         super().load_state_dict(base)
         # torch casts floating state to the param dtype; the moments here are fp32 whatever the param: restore
@@ -323,8 +399,10 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
             for k, v in saved.items():
                 st[k] = v.detach().clone().to(p.device) if isinstance(v, torch.Tensor) else v
             if st.get("neuron_dim", self._dims[p]) != self._dims[p]:
-                raise ValueError(f"NeuronSparseAdamW.load_state_dict: parameter {sid} was trained with "
-                                 f"neuron_dim {st['neuron_dim']}, here {self._dims[p]}")
+                raise ValueError(
+                    f"NeuronSparseAdamW.load_state_dict: parameter {sid} was trained with "
+                    f"neuron_dim {st['neuron_dim']}, here {self._dims[p]}"
+                )
         self._rows.clear(), self._pos.clear(), self._scale.clear(), self._seen.clear()
         sel = {params[saved_ids.index(i)]: r for i, r in extra.get("selection", {}).items()}
         scl = {params[saved_ids.index(i)]: s for i, s in extra.get("scale", {}).items()}
@@ -333,5 +411,9 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state tensors (moments, neuron indices, step counters)."""
-        return sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values()
-                   if isinstance(v, torch.Tensor))
+        return sum(
+            v.numel() * v.element_size()
+            for st in self.state.values()
+            for v in st.values()
+            if isinstance(v, torch.Tensor)
+        )

@@ -4,6 +4,7 @@
 or columns with ``neuron_dim=1``, e.g. a down projection), strictly: unselected neurons get no
 decay, no moment update, no change at all.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,35 +13,88 @@ from . import reference as _ref
 from ._registry import OpSpec, check_indices, register
 
 
-def _reference(param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step, lr, beta1, beta2, eps, weight_decay,
-               step, neuron_dim, compact):
-    _ref.sparse_adamw_(param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step, lr=lr, beta1=beta1, beta2=beta2,
-                       eps=eps, weight_decay=weight_decay, step=step, neuron_dim=neuron_dim, compact=compact)
+def _reference(
+    param,
+    exp_avg,
+    exp_avg_sq,
+    grad,
+    rows,
+    row_scale,
+    row_step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    step,
+    neuron_dim,
+    compact,
+):
+    _ref.sparse_adamw_(
+        param,
+        exp_avg,
+        exp_avg_sq,
+        grad,
+        rows,
+        row_scale,
+        row_step,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        step=step,
+        neuron_dim=neuron_dim,
+        compact=compact,
+    )
 
 
-def _fake(param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step, lr, beta1, beta2, eps, weight_decay, step,
-          neuron_dim, compact):
+def _fake(
+    param,
+    exp_avg,
+    exp_avg_sq,
+    grad,
+    rows,
+    row_scale,
+    row_step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    step,
+    neuron_dim,
+    compact,
+):
     return None
 
 
-SPARSE_ADAMW = register(OpSpec(
-    name="sparse_adamw_",
-    schema="(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor grad, Tensor rows, "
-           "Tensor? row_scale, Tensor? row_step, float lr, float beta1, float beta2, float eps, float weight_decay, "
-           "int step, int neuron_dim, bool compact) -> ()",
-    reference=_reference, fake=_fake, triton="sparse_adamw:sparse_adamw_"))
+SPARSE_ADAMW = register(
+    OpSpec(
+        name="sparse_adamw_",
+        schema="(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor grad, Tensor rows, "
+        "Tensor? row_scale, Tensor? row_step, float lr, float beta1, float beta2, float eps, float weight_decay, "
+        "int step, int neuron_dim, bool compact) -> ()",
+        reference=_reference,
+        fake=_fake,
+        triton="sparse_adamw:sparse_adamw_",
+    )
+)
 
 
-def _check(param, exp_avg, exp_avg_sq, grad, rows, row_scale, neuron_dim, compact, row_step=None, step=1,
-           check_rows=True):
+def _check(
+    param, exp_avg, exp_avg_sq, grad, rows, row_scale, neuron_dim, compact, row_step=None, step=1, check_rows=True
+):
     """Python-side checks shared by every backend, so the reference fails as clearly as the kernels."""
     if param.dim() not in (1, 2):
         raise ValueError(f"sparse_adamw_: param must be 1-D or 2-D, got shape {tuple(param.shape)}")
     if neuron_dim not in (0, 1) or (neuron_dim == 1 and param.dim() != 2):
         raise ValueError(f"sparse_adamw_: neuron_dim must be 0, or 1 for a 2-D param; got {neuron_dim}")
     if grad.shape != param.shape or grad.dtype != param.dtype:
-        raise ValueError(f"sparse_adamw_: grad {tuple(grad.shape)}/{grad.dtype} does not match param "
-                         f"{tuple(param.shape)}/{param.dtype}")
+        raise ValueError(
+            f"sparse_adamw_: grad {tuple(grad.shape)}/{grad.dtype} does not match param "
+            f"{tuple(param.shape)}/{param.dtype}"
+        )
     if param.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"sparse_adamw_: param dtype must be fp32, bf16 or fp16, got {param.dtype}")
     if rows.dtype != torch.int64 or rows.dim() != 1:
@@ -52,13 +106,22 @@ def _check(param, exp_avg, exp_avg_sq, grad, rows, row_scale, neuron_dim, compac
             raise TypeError(f"sparse_adamw_: {name} must be fp32, got {s.dtype}")
         want = (rows.numel() * per_neuron) if compact else param.numel()
         if s.numel() != want or (not compact and s.shape != param.shape):
-            raise ValueError(f"sparse_adamw_: {name} has shape {tuple(s.shape)}; expected "
-                             + (f"[{rows.numel()}, {per_neuron}] (compact)" if compact else f"{tuple(param.shape)}"))
+            raise ValueError(
+                f"sparse_adamw_: {name} has shape {tuple(s.shape)}; expected "
+                + (f"[{rows.numel()}, {per_neuron}] (compact)" if compact else f"{tuple(param.shape)}")
+            )
     if row_scale is not None and (row_scale.dtype != torch.float32 or row_scale.numel() != rows.numel()):
-        raise ValueError(f"sparse_adamw_: row_scale must be fp32 [{rows.numel()}], got {row_scale.dtype} "
-                         f"{tuple(row_scale.shape)}")
-    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("grad", grad), ("rows", rows),
-                    ("row_scale", row_scale), ("row_step", row_step)):
+        raise ValueError(
+            f"sparse_adamw_: row_scale must be fp32 [{rows.numel()}], got {row_scale.dtype} {tuple(row_scale.shape)}"
+        )
+    for name, t in (
+        ("exp_avg", exp_avg),
+        ("exp_avg_sq", exp_avg_sq),
+        ("grad", grad),
+        ("rows", rows),
+        ("row_scale", row_scale),
+        ("row_step", row_step),
+    ):
         if t is not None and t.device != param.device:
             raise ValueError(f"sparse_adamw_: {name} is on {t.device}, param on {param.device}")
     if row_step is not None:
@@ -74,11 +137,25 @@ def _check(param, exp_avg, exp_avg_sq, grad, rows, row_scale, neuron_dim, compac
         check_indices("sparse_adamw_", "rows", rows, n_neurons, increasing=True)
 
 
-def sparse_adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
-                  rows: torch.Tensor, *, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-                  weight_decay: float = 0.0, step: int = 1, row_scale: torch.Tensor | None = None,
-                  row_step: torch.Tensor | None = None, neuron_dim: int = 0, compact: bool = False,
-                  backend: str | None = None) -> None:
+def sparse_adamw_(
+    param: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    grad: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    step: int = 1,
+    row_scale: torch.Tensor | None = None,
+    row_step: torch.Tensor | None = None,
+    neuron_dim: int = 0,
+    compact: bool = False,
+    backend: str | None = None,
+) -> None:
     """One strict AdamW step on neurons ``rows`` (sorted int64) of ``param``, in place.
 
     ``exp_avg``/``exp_avg_sq`` are fp32, either param-shaped or, with ``compact=True``, ``[K, C]`` with
@@ -87,35 +164,120 @@ def sparse_adamw_(param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
     """
     _check(param, exp_avg, exp_avg_sq, grad, rows, row_scale, neuron_dim, compact, row_step, step)
     which = SPARSE_ADAMW.choose(param.device, backend)
-    SPARSE_ADAMW(which, param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step, lr, beta1, beta2, eps,
-                 weight_decay, step, neuron_dim, compact)
+    SPARSE_ADAMW(
+        which,
+        param,
+        exp_avg,
+        exp_avg_sq,
+        grad,
+        rows,
+        row_scale,
+        row_step,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        step,
+        neuron_dim,
+        compact,
+    )
 
 
 # ---- several tensors per call ---------------------------------------------------------------------------------
-def _multi_reference(params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, lr, beta1, beta2,
-                     eps, weight_decay, step, neuron_dims, compact):
-    _ref.sparse_adamw_multi_(params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, lr=lr,
-                             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
-                             neuron_dims=neuron_dims, compact=compact)
+def _multi_reference(
+    params,
+    exp_avgs,
+    exp_avg_sqs,
+    grads,
+    rows,
+    state_rows,
+    row_scales,
+    row_steps,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    step,
+    neuron_dims,
+    compact,
+):
+    _ref.sparse_adamw_multi_(
+        params,
+        exp_avgs,
+        exp_avg_sqs,
+        grads,
+        rows,
+        state_rows,
+        row_scales,
+        row_steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        step=step,
+        neuron_dims=neuron_dims,
+        compact=compact,
+    )
 
 
-def _multi_fake(params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, lr, beta1, beta2, eps,
-                weight_decay, step, neuron_dims, compact):
+def _multi_fake(
+    params,
+    exp_avgs,
+    exp_avg_sqs,
+    grads,
+    rows,
+    state_rows,
+    row_scales,
+    row_steps,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    step,
+    neuron_dims,
+    compact,
+):
     return None
 
 
-SPARSE_ADAMW_MULTI = register(OpSpec(
-    name="sparse_adamw_multi_",
-    schema="(Tensor(a!)[] params, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor[] grads, Tensor[] rows, "
-           "Tensor?[] state_rows, Tensor?[] row_scales, Tensor?[] row_steps, float lr, float beta1, float beta2, "
-           "float eps, float weight_decay, int step, int[] neuron_dims, bool compact) -> ()",
-    reference=_multi_reference, fake=_multi_fake, triton="sparse_adamw:sparse_adamw_multi_"))
+SPARSE_ADAMW_MULTI = register(
+    OpSpec(
+        name="sparse_adamw_multi_",
+        schema="(Tensor(a!)[] params, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor[] grads, Tensor[] rows, "
+        "Tensor?[] state_rows, Tensor?[] row_scales, Tensor?[] row_steps, float lr, float beta1, float beta2, "
+        "float eps, float weight_decay, int step, int[] neuron_dims, bool compact) -> ()",
+        reference=_multi_reference,
+        fake=_multi_fake,
+        triton="sparse_adamw:sparse_adamw_multi_",
+    )
+)
 
 
-def sparse_adamw_multi_(params, exp_avgs, exp_avg_sqs, grads, rows, *, lr: float, beta1: float = 0.9,
-                        beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0, step: int = 1,
-                        neuron_dims=None, state_rows=None, row_scales=None, row_steps=None, compact: bool = False,
-                        backend: str | None = None, validate: bool = True) -> None:
+def sparse_adamw_multi_(
+    params,
+    exp_avgs,
+    exp_avg_sqs,
+    grads,
+    rows,
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    step: int = 1,
+    neuron_dims=None,
+    state_rows=None,
+    row_scales=None,
+    row_steps=None,
+    compact: bool = False,
+    backend: str | None = None,
+    validate: bool = True,
+) -> None:
     """``sparse_adamw_`` on several tensors in one call (one kernel launch on the CUDA backend).
 
     Lists are per tensor; ``neuron_dims``/``state_rows``/``row_scales``/``row_steps`` default to 0/None.
@@ -128,11 +290,22 @@ def sparse_adamw_multi_(params, exp_avgs, exp_avg_sqs, grads, rows, *, lr: float
     params, exp_avgs, exp_avg_sqs, grads, rows = (list(x) for x in (params, exp_avgs, exp_avg_sqs, grads, rows))
     n = len(params)
     fill = lambda x, v: [v] * n if x is None else list(x)  # noqa: E731
-    neuron_dims, state_rows, row_scales, row_steps = (fill(neuron_dims, 0), fill(state_rows, None),
-                                                      fill(row_scales, None), fill(row_steps, None))
-    for name, lst in (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("grads", grads), ("rows", rows),
-                      ("neuron_dims", neuron_dims), ("state_rows", state_rows), ("row_scales", row_scales),
-                      ("row_steps", row_steps)):
+    neuron_dims, state_rows, row_scales, row_steps = (
+        fill(neuron_dims, 0),
+        fill(state_rows, None),
+        fill(row_scales, None),
+        fill(row_steps, None),
+    )
+    for name, lst in (
+        ("exp_avgs", exp_avgs),
+        ("exp_avg_sqs", exp_avg_sqs),
+        ("grads", grads),
+        ("rows", rows),
+        ("neuron_dims", neuron_dims),
+        ("state_rows", state_rows),
+        ("row_scales", row_scales),
+        ("row_steps", row_steps),
+    ):
         if len(lst) != n:
             raise ValueError(f"sparse_adamw_multi_: {name} has {len(lst)} entries for {n} params")
     if n == 0:
@@ -145,22 +318,45 @@ def sparse_adamw_multi_(params, exp_avgs, exp_avg_sqs, grads, rows, *, lr: float
             raise ValueError(f"{where}: param on {params[i].device}, param 0 on {device}: one device per call")
         if sr is None:
             try:
-                _check(params[i], exp_avgs[i], exp_avg_sqs[i], grads[i], rows[i], row_scales[i], neuron_dims[i],
-                       compact, row_steps[i], step, check_rows=validate)
+                _check(
+                    params[i],
+                    exp_avgs[i],
+                    exp_avg_sqs[i],
+                    grads[i],
+                    rows[i],
+                    row_scales[i],
+                    neuron_dims[i],
+                    compact,
+                    row_steps[i],
+                    step,
+                    check_rows=validate,
+                )
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"{where}: {exc}") from None
         else:
             if not compact:
                 raise ValueError(f"{where}: state_rows need compact=True")
             if sr.dtype != torch.int64 or sr.shape != rows[i].shape or sr.device != device:
-                raise ValueError(f"{where}: state_rows must be int64 {tuple(rows[i].shape)} on {device}, got "
-                                 f"{sr.dtype} {tuple(sr.shape)} on {sr.device}")
+                raise ValueError(
+                    f"{where}: state_rows must be int64 {tuple(rows[i].shape)} on {device}, got "
+                    f"{sr.dtype} {tuple(sr.shape)} on {sr.device}"
+                )
             nd = neuron_dims[i]
             per = params[i].numel() // max(params[i].shape[nd] if params[i].dim() == 2 else params[i].shape[0], 1)
             fake_k = exp_avgs[i].numel() // max(per, 1)  # the check wants [K, C]; the state here is [U, C]
             try:
-                _check(params[i], exp_avgs[i], exp_avg_sqs[i], grads[i], torch.empty(fake_k, dtype=torch.int64,
-                       device=device), None, nd, True, step=step, check_rows=False)
+                _check(
+                    params[i],
+                    exp_avgs[i],
+                    exp_avg_sqs[i],
+                    grads[i],
+                    torch.empty(fake_k, dtype=torch.int64, device=device),
+                    None,
+                    nd,
+                    True,
+                    step=step,
+                    check_rows=False,
+                )
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"{where}: {exc}") from None
             if rows[i].dtype != torch.int64 or rows[i].dim() != 1:
@@ -173,8 +369,27 @@ def sparse_adamw_multi_(params, exp_avgs, exp_avg_sqs, grads, rows, *, lr: float
                     torch._assert_async((row_steps[i] >= 1).all(), f"{where}: row_steps values must be >= 1")
         rs = row_steps[i]
         if rs is not None and (rs.dtype != torch.int64 or rs.numel() != rows[i].numel() or rs.device != device):
-            raise ValueError(f"{where}: row_steps must be int64 [{rows[i].numel()}] on {device}, got {rs.dtype} "
-                             f"{tuple(rs.shape)} on {rs.device}")
+            raise ValueError(
+                f"{where}: row_steps must be int64 [{rows[i].numel()}] on {device}, got {rs.dtype} "
+                f"{tuple(rs.shape)} on {rs.device}"
+            )
     which = SPARSE_ADAMW_MULTI.choose(device, backend)
-    SPARSE_ADAMW_MULTI(which, params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, lr, beta1,
-                       beta2, eps, weight_decay, step, neuron_dims, compact)
+    SPARSE_ADAMW_MULTI(
+        which,
+        params,
+        exp_avgs,
+        exp_avg_sqs,
+        grads,
+        rows,
+        state_rows,
+        row_scales,
+        row_steps,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        step,
+        neuron_dims,
+        compact,
+    )

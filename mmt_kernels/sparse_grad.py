@@ -8,6 +8,7 @@ transposed layout for columns, so both are contiguous). ``W.grad`` stays ``None`
 
 Op ``sparse_weight_grad_(acc!, a, rows, b)``: ``acc += a[:, rows].T @ b`` (see the reference for ``a``/``b``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,26 +19,34 @@ from .reference import sparse_grad as _ref
 
 __all__ = ["SparseWeightGrad", "sparse_linear", "sparse_weight_grad_"]
 
-SPARSE_WGRAD = register(OpSpec(
-    name="sparse_weight_grad_", schema="(Tensor(a!) acc, Tensor a, Tensor rows, Tensor b) -> ()",
-    reference=_ref.sparse_weight_grad_, fake=lambda *args: None, triton="sparse_grad:sparse_weight_grad_",
-    cuda=False))
+SPARSE_WGRAD = register(
+    OpSpec(
+        name="sparse_weight_grad_",
+        schema="(Tensor(a!) acc, Tensor a, Tensor rows, Tensor b) -> ()",
+        reference=_ref.sparse_weight_grad_,
+        fake=lambda *args: None,
+        triton="sparse_grad:sparse_weight_grad_",
+        cuda=False,
+    )
+)
 
 
-def sparse_weight_grad_(acc: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, b: torch.Tensor, *,
-                        backend: str | None = None) -> torch.Tensor:
+def sparse_weight_grad_(
+    acc: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, b: torch.Tensor, *, backend: str | None = None
+) -> torch.Tensor:
     """``acc += a[:, rows].T @ b`` in place (``a [N, R]``, ``rows`` int64 ``[K]``, ``b [N, C]``, ``acc [K, C]``).
 
     ``acc`` is fp32 (fp64 for the reference's golden mode); ``a``/``b`` fp32, bf16 or fp16 of one dtype."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
-        raise ValueError(f"sparse_weight_grad_: a [N, R] and b [N, C] expected, got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
+        raise ValueError(
+            f"sparse_weight_grad_: a [N, R] and b [N, C] expected, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     if rows.dtype != torch.int64 or rows.dim() != 1:
-        raise TypeError(f"sparse_weight_grad_: rows must be a 1-D int64 tensor, got {rows.dtype} "
-                        f"{tuple(rows.shape)}")
+        raise TypeError(f"sparse_weight_grad_: rows must be a 1-D int64 tensor, got {rows.dtype} {tuple(rows.shape)}")
     if acc.shape != (rows.numel(), b.shape[1]):
-        raise ValueError(f"sparse_weight_grad_: acc has shape {tuple(acc.shape)}; expected "
-                         f"[{rows.numel()}, {b.shape[1]}]")
+        raise ValueError(
+            f"sparse_weight_grad_: acc has shape {tuple(acc.shape)}; expected [{rows.numel()}, {b.shape[1]}]"
+        )
     if acc.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"sparse_weight_grad_: acc must be fp32 (or fp64), got {acc.dtype}")
     if a.dtype != b.dtype or a.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
@@ -68,8 +77,10 @@ class SparseWeightGrad:
         r = torch.unique(torch.as_tensor(rows).to(torch.int64).reshape(-1)).to(weight.device)
         n = weight.shape[neuron_dim]
         if r.numel() and (int(r[0]) < 0 or int(r[-1]) >= n):
-            raise IndexError(f"SparseWeightGrad: neuron indices must be in [0, {n}) for a weight of shape "
-                             f"{tuple(weight.shape)} (neuron_dim {neuron_dim})")
+            raise IndexError(
+                f"SparseWeightGrad: neuron indices must be in [0, {n}) for a weight of shape "
+                f"{tuple(weight.shape)} (neuron_dim {neuron_dim})"
+            )
         old = self.rows.get(weight)
         if old is None or old.shape != r.shape or not torch.equal(old, r) or self.dims.get(weight) != neuron_dim:
             weight.compact_grad = None
@@ -100,8 +111,15 @@ class _SparseLinear(torch.autograd.Function):
         return dx, None, db, None, None, None
 
 
-def sparse_linear(x: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None, rows: torch.Tensor,
-                  neuron_dim: int, *, backend: str | None = None) -> torch.Tensor:
+def sparse_linear(
+    x: torch.Tensor,
+    weight: nn.Parameter,
+    bias: torch.Tensor | None,
+    rows: torch.Tensor,
+    neuron_dim: int,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` whose backward writes only ``rows``' weight gradient, to
     ``weight.compact_grad`` (see the module docstring); the input (and bias) gradients are exact."""
     return _SparseLinear.apply(x, weight, bias, rows, neuron_dim, backend)

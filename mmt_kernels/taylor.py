@@ -5,6 +5,7 @@
 detection pass keeps no activation or gradient copies around (the hooks of the original script stored both:
 about 1.4 GB per 2 048-token pass for Llama-2-7B's FFNs in bf16).
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -18,17 +19,29 @@ from .reference.taylor import token_weights
 
 __all__ = ["taylor_accumulate_", "token_weights", "TaylorHook"]
 
-TAYLOR_ACCUMULATE = register(OpSpec(
-    name="taylor_accumulate_",
-    schema="(Tensor(a!) acc, Tensor act, Tensor grad, Tensor token_weight) -> ()",
-    reference=_ref.taylor_accumulate_, fake=lambda acc, act, grad, token_weight: None,
-    triton="taylor:taylor_accumulate_", fp64=("reference",)))
+TAYLOR_ACCUMULATE = register(
+    OpSpec(
+        name="taylor_accumulate_",
+        schema="(Tensor(a!) acc, Tensor act, Tensor grad, Tensor token_weight) -> ()",
+        reference=_ref.taylor_accumulate_,
+        fake=lambda acc, act, grad, token_weight: None,
+        triton="taylor:taylor_accumulate_",
+        fp64=("reference",),
+    )
+)
 
 
-def taylor_accumulate_(acc: torch.Tensor, act: torch.Tensor, grad: torch.Tensor, *,
-                       attention_mask: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
-                       offsets: torch.Tensor | None = None, token_weight: torch.Tensor | None = None,
-                       backend: str | None = None) -> torch.Tensor:
+def taylor_accumulate_(
+    acc: torch.Tensor,
+    act: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
+    token_weight: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """``acc[j] += sum over sequences of mean_t |act[t, j] * grad[t, j]|``, in place; returns ``acc``.
 
     ``act``/``grad``: ``[B, T, M]`` (sequences of a padded batch) or ``[N, M]`` (packed tokens). Sequences come from
@@ -39,8 +52,10 @@ def taylor_accumulate_(acc: torch.Tensor, act: torch.Tensor, grad: torch.Tensor,
     if act.dim() not in (2, 3):
         raise ValueError(f"taylor_accumulate_: act must be [B, T, M] or [N, M], got shape {tuple(act.shape)}")
     if grad.shape != act.shape or grad.dtype != act.dtype:
-        raise ValueError(f"taylor_accumulate_: grad {tuple(grad.shape)}/{grad.dtype} does not match act "
-                         f"{tuple(act.shape)}/{act.dtype}")
+        raise ValueError(
+            f"taylor_accumulate_: grad {tuple(grad.shape)}/{grad.dtype} does not match act "
+            f"{tuple(act.shape)}/{act.dtype}"
+        )
     if act.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise TypeError(f"taylor_accumulate_: act dtype must be fp32, bf16 or fp16, got {act.dtype}")
     M = act.shape[-1]
@@ -55,10 +70,13 @@ def taylor_accumulate_(acc: torch.Tensor, act: torch.Tensor, grad: torch.Tensor,
         if (attention_mask is not None or lengths is not None) and act.dim() != 3:
             raise ValueError("taylor_accumulate_: attention_mask/lengths need act [B, T, M]")
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(act.shape[:2]):
-            raise ValueError(f"taylor_accumulate_: attention_mask {tuple(attention_mask.shape)} != act's "
-                             f"[B, T] {tuple(act.shape[:2])}")
-        token_weight = token_weights(attention_mask=attention_mask, lengths=lengths, offsets=offsets,
-                                     shape=tuple(act.shape[:-1]))
+            raise ValueError(
+                f"taylor_accumulate_: attention_mask {tuple(attention_mask.shape)} != act's "
+                f"[B, T] {tuple(act.shape[:2])}"
+            )
+        token_weight = token_weights(
+            attention_mask=attention_mask, lengths=lengths, offsets=offsets, shape=tuple(act.shape[:-1])
+        )
     token_weight = token_weight.to(device=act.device, dtype=torch.float32).reshape(-1).contiguous()
     n_tok = act.numel() // M if M else (act.shape[0] if act.dim() == 2 else act.shape[0] * act.shape[1])
     act2, grad2 = act.reshape(n_tok, M).contiguous(), grad.reshape(n_tok, M).contiguous()
@@ -79,8 +97,13 @@ class TaylorHook:
     ``transform`` maps the activation to ``[..., M]`` (e.g. GPT-2 Conv1D needs none; default identity).
     """
 
-    def __init__(self, module: nn.Module, where: str = "output", backend: str | None = None,
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        module: nn.Module,
+        where: str = "output",
+        backend: str | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         if where not in ("output", "input"):
             raise ValueError(f"TaylorHook: where must be 'output' or 'input', got {where!r}")
         self.acc: dict[object, torch.Tensor] = {}

@@ -1,4 +1,5 @@
 """Test-wide setup. TRITON_INTERPRET must be set before any @triton.jit runs, so it is set here."""
+
 import os
 
 import pytest

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
 from mmt.errors import ConfigError
 
 IGNORE_INDEX = -100
@@ -14,8 +15,9 @@ IGNORE_INDEX = -100
 # tokenisation and collation
 
 
-def encode_pair(tokenizer, prompt: str, target: str, *, max_length: int, loss_on: str = "target",
-                add_eos: bool = True) -> tuple[list[int], list[int]]:
+def encode_pair(
+    tokenizer, prompt: str, target: str, *, max_length: int, loss_on: str = "target", add_eos: bool = True
+) -> tuple[list[int], list[int]]:
     """Token ids and labels for ``prompt + " " + target + EOS``.
 
     The prompt is encoded with the tokenizer's special tokens (BOS), the target without; labels are
@@ -49,8 +51,9 @@ def encode_mono(tokenizer, text: str, *, max_length: int) -> tuple[list[int], li
     return ids, labels
 
 
-def collate(features: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
-            padding_side: str = "right") -> dict[str, torch.Tensor]:
+def collate(
+    features: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, padding_side: str = "right"
+) -> dict[str, torch.Tensor]:
     """Pad (ids, labels) pairs into input_ids / attention_mask / labels (labels padded with -100)."""
     assert features, "collate: empty batch"
     width = max(len(ids) for ids, _ in features)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+
 from mmt import languages as L
 from mmt.errors import ConfigError
 
@@ -32,15 +33,16 @@ def template_text(template: str) -> str:
         return TEMPLATES[template]
     if "<input>" in template:  # a custom template string
         return template
-    raise ConfigError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)} "
-                     "(or a custom string containing <input>, <srclang>, <tgtlang>)")
+    raise ConfigError(
+        f"unknown template {template!r}; known: {', '.join(TEMPLATES)} "
+        "(or a custom string containing <input>, <srclang>, <tgtlang>)"
+    )
 
 
 def build_prompt(template: str, src_lang: str, tgt_lang: str, src: str) -> str:
     """The prompt up to (not including) the translation; the target follows after one space."""
     text = template_text(template)
-    return (text.replace("<srclang>", L.name(src_lang)).replace("<tgtlang>", L.name(tgt_lang))
-            .replace("<input>", src))
+    return text.replace("<srclang>", L.name(src_lang)).replace("<tgtlang>", L.name(tgt_lang)).replace("<input>", src)
 
 
 def fewshot_separator(template: str) -> str:
@@ -72,14 +74,17 @@ def chat_prompt(tokenizer, template: str, src_lang: str, tgt_lang: str, src: str
     ending with the assistant's generation prompt. A BOS the template writes is dropped when the tokenizer
     adds its own, so that tokenising the prompt does not start with two BOS tokens."""
     if not has_chat_template(tokenizer):
-        raise ConfigError(f"template {template!r} needs a tokenizer with a chat template; this one has none "
-                          "(use 'alma' or a plain template)")
+        raise ConfigError(
+            f"template {template!r} needs a tokenizer with a chat template; this one has none "
+            "(use 'alma' or a plain template)"
+        )
     user = build_prompt(CHAT_USER_TEMPLATE[template], src_lang, tgt_lang, src)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+    )
     bos = tokenizer.bos_token
     if bos and text.startswith(bos) and _adds_bos(tokenizer):
-        text = text[len(bos):]
+        text = text[len(bos) :]
     return text
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
 from mmt import languages as L
 from mmt.errors import DataError, require
 
@@ -31,15 +32,20 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None, required: bool =
         env = os.environ.get("MMT_DATA_DIR")
         candidates = [Path(env).expanduser()] if env else []
         repo = Path(__file__).resolve().parent.parent
-        candidates += [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data",
-                       Path.cwd() / "shared" / "data", Path.cwd() / "data"]
+        candidates += [
+            repo.parent / "shared" / "data",
+            Path.cwd().parent / "shared" / "data",
+            Path.cwd() / "shared" / "data",
+            Path.cwd() / "data",
+        ]
         for p in candidates:
             if p.is_dir():
                 return p.resolve()
             tried.append(p)
     if required:
-        raise DataError("data directory not found; set MMT_DATA_DIR or data.data_dir. Tried: "
-                        + ", ".join(str(t) for t in tried))
+        raise DataError(
+            "data directory not found; set MMT_DATA_DIR or data.data_dir. Tried: " + ", ".join(str(t) for t in tried)
+        )
     return None
 
 
@@ -60,8 +66,9 @@ def _open_text(path: Path):
     return open(path, "rt", encoding="utf-8", newline="\n")
 
 
-def read_lines(path: str | os.PathLike, *, max_chars: int | None = 2000, check_empty: bool = True,
-               on_bad_line: str = "error") -> tuple[list[str], list[int]]:
+def read_lines(
+    path: str | os.PathLike, *, max_chars: int | None = 2000, check_empty: bool = True, on_bad_line: str = "error"
+) -> tuple[list[str], list[int]]:
     """Read one segment per line (gzip or plain UTF-8); keeps leading/trailing spaces.
 
     Returns (lines, bad) where ``bad`` lists 0-based indices of empty/over-long lines when
@@ -109,8 +116,11 @@ def report_skipped(path: Path | str, reasons: dict[str, int], total: int, first:
     import sys
 
     detail = ", ".join(f"{n} {reason}{'s' if n > 1 else ''}" for reason, n in sorted(reasons.items()))
-    print(f"data: skipped {sum(reasons.values())} of {total} lines of {path} ({detail}; first at line {first})",
-          file=sys.stderr, flush=True)
+    print(
+        f"data: skipped {sum(reasons.values())} of {total} lines of {path} ({detail}; first at line {first})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def text_line_of_byte(path: Path, offset: int) -> int:
@@ -127,8 +137,10 @@ def _find_lang_file(folder: Path, lang: str, stem_prefix: str = "") -> Path:
             p = folder / f"{stem_prefix}{code}{suffix}"
             if p.is_file():
                 return p
-    raise DataError(f"{folder}: no file for language {lang!r} (looked for {stem_prefix}{names[0]}.txt[.gz] "
-                    f"and {stem_prefix}{names[1]}.txt[.gz])")
+    raise DataError(
+        f"{folder}: no file for language {lang!r} (looked for {stem_prefix}{names[0]}.txt[.gz] "
+        f"and {stem_prefix}{names[1]}.txt[.gz])"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,7 +169,9 @@ class MonoExample:
     where: str = ""
 
 
-def load_flores(folder: str | os.PathLike, langs: Iterable[str], *, max_chars: int | None = None) -> dict[str, list[str]]:
+def load_flores(
+    folder: str | os.PathLike, langs: Iterable[str], *, max_chars: int | None = None
+) -> dict[str, list[str]]:
     """Line-aligned FLORES-style folder -> {iso: lines}; all files must have the same line count."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -175,8 +189,9 @@ def load_flores(folder: str | os.PathLike, langs: Iterable[str], *, max_chars: i
     return out
 
 
-def flores_examples(folder: str | os.PathLike, directions: Sequence[tuple[str, str]], *,
-                    first: int = 0, count: int | None = None) -> list[Example]:
+def flores_examples(
+    folder: str | os.PathLike, directions: Sequence[tuple[str, str]], *, first: int = 0, count: int | None = None
+) -> list[Example]:
     langs = sorted({x for d in directions for x in d})
     data = load_flores(folder, langs)
     n = len(next(iter(data.values()))) if data else 0
@@ -188,8 +203,14 @@ def flores_examples(folder: str | os.PathLike, directions: Sequence[tuple[str, s
     return out
 
 
-def load_parallel(root: str | os.PathLike, direction: tuple[str, str], split: str = "train", *,
-                  max_chars: int | None = 2000, on_bad_line: str = "error") -> list[Example]:
+def load_parallel(
+    root: str | os.PathLike,
+    direction: tuple[str, str],
+    split: str = "train",
+    *,
+    max_chars: int | None = 2000,
+    on_bad_line: str = "error",
+) -> list[Example]:
     """``<root>/<s>-<t>/<split>.<s>[.gz]`` + ``.<t>`` (or the ``<t>-<s>`` folder), line-aligned."""
     root = Path(root)
     s, t = L.normalize(direction[0]), L.normalize(direction[1])
@@ -200,8 +221,10 @@ def load_parallel(root: str | os.PathLike, direction: tuple[str, str], split: st
         if fs and ft:
             break
     else:
-        raise DataError(f"no parallel files for {s}-{t} split {split!r}: looked for "
-                        f"{folders[0]}/{split}.{s}[.gz] and .{t}[.gz] (and in {folders[1].name}/)")
+        raise DataError(
+            f"no parallel files for {s}-{t} split {split!r}: looked for "
+            f"{folders[0]}/{split}.{s}[.gz] and .{t}[.gz] (and in {folders[1].name}/)"
+        )
     src, bad_s = read_lines(fs, max_chars=max_chars, on_bad_line=on_bad_line)
     tgt, bad_t = read_lines(ft, max_chars=max_chars, on_bad_line=on_bad_line)
     if len(src) != len(tgt):
@@ -218,8 +241,14 @@ def _maybe(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def load_jsonl(path: str | os.PathLike, *, max_chars: int | None = 2000, on_bad_line: str = "error",
-               src_field: str = "src", tgt_field: str = "tgt") -> list[Example]:
+def load_jsonl(
+    path: str | os.PathLike,
+    *,
+    max_chars: int | None = 2000,
+    on_bad_line: str = "error",
+    src_field: str = "src",
+    tgt_field: str = "tgt",
+) -> list[Example]:
     """JSON lines with ``src_lang``, ``tgt_lang``, ``src``, ``tgt`` (field names for texts configurable)."""
     path = Path(path)
     lines, _ = read_lines(path, max_chars=None, check_empty=False)
@@ -263,8 +292,9 @@ def load_jsonl(path: str | os.PathLike, *, max_chars: int | None = 2000, on_bad_
     return out
 
 
-def load_mono(folder: str | os.PathLike, langs: Iterable[str], *, max_chars: int | None = 2000,
-              on_bad_line: str = "error") -> list[MonoExample]:
+def load_mono(
+    folder: str | os.PathLike, langs: Iterable[str], *, max_chars: int | None = 2000, on_bad_line: str = "error"
+) -> list[MonoExample]:
     folder = Path(folder)
     out = []
     for lang in langs:
@@ -276,8 +306,14 @@ def load_mono(folder: str | os.PathLike, langs: Iterable[str], *, max_chars: int
     return out
 
 
-def load_hf(name: str, direction: tuple[str, str], split: str = "train", config: str | None = None,
-            src_field: str | None = None, tgt_field: str | None = None) -> list[Example]:
+def load_hf(
+    name: str,
+    direction: tuple[str, str],
+    split: str = "train",
+    config: str | None = None,
+    src_field: str | None = None,
+    tgt_field: str | None = None,
+) -> list[Example]:
     """A Hugging Face dataset. Supports the ALMA/WMT layout (``{"translation": {"de": .., "en": ..}}``,
     config ``"de-en"``) and flat columns named by ``src_field``/``tgt_field``."""
     load_dataset = require("datasets", extra="hf", purpose=f"loading the hub dataset {name!r}").load_dataset  # optional
@@ -290,8 +326,13 @@ def load_hf(name: str, direction: tuple[str, str], split: str = "train", config:
     return hf_examples(ds, f"{name}[{split}]", (s, t), src_field, tgt_field)
 
 
-def hf_examples(rows: Iterable[dict], name: str, direction: tuple[str, str], src_field: str | None = None,
-                tgt_field: str | None = None) -> list[Example]:
+def hf_examples(
+    rows: Iterable[dict],
+    name: str,
+    direction: tuple[str, str],
+    src_field: str | None = None,
+    tgt_field: str | None = None,
+) -> list[Example]:
     """Rows of a Hugging Face dataset as examples of ``direction``: the ALMA/WMT ``translation`` dict (either
     direction from the same rows) or flat columns named by ``src_field``/``tgt_field``."""
     s, t = direction
@@ -316,8 +357,13 @@ def hf_examples(rows: Iterable[dict], name: str, direction: tuple[str, str], src
     return out
 
 
-def load_alma_json(path: str | os.PathLike, directions: Sequence[tuple[str, str]] | None = None, *,
-                   max_chars: int | None = 2000, on_bad_line: str = "error") -> list[Example]:
+def load_alma_json(
+    path: str | os.PathLike,
+    directions: Sequence[tuple[str, str]] | None = None,
+    *,
+    max_chars: int | None = 2000,
+    on_bad_line: str = "error",
+) -> list[Example]:
     """ALMA / X-ALMA JSON: records ``{"translation": {"de": "...", "en": "..."}}``, one per line (JSON Lines)
     or one JSON array. Each record gives both directions between its two languages, or the ``directions``
     asked for whose languages it holds. Language keys may be ISO 639-1/3 or FLORES-200 codes."""
@@ -346,8 +392,10 @@ def load_alma_json(path: str | os.PathLike, directions: Sequence[tuple[str, str]
     for where, obj in records:
         tr = obj.get("translation") if isinstance(obj, dict) else None
         if not isinstance(tr, dict):
-            raise DataError(f"{where}: expected an object with a 'translation' mapping, e.g. "
-                            '{"translation": {"de": "...", "en": "..."}}')
+            raise DataError(
+                f"{where}: expected an object with a 'translation' mapping, e.g. "
+                '{"translation": {"de": "...", "en": "..."}}'
+            )
         texts: dict[str, str] = {}
         for key, value in tr.items():
             try:
@@ -359,8 +407,10 @@ def load_alma_json(path: str | os.PathLike, directions: Sequence[tuple[str, str]
             texts[iso] = value
         if wanted is None:
             if len(texts) != 2:
-                raise DataError(f"{where}: 'translation' has {len(texts)} languages {sorted(texts)}; with more "
-                                "or fewer than two, list the source's directions")
+                raise DataError(
+                    f"{where}: 'translation' has {len(texts)} languages {sorted(texts)}; with more "
+                    "or fewer than two, list the source's directions"
+                )
             a, b = sorted(texts)
             pairs = [(a, b), (b, a)]
         else:
@@ -385,16 +435,26 @@ def load_alma_json(path: str | os.PathLike, directions: Sequence[tuple[str, str]
 
 def is_saved_dataset(path: Path) -> bool:
     """A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
-    return path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json",
-                                                                  "dataset_info.json"))
+    return path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json", "dataset_info.json"))
 
 
-_HF_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
-                ".arrow": "arrow"}
+_HF_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+}
 
 
-def load_hf_local(path: str | os.PathLike, direction: tuple[str, str], split: str = "train",
-                  src_field: str | None = None, tgt_field: str | None = None) -> list[Example]:
+def load_hf_local(
+    path: str | os.PathLike,
+    direction: tuple[str, str],
+    split: str = "train",
+    src_field: str | None = None,
+    tgt_field: str | None = None,
+) -> list[Example]:
     """A local Hugging Face dataset: a folder saved with ``save_to_disk`` (``load_from_disk``), or data files
     (``.json``/``.jsonl``/``.csv``/``.tsv``/``.parquet``, a file or a folder of them) read with their builder."""
     datasets = require("datasets", extra="hf", purpose=f"reading the dataset {path}")
@@ -410,8 +470,9 @@ def load_hf_local(path: str | os.PathLike, direction: tuple[str, str], split: st
         else:
             files = sorted(p for p in path.iterdir() if p.suffix in _HF_BUILDERS) if path.is_dir() else [path]
             if not files or not path.exists():
-                raise DataError(f"{path}: no dataset here (a save_to_disk folder, or .json/.jsonl/.csv/.tsv/"
-                                ".parquet data files)")
+                raise DataError(
+                    f"{path}: no dataset here (a save_to_disk folder, or .json/.jsonl/.csv/.tsv/.parquet data files)"
+                )
             kinds = {_HF_BUILDERS.get(p.suffix) for p in files}
             if None in kinds or len(kinds) != 1:
                 raise DataError(f"{path}: data files must share one of the types {sorted(_HF_BUILDERS)}")
@@ -427,8 +488,9 @@ def load_hf_local(path: str | os.PathLike, direction: tuple[str, str], split: st
 DEFAULT_PATHS = {"parallel": "parallel", "tatoeba": "tatoeba", "flores": "flores200/dev", "mono": "mono"}
 
 
-def load_source(source: Any, data_dir: Path | None, *, max_chars: int | None = 2000,
-                on_bad_line: str = "error", seed: int = 0) -> list[Example] | list[MonoExample]:
+def load_source(
+    source: Any, data_dir: Path | None, *, max_chars: int | None = 2000, on_bad_line: str = "error", seed: int = 0
+) -> list[Example] | list[MonoExample]:
     """Load one :class:`mmt.config.DataSource`; ``max_examples``/``skip`` apply per direction after
     a seeded shuffle (so a small subset is a random sample, not the first lines of a file)."""
     kind = source.kind
@@ -447,8 +509,13 @@ def load_source(source: Any, data_dir: Path | None, *, max_chars: int | None = 2
     elif kind == "jsonl":
         if not source.path:
             raise DataError("data source kind 'jsonl' needs 'path'")
-        items = load_jsonl(_under(data_dir, source.path), max_chars=max_chars, on_bad_line=on_bad_line,
-                           src_field=source.src_field, tgt_field=source.tgt_field)
+        items = load_jsonl(
+            _under(data_dir, source.path),
+            max_chars=max_chars,
+            on_bad_line=on_bad_line,
+            src_field=source.src_field,
+            tgt_field=source.tgt_field,
+        )
         wanted = {L.parse_direction(d) for d in source.directions} if source.directions else None
         items = [ex for ex in items if wanted is None or ex.direction in wanted]
     else:
@@ -467,8 +534,9 @@ def load_source(source: Any, data_dir: Path | None, *, max_chars: int | None = 2
             if not source.path:
                 raise DataError("data source kind 'hf' needs 'path' (the hub dataset name)")
             # a save_to_disk folder or data files on disk, else a hub name
-            local = next((p for p in (Path(source.path).expanduser(), _under(data_dir, source.path))
-                          if p.exists()), None)
+            local = next(
+                (p for p in (Path(source.path).expanduser(), _under(data_dir, source.path)) if p.exists()), None
+            )
             sf = source.src_field if source.src_field != "src" else None
             tf = source.tgt_field if source.tgt_field != "tgt" else None
             for d in dirs:
@@ -489,7 +557,7 @@ def _subset(items: list, source: Any, seed: int, key: Any) -> list:
         return items
     order = np.random.default_rng([seed, stable_hash(str(key))]).permutation(len(items))
     stop = None if source.max_examples is None else source.skip + source.max_examples
-    return [items[i] for i in order[source.skip:stop]]
+    return [items[i] for i in order[source.skip : stop]]
 
 
 def stable_hash(text: str) -> int:

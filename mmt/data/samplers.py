@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
 from mmt import languages as L
 from mmt.errors import CheckpointError, ConfigError, DataError, MethodError
 
@@ -28,7 +29,7 @@ class TrainSet:
 
     ids: list[list[int]]
     labels: list[list[int]]
-    keys: list[Any]                          # per example: direction tuple or language
+    keys: list[Any]  # per example: direction tuple or language
     streams: dict[Any, list[int]] = field(default_factory=dict)  # key -> example indices
     mono: bool = False
 
@@ -45,8 +46,12 @@ class TrainSet:
         return sum(1 for x in self.labels[index][1:] if x != IGNORE_INDEX)
 
 
-def filter_directions(items: list[Example], directions: Sequence[tuple[str, str]] | None = None,
-                      languages: Sequence[str] | None = None, groups: Sequence[int] | None = None) -> list[Example]:
+def filter_directions(
+    items: list[Example],
+    directions: Sequence[tuple[str, str]] | None = None,
+    languages: Sequence[str] | None = None,
+    groups: Sequence[int] | None = None,
+) -> list[Example]:
     """Keep examples whose direction is listed / whose languages are allowed / whose X-ALMA group matches."""
     dset = {(L.normalize(s), L.normalize(t)) for s, t in directions} if directions else None
     lset = {L.normalize(x) for x in languages} if languages else None
@@ -68,18 +73,23 @@ def build_train_set(data_cfg: Any, tokenizer, *, plan: Any = None, data_dir: Pat
     if not data_cfg.train:
         raise DataError("data.train is empty: list at least one source (kind, directions, ...)")
     if data_dir is None:
-        data_dir = resolve_data_dir(data_cfg.data_dir, required=any(
-            s.kind != "hf" and not (s.path and Path(s.path).is_absolute()) for s in data_cfg.train))
+        data_dir = resolve_data_dir(
+            data_cfg.data_dir,
+            required=any(s.kind != "hf" and not (s.path and Path(s.path).is_absolute()) for s in data_cfg.train),
+        )
     mono = plan is not None and plan.sampler == "mono"
-    loss_on = (plan.loss_on if plan is not None and plan.loss_on else data_cfg.loss_on)
+    loss_on = plan.loss_on if plan is not None and plan.loss_on else data_cfg.loss_on
     ids, labels, keys = [], [], []
     prompt_of = PromptBuilder(data_cfg.templates or data_cfg.template, tokenizer, seed=data_cfg.seed)
     for src in data_cfg.train:
         if (src.kind == "mono") != mono:
-            raise DataError(f"data source kind {src.kind!r} does not fit the {'mono' if mono else 'translation'} "
-                            f"sampler of method {getattr(plan, 'method', '?')!r}")
-        items = load_source(src, data_dir, max_chars=data_cfg.max_chars, on_bad_line=data_cfg.on_bad_line,
-                            seed=data_cfg.seed)
+            raise DataError(
+                f"data source kind {src.kind!r} does not fit the {'mono' if mono else 'translation'} "
+                f"sampler of method {getattr(plan, 'method', '?')!r}"
+            )
+        items = load_source(
+            src, data_dir, max_chars=data_cfg.max_chars, on_bad_line=data_cfg.on_bad_line, seed=data_cfg.seed
+        )
         if mono:
             langs = {L.normalize(x) for x in data_cfg.languages} if data_cfg.languages else None
             for ex in items:
@@ -87,15 +97,18 @@ def build_train_set(data_cfg: Any, tokenizer, *, plan: Any = None, data_dir: Pat
                     a, b = encode_mono(tokenizer, ex.text, max_length=data_cfg.max_length)
                     ids.append(a), labels.append(b), keys.append(ex.lang)
             continue
-        items = filter_directions(items, plan.directions if plan is not None else None,
-                                  data_cfg.languages, data_cfg.groups)
+        items = filter_directions(
+            items, plan.directions if plan is not None else None, data_cfg.languages, data_cfg.groups
+        )
         for ex in items:
             prompt = prompt_of(ex.src_lang, ex.tgt_lang, ex.src)
             a, b = encode_pair(tokenizer, prompt, ex.tgt, max_length=data_cfg.max_length, loss_on=loss_on)
             ids.append(a), labels.append(b), keys.append(ex.direction)
     if not ids:
-        raise DataError("no training examples left after loading and filtering "
-                        "(check data.train directions, data.languages, data.groups and the method's directions)")
+        raise DataError(
+            "no training examples left after loading and filtering "
+            "(check data.train directions, data.languages, data.groups and the method's directions)"
+        )
     return TrainSet(ids, labels, keys, mono=mono)
 
 
@@ -126,8 +139,16 @@ class StepSampler:
     State = step + per-stream cursors; :meth:`state_dict` / :meth:`load_state_dict` for resume.
     """
 
-    def __init__(self, train_set: TrainSet, batch_size: int, *, mode: str = "mixed", seed: int = 0,
-                 temperature: float = 1.0, pair_order: str = "round_robin"):
+    def __init__(
+        self,
+        train_set: TrainSet,
+        batch_size: int,
+        *,
+        mode: str = "mixed",
+        seed: int = 0,
+        temperature: float = 1.0,
+        pair_order: str = "round_robin",
+    ):
         if mode not in ("mixed", "pair", "mono"):
             raise MethodError(f"sampler mode must be mixed, pair or mono, got {mode!r}")
         self.ts, self.batch_size, self.mode, self.seed = train_set, batch_size, mode, seed
@@ -171,14 +192,21 @@ class StepSampler:
         return batch, pair
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "cursors": dict(self.cursors), "mode": self.mode, "seed": self.seed,
-                "n": len(self.ts)}
+        return {
+            "step": self.step,
+            "cursors": dict(self.cursors),
+            "mode": self.mode,
+            "seed": self.seed,
+            "n": len(self.ts),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("n") != len(self.ts) or state.get("mode") != self.mode:
-            raise CheckpointError(f"sampler state does not match the data (checkpoint: {state.get('n')} examples, "
-                             f"mode {state.get('mode')!r}; now: {len(self.ts)} examples, mode {self.mode!r}); "
-                             "resume with the same data config")
+            raise CheckpointError(
+                f"sampler state does not match the data (checkpoint: {state.get('n')} examples, "
+                f"mode {state.get('mode')!r}; now: {len(self.ts)} examples, mode {self.mode!r}); "
+                "resume with the same data config"
+            )
         self.step = int(state["step"])
         self.cursors = {k: int(v) for k, v in state["cursors"].items()}
 
@@ -188,10 +216,10 @@ def shard_micro_batches(batch: Sequence[int], rank: int, world: int, micro_batch
     if len(batch) % world:
         raise ConfigError(f"global batch {len(batch)} is not divisible by {world} processes")
     per = len(batch) // world
-    mine = list(batch[rank * per:(rank + 1) * per])
+    mine = list(batch[rank * per : (rank + 1) * per])
     if per % micro_batch_size:
         raise ConfigError(f"per-process batch {per} is not a multiple of micro_batch_size {micro_batch_size}")
-    return [mine[i:i + micro_batch_size] for i in range(0, per, micro_batch_size)]
+    return [mine[i : i + micro_batch_size] for i in range(0, per, micro_batch_size)]
 
 
 def temperature_probs(sizes: Sequence[int], temperature: float) -> list[float]:

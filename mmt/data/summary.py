@@ -17,8 +17,10 @@ def summarize(train_set: Any, skipped: Mapping[str, Mapping[str, int]] | None = 
         tokens = sum(train_set.label_tokens(i) for i in idx)
         rows.append((name, len(idx), tokens))
     width = max([len(what)] + [len(r[0]) for r in rows])
-    lines = [f"data summary: {len(train_set):,} examples in {len(rows)} {what}s",
-             f"  {what:<{width}}  {'examples':>9}  {'loss tokens':>11}"]
+    lines = [
+        f"data summary: {len(train_set):,} examples in {len(rows)} {what}s",
+        f"  {what:<{width}}  {'examples':>9}  {'loss tokens':>11}",
+    ]
     lines += [f"  {name:<{width}}  {n:>9,}  {tok:>11,}" for name, n, tok in rows]
     total = sum(r[2] for r in rows)
     lines.append(f"  {'total':<{width}}  {len(train_set):>9,}  {total:>11,}")

@@ -55,6 +55,7 @@ Layout: :mod:`.io` (reader, writer, atomic output), :mod:`.plan` (config, tensor
 :mod:`.compat` (mergekit configs), :mod:`.methods` (one tensor's merge), :mod:`.stream` (the checkpoint
 merge), :mod:`.lora` (adapters), :mod:`.report` (summary, model card) and :mod:`.cli` (``mmt merge``).
 """
+
 from __future__ import annotations
 
 from mmt.errors import MergeError
@@ -67,6 +68,21 @@ from .plan import MergeConfig, ModelSpec, load_merge_config, parse_size, tensor_
 from .report import MergeReport
 from .stream import merge_checkpoints, run_merge
 
-__all__ = ["Checkpoint", "LoraAdapter", "MergeConfig", "MergeError", "MergeReport", "ModelSpec", "StreamingWriter",
-           "add_args", "load_merge_config", "merge_checkpoints", "merge_lora_adapters", "parse_size", "run",
-           "run_merge", "sign_conflict", "tensor_seed"]
+__all__ = [
+    "Checkpoint",
+    "LoraAdapter",
+    "MergeConfig",
+    "MergeError",
+    "MergeReport",
+    "ModelSpec",
+    "StreamingWriter",
+    "add_args",
+    "load_merge_config",
+    "merge_checkpoints",
+    "merge_lora_adapters",
+    "parse_size",
+    "run",
+    "run_merge",
+    "sign_conflict",
+    "tensor_seed",
+]

@@ -1,9 +1,9 @@
 """``mmt merge CONFIG [key=value ...]``: the command-line entry point."""
+
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
 
 from .plan import load_merge_config
 from .stream import run_merge

@@ -8,6 +8,7 @@ with ``semantics: mergekit``, so that the weighting, normalisation and rescaling
 use for slerp). mmt's keys that mergekit lacks (``output``, ``tie_break``, ``seed``, ``shard_size``,
 ``device``, ...) may be added. Anything this reader cannot honour is refused by name rather than ignored.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,14 +19,37 @@ from mmt.errors import MergeError
 
 from .plan import METHODS
 
-_PARAMS = {"weight": "weight", "density": "density", "lambda": "lam", "epsilon": "epsilon", "gamma": "gamma",
-           "t": "t"}
+_PARAMS = {"weight": "weight", "density": "density", "lambda": "lam", "epsilon": "epsilon", "gamma": "gamma", "t": "t"}
 _FLAGS = ("normalize", "rescale", "filter_wise", "int8_mask")  # booleans, one per merge
 _MODEL_PARAMS = ("weight", "density", "epsilon", "gamma")
-_OWN_KEYS = ("output", "tie_break", "seed", "shard_size", "device", "backend", "stats", "plot", "overwrite",
-             "copy_tokenizer", "sign", "semantics")
-_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
-         "tokenizer", "chat_template", "modules", "name")
+_OWN_KEYS = (
+    "output",
+    "tie_break",
+    "seed",
+    "shard_size",
+    "device",
+    "backend",
+    "stats",
+    "plot",
+    "overwrite",
+    "copy_tokenizer",
+    "sign",
+    "semantics",
+)
+_KEYS = (
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+    "modules",
+    "name",
+)
 
 
 def _ref(value: Any, where: str) -> str:
@@ -34,8 +58,10 @@ def _ref(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise MergeError(f"{where}: expected a model path, got {value!r}")
     if "+" in value:
-        raise MergeError(f"{where}: {value!r} applies a LoRA to a model (model+lora); merge the adapter into the "
-                         "model first (peft's merge_and_unload), then list the merged checkpoint")
+        raise MergeError(
+            f"{where}: {value!r} applies a LoRA to a model (model+lora); merge the adapter into the "
+            "model first (peft's merge_and_unload), then list the merged checkpoint"
+        )
     return value
 
 
@@ -64,8 +90,10 @@ def _num_layers(path: str) -> int | None:
 def _from_slices(raw: dict[str, Any], where: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     slices = raw["slices"]
     if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
-        raise MergeError(f"{where}: slices: only one slice taking every layer of each model is supported "
-                         "(stacking or cutting layers is not)")
+        raise MergeError(
+            f"{where}: slices: only one slice taking every layer of each model is supported "
+            "(stacking or cutting layers is not)"
+        )
     out = slices[0]
     unknown = sorted(set(out) - {"sources", "parameters", "base_model"})
     if unknown:
@@ -79,8 +107,11 @@ def _from_slices(raw: dict[str, Any], where: str) -> tuple[list[dict[str, Any]],
         rng = src.get("layer_range")
         n = _num_layers(path)
         if rng is not None and (list(rng)[:1] != [0] or (n is not None and list(rng) != [0, n])):
-            raise MergeError(f"{w}: layer_range {rng} does not take every layer of {path}"
-                             + (f" ([0, {n}])" if n is not None else "") + "; only whole-model slices are supported")
+            raise MergeError(
+                f"{w}: layer_range {rng} does not take every layer of {path}"
+                + (f" ([0, {n}])" if n is not None else "")
+                + "; only whole-model slices are supported"
+            )
         models.append({"model": path, "parameters": src.get("parameters")})
     if not models:
         raise MergeError(f"{where}: slices[0] has no sources")
@@ -154,7 +185,8 @@ def from_mergekit(raw: dict[str, Any], where: str) -> dict[str, Any]:
     src = raw.get("tokenizer_source")
     if src is not None:
         if src == "union":
-            raise MergeError(f"{where}: tokenizer_source: union (a merged vocabulary) is not supported; use base or "
-                             "one model's path")
+            raise MergeError(
+                f"{where}: tokenizer_source: union (a merged vocabulary) is not supported; use base or one model's path"
+            )
         out["tokenizer_source"] = src if src == "base" else _ref(src, f"{where}: tokenizer_source")
     return out

@@ -5,6 +5,7 @@ header from the output's names, dtypes and shapes before any tensor exists, so e
 written at its final offset as soon as it is computed. Outputs appear atomically: everything goes to a
 hidden temporary directory next to the output, renamed into place at the end.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,18 @@ import torch
 
 from mmt.errors import MergeError
 
-ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL"}
+ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 _FROM_ST = {v: k for k, v in ST_DTYPES.items()}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -69,8 +79,10 @@ class _Shard:
             if dtype is None:
                 raise MergeError(f"tensor {name} in {file} has unsupported dtype {st_dtype}")
             if end - begin != nbytes(dtype, shape) or self.data_start + end > size or begin < 0:
-                raise MergeError(f"cannot read shard {file}: tensor {name} has offsets {[begin, end]} that do not fit "
-                                 f"its {st_dtype}{list(shape)} or the file's {size} bytes (corrupt or truncated?)")
+                raise MergeError(
+                    f"cannot read shard {file}: tensor {name} has offsets {[begin, end]} that do not fit "
+                    f"its {st_dtype}{list(shape)} or the file's {size} bytes (corrupt or truncated?)"
+                )
             self.entries[name] = (dtype, shape, begin, end)
 
     def _map(self) -> mmap.mmap:
@@ -135,8 +147,10 @@ class Checkpoint:
         elif single.exists():
             self.files = {name: single for name in self._open(single).entries}
         else:
-            raise MergeError(f"checkpoint {self.path} has neither {single.name} nor {index.name} "
-                             "(only safetensors checkpoints are streamed; re-save with safe_serialization=True)")
+            raise MergeError(
+                f"checkpoint {self.path} has neither {single.name} nor {index.name} "
+                "(only safetensors checkpoints are streamed; re-save with safe_serialization=True)"
+            )
 
     def _open(self, file: Path) -> _Shard:
         if file not in self._shards:
@@ -196,8 +210,11 @@ class StreamingWriter:
             shards[-1].append(item)
             size += size_of
         n = len(shards)
-        self.names = ([f"{weights_name}.safetensors"] if n == 1 else
-                      [f"{weights_name}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self.names = (
+            [f"{weights_name}.safetensors"]
+            if n == 1
+            else [f"{weights_name}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         self.where: dict[str, tuple[int, int]] = {}  # tensor -> (shard, absolute byte offset)
         self.handles = []
         self.total_bytes = 0
@@ -206,8 +223,11 @@ class StreamingWriter:
             offset = 0
             for name, dtype, shape in items:
                 size_of = nbytes(dtype, shape)
-                header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape),
-                                "data_offsets": [offset, offset + size_of]}
+                header[name] = {
+                    "dtype": ST_DTYPES[dtype],
+                    "shape": list(shape),
+                    "data_offsets": [offset, offset + size_of],
+                }
                 offset += size_of
             blob = json.dumps(header, separators=(",", ":")).encode()
             blob += b" " * (-len(blob) % 8)  # the format aligns the data section to 8 bytes
@@ -225,8 +245,9 @@ class StreamingWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         dtype, shape = self.expected[name]
-        assert tensor.dtype == dtype and tuple(tensor.shape) == shape, \
+        assert tensor.dtype == dtype and tuple(tensor.shape) == shape, (
             f"{name} planned as {dtype}{list(shape)}, got {tensor.dtype}{list(tensor.shape)}"
+        )
         shard, offset = self.where[name]
         f = self.handles[shard]
         f.seek(offset)
@@ -243,8 +264,10 @@ class StreamingWriter:
         missing = set(self.expected) - self.written
         assert not missing, f"tensors never written: {sorted(missing)[:5]}"
         if len(self.names) > 1:
-            index = {"metadata": {"total_size": self.total_bytes},
-                     "weight_map": {name: self.names[self.where[name][0]] for name in self.expected}}
+            index = {
+                "metadata": {"total_size": self.total_bytes},
+                "weight_map": {name: self.names[self.where[name][0]] for name in self.expected},
+            }
             (self.dir / f"{self.weights_name}.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 

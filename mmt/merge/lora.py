@@ -5,6 +5,7 @@ to ``rank`` by SVD (the merge's own definition, up to the truncation). ``lora_mo
 A and B factors separately with weights ``sqrt(w * scaling)``, as peft's ``add_weighted_adapter`` does
 for TIES/DARE; the product of merged factors is then not the merged product.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,9 @@ def merge_lora_adapters(cfg: MergeConfig, progress: bool = True) -> MergeReport:
     for spec, ad in zip(cfg.adapters, adapters):
         if ad.modules() != mods:
             diff = sorted(set(mods) ^ set(ad.modules()))
-            raise MergeError(f"LoRA adapter {spec.path} targets different modules (e.g. {diff[0]}) "
-                             f"than {cfg.adapters[0].path}")
+            raise MergeError(
+                f"LoRA adapter {spec.path} targets different modules (e.g. {diff[0]}) than {cfg.adapters[0].path}"
+            )
     weights = [float(s.weight) for s in cfg.adapters]
     dens = cfg.densities(cfg.adapters)
     backend = None if cfg.backend == "auto" else cfg.backend
@@ -99,8 +101,17 @@ def merge_lora_adapters(cfg: MergeConfig, progress: bool = True) -> MergeReport:
         scalings = [ad.scaling(_peft_module_key(mod)) for ad in adapters]
         if cfg.lora_mode == "svd":
             deltas = [s * (b.float() @ a.float()) for s, (a, b) in zip(scalings, facs)]
-            dense = kernel_merge(deltas, None, method=method, weights=weights, densities=dens, lam=float(cfg.lam),
-                                 seed=seed, sign=cfg.sign, backend=backend)
+            dense = kernel_merge(
+                deltas,
+                None,
+                method=method,
+                weights=weights,
+                densities=dens,
+                lam=float(cfg.lam),
+                seed=seed,
+                sign=cfg.sign,
+                backend=backend,
+            )
             u, s, vh = torch.linalg.svd(dense, full_matrices=False)
             r = min(rank, s.numel())
             root = s[:r].sqrt()
@@ -112,11 +123,28 @@ def merge_lora_adapters(cfg: MergeConfig, progress: bool = True) -> MergeReport:
             # As peft's add_weighted_adapter: each factor carries sqrt(w * scaling).
             roots = [math.sqrt(abs(w) * s) for w, s in zip(weights, scalings)]
             signs = [1.0 if w >= 0 else -1.0 for w in weights]
-            new_a = kernel_merge([a.float() for a, _ in facs], None, method=method,
-                                 weights=[r_ * sg for r_, sg in zip(roots, signs)], densities=dens, lam=1.0,
-                                 seed=seed, sign=cfg.sign, backend=backend)
-            new_b = kernel_merge([b.float() for _, b in facs], None, method=method, weights=roots, densities=dens,
-                                 lam=float(cfg.lam), seed=seed + 1, sign=cfg.sign, backend=backend)
+            new_a = kernel_merge(
+                [a.float() for a, _ in facs],
+                None,
+                method=method,
+                weights=[r_ * sg for r_, sg in zip(roots, signs)],
+                densities=dens,
+                lam=1.0,
+                seed=seed,
+                sign=cfg.sign,
+                backend=backend,
+            )
+            new_b = kernel_merge(
+                [b.float() for _, b in facs],
+                None,
+                method=method,
+                weights=roots,
+                densities=dens,
+                lam=float(cfg.lam),
+                seed=seed + 1,
+                sign=cfg.sign,
+                backend=backend,
+            )
             out_t[a_key], out_t[b_key] = new_a.to(dtype), new_b.to(dtype)
         report.tensors_merged += 2
         report.parameters += out_t[a_key].numel() + out_t[b_key].numel()
@@ -134,11 +162,15 @@ def merge_lora_adapters(cfg: MergeConfig, progress: bool = True) -> MergeReport:
         report.seconds = time.time() - t0
         report.peak_rss_mb = peak_rss_mb()
         if errors:
-            report.notes.append(f"SVD truncation to rank {rank}: relative Frobenius error mean "
-                                f"{sum(errors) / len(errors):.4f}, max {max(errors):.4f} over {len(errors)} modules")
+            report.notes.append(
+                f"SVD truncation to rank {rank}: relative Frobenius error mean "
+                f"{sum(errors) / len(errors):.4f}, max {max(errors):.4f} over {len(errors)} modules"
+            )
         else:
-            report.notes.append("factor-space merge (peft-style): the product of merged factors is not the merged "
-                                "product; use lora_mode: svd for the dense definition")
+            report.notes.append(
+                "factor-space merge (peft-style): the product of merged factors is not the merged "
+                "product; use lora_mode: svd for the dense definition"
+            )
         write_card_and_config(tmp, cfg, report)
         write_report_and_commit(tmp, output, cfg.to_dict(), report)
     except BaseException:

@@ -28,6 +28,7 @@ enter the sign vote and the consensus mean divides by the agreeing tasks' weight
 rescale survivors to the task vector's L1 norm). With unit weights and the default settings, TIES is
 the same formula in both, and the fused kernel computes it.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -43,18 +44,46 @@ if TYPE_CHECKING:
 
 _CONSENSUS = ("ties", "dare_ties", "breadcrumbs_ties", "della")
 # mergekit's per-method defaults of `normalize` and `rescale`.
-_MERGEKIT_NORMALIZE = {"linear": True, "task_arithmetic": False, "ties": True, "dare_ties": False,
-                       "dare_linear": False, "breadcrumbs": False, "breadcrumbs_ties": False, "della": True,
-                       "della_linear": False}
+_MERGEKIT_NORMALIZE = {
+    "linear": True,
+    "task_arithmetic": False,
+    "ties": True,
+    "dare_ties": False,
+    "dare_linear": False,
+    "breadcrumbs": False,
+    "breadcrumbs_ties": False,
+    "della": True,
+    "della_linear": False,
+}
 _MERGEKIT_RESCALE = {"dare_ties": True, "dare_linear": True, "della": True, "della_linear": True}
 
 
-def kernel_merge(xs: list[torch.Tensor], base: torch.Tensor | None, *, method: str, weights: list[float],
-                 densities: list[float], lam: float, seed: int, sign: str, backend: str | None,
-                 thresholds: torch.Tensor | None = None) -> torch.Tensor:
+def kernel_merge(
+    xs: list[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    method: str,
+    weights: list[float],
+    densities: list[float],
+    lam: float,
+    seed: int,
+    sign: str,
+    backend: str | None,
+    thresholds: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One merged tensor from K inputs of one dtype and device (task vectors when ``base`` is None)."""
-    return kmerge.merge(xs, base, method=method, weights=weights, density=densities, lam=lam, seed=seed, sign=sign,
-                        backend=backend, thresholds=thresholds)
+    return kmerge.merge(
+        xs,
+        base,
+        method=method,
+        weights=weights,
+        density=densities,
+        lam=lam,
+        seed=seed,
+        sign=sign,
+        backend=backend,
+        thresholds=thresholds,
+    )
 
 
 def _kth_largest(xs: list[torch.Tensor], base: torch.Tensor | None, ks: list[int], backend) -> torch.Tensor:
@@ -102,7 +131,7 @@ def _breadcrumbs_masks(xs, b, dens, gammas, work, exact: bool, backend) -> list[
         w = _magnitudes(x, b, work)
         if exact:
             keep = torch.zeros_like(w, dtype=torch.bool)
-            keep[torch.sort(w, descending=False).indices[drop_low:drop_low + keep_n]] = True
+            keep[torch.sort(w, descending=False).indices[drop_low : drop_low + keep_n]] = True
         else:
             lo, hi = _kth_largest([w, w], None, [n - drop_low, drop_top], backend).tolist()
             keep = (w >= lo) & (w < hi) if drop_top else w >= lo
@@ -147,8 +176,16 @@ def _rescale(tau: torch.Tensor, kept: torch.Tensor, how: str | None) -> torch.Te
     return kept * (before / after)
 
 
-def combine(taus: list[torch.Tensor], weights: list[float], *, consensus: bool, normalize: bool, weighted_vote: bool,
-            lam: float, sign: str) -> torch.Tensor:
+def combine(
+    taus: list[torch.Tensor],
+    weights: list[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    weighted_vote: bool,
+    lam: float,
+    sign: str,
+) -> torch.Tensor:
     """lam * the combination of sparsified fp32 task vectors (the general path; the kernel covers the common ones).
 
     consensus: elect a sign per element (of the sum, or of the sum of signs with ``sign: count``; ties elect
@@ -176,8 +213,9 @@ def combine(taus: list[torch.Tensor], weights: list[float], *, consensus: bool, 
     return lam * total
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
-          eps: float = 1e-8) -> torch.Tensor:
+def slerp(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> torch.Tensor:
     """Spherical interpolation of the flattened tensors (fp32), linear when they are nearly collinear."""
     a, b = v0.float().reshape(-1), v1.float().reshape(-1)
     na, nb = a.norm(), b.norm()
@@ -204,7 +242,7 @@ def model_stock(xs: list[torch.Tensor], base: torch.Tensor, filter_wise: bool = 
     offsets = [w - w0 for w in ws]
     cos = []
     for i, oa in enumerate(offsets):
-        for ob in offsets[i + 1:]:
+        for ob in offsets[i + 1 :]:
             prod = oa.norm(dim=-1) * ob.norm(dim=-1)
             cos.append(((oa * ob).sum(dim=-1) / prod.clamp(min=1e-6)).clamp(-1, 1))
     c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
@@ -216,8 +254,15 @@ def model_stock(xs: list[torch.Tensor], base: torch.Tensor, filter_wise: bool = 
     return (t * mean + (1 - t) * w0).reshape(shape)
 
 
-def merge_one(cfg: "MergeConfig", name: str, xs: list[torch.Tensor], b: torch.Tensor | None, s: "TensorSettings",
-              seed: int, backend: str | None) -> torch.Tensor:
+def merge_one(
+    cfg: "MergeConfig",
+    name: str,
+    xs: list[torch.Tensor],
+    b: torch.Tensor | None,
+    s: "TensorSettings",
+    seed: int,
+    backend: str | None,
+) -> torch.Tensor:
     """The merged tensor ``name`` from K inputs (and the base) already in the compute dtype and on the device."""
     method = cfg.method
     work = xs[0].dtype
@@ -286,8 +331,9 @@ def merge_one(cfg: "MergeConfig", name: str, xs: list[torch.Tensor], b: torch.Te
             return b.float() + delta
     else:
         raise MergeError(f"method {method!r} has no implementation")  # validate() lists the methods
-    delta = combine(taus, s.weights, consensus=consensus, normalize=normalize, weighted_vote=mergekit, lam=s.lam,
-                    sign=cfg.sign)
+    delta = combine(
+        taus, s.weights, consensus=consensus, normalize=normalize, weighted_vote=mergekit, lam=s.lam, sign=cfg.sign
+    )
     return b.float() + delta
 
 

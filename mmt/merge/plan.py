@@ -11,6 +11,7 @@ model, and may be
 
 These are mergekit's rules, so its configs mean the same here; a model's own setting wins over the global one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,21 +42,24 @@ MODEL_SETTINGS = ("weight", "density", "epsilon", "gamma")  # may also be set pe
 def _check_setting(value: Any, where: str) -> None:
     """A setting's shape: number | [numbers] | [{filter?, value}] (values nested the same way)."""
     if isinstance(value, bool) or value is None:
-        raise MergeError(f"{where}: expected a number, a gradient [numbers] or filters [{{filter, value}}], "
-                         f"got {value!r}")
+        raise MergeError(
+            f"{where}: expected a number, a gradient [numbers] or filters [{{filter, value}}], got {value!r}"
+        )
     if isinstance(value, (int, float)):
         return
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not value:
-        raise MergeError(f"{where}: expected a number, a gradient [numbers] or filters [{{filter, value}}], "
-                         f"got {value!r}")
+        raise MergeError(
+            f"{where}: expected a number, a gradient [numbers] or filters [{{filter, value}}], got {value!r}"
+        )
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         return
     for i, cond in enumerate(value):
         if not isinstance(cond, dict) or "value" not in cond or set(cond) - {"filter", "value"}:
-            raise MergeError(f"{where}[{i}]: a filter entry is {{filter: <part of a tensor name>, value: ...}}, "
-                             f"got {cond!r}")
+            raise MergeError(
+                f"{where}[{i}]: a filter entry is {{filter: <part of a tensor name>, value: ...}}, got {cond!r}"
+            )
         _check_setting(cond["value"], f"{where}[{i}].value")
 
 
@@ -141,8 +145,9 @@ class MergeConfig:
                 elif isinstance(item, dict) and "path" in item and set(item) <= {"path", *MODEL_SETTINGS}:
                     specs.append(ModelSpec(str(item["path"]), **{k: item[k] for k in MODEL_SETTINGS if k in item}))
                 else:
-                    raise MergeError(f"{where}: {key}[{i}] must be a path or {{path, {', '.join(MODEL_SETTINGS)}}}, "
-                                     f"got {item!r}")
+                    raise MergeError(
+                        f"{where}: {key}[{i}] must be a path or {{path, {', '.join(MODEL_SETTINGS)}}}, got {item!r}"
+                    )
             values[key] = specs
         for key in ("dtype", "out_dtype"):
             if isinstance(values.get(key), str):
@@ -161,12 +166,17 @@ class MergeConfig:
         if self.adapters and self.method not in KERNEL_METHODS:
             raise MergeError(f"{where}: LoRA adapters merge with {', '.join(KERNEL_METHODS)}, not {self.method!r}")
         if self.method == "slerp" and len(self.models) != 1:
-            raise MergeError(f"{where}: slerp interpolates base_model towards exactly one model, got "
-                             f"{len(self.models)} models")
+            raise MergeError(
+                f"{where}: slerp interpolates base_model towards exactly one model, got {len(self.models)} models"
+            )
         if self.method == "model_stock" and len(self.models) < 2:
             raise MergeError(f"{where}: model_stock needs at least 2 models besides base_model")
-        for key, allowed in (("sign", ("total", "count")), ("lora_mode", ("svd", "factor")),
-                             ("tie_break", ("threshold", "exact_k")), ("semantics", ("mmt", "mergekit"))):
+        for key, allowed in (
+            ("sign", ("total", "count")),
+            ("lora_mode", ("svd", "factor")),
+            ("tie_break", ("threshold", "exact_k")),
+            ("semantics", ("mmt", "mergekit")),
+        ):
             if getattr(self, key) not in allowed:
                 raise MergeError(f"{where}: {key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
         if self.rescale and not self.method.startswith(("dare", "della")):
@@ -264,13 +274,21 @@ def tensor_settings(cfg: MergeConfig, name: str, num_layers: int) -> TensorSetti
             out.append(got if got is not None else one(glob, key))
         return out
 
-    s = TensorSettings(weights=per_model("weight"), densities=per_model("density"), epsilons=per_model("epsilon"),
-                       gammas=per_model("gamma"), lam=one(cfg.lam, "lam"), t=one(cfg.t, "t"))
+    s = TensorSettings(
+        weights=per_model("weight"),
+        densities=per_model("density"),
+        epsilons=per_model("epsilon"),
+        gammas=per_model("gamma"),
+        lam=one(cfg.lam, "lam"),
+        t=one(cfg.t, "t"),
+    )
     for spec, d, eps in zip(cfg.models, s.densities, s.epsilons):
         cfg.check_density(d, f"tensor {name}: density {d} for {spec.path}")
         if cfg.method.startswith("della") and not (0.0 < d - eps and d + eps <= 1.0):
-            raise MergeError(f"tensor {name}: della needs 0 < density - epsilon and density + epsilon <= 1, got "
-                             f"density {d}, epsilon {eps} for {spec.path}")
+            raise MergeError(
+                f"tensor {name}: della needs 0 < density - epsilon and density + epsilon <= 1, got "
+                f"density {d}, epsilon {eps} for {spec.path}"
+            )
     for spec, g in zip(cfg.models, s.gammas):
         if not 0.0 <= g <= 1.0:
             raise MergeError(f"tensor {name}: gamma {g} for {spec.path} is outside [0, 1]")
@@ -326,8 +344,11 @@ def plan_tensors(cfg: MergeConfig, models: list[Checkpoint], base: Checkpoint | 
         missing = [n for n in names if n not in ck.files]
         extra = [n for n in ck.files if n not in name_set]
         if missing or extra:
-            what = (f"is missing tensor {missing[0]!r}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
-                    if missing else f"has tensor {extra[0]!r} that {ref.path} lacks")
+            what = (
+                f"is missing tensor {missing[0]!r}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+                if missing
+                else f"has tensor {extra[0]!r} that {ref.path} lacks"
+            )
             raise MergeError(f"checkpoint {spec.path} {what}; all checkpoints must have the same tensors")
     out_name = cfg.out_dtype or cfg.dtype
     out_dtype = NAMED_DTYPES[out_name] if out_name else None
@@ -339,7 +360,9 @@ def plan_tensors(cfg: MergeConfig, models: list[Checkpoint], base: Checkpoint | 
             if s2 != shape:
                 raise MergeError(f"tensor {n}: shape {list(s2)} in {ck.files[n]} but {list(shape)} in {ref.files[n]}")
             if d2 != dtype and cfg.dtype is None:
-                raise MergeError(f"tensor {n}: dtype {d2} in {ck.files[n]} but {dtype} in {ref.files[n]}; "
-                                 "set `dtype:` in the merge config to convert every input to one dtype")
+                raise MergeError(
+                    f"tensor {n}: dtype {d2} in {ck.files[n]} but {dtype} in {ref.files[n]}; "
+                    "set `dtype:` in the merge config to convert every input to one dtype"
+                )
         plan.append((n, out_dtype if (out_dtype is not None and dtype in FLOAT_DTYPES) else dtype, shape))
     return plan

@@ -1,4 +1,5 @@
 """What a merge reports: the summary printed by ``mmt merge``, ``merge_report.json`` and the conflict plot."""
+
 from __future__ import annotations
 
 import json
@@ -26,15 +27,19 @@ class MergeReport:
 
     def summary(self) -> str:
         gbps = self.bytes_read / max(self.seconds, 1e-9) / 1e9
-        lines = [f"merged {self.num_models} models with {self.method}: {self.tensors_merged} tensors merged, "
-                 f"{self.tensors_copied} copied from the base, {self.parameters:,} parameters",
-                 f"read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB in "
-                 f"{self.seconds:.1f} s ({gbps:.2f} GB/s read), peak RSS {self.peak_rss_mb:.0f} MB",
-                 f"output: {self.output}"]
+        lines = [
+            f"merged {self.num_models} models with {self.method}: {self.tensors_merged} tensors merged, "
+            f"{self.tensors_copied} copied from the base, {self.parameters:,} parameters",
+            f"read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB in "
+            f"{self.seconds:.1f} s ({gbps:.2f} GB/s read), peak RSS {self.peak_rss_mb:.0f} MB",
+            f"output: {self.output}",
+        ]
         if self.stats:
             rates = [s["sign_conflict"] for s in self.stats.values()]
-            lines.append(f"sign conflict (elements where the kept task values disagree in sign): mean "
-                         f"{sum(rates) / len(rates):.3f}, max {max(rates):.3f} over {len(rates)} tensors")
+            lines.append(
+                f"sign conflict (elements where the kept task values disagree in sign): mean "
+                f"{sum(rates) / len(rates):.3f}, max {max(rates):.3f} over {len(rates)} tensors"
+            )
         lines += self.notes
         return "\n".join(lines)
 
@@ -56,8 +61,9 @@ def peak_rss_mb() -> float:
 
 def write_report_and_commit(tmp: Path, output: Path, config: dict[str, Any], report: MergeReport) -> None:
     """The last file of a merge, then the atomic rename that makes the output visible."""
-    (tmp / "merge_report.json").write_text(json.dumps(
-        {"config": config, **{k: v for k, v in report.__dict__.items() if k != "stats"}}, indent=2))
+    (tmp / "merge_report.json").write_text(
+        json.dumps({"config": config, **{k: v for k, v in report.__dict__.items() if k != "stats"}}, indent=2)
+    )
     commit(tmp, output)
 
 
@@ -95,12 +101,19 @@ REFERENCES = {
     "model_stock": "Model Stock (Jang et al., 2024, arXiv:2403.19522)",
 }
 # The settings each method reads, for the card.
-_USES = {"ties": ("density", "lam", "sign", "tie_break"), "dare_ties": ("density", "lam", "sign", "seed"),
-         "dare_linear": ("density", "lam", "seed"), "task_arithmetic": ("lam",), "linear": (),
-         "breadcrumbs": ("density", "gamma", "lam", "tie_break"),
-         "breadcrumbs_ties": ("density", "gamma", "lam", "sign", "tie_break"),
-         "della": ("density", "epsilon", "lam", "sign", "seed"), "della_linear": ("density", "epsilon", "lam", "seed"),
-         "slerp": ("t",), "model_stock": ("filter_wise",)}
+_USES = {
+    "ties": ("density", "lam", "sign", "tie_break"),
+    "dare_ties": ("density", "lam", "sign", "seed"),
+    "dare_linear": ("density", "lam", "seed"),
+    "task_arithmetic": ("lam",),
+    "linear": (),
+    "breadcrumbs": ("density", "gamma", "lam", "tie_break"),
+    "breadcrumbs_ties": ("density", "gamma", "lam", "sign", "tie_break"),
+    "della": ("density", "epsilon", "lam", "sign", "seed"),
+    "della_linear": ("density", "epsilon", "lam", "seed"),
+    "slerp": ("t",),
+    "model_stock": ("filter_wise",),
+}
 
 
 def _fmt(value: Any) -> str:
@@ -112,15 +125,28 @@ def model_card(cfg: Any, report: MergeReport, config_yaml: str) -> str:
     import yaml
 
     specs = cfg.models or cfg.adapters
-    front = {"base_model": cfg.base_model or specs[0].path, "library_name": "peft" if cfg.adapters else "transformers",
-             "tags": ["mmt", "merge", cfg.method]}
+    front = {
+        "base_model": cfg.base_model or specs[0].path,
+        "library_name": "peft" if cfg.adapters else "transformers",
+        "tags": ["mmt", "merge", cfg.method],
+    }
     what = "LoRA adapters" if cfg.adapters else "checkpoints"
     base = f" of `{cfg.base_model}`" if cfg.base_model else ""
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {Path(cfg.output).name}", "",
-             f"Merged from {len(specs)} {what}{base} with `mmt merge`, method `{cfg.method}`: "
-             f"{REFERENCES.get(cfg.method, cfg.method)}.", "", "## Inputs", "",
-             "| model | weight | density |", "|---|---|---|"]
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {Path(cfg.output).name}",
+        "",
+        f"Merged from {len(specs)} {what}{base} with `mmt merge`, method `{cfg.method}`: "
+        f"{REFERENCES.get(cfg.method, cfg.method)}.",
+        "",
+        "## Inputs",
+        "",
+        "| model | weight | density |",
+        "|---|---|---|",
+    ]
     for s in specs:
         density = cfg.density if s.density is None else s.density
         lines.append(f"| `{s.path}` | {_fmt(s.weight)} | {_fmt(density)} |")
@@ -130,14 +156,28 @@ def model_card(cfg: Any, report: MergeReport, config_yaml: str) -> str:
     if cfg.adapters:
         lines.append(f"- LoRA merge: {cfg.lora_mode}" + (f", rank {cfg.rank}" if cfg.rank else ""))
     same = "that of the inputs"
-    lines += [f"- compute dtype: {cfg.dtype or same}; output dtype: {cfg.out_dtype or cfg.dtype or same}",
-              f"- conventions: {cfg.semantics}" + (" (weights, normalisation and rescaling as mergekit)"
-                                                    if cfg.semantics == "mergekit" else ""),
-              f"- tokenizer: from `{cfg.tokenizer_source or cfg.base_model or specs[0].path}`"
-              + (", chat template replaced" if cfg.chat_template else "")]
-    lines += ["", "## Result", "", report.summary(), "", "## Configuration", "",
-              "Saved next to this card as `merge_config.yaml`; `mmt merge merge_config.yaml` repeats the merge.", "",
-              "```yaml", config_yaml.rstrip(), "```", ""]
+    lines += [
+        f"- compute dtype: {cfg.dtype or same}; output dtype: {cfg.out_dtype or cfg.dtype or same}",
+        f"- conventions: {cfg.semantics}"
+        + (" (weights, normalisation and rescaling as mergekit)" if cfg.semantics == "mergekit" else ""),
+        f"- tokenizer: from `{cfg.tokenizer_source or cfg.base_model or specs[0].path}`"
+        + (", chat template replaced" if cfg.chat_template else ""),
+    ]
+    lines += [
+        "",
+        "## Result",
+        "",
+        report.summary(),
+        "",
+        "## Configuration",
+        "",
+        "Saved next to this card as `merge_config.yaml`; `mmt merge merge_config.yaml` repeats the merge.",
+        "",
+        "```yaml",
+        config_yaml.rstrip(),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

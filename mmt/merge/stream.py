@@ -1,4 +1,5 @@
 """The streaming checkpoint merge: read K + 1 tensors, merge, write, drop; one parameter at a time."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,17 @@ from .methods import merge_one, sign_conflict
 from .plan import NAMED_DTYPES, MergeConfig, layer_count, parse_size, plan_tensors, tensor_seed, tensor_settings
 from .report import MergeReport, peak_rss_mb, plot_stats, write_card_and_config, write_report_and_commit
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+    "added_tokens.json",
+)
 
 
 def merge_checkpoints(cfg: MergeConfig, progress: bool = True) -> MergeReport:
@@ -121,8 +131,10 @@ def _chat_template(cfg: MergeConfig) -> str | None:
     path = Path(value)
     if path.is_file():
         return path.read_text(encoding="utf-8")
-    raise MergeError(f"chat_template {value!r} is neither a Jinja template nor a file holding one "
-                     "(named templates such as chatml are not built in)")
+    raise MergeError(
+        f"chat_template {value!r} is neither a Jinja template nor a file holding one "
+        "(named templates such as chatml are not built in)"
+    )
 
 
 def _write_chat_template(out: Path, template: str) -> None:

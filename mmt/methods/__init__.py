@@ -11,11 +11,21 @@ from types import ModuleType
 
 from mmt.registry import Method, get_method, method_module, method_names, register_method
 
-from . import mfti, landermt, mixmoe, directional  # noqa: E402,F401,I001  (registration order = listing order)
+from . import directional, landermt, mfti, mixmoe  # noqa: E402,F401,I001  (registration order = listing order)
 from .base import MethodConfig, StepInfo, TrainingPlan, count_parameters, default_optimizer
 
-__all__ = ["Method", "MethodConfig", "StepInfo", "TrainingPlan", "count_parameters", "default_optimizer", "get",
-           "get_method", "method_names", "register_method"]
+__all__ = [
+    "Method",
+    "MethodConfig",
+    "StepInfo",
+    "TrainingPlan",
+    "count_parameters",
+    "default_optimizer",
+    "get",
+    "get_method",
+    "method_names",
+    "register_method",
+]
 
 
 def get(name: str) -> ModuleType:

@@ -22,8 +22,16 @@ from torch import nn
 from mmt.config import MethodConfig, TrainConfig
 from mmt.errors import ConfigError, MethodError
 
-__all__ = ["SAMPLERS", "MethodConfig", "StepInfo", "TrainingPlan", "count_parameters", "default_optimizer",
-           "param_groups", "parse_directions"]
+__all__ = [
+    "SAMPLERS",
+    "MethodConfig",
+    "StepInfo",
+    "TrainingPlan",
+    "count_parameters",
+    "default_optimizer",
+    "param_groups",
+    "parse_directions",
+]
 
 SAMPLERS = ("mixed", "pair", "mono")
 
@@ -110,8 +118,18 @@ class TrainingPlan:
             trainable, total = count_parameters(model)
             pct = 100.0 * trainable / max(total, 1)
             lines.append(f"trainable parameters: {trainable:,} / {total:,} ({pct:.2f}%)")
-        hooks = [n for n in ("build_optimizer", "on_step_start", "after_backward", "on_step_end",
-                             "extra_loss", "save_artifacts") if getattr(self, n) is not None]
+        hooks = [
+            n
+            for n in (
+                "build_optimizer",
+                "on_step_start",
+                "after_backward",
+                "on_step_end",
+                "extra_loss",
+                "save_artifacts",
+            )
+            if getattr(self, n) is not None
+        ]
         if hooks:
             lines.append("hooks: " + ", ".join(hooks))
         for key, value in self.info.items():
@@ -133,8 +151,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def param_groups(model: nn.Module, weight_decay: float,
-                 no_decay: Callable[[nn.Parameter], bool] | None = None) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, weight_decay: float, no_decay: Callable[[nn.Parameter], bool] | None = None
+) -> list[dict[str, Any]]:
     """Optimizer groups over the trainable parameters: ``weight_decay`` for matrices, none for biases and norm
     weights (1-D tensors) nor for the parameters ``no_decay`` selects; empty groups are left out."""
     decay, rest = [], []
@@ -150,8 +169,9 @@ def default_optimizer(model: nn.Module, train_config: TrainConfig) -> torch.opti
     groups = param_groups(model, train_config.weight_decay)
     if not groups:
         raise MethodError("no trainable parameters: every parameter has requires_grad=False")
-    return torch.optim.AdamW(groups, lr=train_config.lr, betas=tuple(train_config.adam_betas),
-                             eps=train_config.adam_eps)
+    return torch.optim.AdamW(
+        groups, lr=train_config.lr, betas=tuple(train_config.adam_betas), eps=train_config.adam_eps
+    )
 
 
 def parse_directions(items: list[str] | None, method: str) -> list[tuple[str, str]] | None:

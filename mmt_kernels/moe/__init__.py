@@ -19,6 +19,7 @@ on GPU, so a forced ``cuda`` backend runs those two with Triton), ``reference`` 
 One module per stage: ``routing`` (FFT features, top-k), ``permute``, ``dispatch`` (dispatch and combine),
 ``experts`` (grouped MLP), ``fused`` (the whole FFN), ``layer`` (:class:`MoEFFN`).
 """
+
 from ._common import ACTS
 from .dispatch import moe_combine, moe_dispatch
 from .experts import grouped_mlp
@@ -27,5 +28,15 @@ from .layer import MoEFFN
 from .permute import moe_permute
 from .routing import fft_features, route
 
-__all__ = ["ACTS", "MoEFFN", "MoEOutput", "fft_features", "grouped_mlp", "moe_combine", "moe_dispatch", "moe_ffn",
-           "moe_permute", "route"]
+__all__ = [
+    "ACTS",
+    "MoEFFN",
+    "MoEOutput",
+    "fft_features",
+    "grouped_mlp",
+    "moe_combine",
+    "moe_dispatch",
+    "moe_ffn",
+    "moe_permute",
+    "route",
+]

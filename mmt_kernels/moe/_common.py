@@ -1,4 +1,5 @@
 """Activation codes and the argument checks shared by the MoE stages."""
+
 from __future__ import annotations
 
 import torch

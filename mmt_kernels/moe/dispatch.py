@@ -2,6 +2,7 @@
 
 No atomics: both are gathers, so every backend is deterministic.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,25 +54,40 @@ def _combine_weight_grad_reference(dout, yp, inv, k):
     return (dout.to(acc).repeat_interleave(k, 0) * yp[inv].to(acc)).sum(1)
 
 
-MOE_DISPATCH = register(OpSpec(
-    name="moe_dispatch", schema="(Tensor x, Tensor perm, Tensor? scale, int k) -> Tensor",
-    reference=lambda x, perm, scale, k: _ref.dispatch(x, perm, k, scale),
-    fake=lambda x, perm, scale, k: x.new_empty(perm.shape[0], x.shape[1]),
-    triton="moe:dispatch", autograd=_Dispatch))
-MOE_COMBINE = register(OpSpec(
-    name="moe_combine", schema="(Tensor yp, Tensor inv, Tensor? weights, int k) -> Tensor",
-    reference=lambda yp, inv, weights, k: _ref.combine(yp, inv, k, weights),
-    fake=lambda yp, inv, weights, k: yp.new_empty(inv.shape[0] // k, yp.shape[1]),
-    triton="moe:combine", autograd=_Combine))
-MOE_COMBINE_WEIGHT_GRAD = register(OpSpec(
-    name="moe_combine_weight_grad", schema="(Tensor dout, Tensor yp, Tensor inv, int k) -> Tensor",
-    reference=_combine_weight_grad_reference,
-    fake=lambda dout, yp, inv, k: yp.new_empty(inv.shape[0], dtype=acc_dtype(yp)),
-    triton="moe:combine_weight_grad"))
+MOE_DISPATCH = register(
+    OpSpec(
+        name="moe_dispatch",
+        schema="(Tensor x, Tensor perm, Tensor? scale, int k) -> Tensor",
+        reference=lambda x, perm, scale, k: _ref.dispatch(x, perm, k, scale),
+        fake=lambda x, perm, scale, k: x.new_empty(perm.shape[0], x.shape[1]),
+        triton="moe:dispatch",
+        autograd=_Dispatch,
+    )
+)
+MOE_COMBINE = register(
+    OpSpec(
+        name="moe_combine",
+        schema="(Tensor yp, Tensor inv, Tensor? weights, int k) -> Tensor",
+        reference=lambda yp, inv, weights, k: _ref.combine(yp, inv, k, weights),
+        fake=lambda yp, inv, weights, k: yp.new_empty(inv.shape[0] // k, yp.shape[1]),
+        triton="moe:combine",
+        autograd=_Combine,
+    )
+)
+MOE_COMBINE_WEIGHT_GRAD = register(
+    OpSpec(
+        name="moe_combine_weight_grad",
+        schema="(Tensor dout, Tensor yp, Tensor inv, int k) -> Tensor",
+        reference=_combine_weight_grad_reference,
+        fake=lambda dout, yp, inv, k: yp.new_empty(inv.shape[0], dtype=acc_dtype(yp)),
+        triton="moe:combine_weight_grad",
+    )
+)
 
 
-def moe_dispatch(x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor, k: int, *,
-                 backend: str | None = None) -> torch.Tensor:
+def moe_dispatch(
+    x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor, k: int, *, backend: str | None = None
+) -> torch.Tensor:
     """Tokens in expert order: ``xp[j] = x[perm[j] // k]``; the backward sums each token's k rows."""
     op = "moe_dispatch"
     check_2d("x", x, op)
@@ -85,8 +101,15 @@ def moe_dispatch(x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor, k: int,
     return MOE_DISPATCH.apply(x.contiguous(), perm, inv, k, which)
 
 
-def moe_combine(yp: torch.Tensor, inv: torch.Tensor, perm: torch.Tensor, weights: torch.Tensor | None, k: int, *,
-                backend: str | None = None) -> torch.Tensor:
+def moe_combine(
+    yp: torch.Tensor,
+    inv: torch.Tensor,
+    perm: torch.Tensor,
+    weights: torch.Tensor | None,
+    k: int,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Back to token order: ``out[t] = sum_s weights[t, s] * yp[inv[t*k + s]]`` (fixed order, no atomics)."""
     op = "moe_combine"
     check_2d("yp", yp, op)

@@ -1,4 +1,5 @@
 """Stages 2-5 as one call: the whole dropless top-k MoE FFN over tokens, and its low-memory CPU training path."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,12 +15,12 @@ from .routing import route
 
 @dataclass
 class MoEOutput:
-    out: torch.Tensor          # [T, d]
-    aux_loss: torch.Tensor     # load balancing, unweighted (1.0 when perfectly balanced)
-    z_loss: torch.Tensor       # mean squared router logsumexp, unweighted
-    expert_ids: torch.Tensor   # [T, k]
-    weights: torch.Tensor      # [T, k] combine weights (before `scale`)
-    counts: torch.Tensor       # [E] tokens per expert (slots), on the device
+    out: torch.Tensor  # [T, d]
+    aux_loss: torch.Tensor  # load balancing, unweighted (1.0 when perfectly balanced)
+    z_loss: torch.Tensor  # mean squared router logsumexp, unweighted
+    expert_ids: torch.Tensor  # [T, k]
+    weights: torch.Tensor  # [T, k] combine weights (before `scale`)
+    counts: torch.Tensor  # [E] tokens per expert (slots), on the device
 
 
 class _FusedMoE(torch.autograd.Function):
@@ -80,8 +81,20 @@ class _FusedMoE(torch.autograd.Function):
             dy = (dout.index_select(0, tok).to(acc) * w.index_select(0, rows).to(acc).unsqueeze(1)).to(dout.dtype)
             xp = x.index_select(0, tok)
             dxc, dwg, dwu, dwd = MOE_GROUPED_MLP_BACKWARD(
-                which, dy, xp, g[lo:hi], u[lo:hi], offsets[e0:e1 + 1] - lo, w_gate[e0:e1], w_up[e0:e1], w_down[e0:e1],
-                None if train_mask is None else train_mask[e0:e1], act, need_dx, need_dw)
+                which,
+                dy,
+                xp,
+                g[lo:hi],
+                u[lo:hi],
+                offsets[e0 : e1 + 1] - lo,
+                w_gate[e0:e1],
+                w_up[e0:e1],
+                w_down[e0:e1],
+                None if train_mask is None else train_mask[e0:e1],
+                act,
+                need_dx,
+                need_dw,
+            )
             del dy, xp
             if need_dw:
                 for t, c in zip(dws, (dwg, dwu, dwd)):
@@ -91,8 +104,19 @@ class _FusedMoE(torch.autograd.Function):
                 dx.index_add_(0, tok, dxc.to(acc))
             del dxc
             e0 = e1
-        return (None if dx is None else dx.to(x.dtype), dw_comb, *(dws if need_dw else (None, None, None)),
-                None, None, None, None, None, None, None, None)
+        return (
+            None if dx is None else dx.to(x.dtype),
+            dw_comb,
+            *(dws if need_dw else (None, None, None)),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 # CPU training path of moe_ffn: True = the chunked single-node backward (_FusedMoE: about 0.8x the
@@ -107,14 +131,31 @@ LOW_MEMORY_CPU: bool | str = "auto"
 def _fused_cpu_ok(x, which_ops, low_memory, k: int, d_expert: int) -> bool:
     mode = LOW_MEMORY_CPU if low_memory is None else low_memory
     wanted = (k * x.shape[-1] > d_expert) if mode == "auto" else bool(mode)
-    return (wanted and all(w == "cpu" for w in which_ops) and x.device.type == "cpu" and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling())
+    return (
+        wanted
+        and all(w == "cpu" for w in which_ops)
+        and x.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
 
 
-def moe_ffn(x: torch.Tensor, router_logits: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-            w_down: torch.Tensor, *, k: int = 2, act: str = "silu", expert_mask: torch.Tensor | None = None,
-            train_mask: torch.Tensor | None = None, scale: float = 1.0, backend: str | None = None,
-            n_active: int | None = None, low_memory: bool | str | None = None) -> MoEOutput:
+def moe_ffn(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    k: int = 2,
+    act: str = "silu",
+    expert_mask: torch.Tensor | None = None,
+    train_mask: torch.Tensor | None = None,
+    scale: float = 1.0,
+    backend: str | None = None,
+    n_active: int | None = None,
+    low_memory: bool | str | None = None,
+) -> MoEOutput:
     """Dropless top-k MoE FFN over tokens ``x [T, d]``: route, permute, dispatch, grouped MLP, combine.
 
     ``expert_mask`` (bool [E]) restricts routing to the allowed experts; ``train_mask`` (bool [E]) skips
@@ -127,23 +168,41 @@ def moe_ffn(x: torch.Tensor, router_logits: torch.Tensor, w_gate: torch.Tensor, 
     ``k * d > f``) forces the chunked or the faster three-node path.
     """
     if x.dim() != 2 or router_logits.shape != (x.shape[0], w_gate.shape[0]):
-        raise ValueError(f"moe_ffn: expected x [T, d] and router_logits [T, E={w_gate.shape[0]}], got "
-                         f"{tuple(x.shape)} and {tuple(router_logits.shape)}")
+        raise ValueError(
+            f"moe_ffn: expected x [T, d] and router_logits [T, E={w_gate.shape[0]}], got "
+            f"{tuple(x.shape)} and {tuple(router_logits.shape)}"
+        )
     E = w_gate.shape[0]
     weights, ids, aux, z = route(router_logits, k, expert_mask, n_active)
     perm, inv, offsets = moe_permute(ids, E, backend=backend)
     w = weights * scale if scale != 1.0 else weights
     which_ops = [op.choose(x.device, backend, x.dtype) for op in (MOE_DISPATCH, MOE_COMBINE, MOE_GROUPED_MLP)]
-    if (_fused_cpu_ok(x, which_ops, low_memory, k, w_gate.shape[1])
-            and x.dtype == w_gate.dtype == w_up.dtype == w_down.dtype
-            and w_gate.dim() == 3 and w_gate.shape[2] == x.shape[1] and w_up.shape == w_gate.shape
-            and tuple(w_down.shape) == (E, x.shape[1], w_gate.shape[1])
-            and (train_mask is None or (train_mask.dtype == torch.bool and train_mask.numel() == E))
-            and any(t.requires_grad for t in (x, w, w_gate, w_up, w_down))):
+    if (
+        _fused_cpu_ok(x, which_ops, low_memory, k, w_gate.shape[1])
+        and x.dtype == w_gate.dtype == w_up.dtype == w_down.dtype
+        and w_gate.dim() == 3
+        and w_gate.shape[2] == x.shape[1]
+        and w_up.shape == w_gate.shape
+        and tuple(w_down.shape) == (E, x.shape[1], w_gate.shape[1])
+        and (train_mask is None or (train_mask.dtype == torch.bool and train_mask.numel() == E))
+        and any(t.requires_grad for t in (x, w, w_gate, w_up, w_down))
+    ):
         n = x.shape[0] * k
-        out = _FusedMoE.apply(x.contiguous(), w.reshape(-1).float().contiguous(), w_gate.contiguous(),
-                              w_up.contiguous(), w_down.contiguous(), perm, inv, offsets, train_mask, k,
-                              ACTS[act_name(act)], which_ops[2], max(256, -(-n // 16)))
+        out = _FusedMoE.apply(
+            x.contiguous(),
+            w.reshape(-1).float().contiguous(),
+            w_gate.contiguous(),
+            w_up.contiguous(),
+            w_down.contiguous(),
+            perm,
+            inv,
+            offsets,
+            train_mask,
+            k,
+            ACTS[act_name(act)],
+            which_ops[2],
+            max(256, -(-n // 16)),
+        )
         return MoEOutput(out, aux, z, ids, weights, offsets[1:] - offsets[:-1])
     xp = moe_dispatch(x, perm, inv, k, backend=backend)
     yp = grouped_mlp(xp, offsets, w_gate, w_up, w_down, act=act, train_mask=train_mask, backend=backend)

@@ -1,4 +1,5 @@
 """``MoEFFN``: the FFT-routed MoE layer, a drop-in replacement for a decoder's MLP."""
+
 from __future__ import annotations
 
 import math
@@ -22,10 +23,23 @@ class MoEFFN(nn.Module):
     accumulate in ``load_counts`` while ``track_load`` is set.
     """
 
-    def __init__(self, d_model: int, d_expert: int, num_experts: int, *, k: int = 2, act: str = "silu",
-                 n_freq: int = 64, fft_proj_dim: int | None = None, router_input: str = "concat",
-                 fft_layernorm: bool = False, scale: float = 1.0, dtype: torch.dtype | None = None,
-                 device=None, backend: str | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        d_expert: int,
+        num_experts: int,
+        *,
+        k: int = 2,
+        act: str = "silu",
+        n_freq: int = 64,
+        fft_proj_dim: int | None = None,
+        router_input: str = "concat",
+        fft_layernorm: bool = False,
+        scale: float = 1.0,
+        dtype: torch.dtype | None = None,
+        device=None,
+        backend: str | None = None,
+    ):
         super().__init__()
         if router_input not in ("concat", "sum"):
             raise ValueError(f"MoEFFN: router_input must be 'concat' or 'sum', got {router_input!r}")
@@ -50,8 +64,9 @@ class MoEFFN(nn.Module):
         self.router = nn.Linear(router_in, num_experts, bias=False, **fk)
         self.register_buffer("expert_mask", torch.ones(num_experts, dtype=torch.bool, device=device))
         self.register_buffer("train_mask", torch.ones(num_experts, dtype=torch.bool, device=device))
-        self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.float64, device=device),
-                             persistent=False)
+        self.register_buffer(
+            "load_counts", torch.zeros(num_experts, dtype=torch.float64, device=device), persistent=False
+        )
         self.track_load = False
         # Grouped routing (optional): experts [0, group_split) and [group_split, E) are routed separately,
         # top-k inside the first group and top-k_second inside the second, outputs summed (the second
@@ -84,8 +99,9 @@ class MoEFFN(nn.Module):
         if G is not None:
             em, tm = self.expert_mask.cpu(), self.train_mask.cpu()
             # per group: (allowed experts, experts that train, group size)
-            self._group_state = tuple((int(em[lo:hi].sum()), int(tm[lo:hi].sum()), hi - lo)
-                                      for lo, hi in ((0, G), (G, self.num_experts)))
+            self._group_state = tuple(
+                (int(em[lo:hi].sum()), int(tm[lo:hi].sum()), hi - lo) for lo, hi in ((0, G), (G, self.num_experts))
+            )
             (n1, _, _), (n2, _, _) = self._group_state
             if (n1 and n1 < self.k) or (n2 and n2 < self.k_second) or not (n1 or n2):
                 raise ValueError("MoEFFN: grouped routing needs at least k allowed experts in each enabled group")
@@ -94,8 +110,10 @@ class MoEFFN(nn.Module):
         """Route experts ``[0, split)`` (top-``k``) and ``[split, E)`` (top-``k_second``) separately."""
         n_second = self.num_experts - split
         if not 1 <= split < self.num_experts or not 1 <= self.k <= split or not 1 <= k_second <= n_second:
-            raise ValueError(f"MoEFFN.set_groups: need 1 <= k={self.k} <= split={split} and 1 <= k_second={k_second} "
-                             f"<= {self.num_experts - split}")
+            raise ValueError(
+                f"MoEFFN.set_groups: need 1 <= k={self.k} <= split={split} and 1 <= k_second={k_second} "
+                f"<= {self.num_experts - split}"
+            )
         self.group_split, self.k_second, self.scale_second = split, k_second, scale_second
         self.set_masks()
 
@@ -122,15 +140,25 @@ class MoEFFN(nn.Module):
         (n1, t1, s1), (n2, t2, s2) = self._group_state
         logits = self.router_logits(x)
         parts = []
-        for lo, hi, k, scale, n_on, n_tr in ((0, G, self.k, self.scale, n1, t1),
-                                             (G, E, self.k_second, self.scale_second, n2, t2)):
+        for lo, hi, k, scale, n_on, n_tr in (
+            (0, G, self.k, self.scale, n1, t1),
+            (G, E, self.k_second, self.scale_second, n2, t2),
+        ):
             if not n_on:
                 continue
             ws = [w[lo:hi] if n_tr else w[lo:hi].detach() for w in (self.w_gate, self.w_up, self.w_down)]
-            res = moe_ffn(x, logits[:, lo:hi], *ws, k=k, act=self.act,
-                          expert_mask=None if n_on == hi - lo else self.expert_mask[lo:hi],
-                          train_mask=None if n_tr in (0, hi - lo) else self.train_mask[lo:hi], scale=scale,
-                          backend=self.backend, n_active=n_on)
+            res = moe_ffn(
+                x,
+                logits[:, lo:hi],
+                *ws,
+                k=k,
+                act=self.act,
+                expert_mask=None if n_on == hi - lo else self.expert_mask[lo:hi],
+                train_mask=None if n_tr in (0, hi - lo) else self.train_mask[lo:hi],
+                scale=scale,
+                backend=self.backend,
+                n_active=n_on,
+            )
             parts.append((lo, hi, res))
         out = parts[0][2].out
         for _, _, r in parts[1:]:
@@ -153,10 +181,20 @@ class MoEFFN(nn.Module):
                 self.load_counts += res.counts.detach().to(self.load_counts)
             return res
         n_allowed, all_train = self._mask_state
-        res = moe_ffn(x, self.router_logits(x), self.w_gate, self.w_up, self.w_down, k=self.k, act=self.act,
-                      expert_mask=None if n_allowed == self.num_experts else self.expert_mask,
-                      train_mask=None if all_train else self.train_mask, scale=self.scale,
-                      backend=self.backend, n_active=n_allowed)
+        res = moe_ffn(
+            x,
+            self.router_logits(x),
+            self.w_gate,
+            self.w_up,
+            self.w_down,
+            k=self.k,
+            act=self.act,
+            expert_mask=None if n_allowed == self.num_experts else self.expert_mask,
+            train_mask=None if all_train else self.train_mask,
+            scale=self.scale,
+            backend=self.backend,
+            n_active=n_allowed,
+        )
         self.last_aux_loss, self.last_z_loss = res.aux_loss, res.z_loss
         if self.track_load:
             self.load_counts += res.counts.detach().to(self.load_counts)
@@ -167,5 +205,7 @@ class MoEFFN(nn.Module):
         return res.out.reshape(hidden.shape)
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, d_expert={self.d_expert}, num_experts={self.num_experts}, k={self.k}, "
-                f"act={self.act}, n_freq={self.n_freq}, router_input={self.router_input}, scale={self.scale}")
+        return (
+            f"d_model={self.d_model}, d_expert={self.d_expert}, num_experts={self.num_experts}, k={self.k}, "
+            f"act={self.act}, n_freq={self.n_freq}, router_input={self.router_input}, scale={self.scale}"
+        )

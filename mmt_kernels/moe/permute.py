@@ -1,4 +1,5 @@
 """Stage 2: the counting sort of (token, choice) slots by expert."""
+
 from __future__ import annotations
 
 import torch
@@ -12,9 +13,15 @@ def _fake(expert_ids, num_experts):
     return expert_ids.new_empty(n), expert_ids.new_empty(n), expert_ids.new_empty(num_experts + 1)
 
 
-MOE_PERMUTE = register(OpSpec(
-    name="moe_permute", schema="(Tensor expert_ids, int num_experts) -> (Tensor perm, Tensor inv, Tensor offsets)",
-    reference=_ref.permute, fake=_fake, triton="moe:permute"))
+MOE_PERMUTE = register(
+    OpSpec(
+        name="moe_permute",
+        schema="(Tensor expert_ids, int num_experts) -> (Tensor perm, Tensor inv, Tensor offsets)",
+        reference=_ref.permute,
+        fake=_fake,
+        triton="moe:permute",
+    )
+)
 
 
 def moe_permute(expert_ids: torch.Tensor, num_experts: int, *, backend: str | None = None):

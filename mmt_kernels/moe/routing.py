@@ -2,6 +2,7 @@
 
 There is no CUDA C++ kernel for the FFT features: on GPU, Triton runs them (also when ``cuda`` is forced).
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -43,16 +44,30 @@ def _fft_backward_reference(grad, reim, basis):
     return (torch.cat([s * re, s * im], 1) @ basis.t()).to(grad.dtype)
 
 
-MOE_FFT_FEATURES = register(OpSpec(
-    name="moe_fft_features", schema="(Tensor x, Tensor basis) -> (Tensor feats, Tensor reim)",
-    reference=_fft_reference,
-    fake=lambda x, basis: (x.new_empty(x.shape[0], basis.shape[1] // 2),
-                           basis.new_empty(x.shape[0], basis.shape[1])),
-    triton="moe:fft_features", cuda=False, autograd=_FFTFeatures))
-MOE_FFT_FEATURES_BACKWARD = register(OpSpec(
-    name="moe_fft_features_backward", schema="(Tensor grad, Tensor reim, Tensor basis) -> Tensor",
-    reference=_fft_backward_reference, fake=lambda grad, reim, basis: grad.new_empty(grad.shape[0], basis.shape[0]),
-    triton="moe:fft_features_backward", cuda=False))
+MOE_FFT_FEATURES = register(
+    OpSpec(
+        name="moe_fft_features",
+        schema="(Tensor x, Tensor basis) -> (Tensor feats, Tensor reim)",
+        reference=_fft_reference,
+        fake=lambda x, basis: (
+            x.new_empty(x.shape[0], basis.shape[1] // 2),
+            basis.new_empty(x.shape[0], basis.shape[1]),
+        ),
+        triton="moe:fft_features",
+        cuda=False,
+        autograd=_FFTFeatures,
+    )
+)
+MOE_FFT_FEATURES_BACKWARD = register(
+    OpSpec(
+        name="moe_fft_features_backward",
+        schema="(Tensor grad, Tensor reim, Tensor basis) -> Tensor",
+        reference=_fft_backward_reference,
+        fake=lambda grad, reim, basis: grad.new_empty(grad.shape[0], basis.shape[0]),
+        triton="moe:fft_features_backward",
+        cuda=False,
+    )
+)
 
 
 @lru_cache(maxsize=32)

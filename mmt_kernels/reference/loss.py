@@ -3,6 +3,7 @@
 Logits ``z = softcap * tanh(l / softcap)`` when ``softcap > 0`` (Gemma 2's final-logit capping), else ``z = l``.
 Rows whose target is ``ignore_index`` have zero loss and zero gradient; their ``lse`` is 0.
 """
+
 from __future__ import annotations
 
 import torch

@@ -23,6 +23,7 @@ The loops are over k in order and the accumulators start from the first term, so
 reproduced exactly by kernels that keep the same order, and ``linear`` of one model with weight 1 is
 bit-identical to that model. fp64 inputs are computed in fp64 (golden results for tests).
 """
+
 from __future__ import annotations
 
 import torch
@@ -77,8 +78,18 @@ def magnitude_threshold(tensors, base=None, ks=None) -> torch.Tensor:
     return out
 
 
-def merge(tensors, base=None, weights=None, thresholds=None, densities=None, *, method: str, lam: float = 1.0,
-          seed: int = 0, sign_by_count: bool = False) -> torch.Tensor:
+def merge(
+    tensors,
+    base=None,
+    weights=None,
+    thresholds=None,
+    densities=None,
+    *,
+    method: str,
+    lam: float = 1.0,
+    seed: int = 0,
+    sign_by_count: bool = False,
+) -> torch.Tensor:
     """Merge ``tensors`` (K same-shape tensors) as described in the module docstring.
 
     ``weights``: K floats. ``thresholds``: [K] magnitudes for ``ties`` (see :func:`magnitude_threshold`).

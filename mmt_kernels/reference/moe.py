@@ -12,6 +12,7 @@ Layout conventions shared with the kernels:
 * experts: ``w_gate, w_up [E, f, d]``, ``w_down [E, d, f]`` (``nn.Linear`` layout per expert),
   ``act`` is ``"silu"`` (Llama, Qwen2) or ``"gelu_tanh"`` (Gemma 3).
 """
+
 from __future__ import annotations
 
 import math
@@ -36,6 +37,7 @@ def activation(g: torch.Tensor, act: str) -> torch.Tensor:
 
 # ---- FFT router features --------------------------------------------------------------------
 
+
 def fft_features(x: torch.Tensor, n_freq: int) -> torch.Tensor:
     """Per token, ``log1p(|rfft(x)|)`` over the last (hidden) dim, keeping the ``n_freq`` lowest bins."""
     spec = torch.fft.rfft(x.to(_acc(x)), dim=-1)[..., :n_freq]
@@ -56,6 +58,7 @@ def dft_basis(d: int, n_freq: int, dtype=torch.float32, device=None) -> torch.Te
 
 
 # ---- routing --------------------------------------------------------------------------------
+
 
 def route(logits: torch.Tensor, k: int, expert_mask: torch.Tensor | None = None, n_active: int | None = None):
     """Top-k routing. Returns ``(weights [T,k], ids [T,k], aux_loss, z_loss)``.
@@ -82,14 +85,19 @@ def route(logits: torch.Tensor, k: int, expert_mask: torch.Tensor | None = None,
     if T == 0:
         zero = logits.sum() * 0
         return weights, ids, zero, zero
-    frac = torch.zeros(E, dtype=logits.dtype, device=logits.device).index_add_(
-        0, ids.reshape(-1), torch.ones(ids.numel(), dtype=logits.dtype, device=logits.device)) / ids.numel()
+    frac = (
+        torch.zeros(E, dtype=logits.dtype, device=logits.device).index_add_(
+            0, ids.reshape(-1), torch.ones(ids.numel(), dtype=logits.dtype, device=logits.device)
+        )
+        / ids.numel()
+    )
     aux = n_active * (frac * probs.mean(0)).sum()
     z = torch.logsumexp(logits, dim=-1).pow(2).mean()
     return weights, ids, aux, z
 
 
 # ---- permutation, dispatch, combine ---------------------------------------------------------
+
 
 def permute(ids: torch.Tensor, num_experts: int):
     """``(perm, inv, offsets)`` for ``ids [T, k]``: a stable sort of the slots by expert id."""
@@ -123,8 +131,15 @@ def combine(yp: torch.Tensor, inv: torch.Tensor, k: int, weights: torch.Tensor |
 
 # ---- grouped expert MLP ---------------------------------------------------------------------
 
-def grouped_mlp(xp: torch.Tensor, offsets: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-                w_down: torch.Tensor, act: str = "silu") -> torch.Tensor:
+
+def grouped_mlp(
+    xp: torch.Tensor,
+    offsets: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    act: str = "silu",
+) -> torch.Tensor:
     """Expert e's SwiGLU over its segment ``xp[offsets[e]:offsets[e+1]]``: ``down(act(gate x) * up x)``."""
     y = xp.new_zeros(xp.shape[0], w_down.shape[1])
     bounds = offsets.tolist()
@@ -137,8 +152,17 @@ def grouped_mlp(xp: torch.Tensor, offsets: torch.Tensor, w_gate: torch.Tensor, w
     return y
 
 
-def moe_ffn(x: torch.Tensor, logits: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-            k: int = 2, act: str = "silu", expert_mask: torch.Tensor | None = None, scale: float = 1.0):
+def moe_ffn(
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    k: int = 2,
+    act: str = "silu",
+    expert_mask: torch.Tensor | None = None,
+    scale: float = 1.0,
+):
     """The whole MoE FFN as Hugging Face's Mixtral block writes it: a loop over the hit experts with
     ``index_add_``. Returns ``(out [T, d], aux_loss, z_loss)``. ``scale`` multiplies the combine weights."""
     weights, ids, aux, z = route(logits, k, expert_mask)

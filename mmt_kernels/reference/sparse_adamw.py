@@ -1,4 +1,5 @@
 """Reference for family 1: strict AdamW on selected neurons only."""
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,24 @@ def neuron_view(t: torch.Tensor, neuron_dim: int) -> torch.Tensor:
     return t if neuron_dim == 0 else t.t()
 
 
-def sparse_adamw_(param, exp_avg, exp_avg_sq, grad, rows, row_scale=None, row_step=None, *, lr, beta1, beta2,
-                  eps, weight_decay, step, neuron_dim=0, compact=False):
+def sparse_adamw_(
+    param,
+    exp_avg,
+    exp_avg_sq,
+    grad,
+    rows,
+    row_scale=None,
+    row_step=None,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    step,
+    neuron_dim=0,
+    compact=False,
+):
     """Decoupled-weight-decay Adam (``torch.optim.AdamW`` math) on neurons ``rows`` of ``param``, in place.
 
     Unselected neurons are untouched: no decay, no moment update. State is fp32; ``compact`` state is
@@ -30,10 +47,13 @@ def sparse_adamw_(param, exp_avg, exp_avg_sq, grad, rows, row_scale=None, row_st
     else:
         m_full, v_full = neuron_view(exp_avg, neuron_dim), neuron_view(exp_avg_sq, neuron_dim)
         m, v = m_full[rows], v_full[rows]
-    steps = (row_step.double() if row_step is not None
-             else torch.full((rows.numel(),), float(step), dtype=torch.float64, device=rows.device))
-    step_size = (lr / (1.0 - beta1 ** steps)).to(acc).unsqueeze(1)
-    bc2_sqrt = (1.0 - beta2 ** steps).sqrt().to(acc).unsqueeze(1)
+    steps = (
+        row_step.double()
+        if row_step is not None
+        else torch.full((rows.numel(),), float(step), dtype=torch.float64, device=rows.device)
+    )
+    step_size = (lr / (1.0 - beta1**steps)).to(acc).unsqueeze(1)
+    bc2_sqrt = (1.0 - beta2**steps).sqrt().to(acc).unsqueeze(1)
 
     w = p[rows].to(acc) * (1.0 - lr * weight_decay)
     m = beta1 * m + (1.0 - beta1) * g
@@ -49,20 +69,67 @@ def sparse_adamw_(param, exp_avg, exp_avg_sq, grad, rows, row_scale=None, row_st
         v_full[rows] = v
 
 
-def sparse_adamw_multi_(params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, *, lr, beta1,
-                        beta2, eps, weight_decay, step, neuron_dims, compact=False):
+def sparse_adamw_multi_(
+    params,
+    exp_avgs,
+    exp_avg_sqs,
+    grads,
+    rows,
+    state_rows,
+    row_scales,
+    row_steps,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    step,
+    neuron_dims,
+    compact=False,
+):
     """``sparse_adamw_`` on each tensor i. With ``state_rows[i]`` the compact state is [U, C] (U >= K) and
     selected neuron k owns state row ``state_rows[i][k]`` (e.g. the union of neurons over language pairs)."""
     for i, p in enumerate(params):
         m, v, sr = exp_avgs[i], exp_avg_sqs[i], state_rows[i]
         if sr is None:
-            sparse_adamw_(p, m, v, grads[i], rows[i], row_scales[i], row_steps[i], lr=lr, beta1=beta1, beta2=beta2,
-                          eps=eps, weight_decay=weight_decay, step=step, neuron_dim=neuron_dims[i], compact=compact)
+            sparse_adamw_(
+                p,
+                m,
+                v,
+                grads[i],
+                rows[i],
+                row_scales[i],
+                row_steps[i],
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                weight_decay=weight_decay,
+                step=step,
+                neuron_dim=neuron_dims[i],
+                compact=compact,
+            )
             continue
         per_neuron = neuron_view(p, neuron_dims[i]).shape[1]
         m2, v2 = m.view(-1, per_neuron), v.view(-1, per_neuron)
         ms, vs = m2[sr].clone(), v2[sr].clone()  # gather the selected neurons' state rows
-        sparse_adamw_(p, ms, vs, grads[i], rows[i], row_scales[i], row_steps[i], lr=lr, beta1=beta1, beta2=beta2,
-                      eps=eps, weight_decay=weight_decay, step=step, neuron_dim=neuron_dims[i], compact=True)
+        sparse_adamw_(
+            p,
+            ms,
+            vs,
+            grads[i],
+            rows[i],
+            row_scales[i],
+            row_steps[i],
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            step=step,
+            neuron_dim=neuron_dims[i],
+            compact=True,
+        )
         m2[sr] = ms
         v2[sr] = vs

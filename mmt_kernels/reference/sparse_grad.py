@@ -8,6 +8,7 @@ columns (``neuron_dim=1``) for neurons ``rows`` are, one neuron per row of a ``[
 
 so one op covers both: ``acc += a[:, rows].T @ b`` (fp32 accumulator).
 """
+
 from __future__ import annotations
 
 

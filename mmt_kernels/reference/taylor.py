@@ -1,4 +1,5 @@
 """Reference for the Taylor importance accumulator (LANDeRMT neuron detection; docs/kernels.md)."""
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,13 @@ def taylor_accumulate_(acc: torch.Tensor, act: torch.Tensor, grad: torch.Tensor,
     acc += contrib.sum(0).to(acc.dtype)
 
 
-def token_weights(*, attention_mask: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
-                  offsets: torch.Tensor | None = None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+def token_weights(
+    *,
+    attention_mask: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
+    shape: tuple[int, ...] | None = None,
+) -> torch.Tensor:
     """fp32 per-token weights ``1/len(seq)`` (0 on padding), flattened in token order.
 
     Exactly one of: ``attention_mask`` [B, T] (any padding side), ``lengths`` [B] (right padding, T from ``shape``

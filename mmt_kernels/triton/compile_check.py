@@ -9,6 +9,7 @@ and sizes, with the int arguments taking the values Triton specialises (1, multi
 This catches what the interpreter cannot: int arguments specialised into constants, compile errors for a
 target, register spills. Prints registers and spills per kernel; exits 1 on any compile error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,11 @@ from triton.backends.driver import DriverBase  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-_PTXAS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
-                    r".*?Used (\d+) registers", re.S)
+_PTXAS = re.compile(
+    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+    r".*?Used (\d+) registers",
+    re.S,
+)
 
 
 class StandInDriver(DriverBase):
@@ -101,8 +105,17 @@ class Recorder:
         if m is None:  # a specialisation compiled earlier in this process: no new ptxas run
             return
         stack, spill_st, spill_ld, regs = (int(g) for g in m.groups())
-        self.rows.append(dict(kernel=name, case=self.case, regs=regs, stack=stack, spill_stores=spill_st,
-                              spill_loads=spill_ld, num_warps=kernel.metadata.num_warps))
+        self.rows.append(
+            dict(
+                kernel=name,
+                case=self.case,
+                regs=regs,
+                stack=stack,
+                spill_stores=spill_st,
+                spill_loads=spill_ld,
+                num_warps=kernel.metadata.num_warps,
+            )
+        )
 
 
 def _t(*shape, dtype=torch.float32):
@@ -137,55 +150,107 @@ def cases():
                     state = _t(K, param.numel() // n) if compact else _t(R, C)
                     rows = _ids(K, n)
                     extra = (torch.rand(K), torch.ones(K, dtype=torch.int64)) if compact else (None, None)
-                    out.append((f"sparse_adamw_ {dtype} [{R},{C}] K={K} dim={neuron_dim} compact={compact}",
-                                lambda p=param, s=state, r=rows, e=extra, nd=neuron_dim, c=compact:
-                                sparse_adamw.sparse_adamw_(p, s, s.clone(), p.clone(), r, *e, 1e-3, 0.9, 0.999,
-                                                           1e-8, 0.01, 3, nd, c, r if c else None)))
+                    out.append(
+                        (
+                            f"sparse_adamw_ {dtype} [{R},{C}] K={K} dim={neuron_dim} compact={compact}",
+                            lambda p=param, s=state, r=rows, e=extra, nd=neuron_dim, c=compact: (
+                                sparse_adamw.sparse_adamw_(
+                                    p,
+                                    s,
+                                    s.clone(),
+                                    p.clone(),
+                                    r,
+                                    *e,
+                                    1e-3,
+                                    0.9,
+                                    0.999,
+                                    1e-8,
+                                    0.01,
+                                    3,
+                                    nd,
+                                    c,
+                                    r if c else None,
+                                )
+                            ),
+                        )
+                    )
         for N, M in sweep(dtype, ((1, 1), (4096, 2048), (37, 33))):
-            out.append((f"taylor {dtype} [{N},{M}]", lambda N=N, M=M, d=dtype: taylor.taylor_accumulate_(
-                _t(M), _t(N, M, dtype=d), _t(N, M, dtype=d), _t(N))))
+            out.append(
+                (
+                    f"taylor {dtype} [{N},{M}]",
+                    lambda N=N, M=M, d=dtype: taylor.taylor_accumulate_(
+                        _t(M), _t(N, M, dtype=d), _t(N, M, dtype=d), _t(N)
+                    ),
+                )
+            )
     # -- family 2: MoE ----------------------------------------------------------------------------------
     for T, k, E in ((1, 1, 1), (1024, 2, 16), (333, 2, 12288), (77, 3, 7)):
         out.append((f"permute T={T} k={k} E={E}", lambda T=T, k=k, E=E: moe.permute(_ids(T * k, E), E)))
     for dtype in DTYPES:
         for T, d, k in sweep(dtype, ((1, 1, 1), (512, 2048, 2), (333, 1000, 3))):
             perm, w = _ids(T * k, T * k), _t(T * k)
-            out.append((f"dispatch/combine {dtype} T={T} d={d} k={k}", lambda T=T, d=d, k=k, p=perm, w=w, dt=dtype: (
-                moe.dispatch(_t(T, d, dtype=dt), p, None, k), moe.dispatch(_t(T, d, dtype=dt), p, w, k),
-                moe.combine(_t(T * k, d, dtype=dt), p, None, k), moe.combine(_t(T * k, d, dtype=dt), p, w, k),
-                moe.combine_weight_grad(_t(T, d, dtype=dt), _t(T * k, d, dtype=dt), p, k))))
+            out.append(
+                (
+                    f"dispatch/combine {dtype} T={T} d={d} k={k}",
+                    lambda T=T, d=d, k=k, p=perm, w=w, dt=dtype: (
+                        moe.dispatch(_t(T, d, dtype=dt), p, None, k),
+                        moe.dispatch(_t(T, d, dtype=dt), p, w, k),
+                        moe.combine(_t(T * k, d, dtype=dt), p, None, k),
+                        moe.combine(_t(T * k, d, dtype=dt), p, w, k),
+                        moe.combine_weight_grad(_t(T, d, dtype=dt), _t(T * k, d, dtype=dt), p, k),
+                    ),
+                )
+            )
         for N, E, d, f in sweep(dtype, ((1, 1, 1, 1), (4096, 64, 2048, 768), (500, 6, 96, 33))):
-            for act in ((0, 1) if (dtype == SWEEP_DTYPE and N == 4096) else (0,)):
+            for act in (0, 1) if (dtype == SWEEP_DTYPE and N == 4096) else (0,):
+
                 def mlp(N=N, E=E, d=d, f=f, act=act, dt=dtype):
                     offsets = torch.linspace(0, N, E + 1).long()
                     xp = _t(N, d, dtype=dt)
                     wg, wu, wd = _t(E, f, d, dtype=dt), _t(E, f, d, dtype=dt), _t(E, d, f, dtype=dt)
                     y, g, u = moe.grouped_mlp(xp, offsets, wg, wu, wd, act)
-                    moe.grouped_mlp_backward(y, xp, g, u, offsets, wg, wu, wd, torch.ones(E, dtype=torch.bool), act,
-                                             True, True)
+                    moe.grouped_mlp_backward(
+                        y, xp, g, u, offsets, wg, wu, wd, torch.ones(E, dtype=torch.bool), act, True, True
+                    )
+
                 out.append((f"grouped_mlp {dtype} N={N} E={E} d={d} f={f} act={act}", mlp))
         for T, D, F in sweep(dtype, ((1, 2, 1), (4096, 2048, 64), (300, 640, 17))):
             basis = _t(D, 2 * F)
-            out.append((f"fft {dtype} T={T} D={D} F={F}", lambda T=T, D=D, F=F, b=basis, dt=dtype: (
-                moe.fft_features(_t(T, D, dtype=dt), b),
-                moe.fft_features_backward(_t(T, F, dtype=dt), _t(T, 2 * F), b))))
+            out.append(
+                (
+                    f"fft {dtype} T={T} D={D} F={F}",
+                    lambda T=T, D=D, F=F, b=basis, dt=dtype: (
+                        moe.fft_features(_t(T, D, dtype=dt), b),
+                        moe.fft_features_backward(_t(T, F, dtype=dt), _t(T, 2 * F), b),
+                    ),
+                )
+            )
+
     # -- family 3: merging: every method and flag on the sweep dtype; sizes, seeds and K on one method --------
     def merge_case(dtype, n, K, method, seed, sign, has_base):
         xs = [_t(n, dtype=dtype) for _ in range(K)]
         b = _t(n, dtype=dtype) if has_base else None
-        return (f"merge {dtype} n={n} K={K} {method} seed={seed} count={sign} base={has_base}",
-                lambda: merge.merge(xs, b, [1.0] * K, torch.zeros(K), [0.5] * K, method, 1.0, seed, sign))
+        return (
+            f"merge {dtype} n={n} K={K} {method} seed={seed} count={sign} base={has_base}",
+            lambda: merge.merge(xs, b, [1.0] * K, torch.zeros(K), [0.5] * K, method, 1.0, seed, sign),
+        )
 
     for dtype in DTYPES:
         for method in merge.METHOD_IDS:
-            for sign in ((False, True) if method.endswith("ties") else (False,)):
-                for has_base in ((True, False) if method != "linear" else (False,)):
+            for sign in (False, True) if method.endswith("ties") else (False,):
+                for has_base in (True, False) if method != "linear" else (False,):
                     if dtype == SWEEP_DTYPE or (method == "dare_ties" and has_base and not sign):
                         out.append(merge_case(dtype, 1000003, 3, method, 12345, sign, has_base))
         xs = [_t(65536, dtype=dtype) for _ in range(2)]
-        out.append((f"threshold {dtype}", lambda xs=xs, d=dtype: (
-            merge.magnitude_threshold(xs, xs[0], [1, 1]),
-            merge.magnitude_threshold(xs, None, [1, 1]) if d == SWEEP_DTYPE else None)))
+        out.append(
+            (
+                f"threshold {dtype}",
+                lambda xs=xs, d=dtype: (
+                    merge.magnitude_threshold(xs, xs[0], [1, 1]),
+                    merge.magnitude_threshold(xs, None, [1, 1]) if d == SWEEP_DTYPE else None,
+                ),
+            )
+        )
     for n in (1, 65536, 1000003):
         for seed in (0, 1, 12345):
             out.append(merge_case(SWEEP_DTYPE, n, 2, "dare_ties", seed, False, True))
@@ -231,8 +296,10 @@ def summary(rows: list[dict]) -> str:
     spilling = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     lines.append(f"{len(rows)} specialisations compiled, {len(spilling)} with spills")
     for r in spilling[:20]:
-        lines.append(f"  spills: {r['kernel']} {r['case']}: {r['regs']} regs, {r['stack']} B stack, "
-                     f"{r['spill_stores']}/{r['spill_loads']} B spill st/ld")
+        lines.append(
+            f"  spills: {r['kernel']} {r['case']}: {r['regs']} regs, {r['stack']} B stack, "
+            f"{r['spill_stores']}/{r['spill_loads']} B spill st/ld"
+        )
     return "\n".join(lines)
 
 
@@ -246,10 +313,28 @@ def main(argv=None) -> int:
     if len(args.arch) > 1:  # one process per architecture, side by side (compiling is single-threaded)
         rows, errors = [], []
         with tempfile.TemporaryDirectory() as tmp:
-            procs = [(a, subprocess.Popen([sys.executable, "-m", "mmt_kernels.triton.compile_check", "--arch", str(a),
-                                           "--only", args.only, "--json", os.path.join(tmp, f"{a}.json")],
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-                     for a in args.arch]
+            procs = [
+                (
+                    a,
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "mmt_kernels.triton.compile_check",
+                            "--arch",
+                            str(a),
+                            "--only",
+                            args.only,
+                            "--json",
+                            os.path.join(tmp, f"{a}.json"),
+                        ],
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    ),
+                )
+                for a in args.arch
+            ]
             for a, proc in procs:
                 out, err = proc.communicate()
                 if proc.returncode:

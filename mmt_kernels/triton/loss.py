@@ -4,6 +4,7 @@ One program per row walks the vocabulary in BLOCK_V tiles with an online max/sum
 one read and one write for the gradient). Loads convert to fp32 at once (bf16 arithmetic is wrong under the
 interpreter); tanh is written with exp (no libdevice).
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,9 @@ def _tanh(x):
 
 
 @triton.jit
-def _lse_kernel(logits_ptr, target_ptr, loss_ptr, lse_ptr, V, ignore_index, softcap, BLOCK_V: tl.constexpr,
-                CAP: tl.constexpr):
+def _lse_kernel(
+    logits_ptr, target_ptr, loss_ptr, lse_ptr, V, ignore_index, softcap, BLOCK_V: tl.constexpr, CAP: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * V
     t = tl.load(target_ptr + row)
@@ -44,8 +46,9 @@ def _lse_kernel(logits_ptr, target_ptr, loss_ptr, lse_ptr, V, ignore_index, soft
 
 
 @triton.jit
-def _grad_kernel(logits_ptr, target_ptr, lse_ptr, gl_ptr, V, ignore_index, softcap, BLOCK_V: tl.constexpr,
-                 CAP: tl.constexpr):
+def _grad_kernel(
+    logits_ptr, target_ptr, lse_ptr, gl_ptr, V, ignore_index, softcap, BLOCK_V: tl.constexpr, CAP: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * V
     t = tl.load(target_ptr + row)
@@ -83,5 +86,4 @@ def cross_entropy_lse(logits, target, ignore_index, softcap):
 def cross_entropy_grad_(logits, target, lse, grad_loss, ignore_index, softcap):
     N, V = logits.shape
     if N:
-        _grad_kernel[(N,)](logits, target, lse, grad_loss, V, ignore_index, softcap, BLOCK_V=_block(V),
-                           CAP=softcap > 0)
+        _grad_kernel[(N,)](logits, target, lse, grad_loss, V, ignore_index, softcap, BLOCK_V=_block(V), CAP=softcap > 0)

@@ -6,6 +6,7 @@ order). Thresholds: four histogram passes (8, 8, 8, 7 bits) over the fp32 bit pa
 ``tl.histogram`` per block, one atomic add of the block histogram; the digit choice between passes is a
 few torch ops on the [K, bins] histogram (no host sync).
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,9 +34,23 @@ def _fmix32(h):
 
 
 @triton.jit(do_not_specialize=["seed"])  # seed == 1 would become a constant, which has no .to()
-def _merge_kernel(xs, base_ptr, out_ptr, w_ptr, thr_ptr, scale_ptr, keep_ptr, N, lam, seed,
-                  K: tl.constexpr, METHOD: tl.constexpr, HAS_BASE: tl.constexpr, SIGN_COUNT: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _merge_kernel(
+    xs,
+    base_ptr,
+    out_ptr,
+    w_ptr,
+    thr_ptr,
+    scale_ptr,
+    keep_ptr,
+    N,
+    lam,
+    seed,
+    K: tl.constexpr,
+    METHOD: tl.constexpr,
+    HAS_BASE: tl.constexpr,
+    SIGN_COUNT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     if HAS_BASE:
@@ -104,9 +119,20 @@ def _merge_kernel(xs, base_ptr, out_ptr, w_ptr, thr_ptr, scale_ptr, keep_ptr, N,
 
 
 @triton.jit
-def _hist_kernel(x_ptr, base_ptr, hist_ptr, prefix_ptr, N, task,
-                 SHIFT: tl.constexpr, DIGIT_MASK: tl.constexpr, FIXED_SHIFT: tl.constexpr,
-                 HAS_BASE: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr):
+def _hist_kernel(
+    x_ptr,
+    base_ptr,
+    hist_ptr,
+    prefix_ptr,
+    N,
+    task,
+    SHIFT: tl.constexpr,
+    DIGIT_MASK: tl.constexpr,
+    FIXED_SHIFT: tl.constexpr,
+    HAS_BASE: tl.constexpr,
+    BINS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -129,8 +155,10 @@ def _check_sizes(op: str, tensors, base) -> None:
     n = tensors[0].numel()
     for name, t in [(f"tensors[{k}]", t) for k, t in enumerate(tensors)] + [("base", base)]:
         if t is not None and (t.numel() != n or t.dtype != tensors[0].dtype or t.device != tensors[0].device):
-            raise ValueError(f"{op}: {name} is {t.dtype} [{t.numel()}] on {t.device}; tensors[0] is "
-                             f"{tensors[0].dtype} [{n}] on {tensors[0].device}")
+            raise ValueError(
+                f"{op}: {name} is {t.dtype} [{t.numel()}] on {t.device}; tensors[0] is "
+                f"{tensors[0].dtype} [{n}] on {tensors[0].device}"
+            )
 
 
 def magnitude_threshold(tensors, base, ks, block: int = 4096) -> torch.Tensor:
@@ -149,10 +177,20 @@ def magnitude_threshold(tensors, base, ks, block: int = 4096) -> torch.Tensor:
         hist = torch.zeros(K, _HIST_BINS, dtype=torch.int32, device=dev)
         prefix32 = prefix.to(torch.int32)  # bit 31 of |x| is 0, so the int32 view is exact
         for k in range(K):
-            _hist_kernel[grid](tensors[k], base if base is not None else tensors[k], hist, prefix32, n, k,
-                               SHIFT=shift, DIGIT_MASK=(1 << bits) - 1,
-                               FIXED_SHIFT=32 if p == 0 else _SHIFTS[p - 1], HAS_BASE=base is not None,
-                               BINS=_HIST_BINS, BLOCK=block)
+            _hist_kernel[grid](
+                tensors[k],
+                base if base is not None else tensors[k],
+                hist,
+                prefix32,
+                n,
+                k,
+                SHIFT=shift,
+                DIGIT_MASK=(1 << bits) - 1,
+                FIXED_SHIFT=32 if p == 0 else _SHIFTS[p - 1],
+                HAS_BASE=base is not None,
+                BINS=_HIST_BINS,
+                BLOCK=block,
+            )
         # From the top digit down: the first digit whose cumulative count reaches `remaining`.
         counts = hist[:, : 1 << bits].to(torch.int64).flip(1)
         cum = counts.cumsum(1)
@@ -166,8 +204,18 @@ def magnitude_threshold(tensors, base, ks, block: int = 4096) -> torch.Tensor:
     return torch.where(kst > 0, vals, out)
 
 
-def merge(tensors, base, weights, thresholds, densities, method: str, lam: float, seed: int,
-          sign_by_count: bool, block: int = 1024) -> torch.Tensor:
+def merge(
+    tensors,
+    base,
+    weights,
+    thresholds,
+    densities,
+    method: str,
+    lam: float,
+    seed: int,
+    sign_by_count: bool,
+    block: int = 1024,
+) -> torch.Tensor:
     _check_sizes("merge", tensors, base)
     K, n = len(tensors), tensors[0].numel()
     dev = tensors[0].device
@@ -184,7 +232,21 @@ def merge(tensors, base, weights, thresholds, densities, method: str, lam: float
     else:
         scale, keep = w, w
     grid = (triton.cdiv(n, block),)
-    _merge_kernel[grid](tuple(tensors), base if use_base else tensors[0], out, w, thr, scale, keep, n, float(lam),
-                        int(seed) & 0xFFFFFFFF, K=K, METHOD=mid, HAS_BASE=use_base, SIGN_COUNT=bool(sign_by_count),
-                        BLOCK=block)
+    _merge_kernel[grid](
+        tuple(tensors),
+        base if use_base else tensors[0],
+        out,
+        w,
+        thr,
+        scale,
+        keep,
+        n,
+        float(lam),
+        int(seed) & 0xFFFFFFFF,
+        K=K,
+        METHOD=mid,
+        HAS_BASE=use_base,
+        SIGN_COUNT=bool(sign_by_count),
+        BLOCK=block,
+    )
     return out

@@ -8,6 +8,7 @@ padding the tokens). Under ``TRITON_INTERPRET=1`` every dot runs in fp32 (bf16 a
 the interpreter, see docs/kernels.md); on a GPU 16-bit operands go to ``tl.dot`` natively with fp32
 accumulation and fp32 operands use exact ``ieee`` products (tf32 would exceed the tolerances).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,6 +26,7 @@ def _dot_f32(dtype: torch.dtype) -> bool:
 
 
 # ---- activations (no libdevice: tanh through exp) --------------------------------------------
+
 
 @triton.jit
 def _act_fwd(g, ACT: tl.constexpr):
@@ -48,6 +50,7 @@ def _act_bwd(g, ACT: tl.constexpr):
 
 
 # ---- permute: chunk histograms, device-side prefix sums, stable scatter -----------------------
+
 
 # Both kernels work on chunks of BLOCK slots with [BLOCK] or [BLOCK, BLOCK] tiles, whatever the number of
 # experts (a one-hot [BLOCK, E] tile spilled at E = 12288).
@@ -98,9 +101,11 @@ def permute(expert_ids: torch.Tensor, num_experts: int):
 
 # ---- dispatch / combine ---------------------------------------------------------------------
 
+
 @triton.jit
-def _dispatch_kernel(x_ptr, perm_ptr, scale_ptr, out_ptr, N, D, k, HAS_SCALE: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dispatch_kernel(
+    x_ptr, perm_ptr, scale_ptr, out_ptr, N, D, k, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr
+):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     rmask = rows < N
@@ -114,8 +119,9 @@ def _dispatch_kernel(x_ptr, perm_ptr, scale_ptr, out_ptr, N, D, k, HAS_SCALE: tl
 
 
 @triton.jit
-def _combine_kernel(yp_ptr, inv_ptr, w_ptr, out_ptr, T, D, k, HAS_W: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _combine_kernel(
+    yp_ptr, inv_ptr, w_ptr, out_ptr, T, D, k, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr
+):
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     tmask = toks < T
@@ -139,8 +145,9 @@ def _combine_wgrad_kernel(dout_ptr, yp_ptr, inv_ptr, out_ptr, N, D, k, BLOCK_R: 
     for c0 in range(0, D, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
         mask = smask[:, None] & (cols < D)[None, :]
-        g = tl.load(dout_ptr + (slots // k).to(tl.int64)[:, None] * D + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
+        g = tl.load(dout_ptr + (slots // k).to(tl.int64)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
         y = tl.load(yp_ptr + row[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         acc += tl.sum(g * y, axis=1)
     tl.store(out_ptr + slots, acc, mask=smask)
@@ -158,8 +165,17 @@ def dispatch(x, perm, scale, k):
     if N and D:
         br, bd = _row_blocks(N, D)
         _dispatch_kernel[(triton.cdiv(N, br), triton.cdiv(D, bd))](
-            x, perm, scale if scale is not None else x, out, N, D, k, HAS_SCALE=scale is not None,
-            BLOCK_R=br, BLOCK_D=bd)
+            x,
+            perm,
+            scale if scale is not None else x,
+            out,
+            N,
+            D,
+            k,
+            HAS_SCALE=scale is not None,
+            BLOCK_R=br,
+            BLOCK_D=bd,
+        )
     return out
 
 
@@ -170,8 +186,17 @@ def combine(yp, inv, weights, k):
     if T and D:
         bt, bd = _row_blocks(T, D)
         _combine_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bd))](
-            yp, inv, weights if weights is not None else yp, out, T, D, k, HAS_W=weights is not None,
-            BLOCK_T=bt, BLOCK_D=bd)
+            yp,
+            inv,
+            weights if weights is not None else yp,
+            out,
+            T,
+            D,
+            k,
+            HAS_W=weights is not None,
+            BLOCK_T=bt,
+            BLOCK_D=bd,
+        )
     return out
 
 
@@ -191,11 +216,34 @@ def combine_weight_grad(dout, yp, inv, k):
 # MODE 3: C = A @ B_e + A2 @ B2_e           (dx = dG W_gate + dU W_up)
 # B_e[kk, n] lives at b_ptr + e * stride_be + kk * stride_bk + n * stride_bn.
 
+
 @triton.jit
-def _grouped_mm_kernel(a_ptr, a2_ptr, b_ptr, b2_ptr, c_ptr, c2_ptr, c3_ptr, g_ptr, u_ptr, offsets_ptr, tiles_ptr,
-                       E, NC, K, stride_be, stride_bk, stride_bn,
-                       MODE: tl.constexpr, ACT: tl.constexpr, DOT_F32: tl.constexpr, E_P2: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _grouped_mm_kernel(
+    a_ptr,
+    a2_ptr,
+    b_ptr,
+    b2_ptr,
+    c_ptr,
+    c2_ptr,
+    c3_ptr,
+    g_ptr,
+    u_ptr,
+    offsets_ptr,
+    tiles_ptr,
+    E,
+    NC,
+    K,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    MODE: tl.constexpr,
+    ACT: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    E_P2: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     # Which expert owns row tile pid_m: the number of experts whose tiles end at or before it.
@@ -267,9 +315,24 @@ def _grouped_mm_kernel(a_ptr, a2_ptr, b_ptr, b2_ptr, c_ptr, c2_ptr, c3_ptr, g_pt
 
 # C_e[P, Q] = A_e^T @ B_e over expert e's rows (weight gradients); experts with train_mask 0 write zeros.
 @triton.jit
-def _grouped_wgrad_kernel(a_ptr, b_ptr, c_ptr, g_ptr, u_ptr, offsets_ptr, mask_ptr, P, Q,
-                          H_FROM_GU: tl.constexpr, ACT: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr,
-                          BP: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr):
+def _grouped_wgrad_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    g_ptr,
+    u_ptr,
+    offsets_ptr,
+    mask_ptr,
+    P,
+    Q,
+    H_FROM_GU: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BP: tl.constexpr,
+    BQ: tl.constexpr,
+    BR: tl.constexpr,
+):
     e = tl.program_id(0)
     ps = tl.program_id(1) * BP + tl.arange(0, BP)
     qs = tl.program_id(2) * BQ + tl.arange(0, BQ)
@@ -311,8 +374,29 @@ def _tiles(offsets: torch.Tensor, bm: int) -> torch.Tensor:
     return torch.cat([offsets.new_zeros(1), ((counts + bm - 1) // bm).cumsum(0)]).contiguous()
 
 
-def _grouped_mm(mode, a, b, c, offsets, tiles, E, NC, K, strides, *, a2=None, b2=None, c2=None, c3=None, g=None,
-                u=None, act=0, bm=32, bn=64, bk=32):
+def _grouped_mm(
+    mode,
+    a,
+    b,
+    c,
+    offsets,
+    tiles,
+    E,
+    NC,
+    K,
+    strides,
+    *,
+    a2=None,
+    b2=None,
+    c2=None,
+    c3=None,
+    g=None,
+    u=None,
+    act=0,
+    bm=32,
+    bn=64,
+    bk=32,
+):
     N = a.shape[0]
     if N == 0 or NC == 0:
         return
@@ -321,10 +405,30 @@ def _grouped_mm(mode, a, b, c, offsets, tiles, E, NC, K, strides, *, a2=None, b2
     # 16-bit tiles are 64x128 with two fp32 accumulators (gate and up): 4 warps would need 255+ registers.
     warps = 4 if a.dtype == torch.float32 else 8
     _grouped_mm_kernel[grid](
-        a, a2 if a2 is not None else a, b, b2 if b2 is not None else b, c, c2 if c2 is not None else dummy,
-        c3 if c3 is not None else dummy, g if g is not None else dummy, u if u is not None else dummy, offsets, tiles,
-        E, NC, K, *strides, MODE=mode, ACT=act, DOT_F32=_dot_f32(a.dtype), E_P2=triton.next_power_of_2(max(E, 2)),
-        BM=bm, BN=bn, BK=bk, num_warps=warps)
+        a,
+        a2 if a2 is not None else a,
+        b,
+        b2 if b2 is not None else b,
+        c,
+        c2 if c2 is not None else dummy,
+        c3 if c3 is not None else dummy,
+        g if g is not None else dummy,
+        u if u is not None else dummy,
+        offsets,
+        tiles,
+        E,
+        NC,
+        K,
+        *strides,
+        MODE=mode,
+        ACT=act,
+        DOT_F32=_dot_f32(a.dtype),
+        E_P2=triton.next_power_of_2(max(E, 2)),
+        BM=bm,
+        BN=bn,
+        BK=bk,
+        num_warps=warps,
+    )
 
 
 def grouped_mlp(xp, offsets, w_gate, w_up, w_down, act):
@@ -336,8 +440,9 @@ def grouped_mlp(xp, offsets, w_gate, w_up, w_down, act):
     u, h = torch.empty_like(g), torch.empty_like(g)
     y = torch.empty(N, d, dtype=xp.dtype, device=xp.device)
     # gate/up: B_e[kk, n] = W[e, n, kk]; down: B_e[kk, n] = W_down[e, n, kk]
-    _grouped_mm(1, xp, w_gate, g, offsets, tiles, E, f, d, (f * d, 1, d), b2=w_up, c2=u, c3=h, act=act,
-                bm=bm, bn=bn, bk=bk)
+    _grouped_mm(
+        1, xp, w_gate, g, offsets, tiles, E, f, d, (f * d, 1, d), b2=w_up, c2=u, c3=h, act=act, bm=bm, bn=bn, bk=bk
+    )
     if d:
         if f == 0:
             y.zero_()
@@ -363,8 +468,9 @@ def grouped_mlp_backward(dy, xp, g, u, offsets, w_gate, w_up, w_down, train_mask
     # dH = dY @ W_down[e]  (B_e[kk, n] = W_down[e, kk, n]) with the SwiGLU backward in the epilogue
     if f:
         if d:
-            _grouped_mm(2, dy, w_down, dg, offsets, tiles, E, f, d, (d * f, f, 1), c2=du, g=g, u=u, act=act,
-                        bm=bm, bn=bn, bk=bk)
+            _grouped_mm(
+                2, dy, w_down, dg, offsets, tiles, E, f, d, (d * f, f, 1), c2=du, g=g, u=u, act=act, bm=bm, bn=bn, bk=bk
+            )
         else:
             dg.zero_()
             du.zero_()
@@ -372,8 +478,7 @@ def grouped_mlp_backward(dy, xp, g, u, offsets, w_gate, w_up, w_down, train_mask
         if f == 0:
             dx.zero_()
         else:  # dX = dG @ W_gate[e] + dU @ W_up[e]  (B_e[kk, n] = W[e, kk, n])
-            _grouped_mm(3, dg, w_gate, dx, offsets, tiles, E, d, f, (f * d, d, 1), a2=du, b2=w_up, bm=bm, bn=bn,
-                        bk=bk)
+            _grouped_mm(3, dg, w_gate, dx, offsets, tiles, E, d, f, (f * d, d, 1), a2=du, b2=w_up, bm=bm, bn=bn, bk=bk)
     if need_dw:
         mask = train_mask.to(device=xp.device, dtype=torch.int8).contiguous() if train_mask is not None else None
         bp, bq, br = (32, 64, 64) if _INTERPRET else ((32, 64, 32) if xp.dtype == torch.float32 else (64, 64, 64))
@@ -383,15 +488,18 @@ def grouped_mlp_backward(dy, xp, g, u, offsets, w_gate, w_up, w_down, train_mask
         if d and f:
             # dW_down[e] = dY_e^T @ H_e, H recomputed from (G, U) on the fly
             _grouped_wgrad_kernel[(E, triton.cdiv(d, bp), triton.cdiv(f, bq))](
-                dy, dy, dwd, g, u, offsets, m, d, f, H_FROM_GU=True, **common)
+                dy, dy, dwd, g, u, offsets, m, d, f, H_FROM_GU=True, **common
+            )
             # dW_gate[e] = dG_e^T @ X_e, dW_up[e] = dU_e^T @ X_e
             for a, c in ((dg, dwg), (du, dwu)):
                 _grouped_wgrad_kernel[(E, triton.cdiv(f, bp), triton.cdiv(d, bq))](
-                    a, xp, c, a, a, offsets, m, f, d, H_FROM_GU=False, **common)
+                    a, xp, c, a, a, offsets, m, f, d, H_FROM_GU=False, **common
+                )
     return dx, dwg, dwu, dwd
 
 
 # ---- FFT features ---------------------------------------------------------------------------
+
 
 @triton.jit
 def _log1p(m):
@@ -401,8 +509,7 @@ def _log1p(m):
 
 
 @triton.jit
-def _fft_kernel(x_ptr, basis_ptr, feats_ptr, reim_ptr, T, D, F, BT: tl.constexpr, BF: tl.constexpr,
-                BK: tl.constexpr):
+def _fft_kernel(x_ptr, basis_ptr, feats_ptr, reim_ptr, T, D, F, BT: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr):
     ts = tl.program_id(0) * BT + tl.arange(0, BT)
     fs = tl.program_id(1) * BF + tl.arange(0, BF)
     tmask = ts < T
@@ -412,8 +519,9 @@ def _fft_kernel(x_ptr, basis_ptr, feats_ptr, reim_ptr, T, D, F, BT: tl.constexpr
     for k0 in range(0, D, BK):
         ks = k0 + tl.arange(0, BK)
         kmask = ks < D
-        x = tl.load(x_ptr + ts.to(tl.int64)[:, None] * D + ks[None, :], mask=tmask[:, None] & kmask[None, :],
-                    other=0.0).to(tl.float32)
+        x = tl.load(
+            x_ptr + ts.to(tl.int64)[:, None] * D + ks[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0
+        ).to(tl.float32)
         bmask = kmask[:, None] & fmask[None, :]
         b_off = ks[:, None] * (2 * F) + fs[None, :]
         cos = tl.load(basis_ptr + b_off, mask=bmask, other=0.0)
@@ -425,13 +533,15 @@ def _fft_kernel(x_ptr, basis_ptr, feats_ptr, reim_ptr, T, D, F, BT: tl.constexpr
     tl.store(reim_ptr + off, re, mask=mask)
     tl.store(reim_ptr + off + F, im, mask=mask)
     mag = tl.sqrt(re * re + im * im)
-    tl.store(feats_ptr + ts.to(tl.int64)[:, None] * F + fs[None, :], _log1p(mag).to(feats_ptr.dtype.element_ty),
-             mask=mask)
+    tl.store(
+        feats_ptr + ts.to(tl.int64)[:, None] * F + fs[None, :], _log1p(mag).to(feats_ptr.dtype.element_ty), mask=mask
+    )
 
 
 @triton.jit
-def _fft_bwd_kernel(grad_ptr, reim_ptr, basis_ptr, dx_ptr, T, D, F, BT: tl.constexpr, BD: tl.constexpr,
-                    BF: tl.constexpr):
+def _fft_bwd_kernel(
+    grad_ptr, reim_ptr, basis_ptr, dx_ptr, T, D, F, BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr
+):
     ts = tl.program_id(0) * BT + tl.arange(0, BT)
     ds = tl.program_id(1) * BD + tl.arange(0, BD)
     tmask = ts < T
@@ -454,8 +564,11 @@ def _fft_bwd_kernel(grad_ptr, reim_ptr, basis_ptr, dx_ptr, T, D, F, BT: tl.const
         sin = tl.load(basis_ptr + b_off + F, mask=bmask, other=0.0)
         acc += tl.dot(s * re, cos, input_precision="ieee")
         acc += tl.dot(s * im, sin, input_precision="ieee")
-    tl.store(dx_ptr + ts.to(tl.int64)[:, None] * D + ds[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=tmask[:, None] & dmask[None, :])
+    tl.store(
+        dx_ptr + ts.to(tl.int64)[:, None] * D + ds[None, :],
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=tmask[:, None] & dmask[None, :],
+    )
 
 
 def _fft_blocks(n):
@@ -484,6 +597,7 @@ def fft_features_backward(grad, reim, basis):
             return dx.zero_()
         bt, bd, bf = _fft_blocks(D)
         # fp32 'ieee' dots run on FMA units with operands in registers: 8 warps keep them from spilling
-        _fft_bwd_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bd))](grad.contiguous(), reim, basis, dx, T, D, F,
-                                                                  BT=bt, BD=bd, BF=bf, num_warps=8)
+        _fft_bwd_kernel[(triton.cdiv(T, bt), triton.cdiv(D, bd))](
+            grad.contiguous(), reim, basis, dx, T, D, F, BT=bt, BD=bd, BF=bf, num_warps=8
+        )
     return dx

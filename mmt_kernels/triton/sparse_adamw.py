@@ -2,6 +2,7 @@
 
 The launcher takes contiguous tensors (the registered op checks it): offsets come from the shapes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -10,12 +11,35 @@ import triton.language as tl
 
 
 @triton.jit
-def _sparse_adamw_kernel(param_ptr, grad_ptr, m_ptr, v_ptr, rows_ptr, srows_ptr, scale_ptr, step_size_ptr, bc2_sqrt_ptr,
-                         K, C, stride_n, stride_c, beta1, beta2, one_minus_beta1, one_minus_beta2, decay, eps,
-                         step_size, bc2_sqrt,
-                         HAS_SCALE: tl.constexpr, HAS_ROW_STEP: tl.constexpr, COMPACT: tl.constexpr,
-                         HAS_STATE_ROWS: tl.constexpr,
-                         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+def _sparse_adamw_kernel(
+    param_ptr,
+    grad_ptr,
+    m_ptr,
+    v_ptr,
+    rows_ptr,
+    srows_ptr,
+    scale_ptr,
+    step_size_ptr,
+    bc2_sqrt_ptr,
+    K,
+    C,
+    stride_n,
+    stride_c,
+    beta1,
+    beta2,
+    one_minus_beta1,
+    one_minus_beta2,
+    decay,
+    eps,
+    step_size,
+    bc2_sqrt,
+    HAS_SCALE: tl.constexpr,
+    HAS_ROW_STEP: tl.constexpr,
+    COMPACT: tl.constexpr,
+    HAS_STATE_ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
     # int64 offsets: cs * stride_c and ks * C pass 2^31 on large weights
@@ -56,13 +80,29 @@ def _sparse_adamw_kernel(param_ptr, grad_ptr, m_ptr, v_ptr, rows_ptr, srows_ptr,
 def bias_corrections(lr, beta1, beta2, step, row_step):
     """(lr / (1 - beta1^s), sqrt(1 - beta2^s)) in fp64: Python floats for one step, fp32 [K] tensors per row."""
     if row_step is None:
-        return lr / (1.0 - beta1 ** step), (1.0 - beta2 ** step) ** 0.5
+        return lr / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5
     s = row_step.to(torch.float64)
-    return (lr / (1.0 - beta1 ** s)).float(), (1.0 - beta2 ** s).sqrt().float()
+    return (lr / (1.0 - beta1**s)).float(), (1.0 - beta2**s).sqrt().float()
 
 
-def sparse_adamw_(param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step, lr, beta1, beta2, eps, weight_decay,
-                  step, neuron_dim=0, compact=False, state_rows=None):
+def sparse_adamw_(
+    param,
+    exp_avg,
+    exp_avg_sq,
+    grad,
+    rows,
+    row_scale,
+    row_step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    step,
+    neuron_dim=0,
+    compact=False,
+    state_rows=None,
+):
     K = rows.numel()
     if param.dim() == 1:
         C, stride_n, stride_c = 1, 1, 0
@@ -79,20 +119,72 @@ def sparse_adamw_(param, exp_avg, exp_avg_sq, grad, rows, row_scale, row_step, l
     step_sizes, bc2_sqrts = bias_corrections(lr, beta1, beta2, step, row_step)
     dummy = exp_avg
     _sparse_adamw_kernel[grid](
-        param, grad, exp_avg, exp_avg_sq, rows, state_rows if state_rows is not None else rows,
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        rows,
+        state_rows if state_rows is not None else rows,
         row_scale if row_scale is not None else dummy,
-        step_sizes if row_step is not None else dummy, bc2_sqrts if row_step is not None else dummy,
-        K, C, stride_n, stride_c, float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2, 1.0 - lr * weight_decay,
-        float(eps), step_sizes if row_step is None else 0.0, bc2_sqrts if row_step is None else 0.0,
-        HAS_SCALE=row_scale is not None, HAS_ROW_STEP=row_step is not None, COMPACT=compact,
-        HAS_STATE_ROWS=state_rows is not None, BLOCK_K=block_k, BLOCK_C=block_c)
+        step_sizes if row_step is not None else dummy,
+        bc2_sqrts if row_step is not None else dummy,
+        K,
+        C,
+        stride_n,
+        stride_c,
+        float(beta1),
+        float(beta2),
+        1.0 - beta1,
+        1.0 - beta2,
+        1.0 - lr * weight_decay,
+        float(eps),
+        step_sizes if row_step is None else 0.0,
+        bc2_sqrts if row_step is None else 0.0,
+        HAS_SCALE=row_scale is not None,
+        HAS_ROW_STEP=row_step is not None,
+        COMPACT=compact,
+        HAS_STATE_ROWS=state_rows is not None,
+        BLOCK_K=block_k,
+        BLOCK_C=block_c,
+    )
 
 
-def sparse_adamw_multi_(params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, lr, beta1, beta2,
-                        eps, weight_decay, step, neuron_dims, compact=False):
+def sparse_adamw_multi_(
+    params,
+    exp_avgs,
+    exp_avg_sqs,
+    grads,
+    rows,
+    state_rows,
+    row_scales,
+    row_steps,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    step,
+    neuron_dims,
+    compact=False,
+):
     """One launch per tensor: Triton has no portable way to walk a table of raw pointers of mixed dtypes
     (the CUDA backend does the single-launch version)."""
     for i, p in enumerate(params):
-        sparse_adamw_(p, exp_avgs[i], exp_avg_sqs[i], grads[i], rows[i], row_scales[i], row_steps[i], lr=lr,
-                      beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
-                      neuron_dim=neuron_dims[i], compact=compact, state_rows=state_rows[i])
+        sparse_adamw_(
+            p,
+            exp_avgs[i],
+            exp_avg_sqs[i],
+            grads[i],
+            rows[i],
+            row_scales[i],
+            row_steps[i],
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            step=step,
+            neuron_dim=neuron_dims[i],
+            compact=compact,
+            state_rows=state_rows[i],
+        )

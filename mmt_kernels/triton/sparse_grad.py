@@ -4,6 +4,7 @@ One program per [BLOCK_K, BLOCK_C] tile of the accumulator walks the N tokens in
 columns of ``a`` are gathered by index as the tile loads (no gathered copy). Loads convert to fp32 (bf16 dot
 products are wrong under the interpreter); each program owns its tile, so no atomics.
 """
+
 from __future__ import annotations
 
 import triton
@@ -11,8 +12,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _kernel(acc_ptr, a_ptr, rows_ptr, b_ptr, N, R, K, C, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-            BLOCK_C: tl.constexpr):
+def _kernel(
+    acc_ptr, a_ptr, rows_ptr, b_ptr, N, R, K, C, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr
+):
     pk = tl.program_id(0)
     pc = tl.program_id(1)
     ks = pk * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -24,10 +26,12 @@ def _kernel(acc_ptr, a_ptr, rows_ptr, b_ptr, N, R, K, C, BLOCK_N: tl.constexpr, 
     for n0 in range(0, N, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
         nmask = ns < N
-        at = tl.load(a_ptr + ns[None, :].to(tl.int64) * R + cols[:, None], mask=kmask[:, None] & nmask[None, :],
-                     other=0.0).to(tl.float32)
-        bt = tl.load(b_ptr + ns[:, None].to(tl.int64) * C + cs[None, :], mask=nmask[:, None] & cmask[None, :],
-                     other=0.0).to(tl.float32)
+        at = tl.load(
+            a_ptr + ns[None, :].to(tl.int64) * R + cols[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0
+        ).to(tl.float32)
+        bt = tl.load(
+            b_ptr + ns[:, None].to(tl.int64) * C + cs[None, :], mask=nmask[:, None] & cmask[None, :], other=0.0
+        ).to(tl.float32)
         total += tl.dot(at, bt, input_precision="ieee")
     idx = ks[:, None].to(tl.int64) * C + cs[None, :]
     mask = kmask[:, None] & cmask[None, :]

@@ -3,6 +3,7 @@
 One program per block of BLOCK_M neurons walks all tokens in BLOCK_T tiles: a column reduction with no atomics,
 so the result is deterministic. Loads convert to fp32 at once (bf16 arithmetic is wrong under the interpreter).
 """
+
 from __future__ import annotations
 
 import triton

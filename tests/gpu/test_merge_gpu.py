@@ -1,4 +1,5 @@
 """merge / magnitude_threshold on CUDA tensors at realistic sizes: cuda and triton backends vs the reference."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,15 +13,17 @@ from ..kernels.tolerance import assert_close_to_golden
 
 pytestmark = pytest.mark.gpu
 
-GPU_BACKENDS = [b for b in ("cuda", "triton")
-                if torch.cuda.is_available() and _backend.available(b, "cuda", "merge")[0]]
+GPU_BACKENDS = [
+    b for b in ("cuda", "triton") if torch.cuda.is_available() and _backend.available(b, "cuda", "merge")[0]
+]
 
 
 def make_case(n, K, dtype, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     base = torch.randn(n, generator=g, device="cuda").bfloat16().float()
-    models = [(base + (torch.randn(n, generator=g, device="cuda") * 0.05).bfloat16().float()).to(dtype)
-              for _ in range(K)]
+    models = [
+        (base + (torch.randn(n, generator=g, device="cuda") * 0.05).bfloat16().float()).to(dtype) for _ in range(K)
+    ]
     return models, base.to(dtype)
 
 
@@ -74,6 +77,7 @@ def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.mmt.merge_threshold.default, (xs, base, [3, 0, 35]))
     thr = torch.ops.mmt.merge_threshold(xs, base, [10, 10, 10])
     for method in R.METHODS:
-        torch.library.opcheck(torch.ops.mmt.merge.default,
-                              (xs, base, [1.0, 0.5, 0.25], thr if method == "ties" else None, [0.5] * 3, method,
-                               0.8, 3, False))
+        torch.library.opcheck(
+            torch.ops.mmt.merge.default,
+            (xs, base, [1.0, 0.5, 0.25], thr if method == "ties" else None, [0.5] * 3, method, 0.8, 3, False),
+        )

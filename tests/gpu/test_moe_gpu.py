@@ -3,6 +3,7 @@
 Skipped without CUDA. Run on a GPU machine after building in place:
 ``pip install --no-build-isolation --no-deps -e . && pytest tests/gpu/test_moe_gpu.py -q``.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -59,8 +60,13 @@ def test_dispatch_combine_gpu(backend, dtype):
     assert_close_to_golden(out.detach(), low, gold, name="combine")
     y64, w64 = yp.detach().double().requires_grad_(True), w.double().requires_grad_(True)
     ref.combine(y64, inv, k, w64).backward(dout.double())
-    assert_close_to_golden(wr.grad, (dout.float().repeat_interleave(k, 0) * yp.detach().float()[inv]).sum(1),
-                           w64.grad, name="dweights", ulps=64)
+    assert_close_to_golden(
+        wr.grad,
+        (dout.float().repeat_interleave(k, 0) * yp.detach().float()[inv]).sum(1),
+        w64.grad,
+        name="dweights",
+        ulps=64,
+    )
     # determinism: no atomics
     again = moe.moe_combine(yp.detach(), inv, perm, w, k, backend=backend)
     assert torch.equal(again, out.detach())
@@ -86,9 +92,9 @@ def test_grouped_mlp_triton_gpu(dtype, shape, act):
     N = T * k
     gen = torch.Generator(device=DEV).manual_seed(0)
     xp = torch.randn(N, d, device=DEV, generator=gen)
-    wg = torch.randn(E, f, d, device=DEV, generator=gen) / d ** 0.5
-    wu = torch.randn(E, f, d, device=DEV, generator=gen) / d ** 0.5
-    wd = torch.randn(E, d, f, device=DEV, generator=gen) / f ** 0.5
+    wg = torch.randn(E, f, d, device=DEV, generator=gen) / d**0.5
+    wu = torch.randn(E, f, d, device=DEV, generator=gen) / d**0.5
+    wd = torch.randn(E, d, f, device=DEV, generator=gen) / f**0.5
     dy = torch.randn(N, d, device=DEV, generator=gen)
     cast = lambda ts, dt: [t.to(dt) for t in ts]  # noqa: E731
     out = _mlp_grads(*cast([xp], dtype), offsets, *cast([wg, wu, wd, dy], dtype), "triton", act)
@@ -123,9 +129,9 @@ def test_moe_layer_gpu_matches_loop_and_is_deterministic(backend, dtype):
     gen = torch.Generator(device=DEV).manual_seed(1)
     x = torch.randn(T, d, device=DEV, generator=gen)
     logits = torch.randn(T, E, device=DEV, generator=gen)
-    wg = torch.randn(E, f, d, device=DEV, generator=gen) / d ** 0.5
-    wu = torch.randn(E, f, d, device=DEV, generator=gen) / d ** 0.5
-    wd = torch.randn(E, d, f, device=DEV, generator=gen) / f ** 0.5
+    wg = torch.randn(E, f, d, device=DEV, generator=gen) / d**0.5
+    wu = torch.randn(E, f, d, device=DEV, generator=gen) / d**0.5
+    wd = torch.randn(E, d, f, device=DEV, generator=gen) / f**0.5
 
     def run(fn, dt):
         leaves = [t.to(dt).detach().clone().requires_grad_(True) for t in (x, logits, wg, wu, wd)]

@@ -4,6 +4,7 @@ device, host-side step counts, device-side index checks, the default backend cho
 
 Skipped without CUDA. Run on a GPU machine with ``bash bench/gpu_run.sh`` (or pytest tests/gpu after building).
 """
+
 from __future__ import annotations
 
 import os
@@ -39,13 +40,17 @@ def free_gib() -> float:
 
 # ---- strided inputs ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", backends("sparse_adamw_") + ["reference"])
 def test_sparse_adamw_transposed_param(backend):
     storage = torch.randn(1000, 4096, device=DEV)
     param, grad = storage.t(), torch.randn(4096, 1000, device=DEV)
     rows = torch.arange(1, 4096, 7, device=DEV)
-    want, m_ref, v_ref = param.clone(), torch.zeros(rows.numel(), 1000, device=DEV), torch.zeros(rows.numel(), 1000,
-                                                                                                    device=DEV)
+    want, m_ref, v_ref = (
+        param.clone(),
+        torch.zeros(rows.numel(), 1000, device=DEV),
+        torch.zeros(rows.numel(), 1000, device=DEV),
+    )
     kw = dict(lr=1e-2, weight_decay=0.1, step=2, neuron_dim=0, compact=True)
     ref.sparse_adamw_(want, m_ref, v_ref, grad, rows, None, None, beta1=0.9, beta2=0.999, eps=1e-8, **kw)
     m, v = torch.zeros_like(m_ref), torch.zeros_like(v_ref)
@@ -81,12 +86,14 @@ def test_merge_strided_inputs(backend):
     stacked = torch.randn(3000, 4, device=DEV)
     xs = list(stacked.t())  # 4 strided views
     got = mmt_kernels.merge_tensors(xs, None, method="ties", density=0.3, backend=backend)
-    want = mmt_kernels.merge_tensors([x.contiguous() for x in xs], None, method="ties", density=0.3,
-                                     backend="reference")
+    want = mmt_kernels.merge_tensors(
+        [x.contiguous() for x in xs], None, method="ties", density=0.3, backend="reference"
+    )
     assert_close_to_golden(got, want, want.double(), name="merge")
 
 
 # ---- past 2^31 elements ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", backends("moe_dispatch"))
 def test_dispatch_and_combine_past_2_31_elements(backend):
@@ -118,7 +125,7 @@ def test_sparse_adamw_columns_past_2_31_elements(backend):
     m, v = torch.zeros(2, C, device=DEV), torch.zeros(2, C, device=DEV)
     mmt_kernels.sparse_adamw_(param, m, v, grad, rows, lr=1e-2, neuron_dim=1, compact=True, backend=backend)
     assert (param[:, R - 1] != 0).all() and (param[:, 0] != 0).all()
-    assert not param[:, 1:R - 1].any()
+    assert not param[:, 1 : R - 1].any()
 
 
 @pytest.mark.parametrize("backend", backends("merge"))
@@ -133,6 +140,7 @@ def test_merge_past_2_31_elements(backend):
 
 # ---- streams, devices, host tensors ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", backends("moe_grouped_mlp") + backends("sparse_adamw_"))
 def test_ops_on_a_side_stream(backend):
     x = torch.randn(4096, 1024, device=DEV)
@@ -143,8 +151,13 @@ def test_ops_on_a_side_stream(backend):
     with torch.cuda.stream(side):
         big = torch.randn(8192, 8192, device=DEV)
         big = big @ big  # keep the side stream busy so that a launch on the wrong stream would race
-        got = mmt_kernels.merge_tensors(xs, x, method="ties", density=0.2,
-                                        backend=backend if _backend.available(backend, "cuda", "merge")[0] else None)
+        got = mmt_kernels.merge_tensors(
+            xs,
+            x,
+            method="ties",
+            density=0.2,
+            backend=backend if _backend.available(backend, "cuda", "merge")[0] else None,
+        )
     torch.cuda.synchronize()
     assert_close_to_golden(got, want, want.double(), name="merge on a side stream")
 
@@ -157,8 +170,11 @@ def test_tensors_on_the_second_gpu(backend):
     x = torch.randn(512, 256, device=dev)
     feats = mmt_kernels.fft_features(x, 16, backend=backend)  # Triton-only on GPU
     torch.testing.assert_close(feats, ref_moe.fft_features(x, 16), rtol=1e-4, atol=1e-4)
-    wg, wu, wd = (torch.randn(4, 64, 256, device=dev) * .05, torch.randn(4, 64, 256, device=dev) * .05,
-                  torch.randn(4, 256, 64, device=dev) * .05)
+    wg, wu, wd = (
+        torch.randn(4, 64, 256, device=dev) * 0.05,
+        torch.randn(4, 64, 256, device=dev) * 0.05,
+        torch.randn(4, 256, 64, device=dev) * 0.05,
+    )
     offsets = torch.tensor([0, 100, 100, 400, 512], device=dev)
     y = mmt_kernels.grouped_mlp(x, offsets, wg, wu, wd, backend=backend)
     torch.testing.assert_close(y, ref_moe.grouped_mlp(x, offsets, wg, wu, wd), rtol=1e-4, atol=1e-4)
@@ -167,14 +183,35 @@ def test_tensors_on_the_second_gpu(backend):
 def test_cpu_row_step_with_a_cuda_param_is_refused():
     p = torch.randn(8, 4, device=DEV)
     with pytest.raises(ValueError, match="row_step is on cpu"):
-        mmt_kernels.sparse_adamw_(p, torch.zeros(2, 4, device=DEV), torch.zeros(2, 4, device=DEV),
-                                  torch.randn(8, 4, device=DEV), torch.tensor([1, 2], device=DEV), lr=1e-3,
-                                  compact=True, row_step=torch.tensor([1, 2]))
+        mmt_kernels.sparse_adamw_(
+            p,
+            torch.zeros(2, 4, device=DEV),
+            torch.zeros(2, 4, device=DEV),
+            torch.randn(8, 4, device=DEV),
+            torch.tensor([1, 2], device=DEV),
+            lr=1e-3,
+            compact=True,
+            row_step=torch.tensor([1, 2]),
+        )
     if _backend.available("cuda", "cuda", "sparse_adamw_")[0]:
         with pytest.raises(RuntimeError, match="row_step"):
-            torch.ops.mmt.sparse_adamw_(p, torch.zeros(2, 4, device=DEV), torch.zeros(2, 4, device=DEV),
-                                        torch.randn(8, 4, device=DEV), torch.tensor([1, 2], device=DEV), None,
-                                        torch.tensor([1, 2]), 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, 0, True)
+            torch.ops.mmt.sparse_adamw_(
+                p,
+                torch.zeros(2, 4, device=DEV),
+                torch.zeros(2, 4, device=DEV),
+                torch.randn(8, 4, device=DEV),
+                torch.tensor([1, 2], device=DEV),
+                None,
+                torch.tensor([1, 2]),
+                1e-3,
+                0.9,
+                0.999,
+                1e-8,
+                0.0,
+                1,
+                0,
+                True,
+            )
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
@@ -201,6 +238,7 @@ def test_out_of_range_indices_fail_on_the_device(backend, case):
 
 
 # ---- backend choice, merges at the CUDA limit, wide permutes -----------------------------------------------------
+
 
 def test_default_backend_choice_on_cuda():
     want_cuda = _backend.has_compiled("sparse_adamw_", "CUDA")
@@ -241,6 +279,7 @@ def test_fp64_moe_on_cuda_runs():
 
 # ---- torch.compile(fullgraph=True) on CUDA ----------------------------------------------------------------------
 
+
 def test_compile_fullgraph_moe_ffn():
     torch._dynamo.reset()
     layer = mmt_kernels.MoEFFN(256, 128, 8, k=2, n_freq=16, dtype=torch.bfloat16, device=DEV)
@@ -273,14 +312,19 @@ def test_compile_fullgraph_optimizer_step_and_merge():
         return p
 
     p = torch.randn(256, 64, device=DEV)
-    args = (torch.zeros(3, 64, device=DEV), torch.zeros(3, 64, device=DEV), torch.randn(256, 64, device=DEV),
-            torch.tensor([3, 7, 200], device=DEV))
+    args = (
+        torch.zeros(3, 64, device=DEV),
+        torch.zeros(3, 64, device=DEV),
+        torch.randn(256, 64, device=DEV),
+        torch.tensor([3, 7, 200], device=DEV),
+    )
     want = sparse_step(p.clone(), *[a.clone() for a in args])
     got = torch.compile(sparse_step, fullgraph=True)(p.clone(), *[a.clone() for a in args])
     torch.testing.assert_close(got, want)
 
 
 # ---- bf16 grouped GEMM: large shapes, many empty experts ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", backends("moe_grouped_mlp"))
 def test_bf16_grouped_gemm_large_sparse_experts(backend):

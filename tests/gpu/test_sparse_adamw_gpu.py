@@ -2,6 +2,7 @@
 
 Run on a GPU machine after building in place: ``pytest tests/gpu/test_sparse_adamw_gpu.py -q``.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -42,8 +43,7 @@ def test_sparse_adamw_matches_reference(backend, dtype, shape, neuron_dim):
     g = torch.randn(shape, device=dev, generator=gen).to(dtype)
     row_step = torch.randint(1, 50, (K,), device=dev, generator=gen)
     scale = torch.rand(K, device=dev, generator=gen)
-    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=1, neuron_dim=neuron_dim,
-              compact=True)
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=1, neuron_dim=neuron_dim, compact=True)
     gold = [param.double(), m.double(), v.double()]
     ref.sparse_adamw_(*gold, g.double(), rows, scale.double(), row_step, **kw)
     low = [param.clone(), m.clone(), v.clone()]
@@ -69,18 +69,40 @@ def test_multi_one_launch_matches_reference(backend, dtype):
         rows = torch.randperm(R, device=dev, generator=gen)[: R // 10].sort().values
         U = rows.numel() + 100
         srows = torch.randperm(U, device=dev, generator=gen)[: rows.numel()]
-        case.append(dict(p=torch.randn(shape, device=dev, generator=gen).to(dtype), nd=nd, rows=rows, srows=srows,
-                         m=torch.randn(U, C, device=dev, generator=gen) * .1,
-                         v=torch.rand(U, C, device=dev, generator=gen) * .01,
-                         g=torch.randn(shape, device=dev, generator=gen).to(dtype),
-                         st=torch.randint(1, 9, (rows.numel(),), device=dev, generator=gen)))
+        case.append(
+            dict(
+                p=torch.randn(shape, device=dev, generator=gen).to(dtype),
+                nd=nd,
+                rows=rows,
+                srows=srows,
+                m=torch.randn(U, C, device=dev, generator=gen) * 0.1,
+                v=torch.rand(U, C, device=dev, generator=gen) * 0.01,
+                g=torch.randn(shape, device=dev, generator=gen).to(dtype),
+                st=torch.randint(1, 9, (rows.numel(),), device=dev, generator=gen),
+            )
+        )
 
     def run(fn, to, **kw):
         ps, ms, vs = ([to(c[key]).clone() for c in case] for key in ("p", "m", "v"))
-        fn(ps, ms, vs, [to(c["g"]) for c in case], [c["rows"] for c in case], lr=1e-3, beta1=0.9, beta2=0.999,
-           eps=1e-8, weight_decay=0.01, step=1, neuron_dims=[c["nd"] for c in case],
-           state_rows=[c["srows"] for c in case], row_scales=[None] * len(case), row_steps=[c["st"] for c in case],
-           compact=True, **kw)
+        fn(
+            ps,
+            ms,
+            vs,
+            [to(c["g"]) for c in case],
+            [c["rows"] for c in case],
+            lr=1e-3,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.01,
+            step=1,
+            neuron_dims=[c["nd"] for c in case],
+            state_rows=[c["srows"] for c in case],
+            row_scales=[None] * len(case),
+            row_steps=[c["st"] for c in case],
+            compact=True,
+            **kw,
+        )
         return ps, ms, vs
 
     def ref_fn(ps, ms, vs, gs, rows, *, state_rows, row_scales, row_steps, **kw):
@@ -92,8 +114,9 @@ def test_multi_one_launch_matches_reference(backend, dtype):
     for j, name in enumerate(("param", "exp_avg", "exp_avg_sq")):
         for i in range(len(case)):
             o = out[j][i]
-            assert_close_to_golden(o, low[j][i], gold[j][i].to(o.dtype) if o.dtype != torch.float32 else gold[j][i],
-                                   name=f"{name}[{i}]")
+            assert_close_to_golden(
+                o, low[j][i], gold[j][i].to(o.dtype) if o.dtype != torch.float32 else gold[j][i], name=f"{name}[{i}]"
+            )
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -149,6 +172,10 @@ def test_cuda_sparse_adamw_opcheck():
     dev = "cuda"
     # The same arguments are checked on CPU by tests/kernels/test_gpu_readiness.py.
     torch.library.opcheck(torch.ops.mmt.sparse_adamw_multi_.default, sparse_adamw_multi_opcheck_args(dev))
-    targs = (torch.zeros(7, device=dev), torch.randn(300, 7, device=dev), torch.randn(300, 7, device=dev),
-             torch.rand(300, device=dev))
+    targs = (
+        torch.zeros(7, device=dev),
+        torch.randn(300, 7, device=dev),
+        torch.randn(300, 7, device=dev),
+        torch.rand(300, device=dev),
+    )
     torch.library.opcheck(torch.ops.mmt.taylor_accumulate_.default, targs)

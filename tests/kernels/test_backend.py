@@ -1,4 +1,5 @@
 """Backend selection, the _C fallback, and `python -m mmt_kernels.info`."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_auto_prefers_compiled_cpu_kernel():
@@ -39,11 +46,14 @@ def test_env_override_is_validated():
 
 
 def test_env_override_forces_reference():
-    res = run_python("""
+    res = run_python(
+        """
         import torch, mmt_kernels
         from mmt_kernels import _backend, _registry
         print(_registry.choose('sparse_adamw_', torch.device('cpu')))
-    """, MMT_KERNELS_BACKEND="reference")
+    """,
+        MMT_KERNELS_BACKEND="reference",
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "reference"
 

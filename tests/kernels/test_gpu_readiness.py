@@ -1,5 +1,6 @@
 """What a GPU would expose, checked on CPU: strided tensors, index and step checks, backend choice on CUDA,
 the GPU opcheck arguments, build flags, and (with a real Triton) the compile of a specialised kernel."""
+
 from __future__ import annotations
 
 import os
@@ -25,6 +26,7 @@ BACKENDS = [b for b in ("reference", "cpu", "triton") if _backend.available(b, "
 
 
 # ---- strided tensors --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("neuron_dim", [0, 1])
@@ -67,23 +69,46 @@ def test_taylor_into_a_column_view_leaves_the_neighbour_column(backend):
 def test_triton_ops_refuse_strided_tensors_when_called_directly():
     param = torch.randn(12, 48).t()
     with pytest.raises(ValueError, match="contiguous"):
-        torch.ops.mmt.sparse_adamw_triton_(param, torch.zeros(3, 12), torch.zeros(3, 12), param.contiguous(),
-                                           torch.tensor([1, 5, 9]), None, None, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, 0,
-                                           True)
+        torch.ops.mmt.sparse_adamw_triton_(
+            param,
+            torch.zeros(3, 12),
+            torch.zeros(3, 12),
+            param.contiguous(),
+            torch.tensor([1, 5, 9]),
+            None,
+            None,
+            1e-3,
+            0.9,
+            0.999,
+            1e-8,
+            0.0,
+            1,
+            0,
+            True,
+        )
     with pytest.raises(ValueError, match="contiguous"):
-        torch.ops.mmt.taylor_accumulate_triton_(torch.zeros(7, 3)[:, 1], torch.randn(5, 7), torch.randn(5, 7),
-                                                torch.ones(5))
+        torch.ops.mmt.taylor_accumulate_triton_(
+            torch.zeros(7, 3)[:, 1], torch.randn(5, 7), torch.randn(5, 7), torch.ones(5)
+        )
 
 
 # ---- indices and steps ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rows,match", [([0, 3, 3], "increasing"), ([0, 48], "outside"), ([-1, 2], "outside")])
 def test_sparse_adamw_rejects_bad_rows(backend, rows, match):
     p = torch.randn(48, 4)
     with pytest.raises(RuntimeError, match=match):
-        mmt_kernels.sparse_adamw_(p, torch.zeros_like(p), torch.zeros_like(p), torch.randn(48, 4),
-                                  torch.tensor(rows), lr=1e-3, backend=backend)
+        mmt_kernels.sparse_adamw_(
+            p,
+            torch.zeros_like(p),
+            torch.zeros_like(p),
+            torch.randn(48, 4),
+            torch.tensor(rows),
+            lr=1e-3,
+            backend=backend,
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -93,8 +118,9 @@ def test_sparse_adamw_checks_row_step(backend):
     with pytest.raises(RuntimeError, match="row_step"):
         mmt_kernels.sparse_adamw_(*args, lr=1e-3, compact=True, row_step=torch.tensor([1, 0]), backend=backend)
     with pytest.raises(ValueError, match="row_step is on meta"):
-        mmt_kernels.sparse_adamw_(*args, lr=1e-3, compact=True, row_step=torch.ones(2, dtype=torch.int64,
-                                                                                    device="meta"), backend=backend)
+        mmt_kernels.sparse_adamw_(
+            *args, lr=1e-3, compact=True, row_step=torch.ones(2, dtype=torch.int64, device="meta"), backend=backend
+        )
     with pytest.raises(TypeError, match="row_step must be int32 or int64"):
         mmt_kernels.sparse_adamw_(*args, lr=1e-3, compact=True, row_step=torch.ones(2), backend=backend)
     with pytest.raises(ValueError, match="step must be >= 1"):
@@ -112,21 +138,27 @@ def test_moe_ops_reject_out_of_range_indices(backend):
     with pytest.raises(RuntimeError, match="outside"):
         mmt_kernels.moe_combine(torch.randn(6, 8), bad, torch.arange(6), None, 2, backend=backend)
     with pytest.raises(RuntimeError, match="offsets"):
-        mmt_kernels.grouped_mlp(torch.randn(4, 8), torch.tensor([0, 5]), torch.randn(1, 3, 8), torch.randn(1, 3, 8),
-                                torch.randn(1, 8, 3), backend=backend)
+        mmt_kernels.grouped_mlp(
+            torch.randn(4, 8),
+            torch.tensor([0, 5]),
+            torch.randn(1, 3, 8),
+            torch.randn(1, 3, 8),
+            torch.randn(1, 8, 3),
+            backend=backend,
+        )
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
 def test_triton_merge_refuses_a_short_base():
     xs = [torch.randn(100), torch.randn(100)]
     with pytest.raises(ValueError, match="base"):
-        torch.ops.mmt.merge_triton(xs, torch.randn(50), [1.0, 1.0], None, [1.0, 1.0], "task_arithmetic", 1.0, 0,
-                                   False)
+        torch.ops.mmt.merge_triton(xs, torch.randn(50), [1.0, 1.0], None, [1.0, 1.0], "task_arithmetic", 1.0, 0, False)
     with pytest.raises(ValueError, match="base"):
         torch.ops.mmt.merge_threshold_triton(xs, torch.randn(50), [3, 3])
 
 
 # ---- backend choice on CUDA (simulated: a CUDA build of _C) -----------------------------------------------------
+
 
 @pytest.fixture
 def cuda_build(monkeypatch):
@@ -157,16 +189,28 @@ def test_fp64_moe_on_cuda_runs_the_reference(cuda_build):
 
 # ---- the GPU test's opcheck arguments are valid (they are run on CPU here) --------------------------------------
 
+
 def sparse_adamw_multi_opcheck_args(dev):
     """A bf16 column-neuron param with a compact state of its 2 selected columns, next to an fp32 row param
     with a union state addressed through state_rows."""
-    return ([torch.randn(9, 5, device=dev), torch.randn(4, 6, device=dev, dtype=torch.bfloat16)],
-            [torch.zeros(5, 5, device=dev), torch.zeros(2, 4, device=dev)],
-            [torch.zeros(5, 5, device=dev), torch.zeros(2, 4, device=dev)],
-            [torch.randn(9, 5, device=dev), torch.randn(4, 6, device=dev, dtype=torch.bfloat16)],
-            [torch.tensor([0, 4, 8], device=dev), torch.tensor([1, 5], device=dev)],
-            [torch.tensor([4, 0, 2], device=dev), None], [torch.rand(3, device=dev), None],
-            [torch.tensor([1, 2, 3], device=dev), None], 1e-3, 0.9, 0.999, 1e-8, 0.01, 1, [0, 1], True)
+    return (
+        [torch.randn(9, 5, device=dev), torch.randn(4, 6, device=dev, dtype=torch.bfloat16)],
+        [torch.zeros(5, 5, device=dev), torch.zeros(2, 4, device=dev)],
+        [torch.zeros(5, 5, device=dev), torch.zeros(2, 4, device=dev)],
+        [torch.randn(9, 5, device=dev), torch.randn(4, 6, device=dev, dtype=torch.bfloat16)],
+        [torch.tensor([0, 4, 8], device=dev), torch.tensor([1, 5], device=dev)],
+        [torch.tensor([4, 0, 2], device=dev), None],
+        [torch.rand(3, device=dev), None],
+        [torch.tensor([1, 2, 3], device=dev), None],
+        1e-3,
+        0.9,
+        0.999,
+        1e-8,
+        0.01,
+        1,
+        [0, 1],
+        True,
+    )
 
 
 @pytest.mark.skipif(not _backend.has_compiled("sparse_adamw_multi_", "CPU"), reason="mmt_kernels._C not built")
@@ -175,6 +219,7 @@ def test_gpu_opcheck_arguments_are_valid_on_cpu():
 
 
 # ---- build flags --------------------------------------------------------------------------------------------------
+
 
 def test_shipped_nvcc_flags_are_the_checked_ones_and_keep_denormals():
     flags = open(os.path.join(REPO, "csrc", "cuda", "nvcc.flags")).read().split()
@@ -217,6 +262,7 @@ def test_default_arch_list_embeds_ptx():
 
 # ---- a real compile of the specialisation the interpreter cannot see ---------------------------------------------
 
+
 def _real_triton() -> bool:
     try:
         import triton  # noqa: F401
@@ -229,9 +275,22 @@ def _real_triton() -> bool:
 @pytest.mark.skipif(not _real_triton(), reason="triton not installed")
 def test_dare_merge_kernel_compiles_for_seed_one_on_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "mmt_kernels.triton.compile_check", "--arch", "90", "--only",
-                          "n=1 K=2 dare_ties seed=1"], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmt_kernels.triton.compile_check",
+            "--arch",
+            "90",
+            "--only",
+            "n=1 K=2 dare_ties seed=1",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "_merge_kernel" in res.stdout and "1 specialisations compiled" in res.stdout, res.stdout
 

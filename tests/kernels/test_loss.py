@@ -1,5 +1,6 @@
 """Fused linear + cross-entropy: row ops against the fp64 reference on every backend, the chunked loss and its
 gradients against autograd through full logits, and the trainer's loss against Hugging Face's on a tiny model."""
+
 from __future__ import annotations
 
 import pytest
@@ -93,7 +94,7 @@ def test_extreme_logits_stay_finite(backend):
 def _lce_case(N, H, V, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, H, generator=gen).to(dtype)
-    weight = (torch.randn(V, H, generator=gen) / H ** 0.5).to(dtype)
+    weight = (torch.randn(V, H, generator=gen) / H**0.5).to(dtype)
     target = torch.randint(0, V, (N,), generator=gen)
     target[::4] = IGN
     return hidden, weight, target
@@ -117,8 +118,9 @@ def _low_lce(hidden, weight, target, cap):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N,H,V,chunk", [(1, 1, 1, 1), (13, 7, 33, 4), (10, 16, 301, 3), (20, 9, 50, 64),
-                                         (0, 8, 10, 4)])
+@pytest.mark.parametrize(
+    "N,H,V,chunk", [(1, 1, 1, 1), (13, 7, 33, 4), (10, 16, 301, 3), (20, 9, 50, 64), (0, 8, 10, 4)]
+)
 @pytest.mark.parametrize("cap", [0.0, 5.0])
 @pytest.mark.parametrize("recompute", [False, True])
 def test_linear_cross_entropy_matches_full_logits(backend, dtype, N, H, V, chunk, cap, recompute):
@@ -127,8 +129,9 @@ def test_linear_cross_entropy_matches_full_logits(backend, dtype, N, H, V, chunk
     r = _low_lce(hidden, weight, target, cap)
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
-    loss = mmt_kernels.linear_cross_entropy(h, w, target, ignore_index=IGN, softcap=cap or None, chunk_rows=chunk,
-                                            recompute=recompute, backend=backend)
+    loss = mmt_kernels.linear_cross_entropy(
+        h, w, target, ignore_index=IGN, softcap=cap or None, chunk_rows=chunk, recompute=recompute, backend=backend
+    )
     (loss * 0.5).backward()  # a non-unit upstream gradient
     loss = loss.detach()
     h.grad *= 2
@@ -188,8 +191,9 @@ def test_opcheck():
     logits, target = _case(4, 33, torch.float32)
     torch.library.opcheck(torch.ops.mmt.cross_entropy_lse.default, (logits, target, IGN, 0.0))
     lse = ref.cross_entropy_lse(logits, target, IGN, 0.0)[1]
-    torch.library.opcheck(torch.ops.mmt.cross_entropy_grad_.default, (logits.clone(), target, lse, torch.ones(4),
-                                                                      IGN, 0.0))
+    torch.library.opcheck(
+        torch.ops.mmt.cross_entropy_grad_.default, (logits.clone(), target, lse, torch.ones(4), IGN, 0.0)
+    )
 
 
 def test_bad_input_names_the_problem():

@@ -1,5 +1,6 @@
 """merge / magnitude_threshold: every available backend against the reference, the reference against
 peft's merge_utils, DARE reproducibility, edge cases, errors, opcheck, torch.compile."""
+
 from __future__ import annotations
 
 import pytest
@@ -36,9 +37,13 @@ def golden_and_low(tensors, base, method, **kw):
         kw["thresholds"] = thr
     else:
         kw.setdefault("density", 0.5)
-    gold = M.merge([t.double() for t in tensors], None if base is None else base.double(), method=method,
-                   **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()},
-                   backend="reference")
+    gold = M.merge(
+        [t.double() for t in tensors],
+        None if base is None else base.double(),
+        method=method,
+        **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()},
+        backend="reference",
+    )
     low = M.merge(tensors, base, method=method, backend="reference", **kw)
     return gold, low, kw
 
@@ -95,8 +100,10 @@ def test_linear_single_model_is_bit_identical(backend, dtype):
     tiny = torch.finfo(dtype).tiny * (4 if backend == "triton" and _backend.triton_interpret() else 0.25)
     x[0, :4] = torch.tensor([-0.0, 0.0, tiny, -torch.finfo(dtype).max])
     out = M.merge([x], torch.randn_like(x), method="linear", weights=[1.0], backend=backend)
-    assert torch.equal(out.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                       x.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    assert torch.equal(
+        out.view(torch.int16 if dtype != torch.float32 else torch.int32),
+        x.view(torch.int16 if dtype != torch.float32 else torch.int32),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -107,12 +114,18 @@ def test_edge_cases(backend):
     # density 0 keeps nothing: TIES returns the base exactly.
     assert torch.equal(M.merge(tensors, base, method="ties", density=0.0, backend=backend), base)
     # DARE with p = 1 is task arithmetic.
-    torch.testing.assert_close(M.merge(tensors, base, method="dare_linear", density=1.0, backend=backend),
-                               M.merge(tensors, base, method="task_arithmetic", backend=backend), rtol=0, atol=0)
+    torch.testing.assert_close(
+        M.merge(tensors, base, method="dare_linear", density=1.0, backend=backend),
+        M.merge(tensors, base, method="task_arithmetic", backend=backend),
+        rtol=0,
+        atol=0,
+    )
     # A stacked [K, ...] input is the same as a list.
     stacked = torch.stack(tensors)
-    assert torch.equal(M.merge(stacked, base, method="ties", density=0.3, backend=backend),
-                       M.merge(tensors, base, method="ties", density=0.3, backend=backend))
+    assert torch.equal(
+        M.merge(stacked, base, method="ties", density=0.3, backend=backend),
+        M.merge(tensors, base, method="ties", density=0.3, backend=backend),
+    )
 
 
 # ---- the reference is the published definition (as implemented in peft) -----------------------------
@@ -126,8 +139,9 @@ def test_reference_ties_equals_peft(sign, density):
     tv = [torch.randn(40, 31, dtype=torch.float64) for _ in range(4)]
     w = torch.tensor([0.5, 1.0, 1.5, -0.3], dtype=torch.float64)
     want = peft_mu.ties(tv, w, density, majority_sign_method=sign)
-    got = mmt_kernels.merge_tensors(tv, None, method="ties", weights=w, density=density,
-                                    sign="total" if sign == "total" else "count")
+    got = mmt_kernels.merge_tensors(
+        tv, None, method="ties", weights=w, density=density, sign="total" if sign == "total" else "count"
+    )
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -149,8 +163,9 @@ def test_reference_dare_equals_peft_given_the_same_mask(sign):
     stacked = torch.stack(pruned)
     mask = peft_mu.calculate_majority_sign_mask(stacked, method=sign)
     want_ties = peft_mu.disjoint_merge(stacked * w[:, None], mask)
-    got = mmt_kernels.merge_tensors(tv, None, method="dare_ties", weights=w, density=p, seed=seed,
-                                    sign="total" if sign == "total" else "count")
+    got = mmt_kernels.merge_tensors(
+        tv, None, method="dare_ties", weights=w, density=p, seed=seed, sign="total" if sign == "total" else "count"
+    )
     torch.testing.assert_close(got, want_ties, rtol=1e-12, atol=1e-12)
     got_lin = mmt_kernels.merge_tensors(tv, None, method="dare_linear", weights=w, density=p, seed=seed)
     torch.testing.assert_close(got_lin, peft_mu.task_arithmetic(pruned, w), rtol=1e-12, atol=1e-12)
@@ -170,17 +185,21 @@ def test_dare_mask_statistics_and_reproducibility():
 
 # ---- errors, opcheck, compile ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(tensors=[torch.randn(4), torch.randn(5)]), ValueError, r"tensors\[1\] has shape"),
-    (dict(tensors=[torch.randn(4), torch.randn(4).half()]), TypeError, r"tensors\[1\] is torch.float16"),
-    (dict(base=torch.randn(3)), ValueError, "base has shape"),
-    (dict(method="slerp"), ValueError, "unknown method"),
-    (dict(method="dare_ties", density=0.0), ValueError, "DARE density"),
-    (dict(weights=[1.0, 2.0, 3.0]), ValueError, "3 weights for 2 tensors"),
-    (dict(sign="majority"), ValueError, "sign must be"),
-    (dict(tensors=[torch.randn(4).int(), torch.randn(4).int()], base=None), TypeError, "fp32, bf16 or fp16"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(tensors=[torch.randn(4), torch.randn(5)]), ValueError, r"tensors\[1\] has shape"),
+        (dict(tensors=[torch.randn(4), torch.randn(4).half()]), TypeError, r"tensors\[1\] is torch.float16"),
+        (dict(base=torch.randn(3)), ValueError, "base has shape"),
+        (dict(method="slerp"), ValueError, "unknown method"),
+        (dict(method="dare_ties", density=0.0), ValueError, "DARE density"),
+        (dict(weights=[1.0, 2.0, 3.0]), ValueError, "3 weights for 2 tensors"),
+        (dict(sign="majority"), ValueError, "sign must be"),
+        (dict(tensors=[torch.randn(4).int(), torch.randn(4).int()], base=None), TypeError, "fp32, bf16 or fp16"),
+    ],
+)
 def test_bad_input_names_the_problem(backend, kwargs, exc, match):
     args = dict(tensors=[torch.randn(4), torch.randn(4)], base=torch.randn(4), method="ties", density=0.5)
     args.update(kwargs)
@@ -210,9 +229,10 @@ def test_opcheck_cpu():
     torch.library.opcheck(torch.ops.mmt.merge_threshold.default, (xs, base, [3, 0, 35]))
     thr = torch.ops.mmt.merge_threshold(xs, base, [10, 10, 10])
     for method in R.METHODS:
-        torch.library.opcheck(torch.ops.mmt.merge.default,
-                              (xs, base, [1.0, 0.5, 0.25], thr if method == "ties" else None, [0.5, 0.5, 0.5],
-                               method, 0.8, 3, False))
+        torch.library.opcheck(
+            torch.ops.mmt.merge.default,
+            (xs, base, [1.0, 0.5, 0.25], thr if method == "ties" else None, [0.5, 0.5, 0.5], method, 0.8, 3, False),
+        )
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])

@@ -5,6 +5,7 @@ Outputs the kernels allocate are poisoned through PyTorch's deterministic mode, 
 write fails the comparison. Tolerances follow tests/kernels/tolerance.py (2x the reference's own error
 in the same precision against an fp64 golden result, plus a few ulps).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -51,8 +52,15 @@ def make_ids(T, k, E, mode, gen):
     return scores.topk(k, dim=1).indices
 
 
-PERMUTE_CASES = [(0, 2, 4, "random"), (1, 1, 1, "random"), (37, 2, 5, "random"), (50, 3, 7, "gaps"),
-                 (64, 2, 6, "one"), (300, 8, 64, "random"), (129, 4, 4, "random")]
+PERMUTE_CASES = [
+    (0, 2, 4, "random"),
+    (1, 1, 1, "random"),
+    (37, 2, 5, "random"),
+    (50, 3, 7, "gaps"),
+    (64, 2, 6, "one"),
+    (300, 8, 64, "random"),
+    (129, 4, 4, "random"),
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -101,8 +109,12 @@ def test_dispatch_combine_forward_backward(backend, dtype, T, k, E, d):
         ("combine", lambda y_: moe.moe_combine(y_, inv, perm, w, k, backend=backend), [yp]),
     ):
         out = fn(inputs[0].to(dtype))
-        r = {"dispatch": lambda t: ref.dispatch(t, perm, k), "combine": lambda t: ref.combine(t, inv, k, w.to(
-            torch.float64 if t.dtype == torch.float64 else torch.float32))}[name]
+        r = {
+            "dispatch": lambda t: ref.dispatch(t, perm, k),
+            "combine": lambda t: ref.combine(
+                t, inv, k, w.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+            ),
+        }[name]
         low, gold = _golden_pair(r, inputs, dtype)
         assert out.dtype == dtype
         assert_close_to_golden(out, low, gold, name=name)
@@ -110,13 +122,17 @@ def test_dispatch_combine_forward_backward(backend, dtype, T, k, E, d):
     # backward of combine: d yp and d weights
     def grads(y_, w_, g_):
         y_, w_ = y_.clone().requires_grad_(True), w_.clone().requires_grad_(True)
-        moe.moe_combine(y_, inv, perm, w_, k, backend=backend if y_.dtype != torch.float64 else "reference") \
-            .backward(g_)
+        moe.moe_combine(y_, inv, perm, w_, k, backend=backend if y_.dtype != torch.float64 else "reference").backward(
+            g_
+        )
         return y_.grad, w_.grad
 
     dy, dw = grads(yp.to(dtype), w, dout.to(dtype))
-    dy_lo, dw_lo = grads(yp.to(dtype), w, dout.to(dtype)) if backend == "reference" else _ref_combine_grads(
-        yp.to(dtype), w, dout.to(dtype), inv, k)
+    dy_lo, dw_lo = (
+        grads(yp.to(dtype), w, dout.to(dtype))
+        if backend == "reference"
+        else _ref_combine_grads(yp.to(dtype), w, dout.to(dtype), inv, k)
+    )
     dy_g, dw_g = _ref_combine_grads(yp.double(), w.double(), dout.double(), inv, k)
     assert_close_to_golden(dy, dy_lo, dy_g, name="combine dyp")
     assert_close_to_golden(dw, dw_lo, dw_g, name="combine dweights")
@@ -137,8 +153,8 @@ def _ref_combine_grads(yp, w, dout, inv, k):
 
 
 def expert_weights(E, f, d, dtype, gen, scale=1.0):
-    wg = torch.randn(E, f, d, generator=gen) * scale / d ** 0.5
-    wu = torch.randn(E, f, d, generator=gen) * scale / d ** 0.5
+    wg = torch.randn(E, f, d, generator=gen) * scale / d**0.5
+    wu = torch.randn(E, f, d, generator=gen) * scale / d**0.5
     wd = torch.randn(E, d, f, generator=gen) / max(f, 1) ** 0.5
     return wg.to(dtype), wu.to(dtype), wd.to(dtype)
 
@@ -320,23 +336,58 @@ def test_forced_cuda_backend_on_cpu_raises():
         moe.moe_permute(torch.zeros(3, 2, dtype=torch.long), 2, backend="cuda")
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: moe.moe_permute(torch.zeros(3, 2, dtype=torch.int32), 2), "int64"),
-    (lambda: moe.grouped_mlp(torch.randn(4, 8), torch.tensor([0, 4]), torch.randn(1, 3, 7), torch.randn(1, 3, 7),
-                             torch.randn(1, 8, 3)), "w_gate"),
-    (lambda: moe.grouped_mlp(torch.randn(4, 8), torch.tensor([0, 4]), torch.randn(1, 3, 8), torch.randn(1, 3, 8),
-                             torch.randn(1, 3, 8)), "w_down"),
-    (lambda: moe.grouped_mlp(torch.randn(4, 8), torch.tensor([0, 2, 4]), torch.randn(1, 3, 8),
-                             torch.randn(1, 3, 8), torch.randn(1, 8, 3)), "offsets"),
-    (lambda: moe.grouped_mlp(torch.randn(4, 8), torch.tensor([0, 4]), torch.randn(1, 3, 8).half(),
-                             torch.randn(1, 3, 8), torch.randn(1, 8, 3)), "w_gate"),
-    (lambda: moe.moe_dispatch(torch.randn(4, 8), torch.arange(6), torch.arange(6), 2), "perm"),
-    (lambda: moe.moe_combine(torch.randn(6, 8), torch.arange(6), torch.arange(6), torch.rand(5), 2), "weights"),
-    (lambda: moe.fft_features(torch.randint(0, 3, (4, 8)), 2), "fp32"),
-    (lambda: moe.MoEFFN(16, 8, 4, k=5), "k=5"),
-    (lambda: moe.MoEFFN(16, 8, 4, act="relu"), "activation"),
-    (lambda: moe.route(torch.randn(4, 3), 4), "k=4"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: moe.moe_permute(torch.zeros(3, 2, dtype=torch.int32), 2), "int64"),
+        (
+            lambda: moe.grouped_mlp(
+                torch.randn(4, 8),
+                torch.tensor([0, 4]),
+                torch.randn(1, 3, 7),
+                torch.randn(1, 3, 7),
+                torch.randn(1, 8, 3),
+            ),
+            "w_gate",
+        ),
+        (
+            lambda: moe.grouped_mlp(
+                torch.randn(4, 8),
+                torch.tensor([0, 4]),
+                torch.randn(1, 3, 8),
+                torch.randn(1, 3, 8),
+                torch.randn(1, 3, 8),
+            ),
+            "w_down",
+        ),
+        (
+            lambda: moe.grouped_mlp(
+                torch.randn(4, 8),
+                torch.tensor([0, 2, 4]),
+                torch.randn(1, 3, 8),
+                torch.randn(1, 3, 8),
+                torch.randn(1, 8, 3),
+            ),
+            "offsets",
+        ),
+        (
+            lambda: moe.grouped_mlp(
+                torch.randn(4, 8),
+                torch.tensor([0, 4]),
+                torch.randn(1, 3, 8).half(),
+                torch.randn(1, 3, 8),
+                torch.randn(1, 8, 3),
+            ),
+            "w_gate",
+        ),
+        (lambda: moe.moe_dispatch(torch.randn(4, 8), torch.arange(6), torch.arange(6), 2), "perm"),
+        (lambda: moe.moe_combine(torch.randn(6, 8), torch.arange(6), torch.arange(6), torch.rand(5), 2), "weights"),
+        (lambda: moe.fft_features(torch.randint(0, 3, (4, 8)), 2), "fp32"),
+        (lambda: moe.MoEFFN(16, 8, 4, k=5), "k=5"),
+        (lambda: moe.MoEFFN(16, 8, 4, act="relu"), "activation"),
+        (lambda: moe.route(torch.randn(4, 3), 4), "k=4"),
+    ],
+)
 def test_bad_input_names_the_problem(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
@@ -350,6 +401,7 @@ def test_cpp_op_rejects_unsorted_offsets():
 
 
 # ---- op registration: opcheck (schema, fake kernels, aot dispatch) and torch.compile -----------
+
 
 def _op_cases():
     gen = torch.Generator().manual_seed(0)
@@ -366,8 +418,20 @@ def _op_cases():
         "moe_combine": (yp, inv, w, 2),
         "moe_combine_weight_grad": (x, yp, inv, 2),
         "moe_grouped_mlp": (yp, offsets, wg, wu, wd, 1),
-        "moe_grouped_mlp_backward": (y, yp, g, u, offsets, wg, wu, wd, torch.tensor([True, False, True, True]), 0,
-                                     True, True),
+        "moe_grouped_mlp_backward": (
+            y,
+            yp,
+            g,
+            u,
+            offsets,
+            wg,
+            wu,
+            wd,
+            torch.tensor([True, False, True, True]),
+            0,
+            True,
+            True,
+        ),
         "moe_fft_features": (x, basis),
         "moe_fft_features_backward": (torch.randn(6, 4, generator=gen), reim, basis),
     }

@@ -1,4 +1,5 @@
 """NeuronSparseAdamW: strictness, equivalence to torch.optim.AdamW, compact state, selection switching, state_dict."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,8 @@ BACKENDS = [b for b in ("reference", "cpu", "triton") if _backend.available(b, "
 
 def _params(seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    gate = torch.nn.Parameter(torch.randn(24, 10, generator=g).to(dtype))   # neurons = rows
-    down = torch.nn.Parameter(torch.randn(10, 24, generator=g).to(dtype))   # neurons = columns
+    gate = torch.nn.Parameter(torch.randn(24, 10, generator=g).to(dtype))  # neurons = rows
+    down = torch.nn.Parameter(torch.randn(10, 24, generator=g).to(dtype))  # neurons = columns
     bias = torch.nn.Parameter(torch.randn(24, generator=g).to(dtype))
     return gate, down, bias
 
@@ -49,10 +50,13 @@ def test_unselected_rows_bit_identical_after_10_steps_with_weight_decay(backend)
 def test_everything_selected_equals_torch_adamw(backend):
     ours = _params()
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    groups = lambda ps: [{"params": ps[:2], "weight_decay": 0.1}, {"params": ps[2:], "weight_decay": 0.0,  # noqa: E731
-                                                                    "lr": 3e-3}]
-    opt = NeuronSparseAdamW(groups(list(ours)), lr=1e-2, betas=(0.9, 0.98), eps=1e-7, neuron_dims={ours[1]: 1},
-                            backend=backend)
+
+    def groups(ps):
+        return [{"params": ps[:2], "weight_decay": 0.1}, {"params": ps[2:], "weight_decay": 0.0, "lr": 3e-3}]
+
+    opt = NeuronSparseAdamW(
+        groups(list(ours)), lr=1e-2, betas=(0.9, 0.98), eps=1e-7, neuron_dims={ours[1]: 1}, backend=backend
+    )
     ref = torch.optim.AdamW(groups(list(theirs)), lr=1e-2, betas=(0.9, 0.98), eps=1e-7)
     for step in range(6):
         _grads(ours, step)
@@ -83,8 +87,8 @@ def test_switching_selections_per_pair_uses_per_neuron_steps(backend):
     for r in range(6):
         torch.testing.assert_close(w.detach()[r], ref_rows[r].detach(), rtol=1e-5, atol=1e-6)
     st = opt.state[w]
-    assert st["neurons"].tolist() == [0, 1, 2, 3]           # union of both selections
-    assert st["neuron_step"].tolist() == [5, 3, 3, 2]       # neuron 0 in both pairs
+    assert st["neurons"].tolist() == [0, 1, 2, 3]  # union of both selections
+    assert st["neuron_step"].tolist() == [5, 3, 3, 2]  # neuron 0 in both pairs
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -117,7 +121,7 @@ def test_row_scale_matches_scaled_gradient(backend):
     sel = torch.tensor([0, 3, 6])
     a = NeuronSparseAdamW([w], lr=1e-2, backend=backend)
     b = NeuronSparseAdamW([w2], lr=1e-2, backend=backend)
-    a.set_selection({w: sel}, {w: scale_full})           # per-neuron scale [R]
+    a.set_selection({w: sel}, {w: scale_full})  # per-neuron scale [R]
     b.set_selection({w2: sel})
     for step in range(3):
         g = torch.randn(7, 3)
@@ -132,8 +136,9 @@ def test_state_dict_round_trip(strict, tmp_path):
     params = _params(dtype=torch.bfloat16)
     opt = NeuronSparseAdamW(params, lr=1e-2, neuron_dims={params[1]: 1}, strict=strict)
     for step in range(3):
-        opt.set_selection({params[0]: torch.tensor([step, 7]), params[1]: torch.tensor([1, 2])},
-                          {params[1]: torch.tensor([0.5, 1.5])})
+        opt.set_selection(
+            {params[0]: torch.tensor([step, 7]), params[1]: torch.tensor([1, 2])}, {params[1]: torch.tensor([0.5, 1.5])}
+        )
         _grads(params, step)
         opt.step()
     torch.save(opt.state_dict(), tmp_path / "opt.pt")

@@ -1,4 +1,5 @@
 """sparse_adamw_: every available backend against the reference, strictness, opcheck, torch.compile."""
+
 from __future__ import annotations
 
 import pytest
@@ -32,8 +33,20 @@ def run(fn, param, m, v, grads, rows, scale, row_step, neuron_dim, compact, **kw
     param, m, v = param.clone(), m.clone(), v.clone()
     for i, g in enumerate(grads):
         steps = None if row_step is None else row_step + i
-        fn(param, m, v, g.to(param.dtype), rows, row_scale=scale, row_step=steps, step=i + 1,
-           neuron_dim=neuron_dim, compact=compact, **HP, **kw)
+        fn(
+            param,
+            m,
+            v,
+            g.to(param.dtype),
+            rows,
+            row_scale=scale,
+            row_step=steps,
+            step=i + 1,
+            neuron_dim=neuron_dim,
+            compact=compact,
+            **HP,
+            **kw,
+        )
     return param, m, v
 
 
@@ -63,11 +76,22 @@ def test_matches_reference(backend, dtype, shape, neuron_dim, k, compact):
     with_row_step = shape[0] % 2 == 1
     param, m, v, rows, scale, row_step = make_case(shape, neuron_dim, k, dtype, compact, with_scale, with_row_step)
     grads = [torch.randn(shape) for _ in range(3)]
-    golden = run(ref_fn, param.double(), m.double(), v.double(), [g.double() for g in grads], rows,
-                 None if scale is None else scale.double(), row_step, neuron_dim, compact)
+    golden = run(
+        ref_fn,
+        param.double(),
+        m.double(),
+        v.double(),
+        [g.double() for g in grads],
+        rows,
+        None if scale is None else scale.double(),
+        row_step,
+        neuron_dim,
+        compact,
+    )
     low = run(ref_fn, param, m, v, grads, rows, scale, row_step, neuron_dim, compact)
-    out = run(mmt_kernels.sparse_adamw_, param, m, v, grads, rows, scale, row_step, neuron_dim, compact,
-              backend=backend)
+    out = run(
+        mmt_kernels.sparse_adamw_, param, m, v, grads, rows, scale, row_step, neuron_dim, compact, backend=backend
+    )
     for name, o, lo, gold in zip(("param", "exp_avg", "exp_avg_sq"), out, low, golden):
         assert_close_to_golden(o, lo, gold.to(o.dtype) if o.dtype != torch.float32 else gold, name=name)
 
@@ -81,8 +105,18 @@ def test_unselected_neurons_bit_identical_after_10_steps(backend, neuron_dim):
     rows = torch.tensor([0, 5, 6, 31, 47 if neuron_dim == 0 else 69])
     before = param.clone()
     for step in range(1, 11):
-        mmt_kernels.sparse_adamw_(param, m, v, torch.randn(shape), rows, lr=1e-2, weight_decay=0.5, step=step,
-                                  neuron_dim=neuron_dim, backend=backend)
+        mmt_kernels.sparse_adamw_(
+            param,
+            m,
+            v,
+            torch.randn(shape),
+            rows,
+            lr=1e-2,
+            weight_decay=0.5,
+            step=step,
+            neuron_dim=neuron_dim,
+            backend=backend,
+        )
     keep = torch.ones(shape[neuron_dim], dtype=torch.bool)
     keep[rows] = False
     view = lambda t: t if neuron_dim == 0 else t.t()  # noqa: E731
@@ -102,41 +136,89 @@ def test_all_rows_equals_torch_adamw(backend):
         g = torch.randn(33, 17)
         w.grad = g.clone()
         opt.step()
-        mmt_kernels.sparse_adamw_(p, m, v, g, rows, lr=3e-3, beta1=0.9, beta2=0.98, eps=1e-6, weight_decay=0.05,
-                                  step=step, backend=backend)
+        mmt_kernels.sparse_adamw_(
+            p, m, v, g, rows, lr=3e-3, beta1=0.9, beta2=0.98, eps=1e-6, weight_decay=0.05, step=step, backend=backend
+        )
     torch.testing.assert_close(p, w.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_forced_unavailable_backend_raises():
     p = torch.randn(4, 4)
     with pytest.raises(mmt_kernels.BackendUnavailableError, match="cuda"):
-        mmt_kernels.sparse_adamw_(p, torch.zeros_like(p), torch.zeros_like(p), torch.randn(4, 4),
-                                  torch.tensor([1]), lr=1e-3, backend="cuda")
+        mmt_kernels.sparse_adamw_(
+            p, torch.zeros_like(p), torch.zeros_like(p), torch.randn(4, 4), torch.tensor([1]), lr=1e-3, backend="cuda"
+        )
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(grad=torch.randn(3, 4)), "grad"),
-    (dict(rows=torch.tensor([1], dtype=torch.int32)), "int64"),
-    (dict(exp_avg=torch.zeros(4, 3)), "exp_avg"),
-    (dict(neuron_dim=2), "neuron_dim"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(grad=torch.randn(3, 4)), "grad"),
+        (dict(rows=torch.tensor([1], dtype=torch.int32)), "int64"),
+        (dict(exp_avg=torch.zeros(4, 3)), "exp_avg"),
+        (dict(neuron_dim=2), "neuron_dim"),
+    ],
+)
 def test_bad_input_names_the_problem(bad, match):
-    args = dict(param=torch.randn(4, 4), exp_avg=torch.zeros(4, 4), exp_avg_sq=torch.zeros(4, 4),
-                grad=torch.randn(4, 4), rows=torch.tensor([1]), neuron_dim=0)
+    args = dict(
+        param=torch.randn(4, 4),
+        exp_avg=torch.zeros(4, 4),
+        exp_avg_sq=torch.zeros(4, 4),
+        grad=torch.randn(4, 4),
+        rows=torch.tensor([1]),
+        neuron_dim=0,
+    )
     args.update(bad)
     with pytest.raises((ValueError, TypeError), match=match):
-        mmt_kernels.sparse_adamw_(args.pop("param"), args.pop("exp_avg"), args.pop("exp_avg_sq"), args.pop("grad"),
-                                  args.pop("rows"), lr=1e-3, **args)
+        mmt_kernels.sparse_adamw_(
+            args.pop("param"),
+            args.pop("exp_avg"),
+            args.pop("exp_avg_sq"),
+            args.pop("grad"),
+            args.pop("rows"),
+            lr=1e-3,
+            **args,
+        )
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="mmt_kernels._C not built")
 def test_opcheck_cpu():
     p = torch.randn(9, 5)
-    args = (p, torch.zeros_like(p), torch.zeros_like(p), torch.randn(9, 5), torch.tensor([0, 4, 8]), None, None,
-            1e-3, 0.9, 0.999, 1e-8, 0.01, 1, 0, False)
+    args = (
+        p,
+        torch.zeros_like(p),
+        torch.zeros_like(p),
+        torch.randn(9, 5),
+        torch.tensor([0, 4, 8]),
+        None,
+        None,
+        1e-3,
+        0.9,
+        0.999,
+        1e-8,
+        0.01,
+        1,
+        0,
+        False,
+    )
     torch.library.opcheck(torch.ops.mmt.sparse_adamw_.default, args)
-    compact = (p, torch.zeros(3, 5), torch.zeros(3, 5), torch.randn(9, 5), torch.tensor([0, 4, 8]),
-               torch.rand(3), torch.tensor([1, 2, 3]), 1e-3, 0.9, 0.999, 1e-8, 0.01, 1, 0, True)
+    compact = (
+        p,
+        torch.zeros(3, 5),
+        torch.zeros(3, 5),
+        torch.randn(9, 5),
+        torch.tensor([0, 4, 8]),
+        torch.rand(3),
+        torch.tensor([1, 2, 3]),
+        1e-3,
+        0.9,
+        0.999,
+        1e-8,
+        0.01,
+        1,
+        0,
+        True,
+    )
     torch.library.opcheck(torch.ops.mmt.sparse_adamw_.default, compact)
 
 
@@ -167,17 +249,26 @@ def _multi_case(dtype, with_state_rows, seed=0):
     out = []
     for shape, nd, k in specs:
         n_neurons = shape[nd] if len(shape) == 2 else shape[0]
-        per = (shape[1 - nd] if len(shape) == 2 else 1)
+        per = shape[1 - nd] if len(shape) == 2 else 1
         rows = torch.randperm(n_neurons, generator=gen)[:k].sort().values
         if with_state_rows:
             U = k + 3  # state holds more neurons than are selected now
             srows = torch.randperm(U, generator=gen)[:k]
         else:
             U, srows = k, None
-        out.append(dict(param=torch.randn(shape, generator=gen).to(dtype), m=torch.randn(U, per, generator=gen) * .1,
-                        v=torch.rand(U, per, generator=gen) * .01, rows=rows, srows=srows, nd=nd,
-                        scale=torch.rand(k, generator=gen) if k % 2 else None,
-                        step=torch.randint(1, 9, (k,), generator=gen), grad=torch.randn(shape, generator=gen)))
+        out.append(
+            dict(
+                param=torch.randn(shape, generator=gen).to(dtype),
+                m=torch.randn(U, per, generator=gen) * 0.1,
+                v=torch.rand(U, per, generator=gen) * 0.01,
+                rows=rows,
+                srows=srows,
+                nd=nd,
+                scale=torch.rand(k, generator=gen) if k % 2 else None,
+                step=torch.randint(1, 9, (k,), generator=gen),
+                grad=torch.randn(shape, generator=gen),
+            )
+        )
     return out
 
 
@@ -186,11 +277,25 @@ def _run_multi(fn, case, to, **kw):
     ms = [to(c["m"]).clone() for c in case]
     vs = [to(c["v"]).clone() for c in case]
     for i in range(2):
-        fn(ps, ms, vs, [to(c["grad"]).to(p.dtype) for c, p in zip(case, ps)], [c["rows"] for c in case],
-           lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=i + 1,
-           neuron_dims=[c["nd"] for c in case], state_rows=[c["srows"] for c in case],
-           row_scales=[None if c["scale"] is None else to(c["scale"]) for c in case],
-           row_steps=[c["step"] + i for c in case], compact=True, **kw)
+        fn(
+            ps,
+            ms,
+            vs,
+            [to(c["grad"]).to(p.dtype) for c, p in zip(case, ps)],
+            [c["rows"] for c in case],
+            lr=1e-2,
+            beta1=0.9,
+            beta2=0.99,
+            eps=1e-8,
+            weight_decay=0.1,
+            step=i + 1,
+            neuron_dims=[c["nd"] for c in case],
+            state_rows=[c["srows"] for c in case],
+            row_scales=[None if c["scale"] is None else to(c["scale"]) for c in case],
+            row_steps=[c["step"] + i for c in case],
+            compact=True,
+            **kw,
+        )
     return ps, ms, vs
 
 
@@ -209,8 +314,7 @@ def test_multi_matches_reference(backend, dtype, with_state_rows):
     for j, name in enumerate(("param", "exp_avg", "exp_avg_sq")):
         for i in range(len(case)):
             o, lo, gold = out[j][i], low[j][i], golden[j][i]
-            assert_close_to_golden(o, lo, gold.to(o.dtype) if o.dtype != torch.float32 else gold,
-                                   name=f"{name}[{i}]")
+            assert_close_to_golden(o, lo, gold.to(o.dtype) if o.dtype != torch.float32 else gold, name=f"{name}[{i}]")
 
 
 @pytest.mark.parametrize("backend", MULTI_BACKENDS)
@@ -224,11 +328,23 @@ def test_multi_equals_single_tensor_calls(backend):
     ms1 = [torch.zeros(3, 7), torch.zeros(2, 5)]
     vs1 = [torch.zeros(3, 7), torch.zeros(2, 5)]
     ms2, vs2 = [m.clone() for m in ms1], [v.clone() for v in vs1]
-    mmt_kernels.sparse_adamw_multi_(ps, ms1, vs1, gs, rows, lr=1e-2, weight_decay=0.1, step=3, neuron_dims=dims,
-                                    compact=True, backend=backend)
+    mmt_kernels.sparse_adamw_multi_(
+        ps, ms1, vs1, gs, rows, lr=1e-2, weight_decay=0.1, step=3, neuron_dims=dims, compact=True, backend=backend
+    )
     for i in range(2):
-        mmt_kernels.sparse_adamw_(singles[i], ms2[i], vs2[i], gs[i], rows[i], lr=1e-2, weight_decay=0.1, step=3,
-                                  neuron_dim=dims[i], compact=True, backend=backend)
+        mmt_kernels.sparse_adamw_(
+            singles[i],
+            ms2[i],
+            vs2[i],
+            gs[i],
+            rows[i],
+            lr=1e-2,
+            weight_decay=0.1,
+            step=3,
+            neuron_dim=dims[i],
+            compact=True,
+            backend=backend,
+        )
     for a, b in zip(ps + ms1 + vs1, singles + ms2 + vs2):
         assert torch.equal(a, b)
 
@@ -236,21 +352,47 @@ def test_multi_equals_single_tensor_calls(backend):
 @pytest.mark.skipif("cpu" not in MULTI_BACKENDS, reason="mmt_kernels._C not built")
 def test_multi_opcheck_cpu():
     ps = [torch.randn(9, 5), torch.randn(4, 6)]
-    args = (ps, [torch.zeros(5, 5), torch.zeros(4, 6)], [torch.zeros(5, 5), torch.zeros(4, 6)],
-            [torch.randn(9, 5), torch.randn(4, 6)], [torch.tensor([0, 4, 8]), torch.tensor([1, 5])],
-            [torch.tensor([4, 0, 2]), torch.tensor([0, 1])], [torch.rand(3), None],
-            [torch.tensor([1, 2, 3]), None], 1e-3, 0.9, 0.999, 1e-8, 0.01, 1, [0, 1], True)
+    args = (
+        ps,
+        [torch.zeros(5, 5), torch.zeros(4, 6)],
+        [torch.zeros(5, 5), torch.zeros(4, 6)],
+        [torch.randn(9, 5), torch.randn(4, 6)],
+        [torch.tensor([0, 4, 8]), torch.tensor([1, 5])],
+        [torch.tensor([4, 0, 2]), torch.tensor([0, 1])],
+        [torch.rand(3), None],
+        [torch.tensor([1, 2, 3]), None],
+        1e-3,
+        0.9,
+        0.999,
+        1e-8,
+        0.01,
+        1,
+        [0, 1],
+        True,
+    )
     torch.library.opcheck(torch.ops.mmt.sparse_adamw_multi_.default, args)
 
 
 def test_multi_bad_input_names_the_tensor():
     p = torch.randn(4, 4)
     with pytest.raises(ValueError, match=r"\[1\].*grad"):
-        mmt_kernels.sparse_adamw_multi_([p, p.clone()], [torch.zeros(4, 4)] * 2, [torch.zeros(4, 4)] * 2,
-                                        [torch.randn(4, 4), torch.randn(3, 4)], [torch.tensor([1])] * 2, lr=1e-3)
+        mmt_kernels.sparse_adamw_multi_(
+            [p, p.clone()],
+            [torch.zeros(4, 4)] * 2,
+            [torch.zeros(4, 4)] * 2,
+            [torch.randn(4, 4), torch.randn(3, 4)],
+            [torch.tensor([1])] * 2,
+            lr=1e-3,
+        )
     with pytest.raises(ValueError, match="state_rows"):
-        mmt_kernels.sparse_adamw_multi_([p], [torch.zeros(4, 4)], [torch.zeros(4, 4)], [torch.randn(4, 4)],
-                                        [torch.tensor([1])], state_rows=[torch.tensor([0])], lr=1e-3)
+        mmt_kernels.sparse_adamw_multi_(
+            [p],
+            [torch.zeros(4, 4)],
+            [torch.zeros(4, 4)],
+            [torch.randn(4, 4)],
+            [torch.tensor([1])],
+            state_rows=[torch.tensor([0])],
+            lr=1e-3,
+        )
     with pytest.raises(ValueError, match="entries"):
-        mmt_kernels.sparse_adamw_multi_([p], [], [torch.zeros(4, 4)], [torch.randn(4, 4)], [torch.tensor([1])],
-                                        lr=1e-3)
+        mmt_kernels.sparse_adamw_multi_([p], [], [torch.zeros(4, 4)], [torch.randn(4, 4)], [torch.tensor([1])], lr=1e-3)

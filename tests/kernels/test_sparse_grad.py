@@ -1,5 +1,6 @@
 """Neuron-sparse weight gradients: the op against the fp64 reference on every backend, and sparse_linear's
 compact gradients against the selected rows/columns of the dense dW (input gradient exact)."""
+
 from __future__ import annotations
 
 import pytest

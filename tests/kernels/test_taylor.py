@@ -1,4 +1,5 @@
 """taylor_accumulate_: every available backend against the fp64 reference, segmentation helpers, hooks, opcheck."""
+
 from __future__ import annotations
 
 import pytest
@@ -65,8 +66,8 @@ def test_segmentations_agree(backend):
     mask = torch.arange(T)[None] < lengths[:, None]
     by_mask = mmt_kernels.taylor_accumulate_(torch.zeros(M), act, grad, attention_mask=mask, backend=backend)
     by_len = mmt_kernels.taylor_accumulate_(torch.zeros(M), act, grad, lengths=lengths, backend=backend)
-    packed = torch.cat([act[b, :int(lengths[b])] for b in range(B)])
-    packed_g = torch.cat([grad[b, :int(lengths[b])] for b in range(B)])
+    packed = torch.cat([act[b, : int(lengths[b])] for b in range(B)])
+    packed_g = torch.cat([grad[b, : int(lengths[b])] for b in range(B)])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     by_off = mmt_kernels.taylor_accumulate_(torch.zeros(M), packed, packed_g, offsets=offsets, backend=backend)
     for got in (by_mask, by_len, by_off):
@@ -76,7 +77,7 @@ def test_segmentations_agree(backend):
     left_g = torch.zeros(B, T, M)
     for b in range(B):
         n = int(lengths[b])
-        left[b, T - n:], left_g[b, T - n:] = act[b, :n], grad[b, :n]
+        left[b, T - n :], left_g[b, T - n :] = act[b, :n], grad[b, :n]
     lmask = torch.arange(T)[None] >= (T - lengths)[:, None]
     by_left = mmt_kernels.taylor_accumulate_(torch.zeros(M), left, left_g, attention_mask=lmask, backend=backend)
     torch.testing.assert_close(by_left.double(), expected, rtol=1e-5, atol=1e-6)
@@ -89,14 +90,17 @@ def test_empty_sequence_contributes_nothing():
     torch.testing.assert_close(ref.token_weights(attention_mask=mask), torch.tensor([0.5, 0.5, 0, 0, 0, 0]))
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(grad=torch.randn(4, 6)), "grad"),
-    (dict(acc=torch.zeros(6, dtype=torch.float64)), "acc"),
-    (dict(acc=torch.zeros(6)), "acc"),
-    (dict(act=torch.randn(2, 2, 2, 5), grad=torch.randn(2, 2, 2, 5)), "act"),
-    (dict(attention_mask=torch.ones(3, 3)), "attention_mask"),
-    (dict(act=torch.randn(4, 5, dtype=torch.float64).int(), grad=torch.randn(4, 5).int()), "dtype"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(grad=torch.randn(4, 6)), "grad"),
+        (dict(acc=torch.zeros(6, dtype=torch.float64)), "acc"),
+        (dict(acc=torch.zeros(6)), "acc"),
+        (dict(act=torch.randn(2, 2, 2, 5), grad=torch.randn(2, 2, 2, 5)), "act"),
+        (dict(attention_mask=torch.ones(3, 3)), "attention_mask"),
+        (dict(act=torch.randn(4, 5, dtype=torch.float64).int(), grad=torch.randn(4, 5).int()), "dtype"),
+    ],
+)
 def test_bad_input_names_the_problem(bad, match):
     args = dict(acc=torch.zeros(5), act=torch.randn(4, 5), grad=torch.randn(4, 5))
     args.update(bad)
@@ -120,7 +124,7 @@ def test_hook_matches_stored_activations(backend):
     hook = mmt_kernels.TaylorHook(lin, backend=backend)
     hook.bucket, hook.token_weight = "de", mmt_kernels.token_weights(attention_mask=mask)
     out = lin(x)
-    (out ** 2).sum().backward()
+    (out**2).sum().backward()
     hook.remove()
     o = lin(x).detach()
     g = 2 * o

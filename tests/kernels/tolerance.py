@@ -4,6 +4,7 @@ A kernel's output may be at most ``factor`` times as far from a golden (fp64) re
 reference run in the same precision, plus a few units in the last place of the output dtype (fused multiply-adds and
 a different operation order; the Triton interpreter truncates fp32->bf16 stores instead of rounding).
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,15 @@ def ulp(t: torch.Tensor) -> torch.Tensor:
     return (t.detach().double().abs() * eps).clamp_min(tiny)
 
 
-def assert_close_to_golden(out: torch.Tensor, ref_out: torch.Tensor, golden: torch.Tensor, *, factor: float = 2.0,
-                           ulps: float = 4.0, name: str = "output") -> None:
+def assert_close_to_golden(
+    out: torch.Tensor,
+    ref_out: torch.Tensor,
+    golden: torch.Tensor,
+    *,
+    factor: float = 2.0,
+    ulps: float = 4.0,
+    name: str = "output",
+) -> None:
     assert out.shape == golden.shape, f"{name}: shape {tuple(out.shape)} != {tuple(golden.shape)}"
     assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten poison?)"
     if out.numel() == 0:
@@ -31,7 +39,8 @@ def assert_close_to_golden(out: torch.Tensor, ref_out: torch.Tensor, golden: tor
         idx = torch.argmax(err - allowed)
         raise AssertionError(
             f"{name}: error {err.flatten()[idx]:.3e} at flat index {int(idx)} exceeds allowed "
-            f"{allowed.flatten()[idx]:.3e} (reference's own error max {ref_err.max():.3e}, dtype {out.dtype})")
+            f"{allowed.flatten()[idx]:.3e} (reference's own error max {ref_err.max():.3e}, dtype {out.dtype})"
+        )
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:

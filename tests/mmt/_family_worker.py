@@ -40,9 +40,23 @@ def check_cell(cell: dict) -> str:
         del model
     for ev in cell["evals"]:
         out = Path(ev["output_dir"])
-        rc = cli_main(["eval", "--model", ev["model"], "--directions", *cell["directions"], "--max-sentences", "2",
-                       "--output-dir", str(out), "--label", "reloaded", "eval.max_new_tokens=8",
-                       "eval.off_target=false"])
+        rc = cli_main(
+            [
+                "eval",
+                "--model",
+                ev["model"],
+                "--directions",
+                *cell["directions"],
+                "--max-sentences",
+                "2",
+                "--output-dir",
+                str(out),
+                "--label",
+                "reloaded",
+                "eval.max_new_tokens=8",
+                "eval.off_target=false",
+            ]
+        )
         if rc != 0:
             return f"mmt eval --model {ev['model']} exited {rc}"
         for direction, hyps in ev["hypotheses"].items():

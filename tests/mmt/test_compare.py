@@ -17,9 +17,11 @@ from mmt import compare as C
 from mmt.errors import MmtError
 
 LANGS = {"en": "eng_Latn", "de": "deu_Latn", "fr": "fra_Latn"}
-WORDS = {"en": "the a house cat river city school train book green small walks sees reads".split(),
-         "de": "der die das Haus Katze Fluss Stadt Schule Zug Buch grün klein geht sieht liest".split(),
-         "fr": "le la maison chat rivière ville école train livre vert petit marche voit lit".split()}
+WORDS = {
+    "en": "the a house cat river city school train book green small walks sees reads".split(),
+    "de": "der die das Haus Katze Fluss Stadt Schule Zug Buch grün klein geht sieht liest".split(),
+    "fr": "le la maison chat rivière ville école train livre vert petit marche voit lit".split(),
+}
 
 
 def _write_flores(root: Path, n: int = 40, seed: int = 0) -> Path:
@@ -61,10 +63,16 @@ def _write_result(out: Path, label: str, test_folder: Path, hyps: dict[str, list
     from mmt.evaluate import DirectionResult, EvalReport, bleu, chrf_pp, write_report
 
     refs = {d: _read_refs(test_folder, d) for d in hyps}
-    results = [DirectionResult(direction=d, n=len(h), bleu=bleu(h, refs[d], d[-2:]), chrf=chrf_pp(h, refs[d]))
-               for d, h in hyps.items()]
-    rep = EvalReport(label=label, results=results, hypotheses=hyps,
-                     settings={"test_set": str(test_folder), "first_line": 0, "max_sentences": None, **settings})
+    results = [
+        DirectionResult(direction=d, n=len(h), bleu=bleu(h, refs[d], d[-2:]), chrf=chrf_pp(h, refs[d]))
+        for d, h in hyps.items()
+    ]
+    rep = EvalReport(
+        label=label,
+        results=results,
+        hypotheses=hyps,
+        settings={"test_set": str(test_folder), "first_line": 0, "max_sentences": None, **settings},
+    )
     write_report(rep, out)
     return out / f"{label}.json"
 
@@ -109,6 +117,7 @@ def test_per_direction_numbers_are_sacrebleus_paired_bootstrap(runs):
             assert got["p_ar"] == pytest.approx(ar[name].p_value, abs=1e-12)
             # baseline interval: sacreBLEU's resampling of the baseline alone (same draws)
             import os
+
             os.environ["SACREBLEU_SEED"] = str(seed)
             try:
                 _, scores = _bootstrap_resample(bl_stats, metric, 300)
@@ -138,8 +147,9 @@ def test_groups_and_stratified_average(runs):
         assert one[k] == pytest.approx(direct[k], abs=1e-9), k
     # the average is the mean of the direction scores; a clearly better system is significant there
     allb = res["groups"]["all"]["systems"]["better"]
-    assert allb["chrf"]["score"] == pytest.approx(np.mean([res["directions"][d]["systems"]["better"]["chrf"]["score"]
-                                                           for d in ("de-en", "en-de", "fr-en")]))
+    assert allb["chrf"]["score"] == pytest.approx(
+        np.mean([res["directions"][d]["systems"]["better"]["chrf"]["score"] for d in ("de-en", "en-de", "fr-en")])
+    )
     assert allb["bleu"]["delta"] > 0 and allb["bleu"]["p_bs"] < 0.05 and allb["chrf"]["delta_ci"][0] > 0
     # identical outputs: zero difference, not significant
     same = res["groups"]["all"]["systems"]["same"]["bleu"]
@@ -152,8 +162,21 @@ def test_cli_writes_outputs_and_reads_references_from_test_set(runs, capsys):
     out = tmp / "cmp"
     p = argparse.ArgumentParser()
     C.add_compare_args(p)
-    args = p.parse_args([str(tmp / "base"), f"good={paths['better']}", "-o", str(out), "--bootstrap", "100",
-                         "--ar-trials", "100", "--seen", "de-en", "en-de"])
+    args = p.parse_args(
+        [
+            str(tmp / "base"),
+            f"good={paths['better']}",
+            "-o",
+            str(out),
+            "--bootstrap",
+            "100",
+            "--ar-trials",
+            "100",
+            "--seen",
+            "de-en",
+            "en-de",
+        ]
+    )
     assert C.run_compare(args) == 0
     res = json.loads((out / "compare.json").read_text())
     assert [s["label"] for s in res["systems"]] == ["base", "good"]
@@ -176,7 +199,8 @@ def test_cli_writes_outputs_and_reads_references_from_test_set(runs, capsys):
 def test_seen_directions_from_run_config(runs):
     tmp, folder, paths, refs = runs
     (tmp / "better" / "config.yaml").write_text(
-        "data:\n  train:\n    - kind: tatoeba\n      directions: [de-en, en-de]\nmethod: {name: mfti}\n")
+        "data:\n  train:\n    - kind: tatoeba\n      directions: [de-en, en-de]\nmethod: {name: mfti}\n"
+    )
     systems = C.load_systems([str(paths["base"]), str(paths["better"])])
     assert systems[1].trained_directions == ["de-en", "en-de"]
     res = C.compare(systems, samples=50, ar_trials=50, log=None)
@@ -203,8 +227,9 @@ def test_comet_path_with_a_segment_scorer(runs):
     assert "comet" in res["metrics"] and not any("COMET off" in n for n in res["notes"])
 
 
-@pytest.mark.parametrize("case", ["missing", "not_report", "short_hyps", "different_sentences", "one_system",
-                                  "bad_baseline", "seed0"])
+@pytest.mark.parametrize(
+    "case", ["missing", "not_report", "short_hyps", "different_sentences", "one_system", "bad_baseline", "seed0"]
+)
 def test_bad_inputs_raise_clear_errors(runs, case):
     tmp, folder, paths, refs = runs
     inputs, kw = [str(paths["base"]), str(paths["better"])], {}
@@ -239,8 +264,12 @@ def test_bad_inputs_raise_clear_errors(runs, case):
 
 
 def test_cli_exit_code_2_without_traceback(runs, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "mmt.cli", "compare", str(tmp_path / "nope"), str(tmp_path / "nope2")],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmt.cli", "compare", str(tmp_path / "nope"), str(tmp_path / "nope2")],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert proc.returncode == 2, proc.stderr
     assert "no such result file" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -252,8 +281,16 @@ def test_reads_demo_and_train_eval_layouts(tmp_path):
     demo = tmp_path / "demo"
     for k, label in enumerate(("before", "after", "fewshot")):
         _write_result(demo, label, folder, {d: _noisy(r, 0.3, seed=k) for d, r in refs.items()})
-    (demo / "demo_results.json").write_text(json.dumps({"config": {"data": {"train": [
-        {"kind": "tatoeba", "directions": ["de-en", "en-de"]}]}, "method": {"name": "mfti"}}}))
+    (demo / "demo_results.json").write_text(
+        json.dumps(
+            {
+                "config": {
+                    "data": {"train": [{"kind": "tatoeba", "directions": ["de-en", "en-de"]}]},
+                    "method": {"name": "mfti"},
+                }
+            }
+        )
+    )
     systems = C.load_systems([str(demo)])
     assert sorted(s.label for s in systems) == ["after", "before", "fewshot"]
     assert all(s.trained_directions == ["de-en", "en-de"] for s in systems)
@@ -263,5 +300,6 @@ def test_reads_demo_and_train_eval_layouts(tmp_path):
     systems = C.load_systems([str(demo / "before.json"), str(run)])
     assert [s.label for s in systems] == ["before", "mfti"] and systems[1].trained_directions == ["fr-en"]
     res = C.compare(systems, samples=50, ar_trials=50, log=None)
-    assert res["seen_directions"] == ["de-en", "en-de", "fr-en"] and any("different directions" in n
-                                                                          for n in res["notes"])
+    assert res["seen_directions"] == ["de-en", "en-de", "fr-en"] and any(
+        "different directions" in n for n in res["notes"]
+    )

@@ -53,8 +53,13 @@ def test_example_configs_load(name):
     cfg = load_config(REPO / "examples" / "configs" / name)
     assert cfg.method_name == "mfti"
     if name == "mfti_7b.yaml":  # the paper's defaults
-        assert (cfg.train.lr, cfg.train.batch_size, cfg.train.max_steps, cfg.data.max_length, cfg.data.template) == \
-            (5e-6, 80, 2000, 256, "T1")
+        assert (cfg.train.lr, cfg.train.batch_size, cfg.train.max_steps, cfg.data.max_length, cfg.data.template) == (
+            5e-6,
+            80,
+            2000,
+            256,
+            "T1",
+        )
         assert cfg.train.lr_schedule == "constant" and cfg.train.warmup_steps == 0
 
 
@@ -77,10 +82,13 @@ def test_every_shipped_config_loads(path):
 def test_yaml_values_are_coerced_to_field_types(tmp_path):
     """YAML 1.1 reads 1e-3 as a string and overrides arrive as text: both become the field's type."""
     f = tmp_path / "run.yaml"
-    f.write_text("train:\n  lr: 1e-3\n  max_steps: '10'\n  adam_betas: ['0.8', 0.9]\n  progress: 'false'\n"
-                 "eval:\n  max_sentences: null\n  template: T2\n"
-                 "data:\n  train:\n    - {kind: jsonl, path: x.jsonl, max_examples: '5'}\n"
-                 "method:\n  name: landermt\n  layers: ['1', 2]\n  specific_ratio: '0.2'\n", encoding="utf-8")
+    f.write_text(
+        "train:\n  lr: 1e-3\n  max_steps: '10'\n  adam_betas: ['0.8', 0.9]\n  progress: 'false'\n"
+        "eval:\n  max_sentences: null\n  template: T2\n"
+        "data:\n  train:\n    - {kind: jsonl, path: x.jsonl, max_examples: '5'}\n"
+        "method:\n  name: landermt\n  layers: ['1', 2]\n  specific_ratio: '0.2'\n",
+        encoding="utf-8",
+    )
     cfg = load_config(f, ["eval.num_beams=4", "method.scaled=yes"])
     assert cfg.train.lr == 1e-3 and type(cfg.train.lr) is float
     assert cfg.train.max_steps == 10 and type(cfg.train.max_steps) is int
@@ -90,17 +98,23 @@ def test_yaml_values_are_coerced_to_field_types(tmp_path):
     assert cfg.method.layers == [1, 2] and cfg.method.specific_ratio == 0.2 and cfg.method.scaled is True
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.max_steps=ten", "train.max_steps: expected an integer, got 'ten'"),
-    ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
-    ("train.progress=maybe", r"train.progress: expected a boolean \(true/false\), got 'maybe'"),
-    ("train.max_steps=true", "train.max_steps: expected an integer, got True"),
-    ("train.adam_betas=0.9", "train.adam_betas: expected a list of numbers, got 0.9"),
-    ("train.adam_betas=[0.9,x]", r"train.adam_betas\[1\]: expected a number, got 'x'"),
-    ("eval.max_sentences=lots", "eval.max_sentences: expected an integer or null, got 'lots'"),
-    ("data.train=[{kind: jsonl, max_examples: many}]", r"data.train\[0\].max_examples: expected an integer or null"),
-    ("method.lora=2", "method.lora: expected a boolean"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_steps=ten", "train.max_steps: expected an integer, got 'ten'"),
+        ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
+        ("train.progress=maybe", r"train.progress: expected a boolean \(true/false\), got 'maybe'"),
+        ("train.max_steps=true", "train.max_steps: expected an integer, got True"),
+        ("train.adam_betas=0.9", "train.adam_betas: expected a list of numbers, got 0.9"),
+        ("train.adam_betas=[0.9,x]", r"train.adam_betas\[1\]: expected a number, got 'x'"),
+        ("eval.max_sentences=lots", "eval.max_sentences: expected an integer or null, got 'lots'"),
+        (
+            "data.train=[{kind: jsonl, max_examples: many}]",
+            r"data.train\[0\].max_examples: expected an integer or null",
+        ),
+        ("method.lora=2", "method.lora: expected a boolean"),
+    ],
+)
 def test_impossible_values_name_key_value_and_type(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
@@ -131,10 +145,25 @@ def test_overrides_from_args_round_trip():
 
     from mmt.config import overrides_from_args
 
-    args = argparse.Namespace(overrides=["train.lr=1e-5"], model="runs/a b", directions=["de-en", "en-de"],
-                              shots=None, beams=4, flag=True, off=False)
-    ov = overrides_from_args(args, {"model": "model.name_or_path", "directions": "eval.directions",
-                                    "shots": "eval.shots", "beams": "eval.num_beams", "off": "train.progress"})
+    args = argparse.Namespace(
+        overrides=["train.lr=1e-5"],
+        model="runs/a b",
+        directions=["de-en", "en-de"],
+        shots=None,
+        beams=4,
+        flag=True,
+        off=False,
+    )
+    ov = overrides_from_args(
+        args,
+        {
+            "model": "model.name_or_path",
+            "directions": "eval.directions",
+            "shots": "eval.shots",
+            "beams": "eval.num_beams",
+            "off": "train.progress",
+        },
+    )
     assert ov[0] == "train.lr=1e-5" and len(ov) == 4
     cfg = load_config(None, ov)
     assert cfg.model.name_or_path == "runs/a b" and cfg.eval.directions == ["de-en", "en-de"]

@@ -53,8 +53,11 @@ def _wrong_values(tp: Any) -> list[str]:
     if base is None:
         return []
     if base is list:
-        args = typing.get_args(tp if typing.get_origin(tp) in (list, tuple) else
-                               next(a for a in typing.get_args(tp) if a is not type(None)))
+        args = typing.get_args(
+            tp
+            if typing.get_origin(tp) in (list, tuple)
+            else next(a for a in typing.get_args(tp) if a is not type(None))
+        )
         values = list(WRONG[list])
         if args and dataclasses.is_dataclass(args[0]):
             values += ["[5]", "[{kind: 3}]", "[{nope: 1}]"]
@@ -92,12 +95,15 @@ def run_yaml(tmp_path_factory, tok, jsonl_data):
     w = tmp_path_factory.mktemp("fuzz")
     save_model(tiny_model("llama", vocab=len(tok)), tok, w / "model")
     cfg = w / "run.yaml"
-    cfg.write_text(f"""
-model: {{name_or_path: {w / 'model'}}}
+    cfg.write_text(
+        f"""
+model: {{name_or_path: {w / "model"}}}
 data: {{data_dir: {w}, train: [{{kind: jsonl, path: {jsonl_data}}}]}}
-train: {{output_dir: {w / 'run'}, max_steps: 1, batch_size: 2, micro_batch_size: 2, save_every: 0, save_model: false,
+train: {{output_dir: {w / "run"}, max_steps: 1, batch_size: 2, micro_batch_size: 2, save_every: 0, save_model: false,
          progress: false, resume: never}}
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     return cfg
 
 
@@ -157,13 +163,21 @@ def test_odd_values_on_every_key_never_end_in_a_traceback(run_yaml, capsys, tmp_
     cases = []
     for section, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
-        cases += [("mfti", f"{section}.{f.name}", v) for f in dataclasses.fields(cls) for v in _odd_values(hints[f.name])]
+        cases += [
+            ("mfti", f"{section}.{f.name}", v) for f in dataclasses.fields(cls) for v in _odd_values(hints[f.name])
+        ]
     hints = typing.get_type_hints(DataSource)
-    cases += [("mfti", f"data.train.0.{f.name}", v) for f in dataclasses.fields(DataSource)
-              for v in _odd_values(hints[f.name])]
+    cases += [
+        ("mfti", f"data.train.0.{f.name}", v)
+        for f in dataclasses.fields(DataSource)
+        for v in _odd_values(hints[f.name])
+    ]
     hints = typing.get_type_hints(get_method("mfti").config)
-    cases += [("mfti", f"method.{f.name}", v) for f in dataclasses.fields(get_method("mfti").config)
-              for v in _odd_values(hints[f.name])]
+    cases += [
+        ("mfti", f"method.{f.name}", v)
+        for f in dataclasses.fields(get_method("mfti").config)
+        for v in _odd_values(hints[f.name])
+    ]
     random.Random(1).shuffle(cases)
     counts = {"tried": 0, "error": 0, "accepted": 0, "traceback": 0}
     bad = []

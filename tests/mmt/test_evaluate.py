@@ -19,8 +19,12 @@ def _sacrebleu_cli(tmp_path, args):
         pytest.skip("sacrebleu CLI not found")
     (tmp_path / "hyp.txt").write_text("\n".join(HYPS) + "\n", encoding="utf-8")
     (tmp_path / "ref.txt").write_text("\n".join(REFS) + "\n", encoding="utf-8")
-    out = subprocess.run([exe, str(tmp_path / "ref.txt"), "-i", str(tmp_path / "hyp.txt"), "-b", "-w", "4", *args],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [exe, str(tmp_path / "ref.txt"), "-i", str(tmp_path / "hyp.txt"), "-b", "-w", "4", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(out.stdout.strip())
 
 
@@ -29,8 +33,9 @@ def test_bleu_matches_sacrebleu_cli(tmp_path):
 
 
 def test_chrfpp_matches_sacrebleu_cli(tmp_path):
-    assert E.chrf_pp(HYPS, REFS) == pytest.approx(_sacrebleu_cli(tmp_path, ["-m", "chrf", "--chrf-word-order", "2"]),
-                                                  abs=1e-4)
+    assert E.chrf_pp(HYPS, REFS) == pytest.approx(
+        _sacrebleu_cli(tmp_path, ["-m", "chrf", "--chrf-word-order", "2"]), abs=1e-4
+    )
 
 
 def test_bleu_tokenizer_choice():
@@ -54,8 +59,10 @@ def test_postprocess_stops_at_newline():
 
 def test_generate_left_padding_is_batch_invariant(tok):
     m = tiny_model("llama", vocab=len(tok), seed=3)
-    prompts = [build_prompt("T1", "de", "en", "Hallo"),
-               build_prompt("T1", "de", "en", "Das ist ein viel längerer Satz mit vielen Wörtern.")]
+    prompts = [
+        build_prompt("T1", "de", "en", "Hallo"),
+        build_prompt("T1", "de", "en", "Das ist ein viel längerer Satz mit vielen Wörtern."),
+    ]
     alone = [E.generate(m, tok, [p], batch_size=1, max_new_tokens=6)[0] for p in prompts]
     batched = E.generate(m, tok, prompts, batch_size=2, max_new_tokens=6)
     assert batched == alone
@@ -82,8 +89,9 @@ def test_evaluate_on_folder_with_shots(tok, tmp_path):
     w(tmp_path / "dev" / "eng_Latn.txt.gz", ["Thanks.", "Please.", "Yes."])
     from mmt.config import EvalConfig
 
-    ec = EvalConfig(test_set="test", directions=["de-en"], shots=2, shots_from="dev", max_new_tokens=4,
-                    off_target=False)
+    ec = EvalConfig(
+        test_set="test", directions=["de-en"], shots=2, shots_from="dev", max_new_tokens=4, off_target=False
+    )
     m = tiny_model("llama", vocab=len(tok))
     rep = E.evaluate(m, tok, ec, data_dir=tmp_path, label="tiny", log=None, progress=False)
     assert rep.results[0].n == 2 and rep.settings["shots"] == 2

@@ -14,12 +14,14 @@ from mmt import experiment as X
 from mmt.errors import MmtError
 
 LANGS = {"en": "eng_Latn", "de": "deu_Latn", "fr": "fra_Latn"}
-ROWS = [("The cat sleeps.", "Die Katze schläft.", "Le chat dort."),
-        ("We are going home.", "Wir gehen nach Hause.", "Nous rentrons à la maison."),
-        ("It is raining again.", "Es regnet wieder.", "Il pleut encore."),
-        ("I am reading a book.", "Ich lese ein Buch.", "Je lis un livre."),
-        ("The weather is nice today.", "Das Wetter ist heute schön.", "Il fait beau aujourd'hui."),
-        ("Where is the station?", "Wo ist der Bahnhof?", "Où est la gare ?")]
+ROWS = [
+    ("The cat sleeps.", "Die Katze schläft.", "Le chat dort."),
+    ("We are going home.", "Wir gehen nach Hause.", "Nous rentrons à la maison."),
+    ("It is raining again.", "Es regnet wieder.", "Il pleut encore."),
+    ("I am reading a book.", "Ich lese ein Buch.", "Je lis un livre."),
+    ("The weather is nice today.", "Das Wetter ist heute schön.", "Il fait beau aujourd'hui."),
+    ("Where is the station?", "Wo ist der Bahnhof?", "Où est la gare ?"),
+]
 
 
 def _flores(folder: Path, rows) -> None:
@@ -58,7 +60,7 @@ eval: {{test_set: flores/devtest, directions: [de-en, en-de], max_sentences: 3, 
 def _experiment(root: Path, extra: str = "", budget: str = "{steps: 4, batch_size: 4}") -> Path:
     p = root / "exp.yaml"
     p.write_text(f"""
-output_dir: {root / 'out'}
+output_dir: {root / "out"}
 budget: {budget}
 selection: {{dev_set: flores/dev, max_sentences: 2, every: 2, metric: chrf}}
 eval: {{directions: [de-en, en-de, fr-en]}}   # fr-en is not trained: unseen
@@ -157,8 +159,11 @@ def test_budget_force_and_check(setup):
     assert (cfg.train.max_steps, cfg.train.batch_size, cfg.train.micro_batch_size) == (6, 4, 4)
     assert cfg.train.save_every == 2 and cfg.train.keep_last >= 4 and b["examples"] == 24
     exp = X.load_experiment(_experiment(setup, budget="{steps: 6, batch_size: 4, enforce: check}"))
-    with pytest.raises(MmtError, match=r"does not match the budget: train.batch_size=8 \(budget 4\); "
-                                       r"train.max_steps=100 \(budget 6 steps\)"):
+    with pytest.raises(
+        MmtError,
+        match=r"does not match the budget: train.batch_size=8 \(budget 4\); "
+        r"train.max_steps=100 \(budget 6 steps\)",
+    ):
         X.Runner(exp).run_config(0, exp.runs[0])
 
 
@@ -187,21 +192,33 @@ def test_checkpoint_loader_refuses_a_foreign_checkpoint(tmp_path, tok):
         X.load_checkpoint_weights(m, tmp_path)
 
 
-@pytest.mark.parametrize("text, match", [
-    ("budget: {batch_size: 4}\nruns: [{label: a, config: full.yaml}]", "exactly one of 'steps'"),
-    ("budget: {steps: 4}\nruns: [{label: a, config: full.yaml}]", "budget.batch_size: required"),
-    ("budget: {steps: 0, batch_size: 4}\nruns: [{label: a, config: full.yaml}]", "budget.steps: must be an integer"),
-    ("budget: {steps: 4, batch_size: 4}\nrunz: []", "unknown key 'runz'"),
-    ("budget: {steps: 4, batch_size: 4}\nruns: [{label: a, config: nope.yaml}]", "nope.yaml not found"),
-    ("budget: {steps: 4, batch_size: 4}\nruns: [{label: a, config: full.yaml}, {label: a, config: lora.yaml}]",
-     "labels must be unique"),
-    ("budget: {steps: 4, batch_size: 4}\nruns: [{label: 'a b', config: full.yaml}]", "it names files"),
-    ("budget: {steps: 4, batch_size: 4}\nruns: [{label: a, config: full.yaml}]\ncompare: {baseline: zz}",
-     "compare.baseline 'zz'"),
-    ("budget: {steps: 4, batch_size: 4}\nselection: {metric: ter}\nruns: [{label: a, config: full.yaml}]",
-     "selection.metric"),
-    ("budget: [", "invalid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("budget: {batch_size: 4}\nruns: [{label: a, config: full.yaml}]", "exactly one of 'steps'"),
+        ("budget: {steps: 4}\nruns: [{label: a, config: full.yaml}]", "budget.batch_size: required"),
+        (
+            "budget: {steps: 0, batch_size: 4}\nruns: [{label: a, config: full.yaml}]",
+            "budget.steps: must be an integer",
+        ),
+        ("budget: {steps: 4, batch_size: 4}\nrunz: []", "unknown key 'runz'"),
+        ("budget: {steps: 4, batch_size: 4}\nruns: [{label: a, config: nope.yaml}]", "nope.yaml not found"),
+        (
+            "budget: {steps: 4, batch_size: 4}\nruns: [{label: a, config: full.yaml}, {label: a, config: lora.yaml}]",
+            "labels must be unique",
+        ),
+        ("budget: {steps: 4, batch_size: 4}\nruns: [{label: 'a b', config: full.yaml}]", "it names files"),
+        (
+            "budget: {steps: 4, batch_size: 4}\nruns: [{label: a, config: full.yaml}]\ncompare: {baseline: zz}",
+            "compare.baseline 'zz'",
+        ),
+        (
+            "budget: {steps: 4, batch_size: 4}\nselection: {metric: ter}\nruns: [{label: a, config: full.yaml}]",
+            "selection.metric",
+        ),
+        ("budget: [", "invalid YAML"),
+    ],
+)
 def test_bad_experiment_files(setup, text, match):
     p = setup / "bad.yaml"
     p.write_text(text)

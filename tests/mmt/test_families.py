@@ -20,8 +20,16 @@ import pytest
 import torch
 
 FAMILIES = ["llama", "mistral", "qwen2", "gemma3", "gpt2", "bloom", "xglm"]
-VARIANTS = ["mfti_full", "mfti_lora", "landermt_ffn", "landermt_output", "landermt_ffn_car", "mixmoe_stage1",
-            "mixmoe_stage2", "directional_merged"]
+VARIANTS = [
+    "mfti_full",
+    "mfti_lora",
+    "landermt_ffn",
+    "landermt_output",
+    "landermt_ffn_car",
+    "mixmoe_stage1",
+    "mixmoe_stage2",
+    "directional_merged",
+]
 DIRECTIONS = ["de-en", "en-fr"]
 SENTS = {
     "deu_Latn": ["Das Wetter ist heute schön.", "Ich lese ein Buch.", "Die Katze schläft.", "Wo ist der Bahnhof?"],
@@ -31,13 +39,30 @@ SENTS = {
 ISO = {"deu_Latn": "de", "eng_Latn": "en", "fra_Latn": "fr"}
 METHOD = {
     "mfti_full": ["method.name=mfti"],
-    "mfti_lora": ["method.name=mfti", "method.lora=true", "method.lora_r=4", "method.lora_alpha=8",
-                  "method.lora_dropout=0.0"],
-    "landermt_ffn": ["method.name=landermt", "method.layers=[1]", "method.languages=[de,en,fr]",
-                     "method.detect_batch_size=2", "method.detect_max_length=32", "method.specific_ratio=0.25"],
+    "mfti_lora": [
+        "method.name=mfti",
+        "method.lora=true",
+        "method.lora_r=4",
+        "method.lora_alpha=8",
+        "method.lora_dropout=0.0",
+    ],
+    "landermt_ffn": [
+        "method.name=landermt",
+        "method.layers=[1]",
+        "method.languages=[de,en,fr]",
+        "method.detect_batch_size=2",
+        "method.detect_max_length=32",
+        "method.specific_ratio=0.25",
+    ],
     "mixmoe_stage1": ["method.name=mixmoe", "method.stage=1", "method.n_freq=8", "method.layers=[1]"],
-    "directional_merged": ["method.name=directional", "method.groups={g1: [de], g4: [fr]}", "method.lora_r=4",
-                           "method.lora_alpha=8", "method.lora_dropout=0.0", "method.merge_density=0.5"],
+    "directional_merged": [
+        "method.name=directional",
+        "method.groups={g1: [de], g4: [fr]}",
+        "method.lora_r=4",
+        "method.lora_alpha=8",
+        "method.lora_dropout=0.0",
+        "method.merge_density=0.5",
+    ],
 }
 METHOD["landermt_output"] = METHOD["landermt_ffn"] + ["method.neuron_kind=output"]
 METHOD["landermt_ffn_car"] = METHOD["landermt_ffn"] + ["method.car=true"]
@@ -60,10 +85,15 @@ def family_data(tmp_path_factory) -> Path:
         (mono / f"{code}.txt").write_text("\n".join(lines * 2) + "\n", encoding="utf-8")
     with open(root / "train.jsonl", "w", encoding="utf-8") as fh:
         for i in range(4):
-            for s, t in (("deu_Latn", "eng_Latn"), ("fra_Latn", "eng_Latn"), ("eng_Latn", "deu_Latn"),
-                         ("eng_Latn", "fra_Latn")):
-                fh.write(json.dumps({"src_lang": ISO[s], "tgt_lang": ISO[t], "src": SENTS[s][i],
-                                     "tgt": SENTS[t][i]}) + "\n")
+            for s, t in (
+                ("deu_Latn", "eng_Latn"),
+                ("fra_Latn", "eng_Latn"),
+                ("eng_Latn", "deu_Latn"),
+                ("eng_Latn", "fra_Latn"),
+            ):
+                fh.write(
+                    json.dumps({"src_lang": ISO[s], "tgt_lang": ISO[t], "src": SENTS[s][i], "tgt": SENTS[t][i]}) + "\n"
+                )
     return root
 
 
@@ -74,11 +104,28 @@ def _config(variant: str, data: Path, out: Path, extra: list[str] = ()):
         train = f"data.train=[{{kind: mono, path: {data / 'mono'}, directions: [de, en, fr]}}]"
     else:
         train = f"data.train=[{{kind: jsonl, path: {data / 'train.jsonl'}}}]"
-    return load_config(None, [train, f"data.data_dir={data}", "data.max_length=48", f"train.output_dir={out}",
-                              "train.max_steps=2", "train.batch_size=4", "train.micro_batch_size=2",
-                              "train.save_every=1", "train.keep_last=2", "train.lr=1e-2", "train.progress=false",
-                              "eval.max_new_tokens=8", "eval.off_target=false", "eval.max_sentences=2",
-                              f"eval.directions=[{','.join(DIRECTIONS)}]", *METHOD[variant], *extra])
+    return load_config(
+        None,
+        [
+            train,
+            f"data.data_dir={data}",
+            "data.max_length=48",
+            f"train.output_dir={out}",
+            "train.max_steps=2",
+            "train.batch_size=4",
+            "train.micro_batch_size=2",
+            "train.save_every=1",
+            "train.keep_last=2",
+            "train.lr=1e-2",
+            "train.progress=false",
+            "eval.max_new_tokens=8",
+            "eval.off_target=false",
+            "eval.max_sentences=2",
+            f"eval.directions=[{','.join(DIRECTIONS)}]",
+            *METHOD[variant],
+            *extra,
+        ],
+    )
 
 
 def _logits(model, ids, path: Path) -> str:
@@ -99,8 +146,9 @@ def _logits(model, ids, path: Path) -> str:
 def _hyps(model, tok, cfg) -> dict[str, list[str]]:
     from mmt.evaluate import evaluate
 
-    rep = evaluate(model, tok, cfg.eval, template=cfg.data.template, data_dir=cfg.data.data_dir, progress=False,
-                   log=None)
+    rep = evaluate(
+        model, tok, cfg.eval, template=cfg.data.template, data_dir=cfg.data.data_dir, progress=False, log=None
+    )
     return rep.hypotheses
 
 
@@ -132,13 +180,16 @@ def _train_cell(family: str, variant: str, data: Path, out: Path, tok, stage1: d
         stage1["out"] = str(out)
     final = merge_lora(trained)
     ckpts = sorted((out / "checkpoints").iterdir())
-    models = [{"path": str(out / "final"), "logits": _logits(final, ids, out / "ref-final.safetensors")},
-              {"path": str(ckpts[-1]), "logits": str(out / "ref-final.safetensors")}]
+    models = [
+        {"path": str(out / "final"), "logits": _logits(final, ids, out / "ref-final.safetensors")},
+        {"path": str(ckpts[-1]), "logits": str(out / "ref-final.safetensors")},
+    ]
     if len(ckpts) > 1:
         first = merge_lora(_at_checkpoint(trained, ckpts[0]))
         models.append({"path": str(ckpts[0]), "logits": _logits(first, ids, out / "ref-ckpt0.safetensors")})
-    evals = [{"model": str(out / "final"), "output_dir": str(out / "eval-reloaded"),
-              "hypotheses": _hyps(final, tok, cfg)}]
+    evals = [
+        {"model": str(out / "final"), "output_dir": str(out / "eval-reloaded"), "hypotheses": _hyps(final, tok, cfg)}
+    ]
     return {"input_ids": ids.tolist(), "directions": DIRECTIONS, "models": models, "evals": evals}
 
 
@@ -146,8 +197,7 @@ def _train_directional(model, tok, data: Path, out: Path, ids) -> dict:
     from mmt.export import export_directional
     from mmt.methods.directional import DirectionGate, evaluate_gated, run_directional
 
-    cfg = _config("directional_merged", data, out,
-                  [f"model.name_or_path={out / 'base'}"])
+    cfg = _config("directional_merged", data, out, [f"model.name_or_path={out / 'base'}"])
     from mmt.models import save_model
 
     save_model(model, tok, out / "base")  # the gate reloads the base from model.name_or_path
@@ -159,10 +209,17 @@ def _train_directional(model, tok, data: Path, out: Path, ids) -> dict:
     for i, direction in enumerate(DIRECTIONS):
         routed = gate.model_for(*direction.split("-"), base_model=copy.deepcopy(model))
         name = json.loads((exported / "directional.json").read_text())["gate"][direction]
-        models.append({"path": str(exported / name), "logits": _logits(routed, ids, out / f"ref-{i}.safetensors"),
-                       "only": direction})
-    evals = [{"model": str(out), "output_dir": str(out / "eval-run"), "hypotheses": gated.hypotheses},
-             {"model": str(exported), "output_dir": str(out / "eval-export"), "hypotheses": gated.hypotheses}]
+        models.append(
+            {
+                "path": str(exported / name),
+                "logits": _logits(routed, ids, out / f"ref-{i}.safetensors"),
+                "only": direction,
+            }
+        )
+    evals = [
+        {"model": str(out), "output_dir": str(out / "eval-run"), "hypotheses": gated.hypotheses},
+        {"model": str(exported), "output_dir": str(out / "eval-export"), "hypotheses": gated.hypotheses},
+    ]
     return {"input_ids": ids.tolist(), "directions": DIRECTIONS, "models": models, "evals": evals}
 
 
@@ -194,8 +251,13 @@ def matrix(tmp_path_factory, family_data, tok):
             cells = _train_family(family, root, family_data, tok)
         (root / "cells.json").write_text(json.dumps(cells))
         worker = Path(__file__).with_name("_family_worker.py")
-        proc = subprocess.run([sys.executable, str(worker), str(root / "cells.json")], capture_output=True, text=True,
-                              env={**os.environ, "MMT_DATA_DIR": str(family_data)}, timeout=900)
+        proc = subprocess.run(
+            [sys.executable, str(worker), str(root / "cells.json")],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "MMT_DATA_DIR": str(family_data)},
+            timeout=900,
+        )
         results_file = root / "results.json"
         if not results_file.exists():
             raise AssertionError(f"family worker crashed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")

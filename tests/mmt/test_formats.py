@@ -12,14 +12,19 @@ from mmt.data.readers import load_alma_json, load_source
 from mmt.data.summary import summarize
 from mmt.errors import DataError
 
-RECORDS = [{"translation": {"de": "Das Wetter ist schön.", "en": "The weather is nice."}},
-           {"translation": {"de": "Wo ist der Bahnhof?", "en": "Where is the train station?"}},
-           {"translation": {"deu_Latn": "Ich lese.", "eng_Latn": "I read."}}]
+RECORDS = [
+    {"translation": {"de": "Das Wetter ist schön.", "en": "The weather is nice."}},
+    {"translation": {"de": "Wo ist der Bahnhof?", "en": "Where is the train station?"}},
+    {"translation": {"deu_Latn": "Ich lese.", "eng_Latn": "I read."}},
+]
 
 
 def _alma(path, records=RECORDS, bom=False, array=False):
-    text = json.dumps(records, ensure_ascii=False) if array else "".join(
-        json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    text = (
+        json.dumps(records, ensure_ascii=False)
+        if array
+        else "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    )
     path.write_text(("\ufeff" if bom else "") + text, encoding="utf-8")
     return path
 
@@ -41,13 +46,16 @@ def test_alma_directions_select(tmp_path):
         load_alma_json(path)
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"translation": {"de": "a", "en": "b"}}\n{"translation": \n', r":2: invalid JSON"),
-    ('{"src": "a"}\n', r":1: expected an object with a 'translation' mapping"),
-    ('{"translation": {"de": "a", "klingon": "b"}}\n', r":1: unknown language code 'klingon'"),
-    ('{"translation": {"de": "a", "en": 3}}\n', r":1: translation\['en'\] must be a string"),
-    ('{"translation": {"de": "a", "en": " "}}\n', r":1: empty text"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"translation": {"de": "a", "en": "b"}}\n{"translation": \n', r":2: invalid JSON"),
+        ('{"src": "a"}\n', r":1: expected an object with a 'translation' mapping"),
+        ('{"translation": {"de": "a", "klingon": "b"}}\n', r":1: unknown language code 'klingon'"),
+        ('{"translation": {"de": "a", "en": 3}}\n', r":1: translation\['en'\] must be a string"),
+        ('{"translation": {"de": "a", "en": " "}}\n', r":1: empty text"),
+    ],
+)
 def test_alma_errors_name_file_and_line(tmp_path, content, message):
     p = tmp_path / "bad.json"
     p.write_text(content, encoding="utf-8")
@@ -83,8 +91,9 @@ def test_hf_local_data_files_and_saved_dataset(tmp_path):
     assert sorted({e.direction for e in exs}) == [("de", "en"), ("en", "de")] and len(exs) == 6
     flat = tmp_path / "flat.csv"
     flat.write_text("\ufeffquelle,ziel\nHallo,Hello\nDanke,Thanks\n", encoding="utf-8")
-    exs = load_source(DataSource(kind="hf", path=str(flat), directions=["de-en"], src_field="quelle",
-                                 tgt_field="ziel"), None)
+    exs = load_source(
+        DataSource(kind="hf", path=str(flat), directions=["de-en"], src_field="quelle", tgt_field="ziel"), None
+    )
     assert [(e.src, e.tgt) for e in exs] == [("Hallo", "Hello"), ("Danke", "Thanks")]
     saved = tmp_path / "saved"
     rows = datasets.load_dataset("json", data_files=str(_alma(tmp_path / "two.jsonl", RECORDS[:2])), split="train")
@@ -108,8 +117,10 @@ def test_hf_without_datasets_names_the_extra(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------
 # prompt formats: chat templates and several instruction templates
 
-CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 @pytest.fixture
@@ -149,6 +160,7 @@ def test_several_templates_drawn_per_example_with_the_seed(tmp_path, tok):
     from mmt.data import PromptBuilder, build_prompt
 
     names = ["T1", "T3", "alma"]
+
     def draws(seed):
         builder = PromptBuilder(names, tok, seed=seed)
         return [builder("de", "en", "x") for _ in range(60)]

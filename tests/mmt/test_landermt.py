@@ -1,5 +1,6 @@
 """LANDeRMT on tiny Llama / Qwen2 / Gemma3 / GPT-2 models: units, detection, categorisation, strict selective
 fine-tuning per language pair, CAR, the neuron file, and the `mmt detect` / `mmt train` entry points."""
+
 from __future__ import annotations
 
 import gzip
@@ -13,10 +14,12 @@ from mmt.methods.base import StepInfo
 from mmt.models import find_ffn
 from mmt.testing import tiny_model
 
-PAIRS = [("de", "en", "Das Wetter ist heute schön.", "The weather is nice today."),
-         ("en", "de", "Where is the train station?", "Wo ist der Bahnhof?"),
-         ("fr", "en", "Les enfants jouent dans le jardin.", "The children are playing in the garden."),
-         ("en", "fr", "I would like a cup of coffee.", "Je voudrais une tasse de café.")]
+PAIRS = [
+    ("de", "en", "Das Wetter ist heute schön.", "The weather is nice today."),
+    ("en", "de", "Where is the train station?", "Wo ist der Bahnhof?"),
+    ("fr", "en", "Les enfants jouent dans le jardin.", "The children are playing in the garden."),
+    ("en", "fr", "I would like a cup of coffee.", "Je voudrais une tasse de café."),
+]
 
 ARCHS = ["llama", "qwen2", "gemma3", "gpt2"]
 SENTS = {
@@ -80,8 +83,9 @@ def test_detection_matches_stored_activation_taylor(arch, tok):
             a = store["a"]
             a.retain_grad()
             logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                     ignore_index=-100)
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+            )
             loss.backward()
             expected[li] += (a.detach().double() * a.grad.double()).abs()[0].mean(0)
     torch.testing.assert_close(nmap.importance[unit.name].double(), expected, rtol=1e-4, atol=1e-9)
@@ -92,7 +96,6 @@ def test_detection_matches_stored_activation_taylor(arch, tok):
     assert set(torch.nonzero(own >= 0).flatten().tolist()) == top
     for j in top:
         assert int(own[j]) == int(expected[:, j].argmax())
-
 
 
 def test_output_neurons_of_per_head_norms_match_stored_activations(tok):
@@ -114,8 +117,9 @@ def test_output_neurons_of_per_head_norms_match_stored_activations(tok):
             a = store["a"]  # [1, H, T, D]
             a.retain_grad()
             logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
-            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                              ignore_index=-100).backward()
+            torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+            ).backward()
             t = a.shape[2]  # mean over tokens, summed over heads
             expected[li] += (a.detach().double() * a.grad.double()).abs()[0].sum(0).sum(0) / t
     torch.testing.assert_close(nmap.importance[name].double(), expected, rtol=1e-4, atol=1e-9)
@@ -134,6 +138,7 @@ def test_car_at_step_zero_is_the_pretrained_model(arch, tok, data_dir, tmp_path)
     assert torch.equal(model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits, ref)
     _step(model.train(), plan, opt, tok, ("de", "en"))  # and the gate trains on every layout
     assert any(float(m.car_gate.weight.abs().sum()) > 0 for m in model.modules() if hasattr(m, "car_gate"))
+
 
 def test_select_layers_returns_the_biggest_changes(tok):
     model = _model("llama", tok, layers=4)
@@ -163,8 +168,14 @@ def test_neuron_file_round_trip_and_plot(tok, data_dir, tmp_path):
 
 def _prepared(arch, tok, data_dir, tmp_path, **kw):
     model = _model(arch, tok)
-    dcfg = lm.Config(layers=[1], languages=["de", "en", "fr"], detect_batch_size=2, detect_max_length=32,
-                     specific_ratio=0.25, neuron_kind=kw.pop("neuron_kind", "ffn"))
+    dcfg = lm.Config(
+        layers=[1],
+        languages=["de", "en", "fr"],
+        detect_batch_size=2,
+        detect_max_length=32,
+        specific_ratio=0.25,
+        neuron_kind=kw.pop("neuron_kind", "ffn"),
+    )
     nmap = lm.run_detection(model, tok, dcfg, data_dir=data_dir, progress=False)
     path = nmap.save(tmp_path / f"{arch}.safetensors")
     cfg = lm.Config(neurons_file=str(path), neuron_kind=dcfg.neuron_kind, **kw)
@@ -203,7 +214,7 @@ def test_strict_selective_finetuning(arch, tok, data_dir, tmp_path):
     for name, nd in unit.params:
         p, b = params[name].detach(), before[name]
         view = (lambda t: t) if (p.dim() == 1 or nd == 0) else (lambda t: t.t())  # noqa: E731
-        assert torch.equal(view(p)[frozen], view(b)[frozen]), name   # other languages' neurons: bit-identical
+        assert torch.equal(view(p)[frozen], view(b)[frozen]), name  # other languages' neurons: bit-identical
         assert not torch.equal(view(p)[~frozen], view(b)[~frozen]), name
     for name, p in params.items():
         in_layer1 = ".1." in name
@@ -219,9 +230,9 @@ def test_pair_switch_and_variants(tok, data_dir, tmp_path):
     p = next(iter(sel_de))
     owner = nmap.owner[unit.name]
     want_de = torch.nonzero((owner == nmap.languages.index("de")) | (owner == nmap.languages.index("en"))).flatten()
-    assert torch.equal(sel_de[p], want_de)                      # LANDeRMT-LS: specific only
+    assert torch.equal(sel_de[p], want_de)  # LANDeRMT-LS: specific only
     assert not torch.equal(sel_de[p], sel_fr[p])
-    assert torch.all(scl_de[p] > 0)                              # importance scales, one per selected neuron
+    assert torch.all(scl_de[p] > 0)  # importance scales, one per selected neuron
     _step(model, plan, opt, tok, ("de", "en"))
     _step(model, plan, opt, tok, ("fr", "en"))
     st = opt.state[p]
@@ -288,12 +299,40 @@ def test_cli_detect_then_train(tok_dir, tok, data_dir, tmp_path):
                 fh.write(json.dumps({"src_lang": s, "tgt_lang": t, "src": f"{a} {i}", "tgt": f"{b} {i}"}) + "\n")
     neurons = tmp_path / "neurons.safetensors"
     common = [f"model.name_or_path={model_dir}", f"data.data_dir={data_dir}"]
-    rc = main(["detect", "--languages", "de", "en", "fr", "--layers", "1", "2", "-o", str(neurons),
-               "method.detect_batch_size=2", "method.detect_max_length=32", *common])
+    rc = main(
+        [
+            "detect",
+            "--languages",
+            "de",
+            "en",
+            "fr",
+            "--layers",
+            "1",
+            "2",
+            "-o",
+            str(neurons),
+            "method.detect_batch_size=2",
+            "method.detect_max_length=32",
+            *common,
+        ]
+    )
     assert rc == 0 and neurons.is_file() and neurons.with_suffix(".png").is_file()
-    rc = main(["train", "--method", "landermt", *common, f"data.train=[{{kind: jsonl, path: {train}}}]",
-               f"method.neurons_file={neurons}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=4",
-               "train.batch_size=4", "train.micro_batch_size=2", "train.progress=false", "train.save_every=0",
-               "train.lr=1e-3"])
+    rc = main(
+        [
+            "train",
+            "--method",
+            "landermt",
+            *common,
+            f"data.train=[{{kind: jsonl, path: {train}}}]",
+            f"method.neurons_file={neurons}",
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.max_steps=4",
+            "train.batch_size=4",
+            "train.micro_batch_size=2",
+            "train.progress=false",
+            "train.save_every=0",
+            "train.lr=1e-3",
+        ]
+    )
     assert rc == 0
     assert (tmp_path / "run" / "final" / "landermt_neurons.safetensors").is_file()

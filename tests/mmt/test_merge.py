@@ -1,4 +1,5 @@
 """mmt merge: streaming checkpoint merge (bit-exact linear, loadable output, atomicity, errors) and LoRA merge."""
+
 from __future__ import annotations
 
 import json
@@ -51,21 +52,35 @@ def ckpts(tmp_path_factory):
 
 
 def _cfg(ckpts, out, **kw):
-    raw = dict(method="ties", base_model=str(ckpts["base"]), models=[str(ckpts[f"ft{i}"]) for i in range(3)],
-               density=0.3, output=str(out), shard_size="30KB")
+    raw = dict(
+        method="ties",
+        base_model=str(ckpts["base"]),
+        models=[str(ckpts[f"ft{i}"]) for i in range(3)],
+        density=0.3,
+        output=str(out),
+        shard_size="30KB",
+    )
     raw.update(kw)
     return mm.MergeConfig.from_dict(raw)
 
 
 def test_linear_of_one_model_is_bit_identical(ckpts, tmp_path):
-    cfg = mm.MergeConfig.from_dict(dict(method="linear", models=[{"path": str(ckpts["ft0"]), "weight": 1.0}],
-                                        output=str(tmp_path / "out"), shard_size="25KB"))
+    cfg = mm.MergeConfig.from_dict(
+        dict(
+            method="linear",
+            models=[{"path": str(ckpts["ft0"]), "weight": 1.0}],
+            output=str(tmp_path / "out"),
+            shard_size="25KB",
+        )
+    )
     mm.merge_checkpoints(cfg, progress=False)
     got, want = _state(tmp_path / "out"), _state(ckpts["ft0"])
     assert got.keys() == want.keys()
     for k in want:
-        assert torch.equal(got[k].view(torch.uint8) if got[k].dtype != torch.bool else got[k],
-                           want[k].view(torch.uint8) if want[k].dtype != torch.bool else want[k]), k
+        assert torch.equal(
+            got[k].view(torch.uint8) if got[k].dtype != torch.bool else got[k],
+            want[k].view(torch.uint8) if want[k].dtype != torch.bool else want[k],
+        ), k
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
 
 
@@ -80,8 +95,15 @@ def test_merged_checkpoint_loads_and_matches_kernel(ckpts, tmp_path, method):
     base, fts = _state(ckpts["base"]), [_state(ckpts[f"ft{i}"]) for i in range(3)]
     sd = model.state_dict()
     name = "model.layers.1.mlp.down_proj.weight"
-    want = kmerge.merge([f[name] for f in fts], base[name], method=method, density=0.3, lam=0.8,
-                        seed=mm.tensor_seed(4, name), backend="reference")
+    want = kmerge.merge(
+        [f[name] for f in fts],
+        base[name],
+        method=method,
+        density=0.3,
+        lam=0.8,
+        seed=mm.tensor_seed(4, name),
+        backend="reference",
+    )
     torch.testing.assert_close(sd[name], want, rtol=0, atol=0)
     out = model(torch.tensor([[1, 5, 9]])).logits
     assert torch.isfinite(out).all()
@@ -115,8 +137,15 @@ def test_failed_merge_leaves_no_output(ckpts, tmp_path, monkeypatch):
 
 def test_killed_merge_leaves_no_complete_looking_output(ckpts, tmp_path):
     out = tmp_path / "out"
-    cfg = json.dumps(dict(method="ties", base_model=str(ckpts["base"]),
-                          models=[str(ckpts[f"ft{i}"]) for i in range(3)], density=0.3, output=str(out)))
+    cfg = json.dumps(
+        dict(
+            method="ties",
+            base_model=str(ckpts["base"]),
+            models=[str(ckpts[f"ft{i}"]) for i in range(3)],
+            density=0.3,
+            output=str(out),
+        )
+    )
     code = f"""
 import json, time, mmt.merge as mm, mmt_kernels.merge as km
 real = km.merge
@@ -149,13 +178,15 @@ def test_mismatched_checkpoints_name_tensor_and_file(ckpts, tmp_path):
     deep = _save(tiny_model("llama", vocab=128, hidden=32, layers=3, intermediate=64), tmp_path / "deep")
     with pytest.raises(mm.MergeError, match=r"has tensor 'model\.layers\.2\."):
         mm.merge_checkpoints(_cfg(ckpts, tmp_path / "o", models=[str(ckpts["ft0"]), str(deep)]), progress=False)
-    half = _save(tiny_model("llama", vocab=128, hidden=32, layers=2, intermediate=64), tmp_path / "half",
-                 dtype=torch.float16)
+    half = _save(
+        tiny_model("llama", vocab=128, hidden=32, layers=2, intermediate=64), tmp_path / "half", dtype=torch.float16
+    )
     with pytest.raises(mm.MergeError, match=r"dtype torch\.float16 in .*half.* set `dtype:`"):
         mm.merge_checkpoints(_cfg(ckpts, tmp_path / "o", models=[str(ckpts["ft0"]), str(half)]), progress=False)
     # with dtype set, mixes are converted
-    mm.merge_checkpoints(_cfg(ckpts, tmp_path / "o", models=[str(ckpts["ft0"]), str(half)], dtype="float32"),
-                         progress=False)
+    mm.merge_checkpoints(
+        _cfg(ckpts, tmp_path / "o", models=[str(ckpts["ft0"]), str(half)], dtype="float32"), progress=False
+    )
     assert not list(tmp_path.glob(".o.tmp-*"))
 
 
@@ -192,8 +223,10 @@ def test_cli(ckpts, tmp_path, capsys):
     from mmt.cli import main
 
     cfg = tmp_path / "merge.yaml"
-    cfg.write_text(f"method: ties\nbase_model: {ckpts['base']}\nmodels:\n  - {ckpts['ft0']}\n  - path: {ckpts['ft1']}\n"
-                   f"    weight: 0.5\ndensity: 0.2\noutput: {tmp_path / 'cli_out'}\n")
+    cfg.write_text(
+        f"method: ties\nbase_model: {ckpts['base']}\nmodels:\n  - {ckpts['ft0']}\n  - path: {ckpts['ft1']}\n"
+        f"    weight: 0.5\ndensity: 0.2\noutput: {tmp_path / 'cli_out'}\n"
+    )
     assert main(["merge", str(cfg), "density=0.4", "--no-progress"]) == 0
     assert "merged 2 models with ties" in capsys.readouterr().out
     assert main(["merge", str(cfg), "--no-progress"]) == 2  # exists
@@ -201,6 +234,7 @@ def test_cli(ckpts, tmp_path, capsys):
 
 
 # ---- LoRA adapters ----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
@@ -211,8 +245,10 @@ def adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     paths = []
     for i in range(2):
-        m = get_peft_model(tiny_model("llama", vocab=128, hidden=32, layers=2, intermediate=64),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+        m = get_peft_model(
+            tiny_model("llama", vocab=128, hidden=32, layers=2, intermediate=64),
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]),
+        )
         g = torch.Generator().manual_seed(10 + i)
         with torch.no_grad():
             for n, p in m.named_parameters():
@@ -229,8 +265,15 @@ def _dense_deltas(path):
 
 
 def test_lora_svd_merge_full_rank_is_the_dense_merge(adapters, tmp_path):
-    cfg = mm.MergeConfig.from_dict(dict(method="task_arithmetic", adapters=[str(p) for p in adapters],
-                                        lora_mode="svd", rank=8, output=str(tmp_path / "ad")))
+    cfg = mm.MergeConfig.from_dict(
+        dict(
+            method="task_arithmetic",
+            adapters=[str(p) for p in adapters],
+            lora_mode="svd",
+            rank=8,
+            output=str(tmp_path / "ad"),
+        )
+    )
     report = mm.merge_lora_adapters(cfg, progress=False)
     assert "SVD truncation to rank 8" in report.summary()
     d0, d1, got = _dense_deltas(adapters[0]), _dense_deltas(adapters[1]), _dense_deltas(tmp_path / "ad")
@@ -245,11 +288,19 @@ def test_lora_ties_svd_and_factor_load_in_peft(adapters, tmp_path):
     from mmt.testing import tiny_model
 
     for mode in ("svd", "factor"):
-        cfg = mm.MergeConfig.from_dict(dict(method="ties", adapters=[str(p) for p in adapters], lora_mode=mode,
-                                            density=0.5, output=str(tmp_path / mode)))
+        cfg = mm.MergeConfig.from_dict(
+            dict(
+                method="ties",
+                adapters=[str(p) for p in adapters],
+                lora_mode=mode,
+                density=0.5,
+                output=str(tmp_path / mode),
+            )
+        )
         mm.merge_lora_adapters(cfg, progress=False)
-        model = PeftModel.from_pretrained(tiny_model("llama", vocab=128, hidden=32, layers=2, intermediate=64),
-                                          tmp_path / mode)
+        model = PeftModel.from_pretrained(
+            tiny_model("llama", vocab=128, hidden=32, layers=2, intermediate=64), tmp_path / mode
+        )
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
     # svd: the merged dense delta is the TIES merge of the dense deltas, up to the rank-4 truncation
     d = [_dense_deltas(p) for p in adapters]
@@ -261,8 +312,9 @@ def test_lora_ties_svd_and_factor_load_in_peft(adapters, tmp_path):
     torch.testing.assert_close(got[mod], best, rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "examples" / "merge").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[2] / "examples" / "merge").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_merge_configs_load(path):
     from mmt.merge import load_merge_config
 

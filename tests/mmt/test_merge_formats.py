@@ -1,5 +1,6 @@
 """mmt merge's inputs and outputs: per-tensor settings on checkpoints, mergekit configs, dtypes, tokenizer and
 chat template, the model card and saved config; every output reloaded in a fresh process."""
+
 from __future__ import annotations
 
 import json
@@ -90,16 +91,19 @@ NEW_METHODS = {
     "della_linear": dict(density=0.5, epsilon=0.1, lam=0.5),
     "breadcrumbs": dict(density=0.4, gamma=0.05),
     "breadcrumbs_ties": dict(density=0.4, gamma=0.05, tie_break="exact_k"),
-    "ties": dict(density=[{"filter": "mlp", "value": [0.2, 0.6]}, {"value": 0.3}], tie_break="exact_k",
-                 lam=[1.0, 0.6]),
+    "ties": dict(density=[{"filter": "mlp", "value": [0.2, 0.6]}, {"value": 0.3}], tie_break="exact_k", lam=[1.0, 0.6]),
 }
 
 
 def test_new_methods_reload_in_a_fresh_process_to_the_expected_tensors(ckpts, tmp_path):
     outs, cfgs = [], []
     for method, kw in NEW_METHODS.items():
-        raw = dict(method=method, base_model=str(ckpts["base"]), models=[str(ckpts[m]) for m in ("ft0", "ft1", "ft2")],
-                   output=str(tmp_path / method))
+        raw = dict(
+            method=method,
+            base_model=str(ckpts["base"]),
+            models=[str(ckpts[m]) for m in ("ft0", "ft1", "ft2")],
+            output=str(tmp_path / method),
+        )
         raw.update(kw)
         raw["models"] = [str(ckpts[m]) for m in raw["models"]] if method == "slerp" else raw["models"]
         cfg = mm.MergeConfig.from_dict(raw)
@@ -109,8 +113,11 @@ def test_new_methods_reload_in_a_fresh_process_to_the_expected_tensors(ckpts, tm
     reloaded = _reload_in_fresh_process(outs, tmp_path)
     for (method, kw), cfg, sd in zip(NEW_METHODS.items(), cfgs, reloaded):
         models = kw.get("models", ("ft0", "ft1", "ft2"))
-        for name in ("model.layers.2.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight",
-                     "model.norm.weight"):
+        for name in (
+            "model.layers.2.mlp.down_proj.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.norm.weight",
+        ):
             want = _expected(cfg, ckpts, name, models)
             assert torch.equal(sd[name], want), (method, name)
         base = _state(ckpts["base"])["model.layers.2.mlp.down_proj.weight"]
@@ -120,11 +127,20 @@ def test_new_methods_reload_in_a_fresh_process_to_the_expected_tensors(ckpts, tm
 def test_filters_and_gradients_reach_each_tensor(ckpts, tmp_path):
     from mmt_kernels import merge as kmerge
 
-    cfg = mm.MergeConfig.from_dict(dict(
-        method="ties", base_model=str(ckpts["base"]), output=str(tmp_path / "o"),
-        models=[{"path": str(ckpts["ft0"]), "density": [{"filter": "self_attn", "value": 0.9}]},
-                str(ckpts["ft1"]), str(ckpts["ft2"])],
-        density=[{"filter": "mlp", "value": [0.1, 0.5]}, {"value": 0.3}], lam=[1.0, 0.5]))
+    cfg = mm.MergeConfig.from_dict(
+        dict(
+            method="ties",
+            base_model=str(ckpts["base"]),
+            output=str(tmp_path / "o"),
+            models=[
+                {"path": str(ckpts["ft0"]), "density": [{"filter": "self_attn", "value": 0.9}]},
+                str(ckpts["ft1"]),
+                str(ckpts["ft2"]),
+            ],
+            density=[{"filter": "mlp", "value": [0.1, 0.5]}, {"value": 0.3}],
+            lam=[1.0, 0.5],
+        )
+    )
     mm.merge_checkpoints(cfg, progress=False)
     got = _state(tmp_path / "o")
     # layer 1 of 3 sits half-way: mlp density 0.3 (ft0 too: its own filter does not match), lam 0.75
@@ -139,12 +155,19 @@ def test_filters_and_gradients_reach_each_tensor(ckpts, tmp_path):
 
 
 def _mergekit_yaml(ckpts, path: Path, **extra) -> Path:
-    cfg = {"merge_method": "ties", "base_model": str(ckpts["base"]),
-           "models": [{"model": str(ckpts["base"])},
-                      {"model": str(ckpts["ft0"]), "parameters": {"weight": 1.0, "density": 0.3}},
-                      {"model": str(ckpts["ft1"]), "parameters": {"weight": 1.0}}],
-           "parameters": {"density": [{"filter": "mlp", "value": 0.5}, {"value": 0.2}], "normalize": True},
-           "dtype": "float32", "out_dtype": "bfloat16", "tokenizer_source": "base"}
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(ckpts["base"]),
+        "models": [
+            {"model": str(ckpts["base"])},
+            {"model": str(ckpts["ft0"]), "parameters": {"weight": 1.0, "density": 0.3}},
+            {"model": str(ckpts["ft1"]), "parameters": {"weight": 1.0}},
+        ],
+        "parameters": {"density": [{"filter": "mlp", "value": 0.5}, {"value": 0.2}], "normalize": True},
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+        "tokenizer_source": "base",
+    }
     cfg.update(extra)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -169,8 +192,10 @@ def test_mergekit_config_read_as_it_is(ckpts, tmp_path, capsys):
     (reloaded,) = _reload_in_fresh_process([tmp_path / "mk"], tmp_path)
     assert all(torch.equal(reloaded[k].to(v.dtype), v) for k, v in got.items())
     # slices taking every layer are the same merge
-    sl = {"slices": [{"sources": [{"model": str(ckpts[m]), "layer_range": [0, 3]} for m in ("base", "ft0", "ft1")]}],
-          "models": None}
+    sl = {
+        "slices": [{"sources": [{"model": str(ckpts[m]), "layer_range": [0, 3]} for m in ("base", "ft0", "ft1")]}],
+        "models": None,
+    }
     src2 = _mergekit_yaml(ckpts, tmp_path / "sl.yml", **sl)
     raw = yaml.safe_load(src2.read_text())
     raw.pop("models")
@@ -180,15 +205,26 @@ def test_mergekit_config_read_as_it_is(ckpts, tmp_path, capsys):
     assert [s.path for s in cfg2.models] == [str(ckpts["ft0"]), str(ckpts["ft1"])] and cfg2.models[0].density == 0.3
 
 
-@pytest.mark.parametrize("extra, match", [
-    ({"tokenizer_source": "union"}, "tokenizer_source: union"),
-    ({"parameters": {"densty": 0.2}}, r"parameter\(s\) \['densty'\] are not supported"),
-    ({"merge_method": "sce"}, "merge_method 'sce' is not supported"),
-    ({"base_model": "org/model+lora"}, r"applies a LoRA to a model"),
-    ({"models": None, "slices": [{"sources": [{"model": "m", "layer_range": [0, 2]}]},
-                                 {"sources": [{"model": "m", "layer_range": [2, 3]}]}]}, "only one slice"),
-    ({"tokenizer": {"source": "union"}}, "tokenizer merging"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ({"tokenizer_source": "union"}, "tokenizer_source: union"),
+        ({"parameters": {"densty": 0.2}}, r"parameter\(s\) \['densty'\] are not supported"),
+        ({"merge_method": "sce"}, "merge_method 'sce' is not supported"),
+        ({"base_model": "org/model+lora"}, r"applies a LoRA to a model"),
+        (
+            {
+                "models": None,
+                "slices": [
+                    {"sources": [{"model": "m", "layer_range": [0, 2]}]},
+                    {"sources": [{"model": "m", "layer_range": [2, 3]}]},
+                ],
+            },
+            "only one slice",
+        ),
+        ({"tokenizer": {"source": "union"}}, "tokenizer merging"),
+    ],
+)
 def test_mergekit_config_errors_name_the_problem(ckpts, tmp_path, extra, match):
     src = _mergekit_yaml(ckpts, tmp_path / "bad.yml", **extra)
     raw = yaml.safe_load(src.read_text())
@@ -200,8 +236,12 @@ def test_mergekit_config_errors_name_the_problem(ckpts, tmp_path, extra, match):
 
 
 def test_mergekit_slice_that_cuts_layers_is_refused(ckpts, tmp_path):
-    raw = {"merge_method": "slerp", "base_model": str(ckpts["base"]), "parameters": {"t": 0.5},
-           "slices": [{"sources": [{"model": str(ckpts[m]), "layer_range": [0, 2]} for m in ("base", "ft0")]}]}
+    raw = {
+        "merge_method": "slerp",
+        "base_model": str(ckpts["base"]),
+        "parameters": {"t": 0.5},
+        "slices": [{"sources": [{"model": str(ckpts[m]), "layer_range": [0, 2]} for m in ("base", "ft0")]}],
+    }
     with pytest.raises(mm.MergeError, match=r"layer_range \[0, 2\] does not take every layer .*\(\[0, 3\]\)"):
         mm.MergeConfig.from_dict(raw)
     raw["slices"][0]["sources"] = [{"model": str(ckpts[m]), "layer_range": [0, 3]} for m in ("base", "ft0")]
@@ -210,16 +250,25 @@ def test_mergekit_slice_that_cuts_layers_is_refused(ckpts, tmp_path):
 
 
 def test_compute_and_output_dtypes(ckpts, tmp_path):
-    raw = dict(method="task_arithmetic", base_model=str(ckpts["base"]), models=[str(ckpts["ft0"]), str(ckpts["ft1"])],
-               lam=0.5, output=str(tmp_path / "a"), dtype="float32", out_dtype="bfloat16")
+    raw = dict(
+        method="task_arithmetic",
+        base_model=str(ckpts["base"]),
+        models=[str(ckpts["ft0"]), str(ckpts["ft1"])],
+        lam=0.5,
+        output=str(tmp_path / "a"),
+        dtype="float32",
+        out_dtype="bfloat16",
+    )
     cfg = mm.MergeConfig.from_dict(raw)
     mm.merge_checkpoints(cfg, progress=False)
     got = _state(tmp_path / "a")
     name = "model.layers.1.mlp.down_proj.weight"
     assert got[name].dtype == torch.bfloat16
     assert torch.equal(got[name], _expected(cfg, ckpts, name, ("ft0", "ft1")).to(torch.bfloat16))
-    mm.merge_checkpoints(mm.MergeConfig.from_dict({**raw, "dtype": "bfloat16", "out_dtype": "float32",
-                                                   "output": str(tmp_path / "b")}), progress=False)
+    mm.merge_checkpoints(
+        mm.MergeConfig.from_dict({**raw, "dtype": "bfloat16", "out_dtype": "float32", "output": str(tmp_path / "b")}),
+        progress=False,
+    )
     b = _state(tmp_path / "b")[name]
     assert b.dtype == torch.float32 and torch.equal(b, b.bfloat16().float())  # computed from bf16 inputs
     with pytest.raises(mm.MergeError, match="out_dtype must be one of"):
@@ -229,23 +278,35 @@ def test_compute_and_output_dtypes(ckpts, tmp_path):
 def test_tokenizer_source_chat_template_card_and_saved_config(ckpts, tmp_path):
     from transformers import AutoTokenizer
 
-    raw = dict(method="ties", base_model=str(ckpts["base"]), models=[str(ckpts["ft0"]), str(ckpts["ft1"])],
-               density=0.4, output=str(tmp_path / "t"))
+    raw = dict(
+        method="ties",
+        base_model=str(ckpts["base"]),
+        models=[str(ckpts["ft0"]), str(ckpts["ft1"])],
+        density=0.4,
+        output=str(tmp_path / "t"),
+    )
     mm.merge_checkpoints(mm.MergeConfig.from_dict({**raw, "tokenizer_source": str(ckpts["ft0"])}), progress=False)
     assert AutoTokenizer.from_pretrained(tmp_path / "t").chat_template == TEMPLATE
     mm.merge_checkpoints(mm.MergeConfig.from_dict({**raw, "output": str(tmp_path / "u")}), progress=False)
     assert AutoTokenizer.from_pretrained(tmp_path / "u").chat_template is None  # the base's tokenizer
     other = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
-    mm.merge_checkpoints(mm.MergeConfig.from_dict({**raw, "output": str(tmp_path / "v"), "chat_template": other,
-                                                   "tokenizer_source": str(ckpts["ft0"])}), progress=False)
+    mm.merge_checkpoints(
+        mm.MergeConfig.from_dict(
+            {**raw, "output": str(tmp_path / "v"), "chat_template": other, "tokenizer_source": str(ckpts["ft0"])}
+        ),
+        progress=False,
+    )
     tok = AutoTokenizer.from_pretrained(tmp_path / "v")
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi|"
     with pytest.raises(mm.MergeError, match="tokenizer_source .* has no tokenizer files"):
-        mm.merge_checkpoints(mm.MergeConfig.from_dict({**raw, "output": str(tmp_path / "w"),
-                                                       "tokenizer_source": str(tmp_path)}), progress=False)
+        mm.merge_checkpoints(
+            mm.MergeConfig.from_dict({**raw, "output": str(tmp_path / "w"), "tokenizer_source": str(tmp_path)}),
+            progress=False,
+        )
     with pytest.raises(mm.MergeError, match="chat_template 'chatml' is neither"):
-        mm.merge_checkpoints(mm.MergeConfig.from_dict({**raw, "output": str(tmp_path / "w"),
-                                                       "chat_template": "chatml"}), progress=False)
+        mm.merge_checkpoints(
+            mm.MergeConfig.from_dict({**raw, "output": str(tmp_path / "w"), "chat_template": "chatml"}), progress=False
+        )
     # model card: HF front matter, method with its paper, the inputs, the settings, the config
     card = (tmp_path / "u" / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
@@ -266,8 +327,10 @@ def test_lora_merge_writes_card_and_config(tmp_path):
         m = get_peft_model(tiny_model("llama", **ARCH), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
         m.save_pretrained(tmp_path / f"a{i}")
         paths.append(str(tmp_path / f"a{i}"))
-    mm.run_merge(mm.MergeConfig.from_dict(dict(method="ties", adapters=paths, density=0.5, output=str(tmp_path / "o"))),
-                 progress=False)
+    mm.run_merge(
+        mm.MergeConfig.from_dict(dict(method="ties", adapters=paths, density=0.5, output=str(tmp_path / "o"))),
+        progress=False,
+    )
     card = (tmp_path / "o" / "README.md").read_text()
     assert "library_name: peft" in card and "LoRA merge: svd" in card
     assert mm.load_merge_config(tmp_path / "o" / "merge_config.yaml").adapters[0].path == paths[0]

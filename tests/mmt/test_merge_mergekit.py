@@ -1,4 +1,5 @@
 """``tie_break: exact_k`` against mergekit itself, when mergekit is installed (here, or in MMT_MERGEKIT_PATH)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -51,16 +52,33 @@ def test_exact_k_equals_mergekit_ties_bit_for_bit(tmp_path):
                     p.add_(torch.randn(p.shape, generator=g) * 0.01)
         m.to(torch.bfloat16).save_pretrained(tmp_path / f"m{i}", safe_serialization=True)
         paths.append(str(tmp_path / f"m{i}"))
-    cfg = {"merge_method": "ties", "base_model": paths[0],
-           "models": [{"model": p, "parameters": {"weight": 1.0, "density": 0.3}} for p in paths[1:]],
-           "dtype": "float32", "out_dtype": "bfloat16"}
+    cfg = {
+        "merge_method": "ties",
+        "base_model": paths[0],
+        "models": [{"model": p, "parameters": {"weight": 1.0, "density": 0.3}} for p in paths[1:]],
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    }
     src = tmp_path / "mk.yml"
     src.write_text(yaml.safe_dump(cfg))
-    subprocess.run([sys.executable, "-m", "mergekit.scripts.run_yaml", str(src), str(tmp_path / "mergekit"),
-                    "--no-copy-tokenizer"], env=env, check=True, timeout=600, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mergekit.scripts.run_yaml",
+            str(src),
+            str(tmp_path / "mergekit"),
+            "--no-copy-tokenizer",
+        ],
+        env=env,
+        check=True,
+        timeout=600,
+        capture_output=True,
+    )
     for tie_break in ("exact_k", "threshold"):
-        mm.run_merge(mm.load_merge_config(src, [f"tie_break={tie_break}", f"output={tmp_path / tie_break}"]),
-                     progress=False)
+        mm.run_merge(
+            mm.load_merge_config(src, [f"tie_break={tie_break}", f"output={tmp_path / tie_break}"]), progress=False
+        )
     want, exact, thr = _state(tmp_path / "mergekit"), _state(tmp_path / "exact_k"), _state(tmp_path / "threshold")
     assert want.keys() <= exact.keys()
     for name, w in want.items():

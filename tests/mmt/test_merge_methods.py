@@ -1,4 +1,5 @@
 """mmt merge's methods on single tensors, each against a direct PyTorch implementation of its published definition."""
+
 from __future__ import annotations
 
 import math
@@ -33,6 +34,7 @@ def _inputs(shape=(48, 40), k=3, dtype=torch.bfloat16, seed=0):
 
 # ---- direct definitions ---------------------------------------------------------------------------------------
 
+
 def _argsort_top_k(delta, density):
     """Keep exactly k = max(1, floor(density * n)) entries, in the order torch.argsort(descending) gives."""
     n = delta.numel()
@@ -64,8 +66,13 @@ def test_exact_k_reproduces_argsort_ties_bit_for_bit():
     xs, b = _inputs()
     deltas = [x.float() - b.float() for x in xs]
     for weights, semantics in (([1.0, 1.0, 1.0], "mmt"), ([1.0, 1.0, 1.0], "mergekit"), ([0.5, 1.0, 2.0], "mergekit")):
-        cfg = _cfg("ties", density=0.2, tie_break="exact_k", semantics=semantics,
-                   models=[{"path": f"m{i}", "weight": w} for i, w in enumerate(weights)])
+        cfg = _cfg(
+            "ties",
+            density=0.2,
+            tie_break="exact_k",
+            semantics=semantics,
+            models=[{"path": f"m{i}", "weight": w} for i, w in enumerate(weights)],
+        )
         got = _run(cfg, [x.float() for x in xs], b.float()).to(torch.bfloat16)
         want = (b.float() + _consensus([_argsort_top_k(d, 0.2) for d in deltas], weights, 1.0)).to(torch.bfloat16)
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (weights, semantics)
@@ -73,14 +80,14 @@ def test_exact_k_reproduces_argsort_ties_bit_for_bit():
     thr = _run(_cfg("ties", density=0.2), [x.float() for x in xs], b.float()).to(torch.bfloat16)
     assert not torch.equal(thr, got)
     n = b.numel()
-    kept_thr = int(((deltas[0].abs() >= deltas[0].abs().flatten().kthvalue(n - int(0.2 * n) + 1).values)).sum())
+    kept_thr = int((deltas[0].abs() >= deltas[0].abs().flatten().kthvalue(n - int(0.2 * n) + 1).values).sum())
     assert kept_thr > int(0.2 * n)
 
 
 def test_exact_k_small_density_keeps_one_and_threshold_keeps_none():
     xs, b = _inputs(shape=(7,))
     got = _run(_cfg("ties", density=0.1, tie_break="exact_k"), xs, b)  # floor(0.7) = 0, mergekit keeps 1
-    want = (b.float() + _consensus([_argsort_top_k(x.float() - b.float(), 0.1) for x in xs], [1.0] * 3, 1.0))
+    want = b.float() + _consensus([_argsort_top_k(x.float() - b.float(), 0.1) for x in xs], [1.0] * 3, 1.0)
     torch.testing.assert_close(got.float(), want.to(torch.bfloat16).float(), rtol=0, atol=0)
     assert torch.equal(_run(_cfg("ties", density=0.1), xs, b), b)
 
@@ -92,7 +99,7 @@ def _breadcrumbs_direct(delta, density, gamma, exact):
     w = delta.abs().reshape(-1).float()
     if exact:
         mask = torch.zeros(n, dtype=torch.bool)
-        mask[torch.sort(w).indices[drop_low:drop_low + keep_n]] = True
+        mask[torch.sort(w).indices[drop_low : drop_low + keep_n]] = True
     else:  # every entry tied with a kept magnitude is kept, every one tied with a dropped outlier is dropped
         srt = torch.sort(w, descending=True).values
         drop_top = n - drop_low - keep_n
@@ -108,8 +115,14 @@ def test_breadcrumbs(method, tie_break):
     xs, b = _inputs()
     xs, b = [x.float() for x in xs], b.float()
     weights = [1.0, 0.5, 2.0]
-    cfg = _cfg(method, density=0.3, gamma=0.05, lam=0.7, tie_break=tie_break,
-               models=[{"path": f"m{i}", "weight": w} for i, w in enumerate(weights)])
+    cfg = _cfg(
+        method,
+        density=0.3,
+        gamma=0.05,
+        lam=0.7,
+        tie_break=tie_break,
+        models=[{"path": f"m{i}", "weight": w} for i, w in enumerate(weights)],
+    )
     got = _run(cfg, xs, b)
     deltas = [_breadcrumbs_direct(x - b, 0.3, 0.05, tie_break == "exact_k") for x in xs]
     if method == "breadcrumbs":
@@ -132,8 +145,9 @@ def test_della_keep_probability_is_linear_in_the_rank_per_row():
     p = mt.della_keep_probability(tau, 0.5, 0.2)
     rank = torch.tensor([[3, 1, 2, 4, 0], [2, 3, 4, 1, 0]], dtype=torch.float32)  # ties ranked by index
     torch.testing.assert_close(p, 0.3 + rank / 4 * 0.4)
-    assert torch.allclose(mt.della_keep_probability(torch.randn(6), 0.5, 0.1).sort().values,
-                          torch.linspace(0.4, 0.6, 6))
+    assert torch.allclose(
+        mt.della_keep_probability(torch.randn(6), 0.5, 0.1).sort().values, torch.linspace(0.4, 0.6, 6)
+    )
 
 
 @pytest.mark.parametrize("method", ["della", "della_linear"])
@@ -194,8 +208,13 @@ def test_model_stock():
         got = _run(_cfg("model_stock", filter_wise=filter_wise), ws, w0)
         rows = (lambda x: x) if filter_wise else (lambda x: x.reshape(1, -1))
         d = [rows(w - w0) for w in ws]
-        cos = torch.stack([torch.nn.functional.cosine_similarity(d[i], d[j], dim=-1)
-                           for i in range(3) for j in range(i + 1, 3)]).mean(0).unsqueeze(-1)
+        cos = (
+            torch.stack(
+                [torch.nn.functional.cosine_similarity(d[i], d[j], dim=-1) for i in range(3) for j in range(i + 1, 3)]
+            )
+            .mean(0)
+            .unsqueeze(-1)
+        )
         t = 3 * cos / (1 + 2 * cos)
         want = (t * rows(sum(ws) / 3) + (1 - t) * rows(w0)).view(w0.shape)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -212,8 +231,13 @@ def test_mergekit_weighting_and_normalisation(method):
     xs, b = _inputs()
     xs, b = [x.float() for x in xs], b.float()
     weights = [0.5, 1.0, 1.5]
-    cfg = _cfg(method, density=0.5, semantics="mergekit", lam=0.9,
-               models=[{"path": f"m{i}", "weight": w} for i, w in enumerate(weights)])
+    cfg = _cfg(
+        method,
+        density=0.5,
+        semantics="mergekit",
+        lam=0.9,
+        models=[{"path": f"m{i}", "weight": w} for i, w in enumerate(weights)],
+    )
     got = _run(cfg, xs, b, seed=5)
     deltas = [x - b for x in xs]
     if method.startswith("dare"):
@@ -223,8 +247,9 @@ def test_mergekit_weighting_and_normalisation(method):
             kept.append(m * (d.abs().sum() / m.abs().sum()))
         deltas = kept
     elif method == "ties":
-        deltas = [d * (d.abs() >= d.abs().flatten().kthvalue(d.numel() - int(0.5 * d.numel()) + 1).values)
-                  for d in deltas]
+        deltas = [
+            d * (d.abs() >= d.abs().flatten().kthvalue(d.numel() - int(0.5 * d.numel()) + 1).values) for d in deltas
+        ]
     if method in ("ties", "dare_ties"):
         want = b + _consensus(deltas, weights, 0.9, normalize=method == "ties")
     else:
@@ -241,8 +266,12 @@ def test_settings_filters_and_gradients():
     assert evaluate_setting([0.0, 1.0, 0.0], "x", 0.25) == pytest.approx(0.5)
     assert relative_depth("model.layers.3.mlp.up_proj.weight", 4) == 1.0
     assert relative_depth("model.embed_tokens.weight", 4) == 0.0
-    cfg = _cfg("ties", density=[{"filter": "mlp", "value": [0.2, 0.6]}, {"value": 0.5}], lam=[1.0, 0.5],
-               models=[{"path": "m0", "density": [{"filter": "down_proj", "value": 0.9}]}, "m1", "m2"])
+    cfg = _cfg(
+        "ties",
+        density=[{"filter": "mlp", "value": [0.2, 0.6]}, {"value": 0.5}],
+        lam=[1.0, 0.5],
+        models=[{"path": "m0", "density": [{"filter": "down_proj", "value": 0.9}]}, "m1", "m2"],
+    )
     s = tensor_settings(cfg, "model.layers.1.mlp.down_proj.weight", 3)  # t = 0.5
     assert s.densities == [0.9, pytest.approx(0.4), pytest.approx(0.4)] and s.lam == pytest.approx(0.75)
     s = tensor_settings(cfg, "model.layers.0.self_attn.q_proj.weight", 3)
@@ -250,8 +279,9 @@ def test_settings_filters_and_gradients():
     with pytest.raises(MergeError, match=r"no density filter matches tensor model\.norm\.weight"):
         tensor_settings(_cfg("ties", density=[{"filter": "mlp", "value": 0.3}]), "model.norm.weight", 3)
     with pytest.raises(MergeError, match=r"tensor model\.layers\.0\.mlp\.x: density 1\.5"):
-        tensor_settings(_cfg("ties", density=[{"filter": "mlp", "value": 1.5}, {"value": 0.2}]),
-                        "model.layers.0.mlp.x", 3)
+        tensor_settings(
+            _cfg("ties", density=[{"filter": "mlp", "value": 1.5}, {"value": 0.2}]), "model.layers.0.mlp.x", 3
+        )
     with pytest.raises(MergeError, match=r"density\[0\]: a filter entry"):
         _cfg("ties", density=[{"filtr": "mlp", "value": 0.3}])
 

@@ -83,8 +83,10 @@ def test_config_and_registry_are_leaves():
     import subprocess
     import sys
 
-    code = ("import sys, mmt.config, mmt.registry; "
-            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('mmt.methods')))")
+    code = (
+        "import sys, mmt.config, mmt.registry; "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('mmt.methods')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -1,6 +1,7 @@
 """Mix-MoE on tiny models of every FFN family (gated: Llama, Qwen2, Gemma 3; GELU: GPT-2, BLOOM, XGLM): exact
 upcycling, exact stage 1 -> stage 2 hand-off with silent MT experts, what each stage trains, the aux-loss hook,
 routing, configs and the expert-load plot."""
+
 from __future__ import annotations
 
 import types
@@ -18,9 +19,11 @@ from mmt.testing import tiny_model
 GATED = ["llama", "qwen2", "gemma3"]
 GELU = ["gpt2", "bloom", "xglm"]
 FAMILIES = GATED + GELU
-TEXTS = {"de": ["Das Wetter ist heute schön.", "Ich lese ein Buch."],
-         "en": ["The weather is nice today.", "I am reading a book."],
-         "fr": ["Il fait beau aujourd'hui.", "Je lis un livre."]}
+TEXTS = {
+    "de": ["Das Wetter ist heute schön.", "Ich lese ein Buch."],
+    "en": ["The weather is nice today.", "I am reading a book."],
+    "fr": ["Il fait beau aujourd'hui.", "Je lis un livre."],
+}
 TRAIN = types.SimpleNamespace(lr=1e-2, weight_decay=0.1, adam_betas=(0.9, 0.99), adam_eps=1e-8)
 CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 
@@ -32,13 +35,32 @@ def family_model(arch: str, vocab: int, seed: int = 0) -> torch.nn.Module:
     if arch in ("llama", "qwen2", "gemma3", "gpt2"):
         return tiny_model(arch, vocab=vocab, layers=2, hidden=32, intermediate=48, heads=4, seed=seed)
     if arch == "bloom":
-        cfg = tf.BloomConfig(vocab_size=vocab, hidden_size=32, n_layer=2, n_head=4, hidden_dropout=0.0,
-                             attention_dropout=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        cfg = tf.BloomConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            n_layer=2,
+            n_head=4,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
         cls = tf.BloomForCausalLM
     elif arch == "xglm":
-        cfg = tf.XGLMConfig(vocab_size=vocab, d_model=32, num_layers=2, attention_heads=4, ffn_dim=48, dropout=0.0,
-                            attention_dropout=0.0, activation_dropout=0.0, bos_token_id=1, eos_token_id=2,
-                            pad_token_id=0)
+        cfg = tf.XGLMConfig(
+            vocab_size=vocab,
+            d_model=32,
+            num_layers=2,
+            attention_heads=4,
+            ffn_dim=48,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
         cls = tf.XGLMForCausalLM
     else:
         raise ValueError(arch)
@@ -82,8 +104,11 @@ def _step(model, plan, opt, tok, texts):
 
 
 def _expert_state(model):
-    return {f"{i}.{j}": t.detach().clone() for i, m in enumerate(mixmoe.moe_layers(model))
-            for j, t in enumerate(mixmoe.layer.expert_tensors(m) + mixmoe.layer.shared_lm_tensors(m))}
+    return {
+        f"{i}.{j}": t.detach().clone()
+        for i, m in enumerate(mixmoe.moe_layers(model))
+        for j, t in enumerate(mixmoe.layer.expert_tensors(m) + mixmoe.layer.shared_lm_tensors(m))
+    }
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
@@ -101,7 +126,7 @@ def test_upcycling_is_exact(arch, tok):
     torch.testing.assert_close(_logits(model, tok, texts), want, rtol=1e-5, atol=1e-5)
     for moe in mixmoe.moe_layers(model):  # MT experts start silent
         out_proj = moe.w_out if isinstance(moe, mixmoe.GeluMoEFFN) else moe.w_down
-        assert torch.all(out_proj[moe.lm_experts:] == 0)
+        assert torch.all(out_proj[moe.lm_experts :] == 0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -141,7 +166,7 @@ def test_joint_routing_breaks_the_handoff(arch, tok, tmp_path):
     model, plan = mixmoe.prepare(_model(arch, tok), cfg1, tok)
     with torch.no_grad():
         for moe in mixmoe.moe_layers(model):
-            moe.router.weight[moe.lm_experts:] = 0.0
+            moe.router.weight[moe.lm_experts :] = 0.0
     stage1 = _logits(model, tok, TEXTS["en"])
     plan.save_artifacts(tmp_path / "s1")
     cfg2 = mixmoe.Config(stage=2, routing="joint", stage1_path=str(tmp_path / "s1"), n_freq=8, router_init_std=0.5)
@@ -153,8 +178,9 @@ def test_joint_routing_breaks_the_handoff(arch, tok, tmp_path):
 @pytest.mark.parametrize("stage1_train", ["router", "experts+router"])
 def test_stage1_trains_router_and_optionally_lm_experts(arch, stage1_train, tok):
     torch.manual_seed(0)
-    cfg = mixmoe.Config(stage=1, num_lm_experts=3 if arch == "llama" else 2, top_k=2, n_freq=6,
-                        stage1_train=stage1_train)
+    cfg = mixmoe.Config(
+        stage=1, num_lm_experts=3 if arch == "llama" else 2, top_k=2, n_freq=6, stage1_train=stage1_train
+    )
     model, plan = mixmoe.prepare(_model(arch, tok), cfg, tok)
     opt = plan.build_optimizer(model, TRAIN)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -182,8 +208,7 @@ def test_stage2_trains_mt_experts_only(arch, tok, tmp_path):
     opt = plan.build_optimizer(model, TRAIN)
     _step(model, plan, opt, tok, TEXTS["de"] + TEXTS["en"])
     plan.save_artifacts(tmp_path / "s1")
-    cfg2 = mixmoe.Config(stage=2, stage1_path=str(tmp_path / "s1"), n_freq=6, stage1_train="experts+router",
-                         top_k_mt=1)
+    cfg2 = mixmoe.Config(stage=2, stage1_path=str(tmp_path / "s1"), n_freq=6, stage1_train="experts+router", top_k_mt=1)
     model2, plan2 = mixmoe.prepare(_model(arch, tok), cfg2, tok)
     assert plan2.sampler == "mixed" and plan2.loss_on == "target"
     loaded = _expert_state(model2)
@@ -220,18 +245,21 @@ def test_expert_load_plot(tok, tmp_path):
     assert path.stat().st_size > 1000
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"stage": 3}, "stage"),
-    ({"stage": 2}, "stage1_path"),
-    ({"fft_variant": "sequence"}, "fft_variant"),
-    ({"top_k": 3}, "top_k"),
-    ({"num_lm_experts": 5, "top_k": 5}, "divisible"),
-    ({"partition": "clustered"}, "partition"),
-    ({"routing": "mixed"}, "routing"),
-    ({"stage1_train": "all"}, "stage1_train"),
-    ({"router_init_std": -1.0}, "router_init_std"),
-    ({"top_k_mt": 3}, "top_k_mt"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"stage": 3}, "stage"),
+        ({"stage": 2}, "stage1_path"),
+        ({"fft_variant": "sequence"}, "fft_variant"),
+        ({"top_k": 3}, "top_k"),
+        ({"num_lm_experts": 5, "top_k": 5}, "divisible"),
+        ({"partition": "clustered"}, "partition"),
+        ({"routing": "mixed"}, "routing"),
+        ({"stage1_train": "all"}, "stage1_train"),
+        ({"router_init_std": -1.0}, "router_init_std"),
+        ({"top_k_mt": 3}, "top_k_mt"),
+    ],
+)
 def test_config_errors(kw, match, tok):
     with pytest.raises((ConfigError, MethodError), match=match):
         mixmoe.prepare(_model("llama", tok), mixmoe.Config(**kw), tok)
@@ -266,8 +294,9 @@ def test_shipped_configs_route_grouped_and_start_exact(path):
 
 
 def test_router_learning_rate_scale(tok):
-    model, plan = mixmoe.prepare(_model("llama", tok), mixmoe.Config(n_freq=4, router_lr_scale=0.1,
-                                                                     stage1_train="experts+router"), tok)
+    model, plan = mixmoe.prepare(
+        _model("llama", tok), mixmoe.Config(n_freq=4, router_lr_scale=0.1, stage1_train="experts+router"), tok
+    )
     opt = plan.build_optimizer(model, TRAIN)
     router = {id(p) for m in mixmoe.moe_layers(model) for p in (m.router.weight, m.fft_proj.weight)}
     by_lr = {}

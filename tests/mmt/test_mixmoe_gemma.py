@@ -1,5 +1,6 @@
 """Exact upcycling on a real model: Gemma 3 270M with every FFN upcycled translates FLORES sentences exactly as
 the dense model does (greedy), right after conversion and after the stage 1 -> stage 2 hand-off."""
+
 from __future__ import annotations
 
 import copy
@@ -29,7 +30,7 @@ def test_upcycled_gemma_translates_like_the_dense_model(gemma, shared_data, tmp_
 
     dense, tok = gemma
     flores = load_flores(shared_data / "flores200" / "devtest", ["en", "de", "fr"])
-    prompts = [build_prompt("T1", "en", t, s) for t in ("de", "fr") for s in flores["en"][:N_SENTENCES // 2]]
+    prompts = [build_prompt("T1", "en", t, s) for t in ("de", "fr") for s in flores["en"][: N_SENTENCES // 2]]
     enc = tok(prompts[:2], return_tensors="pt", padding=True)
     with torch.no_grad():
         want_logits = dense(**enc).logits

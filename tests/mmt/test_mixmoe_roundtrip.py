@@ -1,6 +1,7 @@
 """Saved Mix-MoE models reload as themselves: ``import mmt`` then ``AutoModelForCausalLM.from_pretrained`` in a
 fresh process gives bit-identical logits (experts, router, FFT projection, stage masks), for gated and GELU
 families, after stage 1 and stage 2; anything that does not match is refused."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,7 @@ def _trained(arch, stage, tok, work: Path):
     _step(model, plan, plan.build_optimizer(model, TRAIN), tok, TEXTS["de"] + TEXTS["en"])
     if stage == 2:
         plan.save_artifacts(work / "s1")
-        cfg2 = mixmoe.Config(stage=2, stage1_path=str(work / "s1"), n_freq=6, stage1_train="experts+router",
-                             layers=[1])
+        cfg2 = mixmoe.Config(stage=2, stage1_path=str(work / "s1"), n_freq=6, stage1_train="experts+router", layers=[1])
         model, plan = mixmoe.prepare(_model(arch, tok), cfg2, tok)
         _step(model, plan, plan.build_optimizer(model, TRAIN), tok, TEXTS["fr"] + TEXTS["en"])
     return model.eval()
@@ -50,8 +50,9 @@ def saved(tok, tmp_path_factory):
         enc = tok(TEXTS["de"] + TEXTS["fr"], return_tensors="pt", padding=True)
         with torch.no_grad():
             logits = model(**enc).logits
-        torch.save({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "logits": logits},
-                   d / "ref.pt")
+        torch.save(
+            {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "logits": logits}, d / "ref.pt"
+        )
         out[(arch, stage)] = d
     return out
 
@@ -74,8 +75,9 @@ print(json.dumps(result))
 def test_reload_in_a_fresh_process_is_bit_identical(saved):
     assert len(saved) >= 5
     dirs = [str(d) for d in saved.values()]
-    proc = subprocess.run([sys.executable, "-c", RELOAD, *dirs], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD, *dirs], capture_output=True, text=True, cwd=ROOT, timeout=600, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for (arch, stage), d in saved.items():

@@ -103,8 +103,10 @@ def test_lora_model_saves_merged_and_loads_plainly(tmp_path, tok):
 
     from mmt.export import merge_lora
 
-    m = get_peft_model(tiny_model("llama", vocab=len(tok), hidden=32, intermediate=48),
-                       LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    m = get_peft_model(
+        tiny_model("llama", vocab=len(tok), hidden=32, intermediate=48),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    )
     save_model(m, tok, tmp_path / "final")
     assert not (tmp_path / "final" / "adapter_config.json").exists()
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "final", attn_implementation="eager").eval()
@@ -122,8 +124,12 @@ def test_reload_in_a_fresh_process_is_bit_identical(tmp_path, tok):
     m = tiny_model("bloom", vocab=len(tok), hidden=32, layers=2)
     d_ff = find_ffn(m)[1].d_ff
     owner = torch.arange(d_ff) % 4 - 1
-    settings = {"languages": ["de", "en", "fr"], "layers": [1], "specific_gate": "one_minus",
-                "other_languages_off": True}
+    settings = {
+        "languages": ["de", "en", "fr"],
+        "layers": [1],
+        "specific_gate": "one_minus",
+        "other_languages_off": True,
+    }
     car.attach(m, {1: owner}, settings)
     arch.mark(m, car.ARCH, settings)
     with torch.no_grad():
@@ -132,10 +138,12 @@ def test_reload_in_a_fresh_process_is_bit_identical(tmp_path, tok):
     m.eval()
     arch.set_direction(m, "de", "en")
     ref = m(input_ids=IDS).logits
-    code = ("import sys, torch; from mmt.models import load_model; from mmt.arch import set_direction;"
-            f"m, _ = load_model(name_or_path={str(tmp_path / 'm')!r}, verbose=False); m.eval();"
-            "set_direction(m, 'de', 'en');"
-            f"torch.save(m(input_ids=torch.tensor({IDS.tolist()})).logits, {str(tmp_path / 'l.pt')!r})")
+    code = (
+        "import sys, torch; from mmt.models import load_model; from mmt.arch import set_direction;"
+        f"m, _ = load_model(name_or_path={str(tmp_path / 'm')!r}, verbose=False); m.eval();"
+        "set_direction(m, 'de', 'en');"
+        f"torch.save(m(input_ids=torch.tensor({IDS.tolist()})).logits, {str(tmp_path / 'l.pt')!r})"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
     assert torch.equal(torch.load(tmp_path / "l.pt"), ref)
 
@@ -144,8 +152,10 @@ def _lora_adapter(tmp_path, tok, seed, name):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    m = get_peft_model(tiny_model("llama", vocab=len(tok), hidden=32, intermediate=48),
-                       LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    m = get_peft_model(
+        tiny_model("llama", vocab=len(tok), hidden=32, intermediate=48),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False),
+    )
     m.save_pretrained(tmp_path / name)
     return tmp_path / name
 
@@ -163,8 +173,14 @@ def test_adapter_merge_is_the_exact_ties_of_dense_updates(tmp_path, tok):
     deltas = [_lora_deltas(p) for p in paths]
     for name, p in base.named_parameters():
         if name in deltas[0]:
-            want = before[name] + kmerge.merge([d[name] for d in deltas], None, method="ties", density=0.3,
-                                               seed=tensor_seed(0, name), backend="reference")
+            want = before[name] + kmerge.merge(
+                [d[name] for d in deltas],
+                None,
+                method="ties",
+                density=0.3,
+                seed=tensor_seed(0, name),
+                backend="reference",
+            )
             assert torch.allclose(p, want, atol=1e-6), name
         else:
             assert torch.equal(p, before[name]), name
@@ -184,8 +200,11 @@ def test_postprocess_cuts_at_the_templates_next_field():
 def test_report_splits_seen_and_unseen():
     from mmt.evaluate import DirectionResult, EvalReport
 
-    rs = [DirectionResult("de-en", 2, 10.0, 40.0, seen=True), DirectionResult("fr-de", 2, 2.0, 20.0, seen=False),
-          DirectionResult("en-de", 2, 6.0, 30.0, seen=True)]
+    rs = [
+        DirectionResult("de-en", 2, 10.0, 40.0, seen=True),
+        DirectionResult("fr-de", 2, 2.0, 20.0, seen=False),
+        DirectionResult("en-de", 2, 6.0, 30.0, seen=True),
+    ]
     av = EvalReport("x", rs).averages()
     assert av["seen"]["bleu"] == 8.0 and av["unseen"]["bleu"] == 2.0 and av["all"]["bleu"] == 6.0
     assert "avg unseen" in EvalReport("x", rs).markdown()
@@ -195,8 +214,10 @@ def test_report_splits_seen_and_unseen():
 def flores_root(tmp_path_factory):
     import gzip
 
-    sents = {"deu_Latn": ["Das Wetter ist schön.", "Ich lese ein Buch.", "Die Katze schläft."],
-             "eng_Latn": ["The weather is nice.", "I am reading a book.", "The cat sleeps."]}
+    sents = {
+        "deu_Latn": ["Das Wetter ist schön.", "Ich lese ein Buch.", "Die Katze schläft."],
+        "eng_Latn": ["The weather is nice.", "I am reading a book.", "The cat sleeps."],
+    }
     root = tmp_path_factory.mktemp("flores_root")
     for split in ("dev", "devtest"):
         (root / "flores200" / split).mkdir(parents=True)
@@ -216,15 +237,30 @@ def test_best_checkpoint_on_dev_and_checkpoints_evaluate(flores_root, tok, tmp_p
     from mmt.evaluate import select_best_checkpoint
 
     out = tmp_path / "run"
-    cfg = load_config(None, [f"data.train=[{{kind: jsonl, path: {flores_root / 'train.jsonl'}}}]",
-                             f"data.data_dir={flores_root}", f"train.output_dir={out}", "train.max_steps=3",
-                             "train.batch_size=2", "train.micro_batch_size=2", "train.save_every=1",
-                             "train.keep_last=5", "train.lr=1e-2", "train.progress=false", "eval.directions=[de-en]",
-                             "eval.max_new_tokens=4", "eval.off_target=false", "method.select_best=true",
-                             "method.directions=[de-en]"],
-                      method="mfti")
-    train.run(cfg, model=tiny_model("llama", vocab=len(tok), hidden=32, intermediate=48), tokenizer=tok,
-              print_plan=False)
+    cfg = load_config(
+        None,
+        [
+            f"data.train=[{{kind: jsonl, path: {flores_root / 'train.jsonl'}}}]",
+            f"data.data_dir={flores_root}",
+            f"train.output_dir={out}",
+            "train.max_steps=3",
+            "train.batch_size=2",
+            "train.micro_batch_size=2",
+            "train.save_every=1",
+            "train.keep_last=5",
+            "train.lr=1e-2",
+            "train.progress=false",
+            "eval.directions=[de-en]",
+            "eval.max_new_tokens=4",
+            "eval.off_target=false",
+            "method.select_best=true",
+            "method.directions=[de-en]",
+        ],
+        method="mfti",
+    )
+    train.run(
+        cfg, model=tiny_model("llama", vocab=len(tok), hidden=32, intermediate=48), tokenizer=tok, print_plan=False
+    )
     sel = select_best_checkpoint(cfg, metric="chrf", split="flores200/dev", log=None)
     assert set(sel["scores"]) == {"checkpoint-1", "checkpoint-2", "checkpoint-3", "final"}
     assert sel["best"] == max(sel["scores"], key=lambda k: (sel["scores"][k], k == "final"))
@@ -232,9 +268,22 @@ def test_best_checkpoint_on_dev_and_checkpoints_evaluate(flores_root, tok, tmp_p
     assert json.loads((out / "selection.json").read_text())["best"] == sel["best"]
     with pytest.raises(ValueError, match="test set"):
         select_best_checkpoint(cfg, split="flores200/devtest", log=None)
-    rc = cli_main(["eval", "--model", str(out / "checkpoints" / "checkpoint-1"), "--directions", "de-en",
-                   "--output-dir", str(tmp_path / "ev"), "--label", "ck", f"data.data_dir={flores_root}",
-                   "eval.max_new_tokens=4", "eval.off_target=false"])
+    rc = cli_main(
+        [
+            "eval",
+            "--model",
+            str(out / "checkpoints" / "checkpoint-1"),
+            "--directions",
+            "de-en",
+            "--output-dir",
+            str(tmp_path / "ev"),
+            "--label",
+            "ck",
+            f"data.data_dir={flores_root}",
+            "eval.max_new_tokens=4",
+            "eval.off_target=false",
+        ]
+    )
     assert rc == 0
     report = json.loads((tmp_path / "ev" / "ck.json").read_text())
     assert report["settings"]["seen_directions"] == ["de-en"] and report["results"][0]["seen"] is True

@@ -38,8 +38,13 @@ def test_tensorboard_scalars_reread_in_a_fresh_process(tmp_path):
     end_trackers(acc)
     events = list((tmp_path / "run" / "tracking").rglob("events.out.tfevents.*"))
     assert events
-    res = subprocess.run([sys.executable, "-c", READ_EVENTS, str(events[0].parent)], capture_output=True, text=True,
-                         cwd=REPO, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", READ_EVENTS, str(events[0].parent)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     scalars = json.loads(res.stdout)
     assert scalars["loss"] == [[1, 2.5], [2, 2.0], [3, 1.25]]

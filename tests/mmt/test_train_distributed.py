@@ -50,8 +50,22 @@ def _result(out: Path):
 
 
 def _common(tok_dir, jsonl_data, steps=3, save_every=0):
-    return ["--tok", str(tok_dir), "--data", str(jsonl_data), "--steps", str(steps), "--batch", "8", "--micro", "2",
-            "--save-every", str(save_every), "--schedule", "constant"]
+    return [
+        "--tok",
+        str(tok_dir),
+        "--data",
+        str(jsonl_data),
+        "--steps",
+        str(steps),
+        "--batch",
+        "8",
+        "--micro",
+        "2",
+        "--save-every",
+        str(save_every),
+        "--schedule",
+        "constant",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +103,10 @@ def test_fsdp2_two_processes_match_single_process(tok_dir, jsonl_data, tmp_path,
         assert torch.equal(v, params[k]), k
     last = out / "checkpoints" / "checkpoint-3"
     ckpt.verify(last)
-    assert {p.name for p in last.glob("optimizer_*.safetensors")} == {"optimizer_0.safetensors",
-                                                                      "optimizer_1.safetensors"}
+    assert {p.name for p in last.glob("optimizer_*.safetensors")} == {
+        "optimizer_0.safetensors",
+        "optimizer_1.safetensors",
+    }
     shard = load_file(str(last / "optimizer_0.safetensors"))
     emb = single[0]["model.embed_tokens.weight"]
     assert any(t.shape[0] == emb.shape[0] // 2 for t in shard.values())  # a row shard, never the gathered state
@@ -115,13 +131,27 @@ def test_fsdp2_kill_and_resume_is_exact(tok_dir, jsonl_data, tmp_path):
 
 
 def test_methods_needing_whole_tensors_are_refused_under_sharding(tok, jsonl_data, tmp_path):
-    cfg = load_config(None, [f"data.train=[{{kind: jsonl, path: {jsonl_data}}}]", f"train.output_dir={tmp_path}",
-                             "train.batch_size=4", "train.micro_batch_size=2"])
+    cfg = load_config(
+        None,
+        [
+            f"data.train=[{{kind: jsonl, path: {jsonl_data}}}]",
+            f"train.output_dir={tmp_path}",
+            "train.batch_size=4",
+            "train.micro_batch_size=2",
+        ],
+    )
     model = tiny_model("llama", vocab=len(tok))
     for method in ("landermt", "mixmoe"):
         for engine in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             plan = TrainingPlan(method=method)
             fake = SimpleNamespace(distributed_type=engine, num_processes=2)
             with pytest.raises(MethodError, match=rf"{method}.*does not run under {engine.value}.*DDP"):
-                Trainer(model, tok, plan, build_train_set(cfg.data, tok, plan=plan), cfg.train, data_cfg=cfg.data,
-                        accelerator=fake)
+                Trainer(
+                    model,
+                    tok,
+                    plan,
+                    build_train_set(cfg.data, tok, plan=plan),
+                    cfg.train,
+                    data_cfg=cfg.data,
+                    accelerator=fake,
+                )

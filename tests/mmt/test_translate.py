@@ -57,8 +57,26 @@ def test_translates_a_file_with_the_runs_template(run_dir, tmp_path):
     src = tmp_path / "in.de"
     src.write_text("\ufeff" + "\n".join(LINES) + "\n", encoding="utf-8")  # a BOM is accepted
     out = tmp_path / "out" / "hyp.en"
-    rc = cli.main(["translate", "--model", str(run_dir), "--src", "de", "--tgt", "English", "--input", str(src),
-                   "--output", str(out), "--max-new-tokens", "6", "--batch-size", "3", "--no-progress"])
+    rc = cli.main(
+        [
+            "translate",
+            "--model",
+            str(run_dir),
+            "--src",
+            "de",
+            "--tgt",
+            "English",
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            "--max-new-tokens",
+            "6",
+            "--batch-size",
+            "3",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     got = out.read_text(encoding="utf-8").split("\n")[:-1]
     assert got == _expected(run_dir / "final", ("de", "en"), "T3")
@@ -68,11 +86,33 @@ def test_translates_a_file_with_the_runs_template(run_dir, tmp_path):
 
 
 def test_stdin_to_stdout_in_a_fresh_process(run_dir):
-    code = ("import sys; from mmt import cli; cli.SUBCOMMANDS['translate'] = "
-            "('mmt.translate', 'add_translate_args', 'run_translate', 'x'); sys.exit(cli.main(sys.argv[1:]))")
-    res = subprocess.run([sys.executable, "-c", code, "translate", "-m", str(run_dir / "final"), "--src", "de",
-                          "--tgt", "en", "--max-new-tokens", "6", "--template", "T1"], input="\n".join(LINES),
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    code = (
+        "import sys; from mmt import cli; cli.SUBCOMMANDS['translate'] = "
+        "('mmt.translate', 'add_translate_args', 'run_translate', 'x'); sys.exit(cli.main(sys.argv[1:]))"
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "translate",
+            "-m",
+            str(run_dir / "final"),
+            "--src",
+            "de",
+            "--tgt",
+            "en",
+            "--max-new-tokens",
+            "6",
+            "--template",
+            "T1",
+        ],
+        input="\n".join(LINES),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\n")[:-1] == _expected(run_dir / "final", ("de", "en"), "T1")
 
@@ -81,12 +121,32 @@ def test_direction_gate_routes_each_direction(tmp_path, tok_dir, monkeypatch):
     a, b = _save(tmp_path / "xx_en", tok_dir, seed=1), _save(tmp_path / "en_xx", tok_dir, seed=2)
     gate = tmp_path / "gated"
     gate.mkdir()
-    (gate / "directional.json").write_text(json.dumps(
-        {"lora": False, "gate": {"de-en": str(a), "en-de": str(b)},
-         "units": {"xx-en": {"side": "xx-en", "weights": str(a)}, "en-xx": {"side": "en-xx", "weights": str(b)}}}))
-    rc = cli.main(["translate", "--model", str(gate), "--directions", "de-en", "en-de", "--input",
-                   str(_write(tmp_path / "in.txt")), "--output", str(tmp_path / "out"), "--max-new-tokens", "6",
-                   "--no-progress"])
+    (gate / "directional.json").write_text(
+        json.dumps(
+            {
+                "lora": False,
+                "gate": {"de-en": str(a), "en-de": str(b)},
+                "units": {"xx-en": {"side": "xx-en", "weights": str(a)}, "en-xx": {"side": "en-xx", "weights": str(b)}},
+            }
+        )
+    )
+    rc = cli.main(
+        [
+            "translate",
+            "--model",
+            str(gate),
+            "--directions",
+            "de-en",
+            "en-de",
+            "--input",
+            str(_write(tmp_path / "in.txt")),
+            "--output",
+            str(tmp_path / "out"),
+            "--max-new-tokens",
+            "6",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     de_en = (tmp_path / "out" / "de-en.txt").read_text(encoding="utf-8").split("\n")[:-1]
     en_de = (tmp_path / "out" / "en-de.txt").read_text(encoding="utf-8").split("\n")[:-1]
@@ -100,13 +160,16 @@ def _write(p: Path) -> Path:
     return p
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--src", "de", "--tgt", "en", "--input", "missing.txt"], "input file not found"),
-    (["--src", "de", "--tgt", "klingon"], "unknown language code"),
-    (["--src", "de"], "--src de --tgt en"),
-    (["--directions", "de-en", "en-de"], "--output <folder>"),
-    (["--src", "de", "--tgt", "en", "--template", "NOPE"], "unknown template"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--src", "de", "--tgt", "en", "--input", "missing.txt"], "input file not found"),
+        (["--src", "de", "--tgt", "klingon"], "unknown language code"),
+        (["--src", "de"], "--src de --tgt en"),
+        (["--directions", "de-en", "en-de"], "--output <folder>"),
+        (["--src", "de", "--tgt", "en", "--template", "NOPE"], "unknown template"),
+    ],
+)
 def test_bad_arguments_exit_2(run_dir, tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.stdin", io.StringIO("Hallo\n"))
@@ -133,12 +196,35 @@ def test_chat_template_model(tmp_path, tok_dir):
     from mmt.testing import tiny_model
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     save_model(tiny_model("llama", vocab=384, seed=3), tok, tmp_path / "chat")
     src = _write(tmp_path / "in.txt")
-    assert cli.main(["translate", "-m", str(tmp_path / "chat"), "--src", "de", "--tgt", "en", "--template", "chat",
-                     "-i", str(src), "-o", str(tmp_path / "out.txt"), "--max-new-tokens", "6", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "translate",
+                "-m",
+                str(tmp_path / "chat"),
+                "--src",
+                "de",
+                "--tgt",
+                "en",
+                "--template",
+                "chat",
+                "-i",
+                str(src),
+                "-o",
+                str(tmp_path / "out.txt"),
+                "--max-new-tokens",
+                "6",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     model, tok2 = load_model(name_or_path=str(tmp_path / "chat"), verbose=False)
     builder = PromptBuilder("chat", tok2)
     keep = [ln for ln in LINES if ln.strip()]

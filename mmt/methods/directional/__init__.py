@@ -17,6 +17,7 @@ pipeline's Trainer, merges, and writes ``directional.json`` (the gate's manifest
 From the shell: ``mmt train -c examples/configs/directional_demo.yaml [--eval]`` (the registry's ``run``
 entry, :func:`train_and_report`).
 """
+
 from __future__ import annotations
 
 from mmt.registry import register_method
@@ -27,8 +28,18 @@ from .plan import prepare
 from .run import run_directional, train_and_report, training_directions
 from .units import TrainingUnit, plan_units
 
-__all__ = ["PIVOT", "Config", "DirectionGate", "TrainingUnit", "evaluate_gated", "plan_units", "prepare",
-           "run_directional", "train_and_report", "training_directions"]
+__all__ = [
+    "PIVOT",
+    "Config",
+    "DirectionGate",
+    "TrainingUnit",
+    "evaluate_gated",
+    "plan_units",
+    "prepare",
+    "run_directional",
+    "train_and_report",
+    "training_directions",
+]
 
 
 def _run(cfg, *, with_eval: bool = False) -> int:

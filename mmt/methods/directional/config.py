@@ -52,7 +52,9 @@ class Config(MethodConfig):
 
     def __post_init__(self) -> None:
         if self.lora_r < 1 or self.lora_alpha < 1:
-            raise ConfigError(f"directional: lora_r and lora_alpha must be >= 1, got {self.lora_r} and {self.lora_alpha}")
+            raise ConfigError(
+                f"directional: lora_r and lora_alpha must be >= 1, got {self.lora_r} and {self.lora_alpha}"
+            )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"directional: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.sampler not in ("mixed", "pair"):
@@ -62,5 +64,6 @@ class Config(MethodConfig):
         if self.merge_rank is not None and self.merge_rank < 1:
             raise ConfigError(f"directional: merge_rank must be >= 1, got {self.merge_rank!r}")
         if self.lora_merge_mode not in ("dense", "svd", "factor"):
-            raise ConfigError(f"directional: lora_merge_mode must be 'dense', 'svd' or 'factor', got "
-                              f"{self.lora_merge_mode!r}")
+            raise ConfigError(
+                f"directional: lora_merge_mode must be 'dense', 'svd' or 'factor', got {self.lora_merge_mode!r}"
+            )

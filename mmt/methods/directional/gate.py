@@ -87,8 +87,16 @@ class DirectionGate:
     def model_for(self, src: str, tgt: str, base_model: nn.Module | None = None):
         return self.load(self.weights_for(src, tgt), base_model)[0]
 
-    def translate(self, sentences: list[str], src: str, tgt: str, *, template: str = "T1", tokenizer: Any = None,
-                  **generate_kwargs) -> list[str]:
+    def translate(
+        self,
+        sentences: list[str],
+        src: str,
+        tgt: str,
+        *,
+        template: str = "T1",
+        tokenizer: Any = None,
+        **generate_kwargs,
+    ) -> list[str]:
         """Translate ``sentences`` with the model this gate routes (src, tgt) to."""
         from mmt.data import build_prompt
 
@@ -98,8 +106,15 @@ class DirectionGate:
         return mmt.evaluate.generate(model, tok, prompts, template=template, direction=(src, tgt), **generate_kwargs)
 
 
-def evaluate_gated(cfg: Any, manifest: str | Path, *, label: str = "directional", merged: bool = True,
-                   skip: dict[str, Any] | None = None, done: dict[str, Any] | None = None):
+def evaluate_gated(
+    cfg: Any,
+    manifest: str | Path,
+    *,
+    label: str = "directional",
+    merged: bool = True,
+    skip: dict[str, Any] | None = None,
+    done: dict[str, Any] | None = None,
+):
     """Evaluate every eval direction with the weights the gate picks (merged=False: the unit models).
 
     skip: {weights: EvalReport} already scored (reused, not re-decoded); done: filled with {weights: EvalReport}
@@ -124,8 +139,9 @@ def evaluate_gated(cfg: Any, manifest: str | Path, *, label: str = "directional"
         model, tok = gate.load(w, model_cfg=cfg.model)
         ecfg = copy.deepcopy(cfg.eval)
         ecfg.directions = dirs
-        rep = mmt.evaluate.evaluate(model, tok, ecfg, template=cfg.data.template, data_dir=cfg.data.data_dir,
-                                    label=label, seen=seen)
+        rep = mmt.evaluate.evaluate(
+            model, tok, ecfg, template=cfg.data.template, data_dir=cfg.data.data_dir, label=label, seen=seen
+        )
         for r in rep.results:
             results[r.direction] = r
         hyps.update(rep.hypotheses)
@@ -136,8 +152,12 @@ def evaluate_gated(cfg: Any, manifest: str | Path, *, label: str = "directional"
     if not results:
         return None
     order = [d for d in cfg.eval.directions if d in results]
-    return EvalReport(label=label, results=[results[d] for d in order],
-                      hypotheses={d: hyps[d] for d in order if d in hyps}, settings=settings)
+    return EvalReport(
+        label=label,
+        results=[results[d] for d in order],
+        hypotheses={d: hyps[d] for d in order if d in hyps},
+        settings=settings,
+    )
 
 
 def _eval_weights(gate: "DirectionGate", direction: str, merged: bool) -> str:

@@ -24,6 +24,7 @@ from .config import Config
 from .gate import evaluate_gated
 from .units import TrainingUnit, parse_direction_list, plan_units
 
+
 def training_directions(cfg: Any) -> list[tuple[str, str]]:
     """The directions of data.train (or method.directions), in order, without duplicates."""
     if cfg.method.directions:
@@ -37,8 +38,9 @@ def training_directions(cfg: Any) -> list[tuple[str, str]]:
                 dirs += parse_direction_list(src.directions)
             else:  # e.g. a JSONL file: its directions are in the data
                 data_dir = resolve_data_dir(cfg.data.data_dir, required=False)
-                items = load_source(src, data_dir, max_chars=cfg.data.max_chars, on_bad_line=cfg.data.on_bad_line,
-                                    seed=cfg.data.seed)
+                items = load_source(
+                    src, data_dir, max_chars=cfg.data.max_chars, on_bad_line=cfg.data.on_bad_line, seed=cfg.data.seed
+                )
                 dirs += [(ex.src_lang, ex.tgt_lang) for ex in items]
     if not dirs:
         raise ConfigError("directional: no directions; list them in data.train[*].directions or method.directions")
@@ -57,8 +59,10 @@ def run_directional(cfg: Any, *, model: nn.Module | None = None, tokenizer: Any 
         units = [TrainingUnit(mcfg.unit, "joint", training_directions(cfg))]
     else:
         units = plan_units(mcfg, training_directions(cfg))
-    print("directional units: " + "; ".join(f"{u.name} ({', '.join('-'.join(d) for d in u.directions)})"
-                                             for u in units), flush=True)
+    print(
+        "directional units: " + "; ".join(f"{u.name} ({', '.join('-'.join(d) for d in u.directions)})" for u in units),
+        flush=True,
+    )
     base_dir = out / "base"
     if not mcfg.lora and not (base_dir / "config.json").exists():
         save_model(model, tokenizer, base_dir)  # the merge streams task vectors against this copy
@@ -81,14 +85,23 @@ def run_directional(cfg: Any, *, model: nn.Module | None = None, tokenizer: Any 
         done = (weights / ("adapter_config.json" if mcfg.lora else "config.json")).exists()
         if done and cfg.train.resume == "auto":  # a unit finished by an earlier (interrupted) run is reused
             print(f"directional: unit {unit.name} already trained ({weights}); reusing it", flush=True)
-            manifest["units"][unit.name] = {"side": unit.side, "directions": ucfg.method.directions,
-                                            "weights": rel(weights), "steps": None, "final_loss": None,
-                                            "reused": True}
+            manifest["units"][unit.name] = {
+                "side": unit.side,
+                "directions": ucfg.method.directions,
+                "weights": rel(weights),
+                "steps": None,
+                "final_loss": None,
+                "reused": True,
+            }
             continue
         umodel, _, _, result = train.run(ucfg, model=copy.deepcopy(model), tokenizer=tokenizer)  # same base each
-        manifest["units"][unit.name] = {"side": unit.side, "directions": ucfg.method.directions,
-                                        "weights": rel(weights), "steps": result.steps,
-                                        "final_loss": result.final_loss}
+        manifest["units"][unit.name] = {
+            "side": unit.side,
+            "directions": ucfg.method.directions,
+            "weights": rel(weights),
+            "steps": result.steps,
+            "final_loss": result.final_loss,
+        }
         del umodel, result
         gc.collect()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -97,23 +110,43 @@ def run_directional(cfg: Any, *, model: nn.Module | None = None, tokenizer: Any 
     if mcfg.merge and len(xx_units) > 1:
         merged = out / "xx-en.merged"
         paths = [str(out / manifest["units"][u.name]["weights"]) for u in xx_units]
-        info = {"from": [u.name for u in xx_units], "method": mcfg.merge_method, "density": mcfg.merge_density,
-                "lam": mcfg.merge_lam, "sign": mcfg.merge_sign, "lora_merge_mode": mcfg.lora_merge_mode if mcfg.lora
-                else None}
+        info = {
+            "from": [u.name for u in xx_units],
+            "method": mcfg.merge_method,
+            "density": mcfg.merge_density,
+            "lam": mcfg.merge_lam,
+            "sign": mcfg.merge_sign,
+            "lora_merge_mode": mcfg.lora_merge_mode if mcfg.lora else None,
+        }
         if mcfg.lora and mcfg.lora_merge_mode == "dense":  # exact: base + TIES of the dense updates, a full model
             from mmt.export import merge_adapters_into
 
             merged_model = copy.deepcopy(model)
-            summary = merge_adapters_into(merged_model, paths, method=mcfg.merge_method, density=mcfg.merge_density,
-                                          lam=mcfg.merge_lam, sign=mcfg.merge_sign)
+            summary = merge_adapters_into(
+                merged_model,
+                paths,
+                method=mcfg.merge_method,
+                density=mcfg.merge_density,
+                lam=mcfg.merge_lam,
+                sign=mcfg.merge_sign,
+            )
             save_model(merged_model, tokenizer, merged)
             del merged_model
             info.update(exact=True, relative_update=summary["relative_update"])
-            print(f"merged {len(paths)} XX->En adapters exactly ({mcfg.merge_method}, density {mcfg.merge_density}) "
-                  f"into the base weights: {merged}", flush=True)
+            print(
+                f"merged {len(paths)} XX->En adapters exactly ({mcfg.merge_method}, density {mcfg.merge_density}) "
+                f"into the base weights: {merged}",
+                flush=True,
+            )
         else:
-            mc = dict(method=mcfg.merge_method, density=mcfg.merge_density, lam=mcfg.merge_lam, sign=mcfg.merge_sign,
-                      output=str(merged), overwrite=True)
+            mc = dict(
+                method=mcfg.merge_method,
+                density=mcfg.merge_density,
+                lam=mcfg.merge_lam,
+                sign=mcfg.merge_sign,
+                output=str(merged),
+                overwrite=True,
+            )
             if mcfg.lora:
                 mc.update(adapters=paths, lora_mode=mcfg.lora_merge_mode, rank=mcfg.merge_rank or mcfg.lora_r)
             else:
@@ -144,8 +177,9 @@ def train_and_report(cfg: Any, *, with_eval: bool = False) -> int:
         scored: dict[str, Any] = {}
         runs = [(True, "datm"), (False, "dat")] if "merged" in manifest else [(False, cfg.method.unit or "dat")]
         for merged, label in runs:
-            rep = evaluate_gated(cfg, Path(cfg.train.output_dir), label=label, merged=merged, skip=dict(scored),
-                                 done=scored)
+            rep = evaluate_gated(
+                cfg, Path(cfg.train.output_dir), label=label, merged=merged, skip=dict(scored), done=scored
+            )
             if rep is not None:
                 write_report(rep, out)
                 print(rep.markdown())

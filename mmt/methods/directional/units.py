@@ -9,6 +9,7 @@ from mmt.errors import ConfigError
 
 from .config import PIVOT, Config
 
+
 @dataclass
 class TrainingUnit:
     """One separately trained model: a name, its side (xx-en or en-xx) and its directions."""
@@ -49,8 +50,10 @@ def plan_units(config: Config, directions: list[tuple[str, str]]) -> list[Traini
             name = "en-xx.all" if config.en_xx_unit == "all" else f"en-xx.{_group_of(tgt, groups)}"
             units.setdefault(name, TrainingUnit(name, "en-xx")).directions.append((src, tgt))
         else:
-            raise ConfigError(f"directional: direction {src}-{tgt} is not English-centric; DAT splits XX->En "
-                             "and En->XX (drop it from data.train or method.directions)")
+            raise ConfigError(
+                f"directional: direction {src}-{tgt} is not English-centric; DAT splits XX->En "
+                "and En->XX (drop it from data.train or method.directions)"
+            )
     return sorted(units.values(), key=lambda u: (u.side != "xx-en", u.name))
 
 

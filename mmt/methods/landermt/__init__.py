@@ -20,6 +20,7 @@ Pipeline:
    ``1 - g`` for the specific one), trained with the neurons. Its exact form is not published; every choice is
    a Config switch.
 """
+
 from __future__ import annotations
 
 from mmt.registry import register_method
@@ -30,7 +31,21 @@ from .detect import _encode, add_detect_args, detect, run_detect, run_detection,
 from .neurons import NeuronMap, NeuronUnit, categorise, neuron_units
 from .plan import prepare
 
-__all__ = ["PAPER_LANGUAGES", "Config", "NeuronMap", "NeuronUnit", "add_car", "add_detect_args", "categorise",
-           "detect", "neuron_units", "prepare", "run_detect", "run_detection", "select_layers", "set_car_pair"]
+__all__ = [
+    "PAPER_LANGUAGES",
+    "Config",
+    "NeuronMap",
+    "NeuronUnit",
+    "add_car",
+    "add_detect_args",
+    "categorise",
+    "detect",
+    "neuron_units",
+    "prepare",
+    "run_detect",
+    "run_detection",
+    "select_layers",
+    "set_car_pair",
+]
 
 register_method("landermt", module=__name__, config=Config, prepare=prepare)

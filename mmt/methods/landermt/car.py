@@ -93,9 +93,13 @@ def add_car(model: nn.Module, nmap: NeuronMap, cfg: Config) -> list[nn.Module]:
         if unit is None:
             raise ConfigError("CAR needs an FFN neuron map (neuron_kind='ffn')")
         owners[layer] = nmap.owner[unit.name]
-    settings = {"languages": list(nmap.languages), "layers": list(nmap.layers),
-                "specific_gate": cfg.car_specific_gate, "other_languages_off": cfg.car_other_languages_off,
-                "bias_init": cfg.car_bias_init}
+    settings = {
+        "languages": list(nmap.languages),
+        "layers": list(nmap.layers),
+        "specific_gate": cfg.car_specific_gate,
+        "other_languages_off": cfg.car_other_languages_off,
+        "bias_init": cfg.car_bias_init,
+    }
     gated = attach(model, owners, settings)
     arch.mark(model, ARCH, settings)
     return gated
@@ -104,8 +108,11 @@ def add_car(model: nn.Module, nmap: NeuronMap, cfg: Config) -> list[nn.Module]:
 def set_car_pair(model_or_mlps, languages: NeuronMap | list[str], pair: tuple[str, str] | None) -> None:
     """Route CAR for ``pair`` (None: every specific neuron active, e.g. for a language outside the map)."""
     langs = languages.languages if isinstance(languages, NeuronMap) else list(languages)
-    mlps = model_or_mlps if isinstance(model_or_mlps, list) else [
-        m for m in model_or_mlps.modules() if hasattr(m, "_car_settings")]
+    mlps = (
+        model_or_mlps
+        if isinstance(model_or_mlps, list)
+        else [m for m in model_or_mlps.modules() if hasattr(m, "_car_settings")]
+    )
     idx = None if pair is None else [langs.index(x) for x in dict.fromkeys(pair) if x in langs]
     for m in mlps:
         m._car_pair = idx

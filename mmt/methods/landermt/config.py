@@ -73,13 +73,19 @@ class Config(MethodConfig):
     def __post_init__(self) -> None:
         checks = [
             (self.neuron_kind in ("ffn", "output"), f"neuron_kind must be 'ffn' or 'output', got {self.neuron_kind!r}"),
-            (self.layer_metric in ("mean_abs_change", "relative_l2"),
-             f"layer_metric must be 'mean_abs_change' or 'relative_l2', got {self.layer_metric!r}"),
+            (
+                self.layer_metric in ("mean_abs_change", "relative_l2"),
+                f"layer_metric must be 'mean_abs_change' or 'relative_l2', got {self.layer_metric!r}",
+            ),
             (0.0 <= self.specific_ratio <= 1.0, f"specific_ratio must be in [0, 1], got {self.specific_ratio}"),
-            (self.neurons_used in ("general+specific", "specific", "general"),
-             f"neurons_used must be general+specific, specific or general, got {self.neurons_used!r}"),
-            (self.car_specific_gate in ("one_minus", "none"),
-             f"car_specific_gate must be 'one_minus' or 'none', got {self.car_specific_gate!r}"),
+            (
+                self.neurons_used in ("general+specific", "specific", "general"),
+                f"neurons_used must be general+specific, specific or general, got {self.neurons_used!r}",
+            ),
+            (
+                self.car_specific_gate in ("one_minus", "none"),
+                f"car_specific_gate must be 'one_minus' or 'none', got {self.car_specific_gate!r}",
+            ),
             (self.n_layers >= 1, f"n_layers must be >= 1, got {self.n_layers}"),
         ]
         for ok, msg in checks:

@@ -22,9 +22,10 @@ from mmt_kernels import TaylorHook, token_weights
 from .config import Config
 from .neurons import NeuronMap, categorise, neuron_units
 
+
 def _batches(items: list, size: int):
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 def _encode(tokenizer, texts: list[str], max_length: int, device) -> dict[str, torch.Tensor]:
@@ -34,14 +35,24 @@ def _encode(tokenizer, texts: list[str], max_length: int, device) -> dict[str, t
 
 
 @torch.no_grad()
-def select_layers(model: nn.Module, tokenizer, prompts: list[str], n_layers: int, metric: str = "mean_abs_change",
-                  batch_size: int = 8, max_length: int = 256) -> tuple[list[int], list[float]]:
+def select_layers(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    n_layers: int,
+    metric: str = "mean_abs_change",
+    batch_size: int = 8,
+    max_length: int = 256,
+) -> tuple[list[int], list[float]]:
     """Blocks with the largest representation change across them on ``prompts``: (sorted top-n, change per block)."""
     _, blocks = decoder_layers(model)
     n = len(blocks)
     device = next(model.parameters()).device
-    sums_in, sums_out, rel = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), \
-        torch.zeros(n, dtype=torch.float64)
+    sums_in, sums_out, rel = (
+        torch.zeros(n, dtype=torch.float64),
+        torch.zeros(n, dtype=torch.float64),
+        torch.zeros(n, dtype=torch.float64),
+    )
     count = 0
     state: dict[int, torch.Tensor] = {}
     mask_box: dict[str, torch.Tensor] = {}
@@ -50,6 +61,7 @@ def select_layers(model: nn.Module, tokenizer, prompts: list[str], n_layers: int
         def hook(mod, args, kwargs):
             x = args[0] if args else kwargs.get("hidden_states")
             state[i] = x
+
         return hook
 
     def post(i):
@@ -61,6 +73,7 @@ def select_layers(model: nn.Module, tokenizer, prompts: list[str], n_layers: int
             sums_out[i] += float((y.float() * m).sum()) / y.shape[-1]
             r = (y.float() - x.float()).norm(dim=-1) / x.float().norm(dim=-1).clamp_min(1e-6)
             rel[i] += float((r * mask_box["m"]).sum())
+
         return hook
 
     handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
@@ -109,9 +122,18 @@ class _HeadAwareTaylorHook(TaylorHook):
             self.token_weight = w
 
 
-def detect(model: nn.Module, tokenizer, texts: dict[str, list[str]], layers: list[int], kind: str = "ffn",
-           batch_size: int = 8, max_length: int = 256, ratio: float = 0.10, backend: str | None = None,
-           progress: bool = True) -> NeuronMap:
+def detect(
+    model: nn.Module,
+    tokenizer,
+    texts: dict[str, list[str]],
+    layers: list[int],
+    kind: str = "ffn",
+    batch_size: int = 8,
+    max_length: int = 256,
+    ratio: float = 0.10,
+    backend: str | None = None,
+    progress: bool = True,
+) -> NeuronMap:
     """Taylor importance per language over ``texts`` ({iso: sentences}), then categorisation."""
     units = neuron_units(model, layers, kind)
     if not units:
@@ -140,8 +162,9 @@ def detect(model: nn.Module, tokenizer, texts: dict[str, list[str]], layers: lis
                     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                     logits = out.logits[:, :-1].float()
                     labels = batch["labels"][:, 1:]
-                    tok = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                      ignore_index=-100, reduction="none").view(labels.shape)
+                    tok = nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+                    ).view(labels.shape)
                     n = (labels != -100).sum(1).clamp_min(1)
                     loss = (tok.sum(1) / n).sum()  # per-sentence mean loss: batch 1 gradients, batched
                     loss.backward()
@@ -184,15 +207,23 @@ def _layer_prompts(cfg: Config, data_dir: Path, directions: list[tuple[str, str]
     return prompts
 
 
-def run_detection(model: nn.Module, tokenizer, cfg: Config, *, data_dir: str | Path | None = None,
-                  directions: list[tuple[str, str]] | None = None, template: str = "T1",
-                  progress: bool = True) -> NeuronMap:
+def run_detection(
+    model: nn.Module,
+    tokenizer,
+    cfg: Config,
+    *,
+    data_dir: str | Path | None = None,
+    directions: list[tuple[str, str]] | None = None,
+    template: str = "T1",
+    progress: bool = True,
+) -> NeuronMap:
     """Layer selection (unless ``cfg.layers``) + detection on the FLORES dev data under ``data_dir``."""
     root = resolve_data_dir(data_dir)
     langs = [L.normalize(x) for x in (cfg.languages or sorted({x for d in (directions or []) for x in d}))]
     if len(langs) < 2:
-        raise ConfigError("landermt: detection needs at least two languages (method.languages or the training "
-                         "directions)")
+        raise ConfigError(
+            "landermt: detection needs at least two languages (method.languages or the training directions)"
+        )
     t0 = time.time()
     layer_change = None
     if cfg.layers is not None:
@@ -200,12 +231,26 @@ def run_detection(model: nn.Module, tokenizer, cfg: Config, *, data_dir: str | P
     else:
         dirs = directions or [(a, b) for a in langs for b in langs if a != b]
         prompts = _layer_prompts(cfg, root, dirs, template)
-        layers, layer_change = select_layers(model, tokenizer, prompts, cfg.n_layers, cfg.layer_metric,
-                                             cfg.detect_batch_size, cfg.detect_max_length)
-    nmap = detect(model, tokenizer, _texts(cfg, root, langs), layers, cfg.neuron_kind, cfg.detect_batch_size,
-                  cfg.detect_max_length, cfg.specific_ratio, progress=progress)
-    nmap.config = {"method": cfg.to_dict(), "layer_change": layer_change, "seconds": round(time.time() - t0, 1),
-                   "model": getattr(getattr(model, "config", None), "_name_or_path", "")}
+        layers, layer_change = select_layers(
+            model, tokenizer, prompts, cfg.n_layers, cfg.layer_metric, cfg.detect_batch_size, cfg.detect_max_length
+        )
+    nmap = detect(
+        model,
+        tokenizer,
+        _texts(cfg, root, langs),
+        layers,
+        cfg.neuron_kind,
+        cfg.detect_batch_size,
+        cfg.detect_max_length,
+        cfg.specific_ratio,
+        progress=progress,
+    )
+    nmap.config = {
+        "method": cfg.to_dict(),
+        "layer_change": layer_change,
+        "seconds": round(time.time() - t0, 1),
+        "model": getattr(getattr(model, "config", None), "_name_or_path", ""),
+    }
     return nmap
 
 
@@ -234,9 +279,17 @@ method.neurons_file=<output> in `mmt train --method landermt`."""
 
 
 def run_detect(args: argparse.Namespace) -> int:
-    ov = overrides_from_args(args, {"model": "model.name_or_path", "languages": "method.languages",
-                                    "layers": "method.layers", "sentences": "method.detect_sentences",
-                                    "neuron_kind": "method.neuron_kind", "ratio": "method.specific_ratio"})
+    ov = overrides_from_args(
+        args,
+        {
+            "model": "model.name_or_path",
+            "languages": "method.languages",
+            "layers": "method.layers",
+            "sentences": "method.detect_sentences",
+            "neuron_kind": "method.neuron_kind",
+            "ratio": "method.specific_ratio",
+        },
+    )
     cfg = load_config(args.config, ov, method="landermt")
     mcfg: Config = cfg.method  # type: ignore[assignment]
     directions = []
@@ -244,8 +297,9 @@ def run_detect(args: argparse.Namespace) -> int:
         for d in src.directions:
             directions.append(L.parse_direction(d))
     model, tokenizer = load_model(cfg.model)
-    nmap = run_detection(model, tokenizer, mcfg, data_dir=cfg.data.data_dir, directions=directions or None,
-                         template=cfg.data.template)
+    nmap = run_detection(
+        model, tokenizer, mcfg, data_dir=cfg.data.data_dir, directions=directions or None, template=cfg.data.template
+    )
     out = Path(args.output or Path(cfg.train.output_dir) / "neurons.safetensors")
     nmap.save(out)
     png = nmap.plot(out.with_suffix(".png"))

@@ -17,6 +17,7 @@ from mmt.errors import MethodError
 from mmt.models import decoder_layers, find_ffn, is_conv1d
 from mmt.plots import plot_heatmap
 
+
 @dataclass
 class NeuronUnit:
     """One scored module: ``name`` (dotted module path), its layer, M neurons, and the parameters whose
@@ -153,15 +154,25 @@ class NeuronMap:
         for u in self.units:
             tensors[f"{u.name}::importance"] = self.importance[u.name].float().contiguous()
             tensors[f"{u.name}::owner"] = self.owner[u.name].to(torch.int64).contiguous()
-        meta = {"languages": self.languages, "layers": self.layers, "units": [asdict(u) for u in self.units],
-                "config": self.config, "format": "mmt.landermt.neurons/1"}
+        meta = {
+            "languages": self.languages,
+            "layers": self.layers,
+            "units": [asdict(u) for u in self.units],
+            "config": self.config,
+            "format": "mmt.landermt.neurons/1",
+        }
         tmp = path.with_suffix(path.suffix + ".tmp")
         save_file(tensors, str(tmp), metadata={"landermt": json.dumps(meta)})
         tmp.replace(path)
-        summary = {"languages": self.languages, "layers": self.layers, "config": self.config,
-                   "specific_per_language_per_layer": self.counts().tolist(),
-                   "neurons_per_layer": {str(layer): sum(u.size for u in self.units if u.layer == layer)
-                                         for layer in self.layers}}
+        summary = {
+            "languages": self.languages,
+            "layers": self.layers,
+            "config": self.config,
+            "specific_per_language_per_layer": self.counts().tolist(),
+            "neurons_per_layer": {
+                str(layer): sum(u.size for u in self.units if u.layer == layer) for layer in self.layers
+            },
+        }
         path.with_suffix(".json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         return path
 
@@ -188,9 +199,16 @@ class NeuronMap:
         counts = self.counts().float()
         per_layer = torch.tensor([sum(u.size for u in self.units if u.layer == layer) for layer in self.layers])
         pct = 100.0 * counts / per_layer.clamp_min(1).float()
-        return plot_heatmap(pct.numpy(), path, row_labels=self.languages, col_labels=[str(x) for x in self.layers],
-                            title="specific neurons, % of layer", xlabel="layer",
-                            ylabel="owner language", cmap="magma")
+        return plot_heatmap(
+            pct.numpy(),
+            path,
+            row_labels=self.languages,
+            col_labels=[str(x) for x in self.layers],
+            title="specific neurons, % of layer",
+            xlabel="layer",
+            ylabel="owner language",
+            cmap="magma",
+        )
 
 
 def categorise(importance: dict[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:

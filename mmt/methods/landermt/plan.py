@@ -45,26 +45,36 @@ def _sparse_weight_grads(model: nn.Module, by_tensor: dict) -> SparseWeightGrad 
     return sparse if sparse.dims else None
 
 
-def prepare(model: nn.Module, config: Config, tokenizer=None, *, data_dir: str | Path | None = None,
-            directions: list[tuple[str, str]] | None = None) -> tuple[nn.Module, TrainingPlan]:
+def prepare(
+    model: nn.Module,
+    config: Config,
+    tokenizer=None,
+    *,
+    data_dir: str | Path | None = None,
+    directions: list[tuple[str, str]] | None = None,
+) -> tuple[nn.Module, TrainingPlan]:
     """Freeze all but the selected layers and return a plan that switches neuron selections per language pair."""
     if config.neurons_file:
         nmap = NeuronMap.load(config.neurons_file)
     else:
         if tokenizer is None:
-            raise ConfigError("landermt: set method.neurons_file (from `mmt detect`) or pass a tokenizer so that "
-                             "prepare() can detect neurons itself")
+            raise ConfigError(
+                "landermt: set method.neurons_file (from `mmt detect`) or pass a tokenizer so that "
+                "prepare() can detect neurons itself"
+            )
         nmap = run_detection(model, tokenizer, config, data_dir=data_dir, directions=directions)
         if config.detect_output:
             nmap.save(config.detect_output)
             nmap.plot(Path(config.detect_output).with_suffix(".png"))
     if config.layers is not None and sorted(set(config.layers)) != nmap.layers:
-        raise ConfigError(f"landermt: method.layers {config.layers} differs from the neuron file's layers "
-                         f"{nmap.layers}")
+        raise ConfigError(
+            f"landermt: method.layers {config.layers} differs from the neuron file's layers {nmap.layers}"
+        )
     kind = nmap.config.get("method", {}).get("neuron_kind", config.neuron_kind)
     if kind != config.neuron_kind:
-        raise ConfigError(f"landermt: neuron file was detected with neuron_kind={kind!r}, config says "
-                         f"{config.neuron_kind!r}")
+        raise ConfigError(
+            f"landermt: neuron file was detected with neuron_kind={kind!r}, config says {config.neuron_kind!r}"
+        )
     prefix, blocks = decoder_layers(model)
     if max(nmap.layers) >= len(blocks):
         raise MethodError(f"landermt: the neuron file selects layers {nmap.layers} but the model has {len(blocks)}")
@@ -77,8 +87,10 @@ def prepare(model: nn.Module, config: Config, tokenizer=None, *, data_dir: str |
             if pname not in names:
                 raise MethodError(f"landermt: parameter {pname} of the neuron file is not in this model")
             if names[pname].shape[nd] != u.size:
-                raise MethodError(f"landermt: the neuron file has {u.size} neurons for {pname}, the model's tensor "
-                                  f"has shape {tuple(names[pname].shape)} (a neuron file of another model?)")
+                raise MethodError(
+                    f"landermt: the neuron file has {u.size} neurons for {pname}, the model's tensor "
+                    f"has shape {tuple(names[pname].shape)} (a neuron file of another model?)"
+                )
             neuron_params[pname] = (u.name, nd)
             names[pname].requires_grad_(True)
     if config.neuron_kind == "ffn" and config.train_other:
@@ -99,8 +111,12 @@ def prepare(model: nn.Module, config: Config, tokenizer=None, *, data_dir: str |
         if pair not in cache:
             for lang in pair:
                 if lang not in nmap.languages:
-                    warnings.warn(f"landermt: language {lang!r} of pair {pair} was not among the detection languages "
-                                  f"{nmap.languages}; it has no specific neurons", RuntimeWarning, stacklevel=3)
+                    warnings.warn(
+                        f"landermt: language {lang!r} of pair {pair} was not among the detection languages "
+                        f"{nmap.languages}; it has no specific neurons",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
             sel, scl = {}, {}
             for p, (unit, _) in by_tensor.items():
                 keep = nmap.keep(unit, pair, config.neurons_used)
@@ -116,8 +132,14 @@ def prepare(model: nn.Module, config: Config, tokenizer=None, *, data_dir: str |
     def build_optimizer(model_: nn.Module, train_cfg) -> torch.optim.Optimizer:
         groups = param_groups(model_, train_cfg.weight_decay)
         dims = {p: nd for p, (_, nd) in by_tensor.items() if p.dim() == 2}
-        return NeuronSparseAdamW(groups, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas), eps=train_cfg.adam_eps,
-                                 neuron_dims=dims, strict=config.strict)
+        return NeuronSparseAdamW(
+            groups,
+            lr=train_cfg.lr,
+            betas=tuple(train_cfg.adam_betas),
+            eps=train_cfg.adam_eps,
+            neuron_dims=dims,
+            strict=config.strict,
+        )
 
     def on_step_start(info: StepInfo, model_: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         assert info.pair is not None, "landermt plans ask for language-pair-homogeneous steps (sampler 'pair')"
@@ -142,11 +164,23 @@ def prepare(model: nn.Module, config: Config, tokenizer=None, *, data_dir: str |
 
     n_spec = sum(int((o >= 0).sum()) for o in nmap.owner.values())
     n_all = sum(o.numel() for o in nmap.owner.values())
-    info = {"layers": nmap.layers, "languages": nmap.languages, "neuron_kind": config.neuron_kind,
-            "specific neurons": f"{n_spec:,} / {n_all:,}", "neurons_used": config.neurons_used,
-            "optimizer": f"NeuronSparseAdamW(strict={config.strict}{', scaled' if config.scaled else ''})",
-            "car": config.car}
-    plan = TrainingPlan(method="landermt", sampler="pair", build_optimizer=build_optimizer,
-                        on_step_start=on_step_start, save_artifacts=save_artifacts, info=info, model=model)
+    info = {
+        "layers": nmap.layers,
+        "languages": nmap.languages,
+        "neuron_kind": config.neuron_kind,
+        "specific neurons": f"{n_spec:,} / {n_all:,}",
+        "neurons_used": config.neurons_used,
+        "optimizer": f"NeuronSparseAdamW(strict={config.strict}{', scaled' if config.scaled else ''})",
+        "car": config.car,
+    }
+    plan = TrainingPlan(
+        method="landermt",
+        sampler="pair",
+        build_optimizer=build_optimizer,
+        on_step_start=on_step_start,
+        save_artifacts=save_artifacts,
+        info=info,
+        model=model,
+    )
     plan.selection_for = selection_for  # type: ignore[attr-defined]
     return model, plan

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from mmt.config import MethodConfig
 from mmt.errors import ConfigError
 
+
 @dataclass
 class Config(MethodConfig):
     """mFTI options.

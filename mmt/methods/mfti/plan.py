@@ -12,6 +12,7 @@ from mmt.methods.base import TrainingPlan, parse_directions
 
 from .config import Config
 
+
 def freeze_embeddings(model: nn.Module) -> int:
     """Freeze input and output embeddings (tied or not); returns the number of frozen parameters."""
     frozen = 0
@@ -38,8 +39,13 @@ def make_trainable(model: nn.Module, config) -> tuple[nn.Module, dict, Callable 
     info: dict = {}
     if config.lora:
         peft = require("peft", purpose="method.lora=true")  # optional dependency
-        lcfg = peft.LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=config.lora_target_modules, task_type="CAUSAL_LM")
+        lcfg = peft.LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
         model = peft.get_peft_model(model, lcfg)
         info["lora"] = f"r={config.lora_r} alpha={config.lora_alpha} targets={config.lora_target_modules}"
 
@@ -66,6 +72,12 @@ def prepare(model: nn.Module, config: Config, tokenizer=None) -> tuple[nn.Module
     if config.sampler not in ("mixed", "pair"):
         raise ConfigError(f"mfti: sampler must be 'mixed' or 'pair', got {config.sampler!r}")
     model, info, save_artifacts = make_trainable(model, config)
-    plan = TrainingPlan(method="mfti", sampler=config.sampler, directions=parse_directions(config.directions, "mfti"),
-                        save_artifacts=save_artifacts, info=info, model=model)
+    plan = TrainingPlan(
+        method="mfti",
+        sampler=config.sampler,
+        directions=parse_directions(config.directions, "mfti"),
+        save_artifacts=save_artifacts,
+        info=info,
+        model=model,
+    )
     return model, plan

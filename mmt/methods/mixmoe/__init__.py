@@ -35,17 +35,32 @@ from .analysis import expert_load, plot_expert_load
 from .config import ARTIFACT, Config
 from .gelu import GeluMoEFFN
 from .layer import (
-           aux_losses,
-           build,
-           ffn_slots,
-           moe_layers,
-           partition_neurons,
-           set_stage,
-           upcycle,
+    aux_losses,
+    build,
+    ffn_slots,
+    moe_layers,
+    partition_neurons,
+    set_stage,
+    upcycle,
 )
 from .plan import is_mixmoe, prepare, upcycle_model
 
-__all__ = ["ARTIFACT", "Config", "GeluMoEFFN", "aux_losses", "build", "expert_load", "ffn_slots", "is_mixmoe",
-           "moe_layers", "partition_neurons", "plot_expert_load", "prepare", "set_stage", "upcycle", "upcycle_model"]
+__all__ = [
+    "ARTIFACT",
+    "Config",
+    "GeluMoEFFN",
+    "aux_losses",
+    "build",
+    "expert_load",
+    "ffn_slots",
+    "is_mixmoe",
+    "moe_layers",
+    "partition_neurons",
+    "plot_expert_load",
+    "prepare",
+    "set_stage",
+    "upcycle",
+    "upcycle_model",
+]
 
 register_method("mixmoe", module=__name__, config=Config, prepare=prepare)

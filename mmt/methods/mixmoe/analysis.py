@@ -13,8 +13,9 @@ from .layer import moe_layers
 
 
 @torch.no_grad()
-def expert_load(model: nn.Module, tokenizer, texts_by_lang: dict[str, list[str]], *, batch_size: int = 8,
-                max_length: int = 128) -> dict[str, torch.Tensor]:
+def expert_load(
+    model: nn.Module, tokenizer, texts_by_lang: dict[str, list[str]], *, batch_size: int = 8, max_length: int = 128
+) -> dict[str, torch.Tensor]:
     """Fraction of routed slots per expert (``[layers, E]``, rows sum to 1) for each language's texts."""
     layers = moe_layers(model)
     device = next(model.parameters()).device
@@ -26,8 +27,9 @@ def expert_load(model: nn.Module, tokenizer, texts_by_lang: dict[str, list[str]]
             m.load_counts.zero_()
             m.track_load = True
         for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_length)
+            enc = tokenizer(
+                texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
+            )
             model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
         loads = torch.stack([m.load_counts.clone() for m in layers])
         out[lang] = loads / loads.sum(1, keepdim=True).clamp_min(1)
@@ -37,13 +39,18 @@ def expert_load(model: nn.Module, tokenizer, texts_by_lang: dict[str, list[str]]
     return out
 
 
-def plot_expert_load(loads_by_stage: dict[str, dict[str, torch.Tensor]], path: str | Path,
-                     lm_experts: int | None = None) -> Path:
+def plot_expert_load(
+    loads_by_stage: dict[str, dict[str, torch.Tensor]], path: str | Path, lm_experts: int | None = None
+) -> Path:
     """One heatmap panel per stage: languages x experts, load averaged over layers (PNG)."""
     plt = _plt()
     stages = list(loads_by_stage)
-    fig, axes = plt.subplots(1, len(stages), figsize=(4 + 3.5 * len(stages), 1.5 + 0.5 * max(
-        len(v) for v in loads_by_stage.values())), squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        len(stages),
+        figsize=(4 + 3.5 * len(stages), 1.5 + 0.5 * max(len(v) for v in loads_by_stage.values())),
+        squeeze=False,
+    )
     for ax, stage in zip(axes[0], stages):
         langs = list(loads_by_stage[stage])
         m = torch.stack([loads_by_stage[stage][lang].float().mean(0) for lang in langs]).numpy()

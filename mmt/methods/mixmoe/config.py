@@ -9,8 +9,21 @@ from mmt.errors import ConfigError
 
 ARTIFACT = "mixmoe.pt"
 # settings that fix the layer structure or the LM experts' content: stage 2 must use stage 1's values
-STRUCTURAL = ("layers", "num_lm_experts", "num_mt_experts", "top_k", "routing", "partition", "fft_variant",
-              "n_freq", "fft_proj_dim", "router_input", "fft_layernorm", "combine_scale", "seed")
+STRUCTURAL = (
+    "layers",
+    "num_lm_experts",
+    "num_mt_experts",
+    "top_k",
+    "routing",
+    "partition",
+    "fft_variant",
+    "n_freq",
+    "fft_proj_dim",
+    "router_input",
+    "fft_layernorm",
+    "combine_scale",
+    "seed",
+)
 
 
 @dataclass
@@ -91,8 +104,11 @@ class Config(MethodConfig):
 
     def exact_upcycling(self) -> bool:
         """Whether the upcycled model is exactly the dense one (uniform router over all LM experts)."""
-        return (self.router_init_std == 0 and self.top_k == self.num_lm_experts
-                and self.resolved_combine_scale() == self.num_lm_experts)
+        return (
+            self.router_init_std == 0
+            and self.top_k == self.num_lm_experts
+            and self.resolved_combine_scale() == self.num_lm_experts
+        )
 
     def validate(self) -> None:
         if self.stage not in (1, 2):
@@ -106,11 +122,14 @@ class Config(MethodConfig):
         if self.router_input not in ("concat", "sum"):
             raise ConfigError(f"mixmoe: router_input must be 'concat' or 'sum', got {self.router_input!r}")
         if self.n_freq < 1 or (self.fft_proj_dim is not None and self.fft_proj_dim < 1):
-            raise ConfigError(f"mixmoe: n_freq and fft_proj_dim must be >= 1, got {self.n_freq!r} and "
-                              f"{self.fft_proj_dim!r}")
+            raise ConfigError(
+                f"mixmoe: n_freq and fft_proj_dim must be >= 1, got {self.n_freq!r} and {self.fft_proj_dim!r}"
+            )
         if self.fft_variant not in ("hidden", "none"):
-            raise ConfigError(f"mixmoe: fft_variant must be 'hidden' or 'none', got {self.fft_variant!r} (the "
-                             "sequence-axis variant B mixes future tokens into a decoder's router; not offered)")
+            raise ConfigError(
+                f"mixmoe: fft_variant must be 'hidden' or 'none', got {self.fft_variant!r} (the "
+                "sequence-axis variant B mixes future tokens into a decoder's router; not offered)"
+            )
         if self.stage1_train not in ("router", "experts+router"):
             raise ConfigError(f"mixmoe: stage1_train must be 'router' or 'experts+router', got {self.stage1_train!r}")
         for name in ("router_init_std", "fft_proj_init_std", "mt_init_std", "router_lr_scale"):
@@ -122,14 +141,17 @@ class Config(MethodConfig):
             if self.num_mt_experts < 1:
                 raise ConfigError("mixmoe: routing='grouped' needs num_mt_experts >= 1")
             if not 1 <= self.top_k <= self.num_lm_experts:
-                raise ConfigError(f"mixmoe: with routing='grouped', top_k={self.top_k} must be in "
-                                 f"[1, num_lm_experts={self.num_lm_experts}]")
+                raise ConfigError(
+                    f"mixmoe: with routing='grouped', top_k={self.top_k} must be in "
+                    f"[1, num_lm_experts={self.num_lm_experts}]"
+                )
             if self.top_k_mt is not None and not 1 <= self.top_k_mt <= self.num_mt_experts:
-                raise ConfigError(f"mixmoe: top_k_mt={self.top_k_mt} must be in "
-                                 f"[1, num_mt_experts={self.num_mt_experts}]")
+                raise ConfigError(
+                    f"mixmoe: top_k_mt={self.top_k_mt} must be in [1, num_mt_experts={self.num_mt_experts}]"
+                )
             return
         n_allowed = self.num_lm_experts if self.stage == 1 else self.num_lm_experts + self.num_mt_experts
         if not 1 <= self.top_k <= n_allowed:
-            raise ConfigError(f"mixmoe: top_k={self.top_k} must be in [1, {n_allowed}] (experts routable in stage "
-                             f"{self.stage})")
-
+            raise ConfigError(
+                f"mixmoe: top_k={self.top_k} must be in [1, {n_allowed}] (experts routable in stage {self.stage})"
+            )

@@ -30,15 +30,41 @@ class GeluMoEFFN(MoEFFN):
     ``w_in [E, f, d]``, ``b_in [E, f]`` (None without bias), ``w_out [E, d, f]``, ``b_out [d]`` (or None).
     """
 
-    def __init__(self, d_model: int, d_expert: int, num_experts: int, *, k: int = 2, act: str = "gelu",
-                 bias: bool = True, n_freq: int = 64, fft_proj_dim: int | None = None, router_input: str = "concat",
-                 fft_layernorm: bool = False, scale: float = 1.0, dtype: torch.dtype | None = None, device=None,
-                 backend: str | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        d_expert: int,
+        num_experts: int,
+        *,
+        k: int = 2,
+        act: str = "gelu",
+        bias: bool = True,
+        n_freq: int = 64,
+        fft_proj_dim: int | None = None,
+        router_input: str = "concat",
+        fft_layernorm: bool = False,
+        scale: float = 1.0,
+        dtype: torch.dtype | None = None,
+        device=None,
+        backend: str | None = None,
+    ):
         if act not in GELU_ACTS:
             raise ValueError(f"GeluMoEFFN: act must be one of {GELU_ACTS}, got {act!r}")
-        super().__init__(d_model, d_expert, num_experts, k=k, act="silu", n_freq=n_freq, fft_proj_dim=fft_proj_dim,
-                         router_input=router_input, fft_layernorm=fft_layernorm, scale=scale, dtype=dtype,
-                         device=device, backend=backend)
+        super().__init__(
+            d_model,
+            d_expert,
+            num_experts,
+            k=k,
+            act="silu",
+            n_freq=n_freq,
+            fft_proj_dim=fft_proj_dim,
+            router_input=router_input,
+            fft_layernorm=fft_layernorm,
+            scale=scale,
+            dtype=dtype,
+            device=device,
+            backend=backend,
+        )
         self.act = act
         # MoEFFN's gated expert tensors are replaced by the non-gated ones
         del self.w_gate, self.w_up, self.w_down
@@ -65,8 +91,9 @@ class GeluMoEFFN(MoEFFN):
         """The parameters whose first dim indexes experts."""
         return [t for t in (self.w_in, self.b_in, self.w_out) if t is not None]
 
-    def _experts(self, x: torch.Tensor, logits: torch.Tensor, lo: int, hi: int, k: int, scale: float, n_on: int,
-                 n_train: int) -> MoEOutput:
+    def _experts(
+        self, x: torch.Tensor, logits: torch.Tensor, lo: int, hi: int, k: int, scale: float, n_on: int, n_train: int
+    ) -> MoEOutput:
         """Route ``x`` among experts ``[lo, hi)`` and run them; frozen experts get no weight gradient."""
         mask = None if n_on == hi - lo else self.expert_mask[lo:hi]
         weights, ids, aux, z = route(logits[:, lo:hi], k, mask, n_on)
@@ -102,8 +129,9 @@ class GeluMoEFFN(MoEFFN):
             G = self.group_split
             (n1, t1, _), (n2, t2, _) = self._group_state
             groups = [(0, G, self.k, self.scale, n1, t1), (G, E, self.k_second, self.scale_second, n2, t2)]
-        parts = [(lo, self._experts(x, logits, lo, hi, k, s, n_on, n_tr))
-                 for lo, hi, k, s, n_on, n_tr in groups if n_on]
+        parts = [
+            (lo, self._experts(x, logits, lo, hi, k, s, n_on, n_tr)) for lo, hi, k, s, n_on, n_tr in groups if n_on
+        ]
         out = parts[0][1].out
         for _, r in parts[1:]:
             out = out + r.out
@@ -111,10 +139,15 @@ class GeluMoEFFN(MoEFFN):
             out = out + self.b_out
         counts = torch.zeros(E, dtype=parts[0][1].counts.dtype, device=x.device)
         for lo, r in parts:
-            counts[lo:lo + r.counts.numel()] = r.counts
-        res = MoEOutput(out.to(hidden.dtype), sum(r.aux_loss for _, r in parts) / len(parts),
-                        sum(r.z_loss for _, r in parts), torch.cat([r.expert_ids + lo for lo, r in parts], 1),
-                        torch.cat([r.weights for _, r in parts], 1), counts)
+            counts[lo : lo + r.counts.numel()] = r.counts
+        res = MoEOutput(
+            out.to(hidden.dtype),
+            sum(r.aux_loss for _, r in parts) / len(parts),
+            sum(r.z_loss for _, r in parts),
+            torch.cat([r.expert_ids + lo for lo, r in parts], 1),
+            torch.cat([r.weights for _, r in parts], 1),
+            counts,
+        )
         self.last_aux_loss, self.last_z_loss = res.aux_loss, res.z_loss
         if self.track_load:
             self.load_counts += res.counts.detach().to(self.load_counts)

@@ -39,8 +39,10 @@ def _probe_activation(fn: Any, allowed: tuple[str, ...], where: str) -> str:
     for name in allowed:
         if got.shape == _PROBE.shape and float((got - refs[name]).abs().max()) < 1e-5:
             return name
-    raise MethodError(f"mixmoe: the FFN activation of {where} ({type(fn).__name__}) is none of {list(allowed)}; "
-                     "Mix-MoE upcycles SwiGLU/GeGLU (silu, gelu_tanh) and GELU (gelu, gelu_tanh) FFNs")
+    raise MethodError(
+        f"mixmoe: the FFN activation of {where} ({type(fn).__name__}) is none of {list(allowed)}; "
+        "Mix-MoE upcycles SwiGLU/GeGLU (silu, gelu_tanh) and GELU (gelu, gelu_tanh) FFNs"
+    )
 
 
 def _child_name(parent: nn.Module, child: nn.Module) -> str:
@@ -55,11 +57,11 @@ class FFNSlot:
     """Where a layer's FFN lives and what it computes."""
 
     layer: int
-    kind: str                     # "glu" or "gelu"
+    kind: str  # "glu" or "gelu"
     act: str
-    parent: nn.Module             # module holding the attributes below
-    names: tuple[str, ...]        # glu: (mlp attribute,); gelu: (fc_in, activation, fc_out) attributes
-    info: Any                     # mmt.models.FFNInfo
+    parent: nn.Module  # module holding the attributes below
+    names: tuple[str, ...]  # glu: (mlp attribute,); gelu: (fc_in, activation, fc_out) attributes
+    info: Any  # mmt.models.FFNInfo
 
     def install(self, moe: nn.Module) -> None:
         if self.kind == "glu":
@@ -80,8 +82,9 @@ def ffn_slots(model: nn.Module, layers: list[int] | None) -> list[FFNSlot]:
         if info.kind == "swiglu":
             if info.gate is None:
                 raise MethodError(f"mixmoe: {where} has up/down projections but no gate; not a gated FFN")
-            act_fn = next((getattr(info.module, a) for a in _ACT_ATTRS if callable(getattr(info.module, a, None))),
-                           None)
+            act_fn = next(
+                (getattr(info.module, a) for a in _ACT_ATTRS if callable(getattr(info.module, a, None))), None
+            )
             if act_fn is None:
                 raise MethodError(f"mixmoe: {where}: no activation attribute among {_ACT_ATTRS}")
             act = _probe_activation(act_fn, ("silu", "gelu_tanh"), where)
@@ -90,8 +93,10 @@ def ffn_slots(model: nn.Module, layers: list[int] | None) -> list[FFNSlot]:
         else:
             parent = info.module
             if getattr(parent, "pretraining_tp", 1) > 1 and getattr(parent, "slow_but_exact", False):
-                raise MethodError(f"mixmoe: {where} uses BLOOM's slow_but_exact tensor-parallel FFN; set "
-                                 "slow_but_exact=False in the model config")
+                raise MethodError(
+                    f"mixmoe: {where} uses BLOOM's slow_but_exact tensor-parallel FFN; set "
+                    "slow_but_exact=False in the model config"
+                )
             act_attr = next((a for a in _ACT_ATTRS if callable(getattr(parent, a, None))), None)
             if act_attr is None:
                 raise MethodError(f"mixmoe: {where}: no activation attribute among {_ACT_ATTRS}")
@@ -107,8 +112,9 @@ def partition_neurons(d_ff: int, num_experts: int, how: str = "random", seed: in
     """``[E, d_ff / E]`` neuron indices per LM expert (sorted inside each expert)."""
     if d_ff % num_experts:
         raise MethodError(f"mixmoe: d_ff={d_ff} is not divisible by num_lm_experts={num_experts}")
-    order = (torch.randperm(d_ff, generator=torch.Generator().manual_seed(seed)) if how == "random"
-             else torch.arange(d_ff))
+    order = (
+        torch.randperm(d_ff, generator=torch.Generator().manual_seed(seed)) if how == "random" else torch.arange(d_ff)
+    )
     return order.view(num_experts, -1).sort(dim=1).values
 
 
@@ -128,9 +134,18 @@ def _dense_weights(slot: FFNSlot) -> dict[str, torch.Tensor | None]:
 
 def empty_moe(slot: FFNSlot, spec: dict[str, Any], *, dtype=None, device=None) -> nn.Module:
     """A MoE layer of the shape ``spec`` describes (see :func:`layer_spec`), weights uninitialised."""
-    common = {"k": spec["top_k"], "act": slot.act, "n_freq": spec["n_freq"], "fft_proj_dim": spec["fft_proj_dim"],
-              "router_input": spec["router_input"], "fft_layernorm": spec["fft_layernorm"], "scale": spec["scale"],
-              "dtype": dtype, "device": device, "backend": spec.get("backend")}
+    common = {
+        "k": spec["top_k"],
+        "act": slot.act,
+        "n_freq": spec["n_freq"],
+        "fft_proj_dim": spec["fft_proj_dim"],
+        "router_input": spec["router_input"],
+        "fft_layernorm": spec["fft_layernorm"],
+        "scale": spec["scale"],
+        "dtype": dtype,
+        "device": device,
+        "backend": spec.get("backend"),
+    }
     E = spec["num_lm_experts"] + spec["num_mt_experts"]
     if slot.kind == "glu":
         moe = MoEFFN(spec["d_model"], spec["d_expert"], E, **common)
@@ -155,13 +170,25 @@ def layer_spec(slot: FFNSlot, config: Any) -> dict[str, Any]:
     bias = slot.kind == "gelu" and getattr(info.fc_in, "bias", None) is not None
     if slot.kind == "gelu" and (getattr(info.fc_out, "bias", None) is not None) != bias:
         raise MethodError(f"mixmoe: layer {slot.layer}: fc_in and fc_out must both have a bias or both not")
-    return {"layer": slot.layer, "kind": slot.kind, "act": slot.act, "bias": bias, "d_model": d,
-            "d_expert": d_ff // E_lm, "num_lm_experts": E_lm, "num_mt_experts": E_mt, "top_k": config.top_k,
-            "routing": config.routing, "top_k_mt": config.resolved_top_k_mt(),
-            "n_freq": 0 if config.fft_variant == "none" else min(config.n_freq, d // 2 + 1),
-            "fft_proj_dim": config.fft_proj_dim, "router_input": config.router_input,
-            "fft_layernorm": config.fft_layernorm, "scale": float(config.resolved_combine_scale()),
-            "backend": config.backend}
+    return {
+        "layer": slot.layer,
+        "kind": slot.kind,
+        "act": slot.act,
+        "bias": bias,
+        "d_model": d,
+        "d_expert": d_ff // E_lm,
+        "num_lm_experts": E_lm,
+        "num_mt_experts": E_mt,
+        "top_k": config.top_k,
+        "routing": config.routing,
+        "top_k_mt": config.resolved_top_k_mt(),
+        "n_freq": 0 if config.fft_variant == "none" else min(config.n_freq, d // 2 + 1),
+        "fft_proj_dim": config.fft_proj_dim,
+        "router_input": config.router_input,
+        "fft_layernorm": config.fft_layernorm,
+        "scale": float(config.resolved_combine_scale()),
+        "backend": config.backend,
+    }
 
 
 def upcycle(slot: FFNSlot, config: Any) -> tuple[nn.Module, dict[str, Any]]:
@@ -247,8 +274,9 @@ def build(model: nn.Module, settings: dict[str, Any]) -> None:
     """Turn a freshly built base model into the saved Mix-MoE structure (empty MoE layers of the recorded
     shapes); its weights are loaded afterwards. Used when a saved Mix-MoE model is loaded."""
     if settings.get("format") != FORMAT:
-        raise CheckpointError(f"mixmoe: saved settings have format {settings.get('format')!r}; this mmt reads "
-                              f"format {FORMAT}")
+        raise CheckpointError(
+            f"mixmoe: saved settings have format {settings.get('format')!r}; this mmt reads format {FORMAT}"
+        )
     specs = settings["layers"]
     slots = {s.layer: s for s in ffn_slots(model, [sp["layer"] for sp in specs])}
     w = next(model.parameters())
@@ -256,8 +284,10 @@ def build(model: nn.Module, settings: dict[str, Any]) -> None:
         slot = slots.get(sp["layer"])
         if slot is None or (slot.kind, slot.act) != (sp["kind"], sp["act"]):
             found = None if slot is None else f"{slot.kind}/{slot.act}"
-            raise CheckpointError(f"mixmoe: layer {sp['layer']} was saved as a {sp['kind']}/{sp['act']} FFN; the base "
-                                  f"model has {found} there")
+            raise CheckpointError(
+                f"mixmoe: layer {sp['layer']} was saved as a {sp['kind']}/{sp['act']} FFN; the base "
+                f"model has {found} there"
+            )
         moe = empty_moe(slot, sp, dtype=w.dtype, device=w.device)
         moe.needs_refresh = True
         moe.register_forward_pre_hook(_refresh_after_load)

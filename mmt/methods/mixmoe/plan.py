@@ -34,8 +34,10 @@ def _stage1_file(path: str | Path) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    raise ConfigError(f"mixmoe: no {ARTIFACT} under {path} (tried {[str(c) for c in candidates]}); "
-                            "point stage1_path at the stage-1 output directory")
+    raise ConfigError(
+        f"mixmoe: no {ARTIFACT} under {path} (tried {[str(c) for c in candidates]}); "
+        "point stage1_path at the stage-1 output directory"
+    )
 
 
 def upcycle_model(model: nn.Module, config: Config) -> nn.Module:
@@ -60,8 +62,10 @@ def is_mixmoe(model: nn.Module) -> bool:
 def _check_compatible(saved: dict[str, Any], config: Config, where: str) -> None:
     for key in STRUCTURAL:
         if key in saved and saved[key] != getattr(config, key):
-            raise ConfigError(f"mixmoe: {where} was made with {key}={saved[key]!r}, this config has "
-                             f"{key}={getattr(config, key)!r}; the method sections of both stages must agree")
+            raise ConfigError(
+                f"mixmoe: {where} was made with {key}={saved[key]!r}, this config has "
+                f"{key}={getattr(config, key)!r}; the method sections of both stages must agree"
+            )
 
 
 def _load_stage1(model: nn.Module, config: Config) -> str:
@@ -73,8 +77,10 @@ def _load_stage1(model: nn.Module, config: Config) -> str:
     params.update(dict(model.named_buffers()))
     missing = [n for n in state if n not in params]
     if missing:
-        raise CheckpointError(f"mixmoe: {src} holds tensors this model lacks ({missing[:3]} ...); was stage 1 run "
-                         "with the same model and layer/expert settings?")
+        raise CheckpointError(
+            f"mixmoe: {src} holds tensors this model lacks ({missing[:3]} ...); was stage 1 run "
+            "with the same model and layer/expert settings?"
+        )
     with torch.no_grad():
         for name, t in state.items():
             if params[name].shape != t.shape:
@@ -92,18 +98,22 @@ def prepare(model: nn.Module, config: Config, tokenizer=None) -> tuple[nn.Module
         model = upcycle_model(model, config)
     layers = moe_layers(model)
     info: dict[str, Any] = {
-        "stage": config.stage, "moe layers": len(layers),
+        "stage": config.stage,
+        "moe layers": len(layers),
         "experts": f"{config.num_lm_experts} LM + {config.num_mt_experts} MT, top-{config.top_k}, "
-                   f"{layers[0].d_expert} neurons each, {spec_of(model)['settings']['layers'][0]['kind']} "
-                   f"({layers[0].act})",
+        f"{layers[0].d_expert} neurons each, {spec_of(model)['settings']['layers'][0]['kind']} "
+        f"({layers[0].act})",
         "router": f"fft={config.fft_variant} n_freq={layers[0].n_freq} input={config.router_input} "
-                  f"scale={layers[0].scale} routing={config.routing}",
-        "exact upcycling": config.exact_upcycling()}
+        f"scale={layers[0].scale} routing={config.routing}",
+        "exact upcycling": config.exact_upcycling(),
+    }
     if config.stage == 2 and config.stage1_path:
         info["loaded stage 1"] = _load_stage1(model, config)
     elif config.stage == 2 and not loaded:
-        raise ConfigError("mixmoe: stage 2 needs stage1_path (the stage-1 output directory or its mixmoe.pt), or a "
-                         "saved Mix-MoE model as model.name_or_path")
+        raise ConfigError(
+            "mixmoe: stage 2 needs stage1_path (the stage-1 output directory or its mixmoe.pt), or a "
+            "saved Mix-MoE model as model.name_or_path"
+        )
     set_stage(model, config.stage)
     # the saved config records this stage's settings
     mark(model, "mixmoe", dict(spec_of(model)["settings"], method=config.to_dict()))
@@ -133,8 +143,13 @@ def prepare(model: nn.Module, config: Config, tokenizer=None) -> tuple[nn.Module
         for p in model.get_input_embeddings().parameters():
             p.requires_grad_(True)
 
-    router_ids = {id(p) for moe in layers for mod in (moe.router, moe.fft_proj, moe.fft_norm) if mod is not None
-                  for p in mod.parameters()}
+    router_ids = {
+        id(p)
+        for moe in layers
+        for mod in (moe.router, moe.fft_proj, moe.fft_norm)
+        if mod is not None
+        for p in mod.parameters()
+    }
 
     def build_optimizer(m: nn.Module, train_config):
         # Frozen experts live inside the same [E, ...] tensors as trained ones and get exactly zero
@@ -149,10 +164,15 @@ def prepare(model: nn.Module, config: Config, tokenizer=None) -> tuple[nn.Module
                 else:
                     (no_decay if (p.ndim < 2 or id(p) in expert_ids) else decay).append(p)
         lr = train_config.lr
-        groups = [g for g in ({"params": decay, "weight_decay": train_config.weight_decay, "lr": lr},
-                              {"params": no_decay, "weight_decay": 0.0, "lr": lr},
-                              {"params": router, "weight_decay": 0.0, "lr": lr * config.router_lr_scale})
-                  if g["params"]]
+        groups = [
+            g
+            for g in (
+                {"params": decay, "weight_decay": train_config.weight_decay, "lr": lr},
+                {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+                {"params": router, "weight_decay": 0.0, "lr": lr * config.router_lr_scale},
+            )
+            if g["params"]
+        ]
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(train_config.adam_betas), eps=train_config.adam_eps)
 
     def extra_loss(m: nn.Module) -> torch.Tensor:
@@ -172,9 +192,16 @@ def prepare(model: nn.Module, config: Config, tokenizer=None) -> tuple[nn.Module
 
     trainable, total = count_parameters(model)
     info["trainable (incl. frozen expert slices)"] = f"{trainable:,} / {total:,}"
-    plan = TrainingPlan(method="mixmoe", sampler="mono" if config.stage == 1 else "mixed",
-                        directions=parse_directions(config.directions, "mixmoe") if config.stage == 2 else None,
-                        build_optimizer=build_optimizer, extra_loss=extra_loss, save_artifacts=save_artifacts,
-                        loss_on="full" if config.stage == 1 else "target", ddp_find_unused_parameters=True,
-                        info=info, model=model)
+    plan = TrainingPlan(
+        method="mixmoe",
+        sampler="mono" if config.stage == 1 else "mixed",
+        directions=parse_directions(config.directions, "mixmoe") if config.stage == 2 else None,
+        build_optimizer=build_optimizer,
+        extra_loss=extra_loss,
+        save_artifacts=save_artifacts,
+        loss_on="full" if config.stage == 1 else "target",
+        ddp_find_unused_parameters=True,
+        info=info,
+        model=model,
+    )
     return model, plan
