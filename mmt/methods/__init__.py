@@ -11,7 +11,10 @@ from types import ModuleType
 
 from mmt.registry import Method, get_method, method_module, method_names, register_method
 
-from . import directional, landermt, mfti, mixmoe  # noqa: E402,F401,I001  (registration order = listing order)
+# isort: off
+from . import mfti, landermt, mixmoe, directional  # noqa: F401  (registration order = listing order)
+
+# isort: on
 from .base import MethodConfig, StepInfo, TrainingPlan, count_parameters, default_optimizer
 
 __all__ = [
