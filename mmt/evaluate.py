@@ -30,13 +30,13 @@ from mmt import languages as L
 from mmt.data import (
     Example,
     build_fewshot_prompt,
-    build_prompt,
     collate_prompts,
     load_flores,
     pad_token_id,
     resolve_data_dir,
     template_text,
 )
+from mmt.data.prompts import CHAT_USER_TEMPLATE, PromptBuilder
 from mmt.errors import CheckpointError, ConfigError, require
 
 # --------------------------------------------------------------------------------------------
@@ -369,8 +369,9 @@ def evaluate(
                 raise ConfigError("eval.shots_from must not be the test set (few-shot examples would leak test lines)")
             ex = draw_shots(shot_folder, (s, t), k, seed, exclude_sources=set(srcs))
             prompts = [build_fewshot_prompt(tpl, ex, s, t, x) for x in srcs]
-        else:
-            prompts = [build_prompt(tpl, s, t, x) for x in srcs]
+        else:  # as in training: chat templates through the tokenizer, others as plain text
+            build = PromptBuilder(tpl, tokenizer)
+            prompts = [build(s, t, x) for x in srcs]
         hyps = generate(
             model,
             tokenizer,
@@ -379,7 +380,7 @@ def evaluate(
             num_beams=eval_cfg.num_beams,
             max_new_tokens=eval_cfg.max_new_tokens,
             progress=progress,
-            template=tpl,
+            template=CHAT_USER_TEMPLATE.get(tpl, tpl),
             direction=(s, t),
         )
         r = DirectionResult(

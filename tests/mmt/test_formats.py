@@ -205,3 +205,27 @@ def test_scorer_status(tmp_path, monkeypatch):
     (tmp_path / "comet" / "checkpoints" / "model.ckpt").write_bytes(b"ckpt")
     assert scorers.scorer_status(cfg) == {"BLEU": "on", "chrF++": "on", "spBLEU": "on", "COMET": "on"}
     assert "scorer spBLEU: on" in scorers.describe(scorers.scorer_status(cfg))
+
+
+def test_evaluation_prompts_a_chat_model_as_it_was_trained(tmp_path, chat_tok, monkeypatch):
+    from mmt import evaluate as E
+    from mmt.config import EvalConfig
+    from mmt.data import PromptBuilder
+
+    test = tmp_path / "flores200" / "devtest"
+    test.mkdir(parents=True)
+    (test / "deu_Latn.txt").write_text("Hallo Welt.\nGuten Morgen.\n", encoding="utf-8")
+    (test / "eng_Latn.txt").write_text("Hello world.\nGood morning.\n", encoding="utf-8")
+    seen: dict = {}
+
+    def fake_generate(model, tokenizer, prompts, **kw):
+        seen["prompts"], seen["template"] = list(prompts), kw.get("template")
+        return ["Hello world.", "Good morning."]
+
+    monkeypatch.setattr(E, "generate", fake_generate)
+    cfg = EvalConfig(test_set="flores200/devtest", directions=["de-en"], off_target=False)
+    report = E.evaluate(None, chat_tok, cfg, template="chat", data_dir=tmp_path, log=lambda *a: None)
+    build = PromptBuilder("chat", chat_tok)
+    assert seen["prompts"] == [build("de", "en", "Hallo Welt."), build("de", "en", "Guten Morgen.")]
+    assert seen["template"] == "alma"  # hypotheses are cut at the user template's next field
+    assert report.results[0].chrf == pytest.approx(100.0)
