@@ -59,52 +59,24 @@ def tiny_model(
 ) -> nn.Module:
     """A small random causal LM of the given architecture (one of :data:`FAMILIES`), in fp32, dropout off."""
     common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    # the Llama-shaped families differ only in their classes and a sliding window
+    llama_like = dict(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=max_positions,
+        **common,
+    )
     if arch == "llama":
-        cfg = tf.LlamaConfig(
-            hidden_size=hidden,
-            intermediate_size=intermediate,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2),
-            max_position_embeddings=max_positions,
-            **common,
-        )
-        cls = tf.LlamaForCausalLM
+        cfg, cls = tf.LlamaConfig(**llama_like), tf.LlamaForCausalLM
     elif arch == "mistral":
-        cfg = tf.MistralConfig(
-            hidden_size=hidden,
-            intermediate_size=intermediate,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2),
-            max_position_embeddings=max_positions,
-            sliding_window=64,
-            **common,
-        )
-        cls = tf.MistralForCausalLM
+        cfg, cls = tf.MistralConfig(**llama_like, sliding_window=64), tf.MistralForCausalLM
     elif arch == "qwen2":
-        cfg = tf.Qwen2Config(
-            hidden_size=hidden,
-            intermediate_size=intermediate,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2),
-            max_position_embeddings=max_positions,
-            **common,
-        )
-        cls = tf.Qwen2ForCausalLM
+        cfg, cls = tf.Qwen2Config(**llama_like), tf.Qwen2ForCausalLM
     elif arch == "gemma3":
-        cfg = tf.Gemma3TextConfig(
-            hidden_size=hidden,
-            intermediate_size=intermediate,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2),
-            head_dim=hidden // heads,
-            max_position_embeddings=max_positions,
-            sliding_window=64,
-            **common,
-        )
+        cfg = tf.Gemma3TextConfig(**llama_like, head_dim=hidden // heads, sliding_window=64)
         cls = tf.Gemma3ForCausalLM
     elif arch == "gpt2":
         cfg = tf.GPT2Config(
