@@ -245,8 +245,11 @@ def write_model(
     if hasattr(model, "merge_and_unload"):
         import copy
 
-        model = copy.deepcopy(model).merge_and_unload()
-        state_dict = None  # the merged copy's own weights
+        if state_dict is not None and any(hasattr(p, "device_mesh") for p in model.parameters()):
+            model, state_dict = _merged_lora_copy(model, state_dict)  # FSDP: no deepcopy, weights are shards
+        else:
+            model = copy.deepcopy(model).merge_and_unload()
+            state_dict = None  # the merged copy's own weights
     config = model.mmt_config() if spec_of(model) is not None else model.config
     check_reloadable(model, config)
     # save_pretrained edits the mapping it is given (drops tied copies): hand it a shallow copy
@@ -255,6 +258,65 @@ def write_model(
     )
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+def _merged_lora_copy(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[nn.Module, dict]:
+    """(plain base model, its weights) with a peft LoRA model's active adapters merged, built from the model's
+    consolidated ``state_dict``: a model sharded by FSDP2 cannot be deep-copied and holds only shards.
+
+    Each adapted weight becomes ``W + scaling * B @ A`` (transposed for ``fan_in_fan_out``), as peft's
+    ``merge_and_unload`` computes it; the model itself is built on the meta device and takes the merged tensors."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+    from transformers import AutoModelForCausalLM
+
+    from mmt.arch import spec_of
+
+    base = model.get_base_model()
+    pre = next(n for n, m in model.named_modules() if m is base) + "."
+    lora: dict[str, Any] = {}
+    for name, mod in base.named_modules():
+        if isinstance(mod, ModulesToSaveWrapper):
+            raise CheckpointError(f"cannot merge a sharded LoRA model with modules_to_save ({name})")
+        if isinstance(mod, LoraLayer):
+            lora[name] = mod
+    merged: dict[str, torch.Tensor] = {}
+    for key, t in state_dict.items():
+        if not key.startswith(pre):
+            continue
+        rel = key[len(pre) :]
+        owner = next((n for n in lora if rel.startswith(n + ".")), None)
+        if owner is None:
+            merged[rel] = t
+        elif rel.startswith(owner + ".base_layer."):
+            merged[owner + rel[len(owner) + len(".base_layer") :]] = t
+    for name, mod in lora.items():
+        key = f"{name}.weight"
+        w = merged[key].float()
+        for adapter in mod.active_adapters:
+            if adapter not in mod.lora_A:
+                continue
+            if mod.use_dora.get(adapter):
+                raise CheckpointError(
+                    f"{name}: DoRA adapters are not merged from a sharded model; merge them with peft"
+                )
+            a = state_dict[f"{pre}{name}.lora_A.{adapter}.weight"].float()
+            b = state_dict[f"{pre}{name}.lora_B.{adapter}.weight"].float()
+            delta = (b @ a) * mod.scaling[adapter]
+            w = w + (delta.t() if mod.fan_in_fan_out else delta)
+        merged[key] = w.to(merged[key].dtype)
+    config = base.mmt_config() if spec_of(base) is not None else base.config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    _, unexpected = plain.load_state_dict(merged, strict=False, assign=True)
+    if hasattr(plain, "tie_weights"):
+        plain.tie_weights()
+    missing = [n for n, p in plain.named_parameters() if p.is_meta]
+    if unexpected or missing:
+        raise CheckpointError(
+            f"merging the sharded LoRA model: weights {missing[:3]} missing, {sorted(unexpected)[:3]} unexpected"
+        )
+    return plain, merged
 
 
 def check_reloadable(model: nn.Module, config: Any) -> None:

@@ -399,7 +399,7 @@ class Trainer:
             if self.plan.state_dict is not None:
                 ckpt.save_state(self.plan.state_dict(), tmp, "method_state")
             if self.plan.save_artifacts is not None:
-                self.plan.save_artifacts(tmp)
+                self._save_artifacts(tmp, state_dict)
             state = {
                 "step": self.step,
                 "tokens_seen": self.tokens_seen,
@@ -702,7 +702,7 @@ class Trainer:
             tmp.mkdir(parents=True)
             self._save_model(tmp, state_dict)
             if self.plan.save_artifacts is not None:
-                self.plan.save_artifacts(tmp)
+                self._save_artifacts(tmp, state_dict)
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
@@ -714,12 +714,27 @@ class Trainer:
         saved: a later stage must find them whatever the checkpoint settings."""
         if self.plan.save_artifacts is None:
             return None
+        state_dict = self._full_state_dict() if self._sharded() and self._artifacts_take_weights() else None
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.plan.save_artifacts(self.out)
+            self._save_artifacts(self.out, state_dict)
         self.acc.wait_for_everyone()
         return self.out
+
+    def _artifacts_take_weights(self) -> bool:
+        try:
+            return "state_dict" in inspect.signature(self.plan.save_artifacts).parameters
+        except (TypeError, ValueError):
+            return False
+
+    def _save_artifacts(self, directory: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+        """The plan's ``save_artifacts`` hook (main process). Under FSDP / ZeRO-3 the model holds only shards: a
+        hook with a ``state_dict`` parameter gets the consolidated weights (the model's state-dict names)."""
+        if self._sharded() and self._artifacts_take_weights():
+            self.plan.save_artifacts(directory, state_dict=state_dict)
+        else:
+            self.plan.save_artifacts(directory)
 
 
 def run(cfg: Any, model: nn.Module | None = None, tokenizer: Any = None, *, print_plan: bool = True):

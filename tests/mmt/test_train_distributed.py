@@ -29,6 +29,9 @@ from mmt.testing import tiny_model
 from mmt.train import Trainer
 
 WORKER = Path(__file__).with_name("_train_worker.py")
+# Adam's per-element normalisation turns last-bit differences of summation order (reduce-scatter over 2 processes
+# vs accumulation in 1; fused loss in 1 process only) into up to ~2e-5 on near-zero-gradient elements with lr 3e-3
+WEIGHT_ATOL = 5e-5
 REPO = Path(__file__).resolve().parents[2]
 _PORT = iter(range(29641, 29700))
 
@@ -84,7 +87,7 @@ def test_two_process_ddp_matches_single_process(tok_dir, jsonl_data, tmp_path, s
     assert engine == ["MULTI_CPU", "2"]
     assert losses == pytest.approx(single[1], rel=1e-5)
     for k, v in single[0].items():
-        torch.testing.assert_close(params[k], v, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(params[k], v, atol=WEIGHT_ATOL, rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -96,7 +99,7 @@ def test_fsdp2_two_processes_match_single_process(tok_dir, jsonl_data, tmp_path,
     assert engine == ["FSDP", "2"]
     assert losses == pytest.approx(single[1], rel=1e-5)
     for k, v in single[0].items():
-        torch.testing.assert_close(params[k], v, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(params[k], v, atol=WEIGHT_ATOL, rtol=1e-4)
     # one consolidated final model, equal to the gathered weights; checkpoints hold one optimizer shard per process
     final = load_file(str(out / "final" / "model.safetensors"))
     for k, v in final.items():

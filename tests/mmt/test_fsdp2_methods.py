@@ -1,0 +1,200 @@
+"""Every method through ``mmt train`` under FSDP2 on 2 CPU processes (gloo) equals the 1-process run.
+
+The 2-process runs are the CPU equivalent of
+``accelerate launch --config_file examples/accelerate/fsdp2.yaml -m mmt.cli train -c my.yaml``: accelerate's
+launcher cannot start 2 CPU processes here, nor enable FSDP on CPU, so ``torch.distributed.run`` starts
+``tests/mmt/_fsdp_cpu.py``, which switches accelerate's state to the plugin that config file describes and runs the
+mmt command line (see that file). The 1-process reference runs the same command line in this process.
+
+Equality: the same loss at every step (rel 1e-5) and the same final weights within float tolerance. The tolerance
+on weights is absolute, ``WEIGHT_ATOL`` = 5e-5 with lr 3e-3: Adam divides each gradient element by its own running
+norm, so a summation order that differs in the last bits (a reduce-scatter over 2 processes vs accumulation in 1)
+moves an element with a near-zero gradient by a small fraction of one step (measured: up to ~1.2e-5 after 2 steps,
+0.4% of lr). Dropout is off (LoRA's default 0.05 draws other masks on another process layout).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmt.cli import main as mmt_main
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH = Path(__file__).with_name("_fsdp_cpu.py")
+FSDP2_YAML = REPO / "examples" / "accelerate" / "fsdp2.yaml"
+WEIGHT_ATOL = 5e-5
+_PORT = iter(range(29711, 29790))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tok, tmp_path_factory) -> Path:
+    from mmt.models import save_model
+    from mmt.testing import tiny_model
+
+    d = tmp_path_factory.mktemp("model") / "tiny"
+    save_model(tiny_model("llama", vocab=len(tok), seed=0), tok, d)
+    return d
+
+
+def _overrides(tiny_dir: Path, jsonl_data: Path, steps: int, batch: int = 8, micro: int = 2) -> list[str]:
+    return [
+        f"model.name_or_path={tiny_dir}",
+        f"data.train=[{{kind: jsonl, path: {jsonl_data}}}]",
+        f"train.max_steps={steps}",
+        f"train.batch_size={batch}",
+        f"train.micro_batch_size={micro}",
+        "train.lr=3e-3",
+        "train.lr_schedule=constant",
+        "train.warmup_steps=0",
+        "train.log_every=1",
+        "train.progress=false",
+    ]
+
+
+def train_one(args: list[str], out: Path) -> None:
+    """``mmt train ...`` in this process (1 process, no engine)."""
+    assert mmt_main(["train", *args, f"train.output_dir={out}"]) == 0
+
+
+def train_fsdp2(args: list[str], out: Path, nproc: int = 2, kill_at: int = -1) -> subprocess.CompletedProcess:
+    """``mmt train ...`` on ``nproc`` CPU processes under the FSDP2 config; the finished process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(next(_PORT)),
+        str(LAUNCH),
+        "--config_file",
+        str(FSDP2_YAML),
+        "--kill-at",
+        str(kill_at),
+        "--",
+        "train",
+        *args,
+        f"train.output_dir={out}",
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
+
+
+def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    return r
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = WEIGHT_ATOL) -> None:
+    x, y = load_file(str(a)), load_file(str(b))
+    assert x.keys() == y.keys(), sorted(set(x) ^ set(y))
+    for k in x:
+        torch.testing.assert_close(y[k], x[k], atol=atol, rtol=1e-4, msg=lambda m, k=k: f"{a.name}: {k}: {m}")
+
+
+def assert_same_run(one: Path, two: Path) -> None:
+    """Same loss curve, same final model (and the same files in final/)."""
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    assert sorted(p.relative_to(two / "final").as_posix() for p in (two / "final").rglob("*")) == sorted(
+        p.relative_to(one / "final").as_posix() for p in (one / "final").rglob("*")
+    )
+    for f in (one / "final").rglob("*.safetensors"):
+        assert_same_weights(f, two / "final" / f.relative_to(one / "final"))
+
+
+def no_leftovers(run: Path) -> None:
+    """Nothing half-written: no temporary folders of checkpoints, final/ or merges."""
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name or p.name.startswith(".")], list(run.rglob("*"))
+
+
+# ------------------------------------------------------------------------------------------------- mFTI (LoRA)
+
+
+def test_mfti_lora_fsdp2_two_processes_match_one(tiny_dir, jsonl_data, tmp_path):
+    args = [
+        "--method",
+        "mfti",
+        *_overrides(tiny_dir, jsonl_data, steps=3),
+        "method.lora=true",
+        "method.lora_r=4",
+        "method.lora_alpha=8",
+        "method.lora_dropout=0.0",
+        "train.save_every=0",
+    ]
+    train_one(args, tmp_path / "one")
+    r = ok(train_fsdp2(args, tmp_path / "two"))
+    assert "global batch 8 = 2 process(es)" in r.stdout
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    # the adapter alone (from the gathered weights) and the merged model, written once by the main process
+    assert (tmp_path / "two" / "final" / "adapter" / "adapter_config.json").is_file()
+    no_leftovers(tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_mfti_full_fsdp2_cli_two_processes_match_one(tiny_dir, jsonl_data, tmp_path):
+    args = ["--method", "mfti", *_overrides(tiny_dir, jsonl_data, steps=3), "train.save_every=0"]
+    train_one(args, tmp_path / "one")
+    ok(train_fsdp2(args, tmp_path / "two"))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+# ------------------------------------------------------------------------------------------------- direction-aware
+
+
+def _directional(tiny_dir, jsonl_data, lora: bool) -> list[str]:
+    return [
+        "--method",
+        "directional",
+        *_overrides(tiny_dir, jsonl_data, steps=2, batch=4, micro=2),
+        "method.groups={a: [de], b: [fr]}",
+        f"method.lora={str(lora).lower()}",
+        "method.lora_r=4",
+        "method.lora_alpha=8",
+        "method.lora_dropout=0.0",
+        "method.merge_density=0.5",
+        "train.save_every=0",
+    ]
+
+
+def _assert_same_directional(one: Path, two: Path, r: subprocess.CompletedProcess, lora: bool) -> None:
+    m1 = json.loads((one / "directional.json").read_text())
+    m2 = json.loads((two / "directional.json").read_text())
+    assert m2["gate"] == m1["gate"] and set(m2["units"]) == set(m1["units"]) == {"xx-en.a", "xx-en.b", "en-xx.all"}
+    for unit in m1["units"]:
+        assert_same_run(one / unit, two / unit)
+    merged = m1["merged"]["weights"]
+    assert_same_weights(one / merged / "model.safetensors", two / merged / "model.safetensors")
+    # the merge (and, for full fine-tuning, the base copy it reads) ran once, on the main process
+    merge_lines = [ln for ln in r.stdout.splitlines() if ln.startswith("merged ")]
+    assert len(merge_lines) == 1, r.stdout[-3000:]
+    assert r.stdout.count("directional units:") == 1
+    if not lora:
+        assert_same_weights(one / "base" / "model.safetensors", two / "base" / "model.safetensors", atol=0)
+    no_leftovers(two)
+
+
+def test_directional_lora_fsdp2_two_processes_match_one(tiny_dir, jsonl_data, tmp_path):
+    args = _directional(tiny_dir, jsonl_data, lora=True)
+    train_one(args, tmp_path / "one")
+    r = ok(train_fsdp2(args, tmp_path / "two"))
+    _assert_same_directional(tmp_path / "one", tmp_path / "two", r, lora=True)
+
+
+@pytest.mark.slow
+def test_directional_full_fsdp2_two_processes_match_one(tiny_dir, jsonl_data, tmp_path):
+    args = _directional(tiny_dir, jsonl_data, lora=False)
+    train_one(args, tmp_path / "one")
+    r = ok(train_fsdp2(args, tmp_path / "two"))
+    _assert_same_directional(tmp_path / "one", tmp_path / "two", r, lora=False)
