@@ -152,11 +152,18 @@ def lm_loss_sum(
     return token_loss_sum(out.logits, labels), out
 
 
-# methods whose optimizer or layers need whole (unsharded) tensors, with the reason
-UNSHARDED_ONLY = {
-    "landermt": "its neuron-sparse AdamW updates neuron rows of whole weight matrices, which FSDP and ZeRO shard",
-    "mixmoe": "its upcycled MoE layers and routing kernels have not been checked on sharded weights",
+# engine -> {method: why it does not run there}; docs/scaling.md has the engine x method table
+REFUSED = {
+    DistributedType.DEEPSPEED: {
+        "landermt": "its neuron-sparse AdamW must own the optimizer step, and DeepSpeed's ZeRO optimizer replaces "
+        "the torch optimizer",
+        "mixmoe": "its upcycled MoE layers and routing kernels have not been checked under ZeRO",
+    },
+    DistributedType.FSDP: {
+        "mixmoe": "its upcycled MoE layers and routing kernels have not been checked on sharded weights",
+    },
 }
+SUPPORTED_ENGINES = {"landermt": "FSDP2 (examples/accelerate/fsdp2.yaml) or DDP (examples/accelerate/ddp.yaml)"}
 
 
 def _as_float(value: Any) -> float | None:
@@ -180,7 +187,10 @@ def _copy_into(param: torch.Tensor, full: torch.Tensor) -> None:
 
 
 def _restore_dtensor_state(optimizer: torch.optim.Optimizer) -> None:
-    """Optimizer state read back for DTensor parameters arrives as plain local shards: wrap them again."""
+    """Optimizer state read back for DTensor parameters arrives as plain local shards: wrap them again (unless the
+    optimizer keeps its state as plain local tensors itself, e.g. ``NeuronSparseAdamW``)."""
+    if getattr(optimizer, "shard_local_state", False):
+        return
     for group in optimizer.param_groups:
         for p in group["params"]:
             if not hasattr(p, "device_mesh") or p not in optimizer.state:
@@ -256,11 +266,12 @@ class Trainer:
         self.acc = accelerator
         init_trackers(self.acc, train_cfg, run_config)
         engine = self.acc.distributed_type
-        if engine in (DistributedType.FSDP, DistributedType.DEEPSPEED) and plan.method in UNSHARDED_ONLY:
+        why = REFUSED.get(engine, {}).get(plan.method)
+        if why is not None:
+            supported = SUPPORTED_ENGINES.get(plan.method, "DDP (examples/accelerate/ddp.yaml)")
             raise MethodError(
-                f"method {plan.method!r} does not run under {engine.value}: "
-                f"{UNSHARDED_ONLY[plan.method]}. Launch it with DDP (examples/accelerate/ddp.yaml) or "
-                "on one process; see docs/scaling.md"
+                f"method {plan.method!r} does not run under {engine.value}: {why}. Launch it with {supported} "
+                "or on one process; see docs/scaling.md"
             )
         world = self.acc.num_processes
         if train_cfg.batch_size % (world * train_cfg.micro_batch_size):
@@ -310,8 +321,19 @@ class Trainer:
             ds["gradient_clipping"] = float(train_cfg.max_grad_norm or 0.0)
         # the schedule drives the torch optimizer itself (DeepSpeed's ZeRO wrapper is not a torch Optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg))
+        before = dict(model.named_parameters())
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.torch_optimizer = optimizer
+        # FSDP2 replaces every parameter by a DTensor shard (accelerate switches the optimizer's param_groups);
+        # whatever else is keyed by parameter identity (an optimizer's per-parameter settings, a method's
+        # selections) follows the mapping
+        after = dict(model.named_parameters())
+        replaced = {p: after[n] for n, p in before.items() if n in after and after[n] is not p}
+        if replaced:
+            if hasattr(optimizer, "remap_parameters"):
+                optimizer.remap_parameters(replaced)
+            if plan.on_parameters_replaced is not None:
+                plan.on_parameters_replaced(replaced)
         self.step = 0
         self.tokens_seen = 0
         self.resumed_from: str | None = None

@@ -198,3 +198,118 @@ def test_directional_full_fsdp2_two_processes_match_one(tiny_dir, jsonl_data, tm
     train_one(args, tmp_path / "one")
     r = ok(train_fsdp2(args, tmp_path / "two"))
     _assert_same_directional(tmp_path / "one", tmp_path / "two", r, lora=False)
+
+
+# ------------------------------------------------------------------------------------------------- LANDeRMT
+
+LANDERMT_SENTS = {
+    "de": ["Das Wetter ist heute schön.", "Ich lese ein Buch.", "Die Katze schläft.", "Wo ist der Bahnhof?"],
+    "en": ["The weather is nice today.", "I am reading a book.", "The cat sleeps.", "Where is the station?"],
+    "fr": ["Il fait beau aujourd'hui.", "Je lis un livre.", "Le chat dort.", "Où est la gare ?"],
+}
+
+
+@pytest.fixture(scope="module")
+def neurons(tiny_dir, tok, tmp_path_factory) -> Path:
+    """A LANDeRMT neuron file for the tiny model: both layers, a quarter of each FFN's neurons language-specific."""
+    import gzip
+
+    from mmt.methods import landermt as lm
+    from mmt.models import load_model
+
+    root = tmp_path_factory.mktemp("flores")
+    (root / "flores200" / "dev").mkdir(parents=True)
+    for iso, code in {"de": "deu_Latn", "en": "eng_Latn", "fr": "fra_Latn"}.items():
+        with gzip.open(root / "flores200" / "dev" / f"{code}.txt.gz", "wt", encoding="utf-8") as fh:
+            fh.write("\n".join(LANDERMT_SENTS[iso]) + "\n")
+    model, _ = load_model(name_or_path=str(tiny_dir))
+    cfg = lm.Config(layers=[0, 1], languages=["de", "en", "fr"], detect_batch_size=2, specific_ratio=0.25)
+    nmap = lm.run_detection(model, tok, cfg, data_dir=root, progress=False)
+    return nmap.save(tmp_path_factory.mktemp("neurons") / "neurons.safetensors")
+
+
+def _landermt(tiny_dir, jsonl_data, neurons, steps: int, *extra: str) -> list[str]:
+    return [
+        "--method",
+        "landermt",
+        *_overrides(tiny_dir, jsonl_data, steps=steps),
+        f"method.neurons_file={neurons}",
+        *extra,
+    ]
+
+
+def test_landermt_fsdp2_two_processes_match_one_strict_per_shard(tiny_dir, jsonl_data, neurons, tmp_path):
+    """Strict neuron-sparse AdamW on FSDP2 row shards equals the 1-process run; unselected neurons stay
+    bit-identical on every shard; each process checkpoints only its shard's compact state, in local indices."""
+    from mmt.methods import landermt as lm
+
+    # "specific": the general neurons are never selected, so they must come out bit-identical; scaled: the
+    # per-neuron gradient scales follow the neurons onto their shard
+    args = _landermt(
+        tiny_dir, jsonl_data, neurons, 4, "method.neurons_used=specific", "method.scaled=true", "train.save_every=2"
+    )
+    train_one(args, tmp_path / "one")
+    r = ok(train_fsdp2(args, tmp_path / "two"))
+    assert "global batch 8 = 2 process(es)" in r.stdout
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    nmap = lm.NeuronMap.load(neurons)
+    base = load_file(str(tiny_dir / "model.safetensors"))
+    final = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    checked = 0
+    for u in nmap.units:
+        general = nmap.owner[u.name] < 0
+        assert 0 < int(general.sum()) < general.numel()
+        for name, nd in u.params:
+            before, after = base[name], final[name]
+            assert torch.equal(
+                before.index_select(nd, general.nonzero().flatten()),
+                after.index_select(nd, general.nonzero().flatten()),
+            ), name
+            assert not torch.equal(before, after), name  # the specific neurons did train
+            checked += 1
+    assert checked == 6  # gate, up (row neurons) and down (column neurons) of both layers
+    # per-process optimizer shards: compact state of this shard's neurons only (local row indices, local width)
+    ckpt_dir = tmp_path / "two" / "checkpoints" / "checkpoint-4"
+    from mmt import checkpoint as ckpt
+
+    shards = [ckpt.load_state(ckpt_dir, f"optimizer_{rank}") for rank in (0, 1)]
+    inter, hidden = base["model.layers.0.mlp.up_proj.weight"].shape
+    # optimizer parameter order: the trainable (both layers: neurons + train_other) matrices, then the vectors
+    from mmt.testing import tiny_model
+
+    trainable = [(n, p.dim()) for n, p in tiny_model("llama", vocab=384).named_parameters() if ".layers." in n]
+    order = [n for n, d in trainable if d == 2] + [n for n, d in trainable if d == 1]
+    for sd in shards:
+        by_name = {order[i]: st for i, st in sd["state"].items()}
+        assert len(by_name) == len(order)
+        for name, st in by_name.items():
+            assert st["exp_avg"].shape[0] == st["neurons"].numel()  # compact: one state row per known neuron
+            if name.endswith(("gate_proj.weight", "up_proj.weight")):  # row neurons: this shard's, local indices
+                assert st["neuron_dim"] == 0 and st["exp_avg"].shape[1] == hidden
+                assert 0 < st["neurons"].numel() < inter // 2 and int(st["neurons"].max()) < inter // 2
+            elif name.endswith("down_proj.weight"):  # column neurons keep their indices; width = this row shard
+                assert st["neuron_dim"] == 1 and st["exp_avg"].shape[1] == hidden // 2
+                assert 0 < st["neurons"].numel() < inter
+
+
+@pytest.mark.slow
+def test_landermt_fsdp2_kill_and_resume_is_exact(tiny_dir, jsonl_data, neurons, tmp_path):
+    args = _landermt(tiny_dir, jsonl_data, neurons, 4, "train.save_every=2")
+    ok(train_fsdp2(args, tmp_path / "a"))
+    killed = train_fsdp2(args, tmp_path / "b", kill_at=3)
+    assert killed.returncode != 0
+    resumed = ok(train_fsdp2(args, tmp_path / "b"))
+    assert "resumed from" in resumed.stderr and "checkpoint-2" in resumed.stderr
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    assert_same_weights(
+        tmp_path / "a" / "final" / "model.safetensors", tmp_path / "b" / "final" / "model.safetensors", atol=0
+    )
+
+
+@pytest.mark.slow
+def test_landermt_fsdp2_non_strict_matches_one(tiny_dir, jsonl_data, neurons, tmp_path):
+    """The original scripts' mode (torch-AdamW-like full state over masked gradients) on shards."""
+    args = _landermt(tiny_dir, jsonl_data, neurons, 3, "method.strict=false", "train.save_every=0")
+    train_one(args, tmp_path / "one")
+    ok(train_fsdp2(args, tmp_path / "two"))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
