@@ -155,15 +155,13 @@ def lm_loss_sum(
 # engine -> {method: why it does not run there}; docs/scaling.md has the engine x method table
 REFUSED = {
     DistributedType.DEEPSPEED: {
-        "landermt": "its neuron-sparse AdamW must own the optimizer step, and DeepSpeed's ZeRO optimizer replaces "
-        "the torch optimizer",
-        "mixmoe": "its upcycled MoE layers and routing kernels have not been checked under ZeRO",
-    },
-    DistributedType.FSDP: {
-        "mixmoe": "its upcycled MoE layers and routing kernels have not been checked on sharded weights",
+        "landermt": "its neuron-sparse AdamW must own the optimizer step (per-neuron selection, strictness, compact "
+        "state), and DeepSpeed replaces the torch optimizer with its ZeRO optimizer",
+        "mixmoe": "it has not been run under ZeRO (no GPU to test DeepSpeed on); its expert tensors shard and train "
+        "under FSDP2",
     },
 }
-SUPPORTED_ENGINES = {"landermt": "FSDP2 (examples/accelerate/fsdp2.yaml) or DDP (examples/accelerate/ddp.yaml)"}
+SUPPORTED_ENGINES = "FSDP2 (examples/accelerate/fsdp2.yaml) or DDP (examples/accelerate/ddp.yaml)"
 
 
 def _as_float(value: Any) -> float | None:
@@ -268,10 +266,9 @@ class Trainer:
         engine = self.acc.distributed_type
         why = REFUSED.get(engine, {}).get(plan.method)
         if why is not None:
-            supported = SUPPORTED_ENGINES.get(plan.method, "DDP (examples/accelerate/ddp.yaml)")
             raise MethodError(
-                f"method {plan.method!r} does not run under {engine.value}: {why}. Launch it with {supported} "
-                "or on one process; see docs/scaling.md"
+                f"method {plan.method!r} does not run under {engine.value}: {why}. Launch it with "
+                f"{SUPPORTED_ENGINES} or on one process; see docs/scaling.md"
             )
         world = self.acc.num_processes
         if train_cfg.batch_size % (world * train_cfg.micro_batch_size):

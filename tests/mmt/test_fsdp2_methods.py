@@ -313,3 +313,114 @@ def test_landermt_fsdp2_non_strict_matches_one(tiny_dir, jsonl_data, neurons, tm
     train_one(args, tmp_path / "one")
     ok(train_fsdp2(args, tmp_path / "two"))
     assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+# ------------------------------------------------------------------------------------------------- Mix-MoE
+
+
+MIXMOE = [
+    "--method",
+    "mixmoe",
+    "method.layers=[0, 1]",
+    "method.num_lm_experts=2",
+    "method.num_mt_experts=2",
+    "method.top_k=2",
+    "method.n_freq=8",
+    "method.router_init_std=0.02",
+]
+
+
+@pytest.fixture(scope="module")
+def mono_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("mono")
+    for iso, lines in LANDERMT_SENTS.items():
+        (d / f"{iso}.txt").write_text("\n".join(lines * 3) + "\n", encoding="utf-8")
+    return d
+
+
+def _stage1(tiny_dir, mono_dir, steps: int = 3) -> list[str]:
+    return [
+        *MIXMOE,
+        *_overrides(tiny_dir, mono_dir, steps=steps),
+        f"data.train=[{{kind: mono, path: {mono_dir}, directions: [de, en, fr]}}]",
+        "data.max_length=48",
+        "method.stage=1",
+        "method.stage1_train=experts+router",
+        "train.save_every=0",
+    ]
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tiny_dir, mono_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stage1") / "run"
+    train_one(_stage1(tiny_dir, mono_dir), out)
+    return out
+
+
+def _stage2(tiny_dir, jsonl_data, stage1_run, steps: int, *extra: str) -> list[str]:
+    return [
+        *MIXMOE,
+        *_overrides(tiny_dir, jsonl_data, steps=steps),
+        "method.stage=2",
+        f"method.stage1_path={stage1_run}",
+        *extra,
+    ]
+
+
+def _experts(final: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(final / "mixmoe.pt", map_location="cpu", weights_only=True)["state"]
+    return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in ("w_gate", "w_up", "w_down")}
+
+
+def test_mixmoe_stage2_fsdp2_two_processes_match_one_experts_sharded(tiny_dir, jsonl_data, stage1_run, tmp_path):
+    """Stage 2 (MT experts train, LM experts frozen inside the same [E, ...] tensors) with the expert tensors
+    sharded by expert across the 2 processes equals the 1-process run; the LM experts stay bit-identical."""
+    args = _stage2(tiny_dir, jsonl_data, stage1_run, 3, "train.save_every=3")
+    train_one(args, tmp_path / "one")
+    r = ok(train_fsdp2(args, tmp_path / "two"))
+    assert "global batch 8 = 2 process(es)" in r.stdout
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    before, one, two = (
+        _experts(stage1_run / "final"),
+        _experts(tmp_path / "one" / "final"),
+        _experts(tmp_path / "two" / "final"),
+    )
+    assert len(two) == 6 and two.keys() == one.keys() == before.keys()
+    for k in two:
+        torch.testing.assert_close(two[k], one[k], atol=WEIGHT_ATOL, rtol=1e-4)
+        assert torch.equal(two[k][:2], before[k][:2]), k  # LM experts: frozen
+        assert not torch.equal(two[k][2:], before[k][2:]), k  # MT experts: trained
+    # each process holds (and checkpoints the Adam moments of) half of the experts: [2, ...] of [4, ...]
+    from mmt import checkpoint as ckpt
+
+    shard = ckpt.load_state(tmp_path / "two" / "checkpoints" / "checkpoint-3", "optimizer_0")
+    shapes = {tuple(st["exp_avg"].shape) for st in shard["state"].values()}
+    w_gate = one["model.layers.0.mlp.w_gate"]
+    assert (2, *w_gate.shape[1:]) in shapes and tuple(w_gate.shape) not in shapes
+
+
+@pytest.mark.slow
+def test_mixmoe_stage1_fsdp2_two_processes_match_one(tiny_dir, mono_dir, tmp_path):
+    args = _stage1(tiny_dir, mono_dir)
+    train_one(args, tmp_path / "one")
+    ok(train_fsdp2(args, tmp_path / "two"))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    one, two = _experts(tmp_path / "one" / "final"), _experts(tmp_path / "two" / "final")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=WEIGHT_ATOL, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_mixmoe_fsdp2_kill_and_resume_is_exact(tiny_dir, jsonl_data, stage1_run, tmp_path):
+    args = _stage2(tiny_dir, jsonl_data, stage1_run, 4, "train.save_every=2")
+    ok(train_fsdp2(args, tmp_path / "a"))
+    killed = train_fsdp2(args, tmp_path / "b", kill_at=3)
+    assert killed.returncode != 0
+    resumed = ok(train_fsdp2(args, tmp_path / "b"))
+    assert "resumed from" in resumed.stderr and "checkpoint-2" in resumed.stderr
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    assert_same_weights(
+        tmp_path / "a" / "final" / "model.safetensors", tmp_path / "b" / "final" / "model.safetensors", atol=0
+    )
+    a, b = _experts(tmp_path / "a" / "final"), _experts(tmp_path / "b" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
