@@ -374,6 +374,8 @@ class Trainer:
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state dict on the main process (a collective under FSDP / DeepSpeed ZeRO-3)."""
         state_dict = self.acc.get_state_dict(self.model)
+        if state_dict is None:  # DeepSpeed ZeRO-3 consolidates on the main process only
+            return {}
         if not any(hasattr(t, "full_tensor") for t in state_dict.values()):
             return state_dict
         # FSDP2 on CPU: torch's full-state-dict gather skips CPU shards; gather them tensor by tensor, in the same
@@ -647,6 +649,8 @@ class Trainer:
                 feats = {k: v.to(self.acc.device) for k, v in feats.items()}
                 last = j == len(micro) - 1
                 ctx = contextlib.nullcontext() if last or self.acc.num_processes == 1 else self.acc.no_sync(self.model)
+                if self.deepspeed:  # accelerate tells DeepSpeed's engine where the accumulation boundary is
+                    self.acc.gradient_state._set_sync_gradients(last)
                 with ctx:
                     with self.acc.autocast():
                         loss_sum, _ = lm_loss_sum(self.model, feats, self.use_logits_to_keep, self.fused)

@@ -75,7 +75,7 @@ def main() -> None:
     ts = build_train_set(cfg.data, tok, plan=plan)
     accelerator = None
     if a.fsdp2_on_cpu:
-        from _fsdp_cpu import enable_fsdp_on_cpu
+        from _cpu_engines import enable_fsdp_on_cpu
 
         accelerator = enable_fsdp_on_cpu(Path(__file__).resolve().parents[2] / "examples/accelerate/fsdp2.yaml")
     trainer = Trainer(model, tok, plan, ts, cfg.train, data_cfg=cfg.data, accelerator=accelerator)

@@ -18,7 +18,7 @@ from mmt.data import load_source, resolve_data_dir
 from mmt.errors import ConfigError
 from mmt.evaluate import write_report
 from mmt.merge import MergeConfig, run_merge
-from mmt.models import load_model, save_model
+from mmt.models import load_model, save_model, without_zero3_init
 
 from .config import Config
 from .gate import evaluate_gated
@@ -61,7 +61,10 @@ def run_directional(cfg: Any, *, model: nn.Module | None = None, tokenizer: Any 
     if main:
         out.mkdir(parents=True, exist_ok=True)
     if model is None:
-        model, tokenizer = load_model(cfg.model)
+        # a plain base on every process (each unit trains a deep copy of it; the merge reads it): under DeepSpeed
+        # ZeRO-3, transformers would otherwise partition it at load time, and a partitioned model cannot be copied
+        with without_zero3_init():
+            model, tokenizer = load_model(cfg.model)
     if mcfg.unit:  # one named unit over every direction (e.g. a joint baseline with the same LoRA settings)
         units = [TrainingUnit(mcfg.unit, "joint", training_directions(cfg))]
     else:
