@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -236,10 +237,14 @@ def write_model(
     if hasattr(model, "merge_and_unload"):
         import copy
 
-        model = copy.deepcopy(model).merge_and_unload()
-        state_dict = None  # the merged copy's own weights
+        if state_dict is not None and any(hasattr(p, "device_mesh") or hasattr(p, "ds_id") for p in model.parameters()):
+            # FSDP2 / ZeRO-3: the model's own weights are shards (and FSDP modules cannot be deep-copied)
+            model, state_dict = _merged_lora_copy(model, state_dict)
+        else:
+            model = copy.deepcopy(model).merge_and_unload()
+            state_dict = None  # the merged copy's own weights
     config = model.mmt_config() if spec_of(model) is not None else model.config
-    check_reloadable(model, config)
+    check_reloadable(model, config, state_dict)
     # save_pretrained edits the mapping it is given (drops tied copies): hand it a shallow copy
     model.save_pretrained(
         folder, state_dict=dict(state_dict) if state_dict is not None else None, safe_serialization=True
@@ -248,17 +253,95 @@ def write_model(
         tokenizer.save_pretrained(folder)
 
 
-def check_reloadable(model: nn.Module, config: Any) -> None:
+@contextlib.contextmanager
+def without_zero3_init():
+    """Build models as plain modules even under DeepSpeed ZeRO-3, whose transformers integration otherwise
+    partitions every model constructed in the process (a collective; here only the main process builds one)."""
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:  # pragma: no cover - transformers without the integration
+        yield
+        return
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
+def _merged_lora_copy(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[nn.Module, dict]:
+    """(plain base model, its weights) with a peft LoRA model's active adapters merged, built from the model's
+    consolidated ``state_dict``: a model sharded by FSDP2 cannot be deep-copied and holds only shards.
+
+    Each adapted weight becomes ``W + scaling * B @ A`` (transposed for ``fan_in_fan_out``), as peft's
+    ``merge_and_unload`` computes it; the model itself is built on the meta device and takes the merged tensors."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+    from transformers import AutoModelForCausalLM
+
+    from mmt.arch import spec_of
+
+    base = model.get_base_model()
+    pre = next(n for n, m in model.named_modules() if m is base) + "."
+    lora: dict[str, Any] = {}
+    for name, mod in base.named_modules():
+        if isinstance(mod, ModulesToSaveWrapper):
+            raise CheckpointError(f"cannot merge a sharded LoRA model with modules_to_save ({name})")
+        if isinstance(mod, LoraLayer):
+            lora[name] = mod
+    merged: dict[str, torch.Tensor] = {}
+    for key, t in state_dict.items():
+        if not key.startswith(pre):
+            continue
+        rel = key[len(pre) :]
+        owner = next((n for n in lora if rel.startswith(n + ".")), None)
+        if owner is None:
+            merged[rel] = t
+        elif rel.startswith(owner + ".base_layer."):
+            merged[owner + rel[len(owner) + len(".base_layer") :]] = t
+    for name, mod in lora.items():
+        key = f"{name}.weight"
+        w = merged[key].float()
+        for adapter in mod.active_adapters:
+            if adapter not in mod.lora_A:
+                continue
+            if mod.use_dora.get(adapter):
+                raise CheckpointError(
+                    f"{name}: DoRA adapters are not merged from a sharded model; merge them with peft"
+                )
+            a = state_dict[f"{pre}{name}.lora_A.{adapter}.weight"].float()
+            b = state_dict[f"{pre}{name}.lora_B.{adapter}.weight"].float()
+            delta = (b @ a) * mod.scaling[adapter]
+            w = w + (delta.t() if mod.fan_in_fan_out else delta)
+        merged[key] = w.to(merged[key].dtype)
+    config = base.mmt_config() if spec_of(base) is not None else base.config
+    with torch.device("meta"), without_zero3_init():
+        plain = AutoModelForCausalLM.from_config(config)
+    _, unexpected = plain.load_state_dict(merged, strict=False, assign=True)
+    if hasattr(plain, "tie_weights"):
+        plain.tie_weights()
+    missing = [n for n, p in plain.named_parameters() if p.is_meta]
+    if unexpected or missing:
+        raise CheckpointError(
+            f"merging the sharded LoRA model: weights {missing[:3]} missing, {sorted(unexpected)[:3]} unexpected"
+        )
+    return plain, merged
+
+
+def check_reloadable(model: nn.Module, config: Any, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Refuse a model that ``config`` would not rebuild: a parameter or persistent buffer that the config's
-    architecture lacks (or expects, or shapes differently) would be dropped or randomly initialised on reload."""
+    architecture lacks (or expects, or shapes differently) would be dropped or randomly initialised on reload.
+    ``state_dict``: the consolidated weights, whose shapes count when the model's own are partitions (ZeRO-3)."""
     from transformers import AutoModelForCausalLM
 
     import mmt.arch  # noqa: F401  (an mmt config needs its Auto-class registration)
 
-    with torch.device("meta"):
+    with torch.device("meta"), without_zero3_init():
         fresh = AutoModelForCausalLM.from_config(config)
     want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    consolidated = state_dict or {}
+    have = {k: tuple(consolidated.get(k, v).shape) for k, v in model.state_dict().items()}
     if want == have:
         return
     extra = sorted(set(have) - set(want))

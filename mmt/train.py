@@ -152,11 +152,16 @@ def lm_loss_sum(
     return token_loss_sum(out.logits, labels), out
 
 
-# methods whose optimizer or layers need whole (unsharded) tensors, with the reason
-UNSHARDED_ONLY = {
-    "landermt": "its neuron-sparse AdamW updates neuron rows of whole weight matrices, which FSDP and ZeRO shard",
-    "mixmoe": "its upcycled MoE layers and routing kernels have not been checked on sharded weights",
+# engine -> {method: why it does not run there}; docs/scaling.md has the engine x method table
+REFUSED = {
+    DistributedType.DEEPSPEED: {
+        "landermt": "its neuron-sparse AdamW must own the optimizer step (per-neuron selection, strictness, compact "
+        "state), and DeepSpeed replaces the torch optimizer with its ZeRO optimizer",
+        "mixmoe": "it has not been run under ZeRO (no GPU to test DeepSpeed on); its expert tensors shard and train "
+        "under FSDP2",
+    },
 }
+SUPPORTED_ENGINES = "FSDP2 (examples/accelerate/fsdp2.yaml) or DDP (examples/accelerate/ddp.yaml)"
 
 
 def _as_float(value: Any) -> float | None:
@@ -180,7 +185,10 @@ def _copy_into(param: torch.Tensor, full: torch.Tensor) -> None:
 
 
 def _restore_dtensor_state(optimizer: torch.optim.Optimizer) -> None:
-    """Optimizer state read back for DTensor parameters arrives as plain local shards: wrap them again."""
+    """Optimizer state read back for DTensor parameters arrives as plain local shards: wrap them again (unless the
+    optimizer keeps its state as plain local tensors itself, e.g. ``NeuronSparseAdamW``)."""
+    if getattr(optimizer, "shard_local_state", False):
+        return
     for group in optimizer.param_groups:
         for p in group["params"]:
             if not hasattr(p, "device_mesh") or p not in optimizer.state:
@@ -256,11 +264,11 @@ class Trainer:
         self.acc = accelerator
         init_trackers(self.acc, train_cfg, run_config)
         engine = self.acc.distributed_type
-        if engine in (DistributedType.FSDP, DistributedType.DEEPSPEED) and plan.method in UNSHARDED_ONLY:
+        why = REFUSED.get(engine, {}).get(plan.method)
+        if why is not None:
             raise MethodError(
-                f"method {plan.method!r} does not run under {engine.value}: "
-                f"{UNSHARDED_ONLY[plan.method]}. Launch it with DDP (examples/accelerate/ddp.yaml) or "
-                "on one process; see docs/scaling.md"
+                f"method {plan.method!r} does not run under {engine.value}: {why}. Launch it with "
+                f"{SUPPORTED_ENGINES} or on one process; see docs/scaling.md"
             )
         world = self.acc.num_processes
         if train_cfg.batch_size % (world * train_cfg.micro_batch_size):
@@ -310,8 +318,19 @@ class Trainer:
             ds["gradient_clipping"] = float(train_cfg.max_grad_norm or 0.0)
         # the schedule drives the torch optimizer itself (DeepSpeed's ZeRO wrapper is not a torch Optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg))
+        before = dict(model.named_parameters())
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.torch_optimizer = optimizer
+        # FSDP2 replaces every parameter by a DTensor shard (accelerate switches the optimizer's param_groups);
+        # whatever else is keyed by parameter identity (an optimizer's per-parameter settings, a method's
+        # selections) follows the mapping
+        after = dict(model.named_parameters())
+        replaced = {p: after[n] for n, p in before.items() if n in after and after[n] is not p}
+        if replaced:
+            if hasattr(optimizer, "remap_parameters"):
+                optimizer.remap_parameters(replaced)
+            if plan.on_parameters_replaced is not None:
+                plan.on_parameters_replaced(replaced)
         self.step = 0
         self.tokens_seen = 0
         self.resumed_from: str | None = None
@@ -355,6 +374,8 @@ class Trainer:
     def _full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state dict on the main process (a collective under FSDP / DeepSpeed ZeRO-3)."""
         state_dict = self.acc.get_state_dict(self.model)
+        if state_dict is None:  # DeepSpeed ZeRO-3 consolidates on the main process only
+            return {}
         if not any(hasattr(t, "full_tensor") for t in state_dict.values()):
             return state_dict
         # FSDP2 on CPU: torch's full-state-dict gather skips CPU shards; gather them tensor by tensor, in the same
@@ -399,7 +420,7 @@ class Trainer:
             if self.plan.state_dict is not None:
                 ckpt.save_state(self.plan.state_dict(), tmp, "method_state")
             if self.plan.save_artifacts is not None:
-                self.plan.save_artifacts(tmp)
+                self._save_artifacts(tmp, state_dict)
             state = {
                 "step": self.step,
                 "tokens_seen": self.tokens_seen,
@@ -628,6 +649,8 @@ class Trainer:
                 feats = {k: v.to(self.acc.device) for k, v in feats.items()}
                 last = j == len(micro) - 1
                 ctx = contextlib.nullcontext() if last or self.acc.num_processes == 1 else self.acc.no_sync(self.model)
+                if self.deepspeed:  # accelerate tells DeepSpeed's engine where the accumulation boundary is
+                    self.acc.gradient_state._set_sync_gradients(last)
                 with ctx:
                     with self.acc.autocast():
                         loss_sum, _ = lm_loss_sum(self.model, feats, self.use_logits_to_keep, self.fused)
@@ -702,7 +725,7 @@ class Trainer:
             tmp.mkdir(parents=True)
             self._save_model(tmp, state_dict)
             if self.plan.save_artifacts is not None:
-                self.plan.save_artifacts(tmp)
+                self._save_artifacts(tmp, state_dict)
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
@@ -714,12 +737,27 @@ class Trainer:
         saved: a later stage must find them whatever the checkpoint settings."""
         if self.plan.save_artifacts is None:
             return None
+        state_dict = self._full_state_dict() if self._sharded() and self._artifacts_take_weights() else None
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.plan.save_artifacts(self.out)
+            self._save_artifacts(self.out, state_dict)
         self.acc.wait_for_everyone()
         return self.out
+
+    def _artifacts_take_weights(self) -> bool:
+        try:
+            return "state_dict" in inspect.signature(self.plan.save_artifacts).parameters
+        except (TypeError, ValueError):
+            return False
+
+    def _save_artifacts(self, directory: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+        """The plan's ``save_artifacts`` hook (main process). Under FSDP / ZeRO-3 the model holds only shards: a
+        hook with a ``state_dict`` parameter gets the consolidated weights (the model's state-dict names)."""
+        if self._sharded() and self._artifacts_take_weights():
+            self.plan.save_artifacts(directory, state_dict=state_dict)
+        else:
+            self.plan.save_artifacts(directory)
 
 
 def run(cfg: Any, model: nn.Module | None = None, tokenizer: Any = None, *, print_plan: bool = True):

@@ -28,12 +28,34 @@ from .sparse_adamw import sparse_adamw_multi_
 __all__ = ["NeuronSparseAdamW"]
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (FSDP2 parameters and their gradients), else ``t`` itself."""
+    if not hasattr(t, "device_mesh"):
+        return t
+    with torch.no_grad():
+        return t.to_local()
+
+
+def _span(p: torch.Tensor, neuron_dim: int) -> tuple[int, int]:
+    """(global index of this process's first neuron of ``p``, global neuron count). FSDP2 shards dim 0: a row
+    shard holds neurons [offset, offset + local rows) of a row (or 1-D) parameter and every column neuron."""
+    d = neuron_dim if p.dim() == 2 else 0
+    if not hasattr(p, "device_mesh"):
+        return 0, p.shape[d]
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return int(offset[d]), p.shape[d]
+
+
 def _neurons_and_width(p: torch.Tensor, neuron_dim: int) -> tuple[int, int]:
-    if p.dim() == 1:
-        return p.shape[0], 1
-    if p.dim() != 2:
-        raise ValueError(f"NeuronSparseAdamW: parameters must be 1-D or 2-D, got shape {tuple(p.shape)}")
-    return p.shape[neuron_dim], p.shape[1 - neuron_dim]
+    """(neurons, width) of ``p``, or of this process's shard of a DTensor ``p``."""
+    shape = _local(p).shape
+    if len(shape) == 1:
+        return shape[0], 1
+    if len(shape) != 2:
+        raise ValueError(f"NeuronSparseAdamW: parameters must be 1-D or 2-D, got shape {tuple(shape)}")
+    return shape[neuron_dim], shape[1 - neuron_dim]
 
 
 class NeuronSparseAdamW(torch.optim.Optimizer):
@@ -49,7 +71,14 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
 
     With no selection set for a parameter, all its neurons train (plain AdamW). ``set_selection`` replaces the
     selection of the parameters it names; an empty index tensor freezes a parameter for the next steps.
+
+    DTensor parameters (FSDP2, sharded on dim 0): every process updates its own shard. Selections are given in
+    global neuron indices and kept as this shard's (rows of a row shard; columns keep their indices); the state
+    (compact or full) is this shard's alone, never gathered. After an engine swaps the parameter objects, call
+    :meth:`remap_parameters` before the first selection.
     """
+
+    shard_local_state = True  # under FSDP2 the state tensors are plain local shards, not DTensors
 
     def __init__(
         self,
@@ -144,11 +173,13 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                 else:
                     self._scale[p] = scale_dev
                 continue
-            R, _ = _neurons_and_width(p, self._dims[p])
+            start, R = _span(p, self._dims[p])  # global neurons; this process holds [start, start + n_local)
+            n_local, _ = _neurons_and_width(p, self._dims[p])
+            sharded = start != 0 or n_local != R
             if rows is None:
                 self._rows.pop(p, None)
                 self._pos.pop(p, None)
-                rows_cpu = None
+                rows_cpu = keep = None
             else:
                 rows_cpu = torch.as_tensor(rows).detach().to("cpu", torch.int64).reshape(-1)
                 rows_cpu = torch.unique(rows_cpu)  # sorted, deduplicated
@@ -158,7 +189,7 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                         f"parameter of shape {tuple(p.shape)} (neuron_dim {self._dims[p]}), got "
                         f"[{int(rows_cpu[0])}, {int(rows_cpu[-1])}]"
                     )
-                self._rows[p] = rows_cpu.to(p.device)
+                keep = (rows_cpu >= start) & (rows_cpu < start + n_local) if sharded else None
             scale = scales.get(p)
             if scale is None:
                 self._scale.pop(p, None)
@@ -172,7 +203,13 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                         f"NeuronSparseAdamW.set_selection: scale has {scale.numel()} values; expected "
                         f"{k} (one per selected neuron) or {R} (one per neuron)"
                     )
+                if sharded:  # this shard's neurons' scales
+                    scale = scale[start : start + n_local] if keep is None else scale[keep]
                 self._scale[p] = scale.to(p.device)
+            if keep is not None:  # global indices -> this shard's
+                rows_cpu = rows_cpu[keep] - start
+            if rows_cpu is not None:
+                self._rows[p] = rows_cpu.to(p.device)
             if self.strict and rows_cpu is not None:
                 self._pos[p] = self._grow(p, rows_cpu)
             if rows is not None and isinstance(rows, torch.Tensor):
@@ -209,8 +246,8 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros(0, C, dtype=torch.float32, device=p.device)
                 state["neuron_step"] = torch.zeros(0, dtype=torch.int64, device=p.device)
             else:
-                state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros(_local(p).shape, dtype=torch.float32, device=p.device)
+                state["exp_avg_sq"] = torch.zeros(_local(p).shape, dtype=torch.float32, device=p.device)
             state["step"] = 0
             state["neuron_dim"] = self._dims[p]
         return state
@@ -271,11 +308,12 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                             "row_scales",
                             "row_steps",
                             "neuron_dims",
+                            "owners",
                         )
                     },
                 )
-                grad = p.grad if p.grad.dtype == p.dtype else p.grad.to(p.dtype)
-                grad = grad.contiguous()
+                grad = _local(p.grad)
+                grad = (grad if grad.dtype == p.dtype else grad.to(p.dtype)).contiguous()
                 scale = self._scale.get(p)
                 state["step"] += 1
                 if self.strict:
@@ -298,7 +336,8 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                     lists["state_rows"].append(None)
                     lists["row_steps"].append(None)
                     lists["row_scales"].append(None)
-                lists["params"].append(p)
+                lists["params"].append(_local(p))
+                lists["owners"].append(p)
                 lists["exp_avgs"].append(state["exp_avg"])
                 lists["exp_avg_sqs"].append(state["exp_avg_sq"])
                 lists["grads"].append(grad)
@@ -328,7 +367,7 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                     )  # set_selection validated them
                 else:  # one global step count per param in this mode; group params by it
                     by_step: dict[int, list[int]] = {}
-                    for i, p in enumerate(lists["params"]):
+                    for i, p in enumerate(lists["owners"]):
                         by_step.setdefault(self.state[p]["step"], []).append(i)
                     for step, idx in by_step.items():
                         pick = lambda k: [lists[k][i] for i in idx]  # noqa: E731
@@ -364,13 +403,23 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
         shape[d] = R
         return (grad.float() * factor.view(shape)).to(grad.dtype)
 
+    def remap_parameters(self, mapping: Mapping[torch.Tensor, torch.Tensor]) -> None:
+        """Re-key the per-parameter bookkeeping after an engine replaced parameter objects (accelerate's FSDP2
+        ``prepare`` swaps each for a DTensor shard and switches ``param_groups`` itself). Before any selection."""
+        moved = [p for p in self._dims if p in mapping]
+        if any(p in self._rows or p in self._scale or self.state.get(p) for p in moved):
+            raise RuntimeError("NeuronSparseAdamW.remap_parameters: call it before set_selection and step")
+        for p in moved:
+            self._dims[mapping[p]] = self._dims.pop(p)
+            self._all.pop(p, None), self._seen.pop(p, None), self.state.pop(p, None)
+
     # ---- (de)serialisation --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         sd["neuron_sparse"] = {
             "strict": self.strict,
-            "selection": {index[p]: r.cpu() for p, r in self._rows.items()},
+            "selection": {index[p]: r.cpu() + _span(p, self._dims[p])[0] for p, r in self._rows.items()},  # global
             "scale": {index[p]: s.cpu() for p, s in self._scale.items()},
         }
         return sd

@@ -13,7 +13,6 @@ Hooks are plain callables so that methods stay testable without the trainer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -70,8 +69,12 @@ class TrainingPlan:
     * ``on_step_start(info, model, optimizer)``: before the first micro-batch of each optimizer step.
     * ``after_backward(model, info)``: after each micro-batch's backward, before the optimizer step.
     * ``on_step_end(info, model, optimizer)``: after the optimizer step (and scheduler step).
+    * ``on_parameters_replaced({old: new})``: after ``accelerate.prepare``, when the engine replaced parameter
+      objects (FSDP2: DTensor shards); a method that keys anything by parameter identity re-keys it here.
     * ``extra_loss(model)``: added to the LM loss of each micro-batch (e.g. MoE auxiliary losses).
-    * ``save_artifacts(dir)``: write method-specific files (neuron maps, adapters) next to a checkpoint.
+    * ``save_artifacts(dir)``: write method-specific files (neuron maps, adapters) next to a checkpoint; runs on
+      the main process only. A hook that reads weights takes ``save_artifacts(dir, state_dict=None)``: under
+      FSDP2 / ZeRO-3, where the model holds only shards, it gets the consolidated state dict (the model's names).
     * ``state_dict()`` / ``load_state_dict(state)``: method state that must survive a resume.
     * ``pair_temperature``: temperature over directions for the ``"pair"``/``"mixed"`` samplers
       (1.0 = proportional to data size, larger flattens; None uses the data config's value).
@@ -89,7 +92,8 @@ class TrainingPlan:
     after_backward: Callable[[nn.Module, StepInfo], None] | None = None
     on_step_end: Callable[[StepInfo, nn.Module, torch.optim.Optimizer], None] | None = None
     extra_loss: Callable[[nn.Module], torch.Tensor] | None = None
-    save_artifacts: Callable[[Path], None] | None = None
+    on_parameters_replaced: Callable[[dict[torch.Tensor, torch.Tensor]], None] | None = None
+    save_artifacts: Callable[..., None] | None = None
     state_dict: Callable[[], dict[str, Any]] | None = None
     load_state_dict: Callable[[dict[str, Any]], None] | None = None
     pair_temperature: float | None = None

@@ -75,21 +75,9 @@ def main() -> None:
     ts = build_train_set(cfg.data, tok, plan=plan)
     accelerator = None
     if a.fsdp2_on_cpu:
-        from accelerate import Accelerator
-        from accelerate.state import PartialState
-        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+        from _cpu_engines import enable_fsdp_on_cpu
 
-        accelerator = Accelerator()
-        assert accelerator.distributed_type == DistributedType.MULTI_CPU, accelerator.distributed_type
-        plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2,
-            reshard_after_forward=True,
-            auto_wrap_policy="transformer_based_wrap",
-            state_dict_type="FULL_STATE_DICT",
-        )
-        accelerator.state.distributed_type = DistributedType.FSDP
-        PartialState().distributed_type = DistributedType.FSDP  # AcceleratorState() copies it when re-created
-        accelerator.state.fsdp_plugin = plugin
+        accelerator = enable_fsdp_on_cpu(Path(__file__).resolve().parents[2] / "examples/accelerate/fsdp2.yaml")
     trainer = Trainer(model, tok, plan, ts, cfg.train, data_cfg=cfg.data, accelerator=accelerator)
     result = trainer.train()
     if a.save_final:

@@ -1,5 +1,6 @@
 """Multi-process training on CPU (gloo): DDP and FSDP2 equal the single-process run; FSDP2 resumes exactly after
-a kill; methods that need whole tensors are refused under sharding engines.
+a kill; the engine x method cells that do not run are refused. (Every method under FSDP2 through ``mmt train``:
+test_fsdp2_methods.py.)
 
 The processes are started with ``torch.distributed.run`` and ``ACCELERATE_USE_CPU=true``: on a machine without
 accelerators, ``accelerate launch --num_processes 2 --cpu`` starts a single process unless MPI is set up, and
@@ -29,6 +30,9 @@ from mmt.testing import tiny_model
 from mmt.train import Trainer
 
 WORKER = Path(__file__).with_name("_train_worker.py")
+# Adam's per-element normalisation turns last-bit differences of summation order (reduce-scatter over 2 processes
+# vs accumulation in 1; fused loss in 1 process only) into up to ~2e-5 on near-zero-gradient elements with lr 3e-3
+WEIGHT_ATOL = 5e-5
 REPO = Path(__file__).resolve().parents[2]
 _PORT = iter(range(29641, 29700))
 
@@ -84,7 +88,7 @@ def test_two_process_ddp_matches_single_process(tok_dir, jsonl_data, tmp_path, s
     assert engine == ["MULTI_CPU", "2"]
     assert losses == pytest.approx(single[1], rel=1e-5)
     for k, v in single[0].items():
-        torch.testing.assert_close(params[k], v, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(params[k], v, atol=WEIGHT_ATOL, rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -96,7 +100,7 @@ def test_fsdp2_two_processes_match_single_process(tok_dir, jsonl_data, tmp_path,
     assert engine == ["FSDP", "2"]
     assert losses == pytest.approx(single[1], rel=1e-5)
     for k, v in single[0].items():
-        torch.testing.assert_close(params[k], v, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(params[k], v, atol=WEIGHT_ATOL, rtol=1e-4)
     # one consolidated final model, equal to the gathered weights; checkpoints hold one optimizer shard per process
     final = load_file(str(out / "final" / "model.safetensors"))
     for k, v in final.items():
@@ -130,7 +134,9 @@ def test_fsdp2_kill_and_resume_is_exact(tok_dir, jsonl_data, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_methods_needing_whole_tensors_are_refused_under_sharding(tok, jsonl_data, tmp_path):
+def test_methods_are_refused_where_they_do_not_run(tok, jsonl_data, tmp_path):
+    """The cells of the engine x method table that are refused (docs/scaling.md) stop with a message naming the
+    engines that do run the method."""
     cfg = load_config(
         None,
         [
@@ -141,17 +147,19 @@ def test_methods_needing_whole_tensors_are_refused_under_sharding(tok, jsonl_dat
         ],
     )
     model = tiny_model("llama", vocab=len(tok))
-    for method in ("landermt", "mixmoe"):
-        for engine in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            plan = TrainingPlan(method=method)
-            fake = SimpleNamespace(distributed_type=engine, num_processes=2)
-            with pytest.raises(MethodError, match=rf"{method}.*does not run under {engine.value}.*DDP"):
-                Trainer(
-                    model,
-                    tok,
-                    plan,
-                    build_train_set(cfg.data, tok, plan=plan),
-                    cfg.train,
-                    data_cfg=cfg.data,
-                    accelerator=fake,
-                )
+    supported = r"FSDP2 \(examples/accelerate/fsdp2\.yaml\) or DDP"
+    for method, engine in [("landermt", DistributedType.DEEPSPEED), ("mixmoe", DistributedType.DEEPSPEED)]:
+        plan = TrainingPlan(method=method)
+        fake = SimpleNamespace(distributed_type=engine, num_processes=2)
+        with pytest.raises(
+            MethodError, match=rf"{method}.*does not run under {engine.value}.*Launch it with {supported}"
+        ):
+            Trainer(
+                model,
+                tok,
+                plan,
+                build_train_set(cfg.data, tok, plan=plan),
+                cfg.train,
+                data_cfg=cfg.data,
+                accelerator=fake,
+            )

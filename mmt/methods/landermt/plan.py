@@ -153,6 +153,20 @@ def prepare(
         if car_mlps:
             set_car_pair(car_mlps, nmap, pair)
 
+    def on_parameters_replaced(mapping: dict) -> None:
+        """After accelerate's FSDP2 prepare: the selections follow the DTensor shards (the optimizer translates
+        their global indices to each shard's). The compact weight-gradient path is off there: FSDP2 runs the
+        forward on gathered weights and reduce-scatters the dense ``.grad``; a compact gradient on the gathered
+        weight would be neither reduced nor sharded."""
+        nonlocal by_tensor, sparse_grads
+        by_tensor = {mapping.get(p, p): v for p, v in by_tensor.items()}
+        cache.clear()
+        if sparse_grads is not None and any(hasattr(p, "device_mesh") for p in mapping.values()):
+            sparse_grads.rows.clear()
+            sparse_grads = None
+        elif sparse_grads is not None:
+            sparse_grads.dims = {mapping.get(p, p): d for p, d in sparse_grads.dims.items()}
+
     neurons_path = Path(config.neurons_file) if config.neurons_file else None
 
     def save_artifacts(path: Path) -> None:
@@ -178,6 +192,7 @@ def prepare(
         sampler="pair",
         build_optimizer=build_optimizer,
         on_step_start=on_step_start,
+        on_parameters_replaced=on_parameters_replaced,
         save_artifacts=save_artifacts,
         info=info,
         model=model,

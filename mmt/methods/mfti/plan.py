@@ -49,8 +49,9 @@ def make_trainable(model: nn.Module, config) -> tuple[nn.Module, dict, Callable 
         model = peft.get_peft_model(model, lcfg)
         info["lora"] = f"r={config.lora_r} alpha={config.lora_alpha} targets={config.lora_target_modules}"
 
-        def save_artifacts(path, _model=model):  # adapters alone are small and reusable
-            _model.save_pretrained(str(Path(path) / "adapter"))
+        def save_artifacts(path, state_dict=None, _model=model):  # adapters alone are small and reusable
+            # state_dict: the consolidated weights when the model is sharded (FSDP2); peft keeps the adapters'
+            _model.save_pretrained(str(Path(path) / "adapter"), state_dict=state_dict)
 
         return model, info, save_artifacts
     for p in model.parameters():

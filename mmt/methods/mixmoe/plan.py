@@ -178,12 +178,16 @@ def prepare(model: nn.Module, config: Config, tokenizer=None) -> tuple[nn.Module
     def extra_loss(m: nn.Module) -> torch.Tensor:
         return aux_losses(m, config.aux_loss_weight, config.z_loss_weight)
 
-    def save_artifacts(path: Path) -> None:
-        # every MoE tensor (not only the trained ones): stage 2 must not depend on re-slicing the dense model
+    def save_artifacts(path: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        # every MoE tensor (not only the trained ones): stage 2 must not depend on re-slicing the dense model.
+        # state_dict: the consolidated weights when the model is sharded (FSDP2: its own tensors are shards)
         state = {}
         for name, mod in model.named_modules():
             if mod in layers:
                 for n, t in mod.state_dict().items():
+                    t = state_dict.get(f"{name}.{n}", t) if state_dict is not None else t
+                    if hasattr(t, "device_mesh"):
+                        raise MethodError(f"mixmoe: {name}.{n} is a shard; save_artifacts needs the gathered weights")
                     state[f"{name}.{n}"] = t.detach().cpu()
         Path(path).mkdir(parents=True, exist_ok=True)
         tmp = Path(path) / f".{ARTIFACT}.tmp"
