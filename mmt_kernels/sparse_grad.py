@@ -68,6 +68,7 @@ class SparseWeightGrad:
 
     def __init__(self, backend: str | None = None):
         self.backend = backend
+        self.enabled = True  # a user of the routed layers may switch them back to the dense dW
         self.rows: dict[nn.Parameter, torch.Tensor] = {}
         self.dims: dict[nn.Parameter, int] = {}
 

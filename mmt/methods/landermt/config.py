@@ -36,6 +36,9 @@ class Config(MethodConfig):
     scale_normalise: divide c by its mean over selected neurons [our choice] (the original code uses raw sums,
         an arbitrary lr multiplier; False reproduces it).
     strict: strict sparse AdamW (unselected neurons do not move); False = torch AdamW on masked gradients.
+    sparse_weight_grad: with strict, the backward of the selected gate/up/down projections computes only the
+        selected neurons' weight gradient (compact, never the dense dW) [speed only: same training; off = dense
+        dW]. Used in single-process runs without fp16 loss scaling; elsewhere the dense path runs.
     train_other: in "ffn" mode, also train the other parameters of the selected layers (attention, norms)
         densely (the code trains every module of a selected block).
     car: add the CAR routing gate to the FFN of the selected layers.
@@ -63,6 +66,7 @@ class Config(MethodConfig):
     scaled: bool = False
     scale_normalise: bool = False
     strict: bool = True
+    sparse_weight_grad: bool = True
     train_other: bool = True
     car: bool = False
     car_specific_gate: str = "one_minus"

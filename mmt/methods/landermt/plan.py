@@ -24,25 +24,34 @@ from .neurons import NeuronMap
 
 def _sparse_weight_grads(model: nn.Module, by_tensor: dict) -> SparseWeightGrad | None:
     """Route the selected ``nn.Linear`` weights through ``sparse_linear``: their backward computes only the
-    selected neurons' weight gradient, into ``weight.compact_grad``. On only when the optimizer consumes compact
-    gradients (``NeuronSparseAdamW.accepts_compact_grad``); otherwise the dense ``.grad`` path stays."""
+    selected neurons' weight gradient, into ``weight.compact_grad``. Off (dense ``.grad``) until the plan's
+    ``build_optimizer`` builds the ``NeuronSparseAdamW`` that consumes them and switches it on."""
     if not getattr(NeuronSparseAdamW, "accepts_compact_grad", False):
         return None
     sparse = SparseWeightGrad()
+    sparse.enabled = False
     for mod in model.modules():
-        if type(mod) is not nn.Linear or mod.weight not in by_tensor:
+        # an instance forward is already someone's (CAR's gated in-projections): those keep the dense dW
+        if type(mod) is not nn.Linear or mod.weight not in by_tensor or "forward" in mod.__dict__:
             continue
         nd = by_tensor[mod.weight][1]
         sparse.dims[mod.weight] = nd
 
         def forward(x, mod=mod, nd=nd):
-            rows = sparse.rows.get(mod.weight)
+            rows = sparse.rows.get(mod.weight) if sparse.enabled else None
             if rows is None or not (torch.is_grad_enabled() and mod.weight.requires_grad):
                 return nn.functional.linear(x, mod.weight, mod.bias)
             return sparse_linear(x, mod.weight, mod.bias, rows, nd)
 
         mod.forward = forward
     return sparse if sparse.dims else None
+
+
+def _compact_grads_usable(train_cfg) -> bool:
+    """Compact gradients bypass DDP's all-reduce and fp16's gradient scaler (both see ``.grad`` only)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    multi = distributed and torch.distributed.get_world_size() > 1
+    return not multi and getattr(train_cfg, "mixed_precision", "no") != "fp16"
 
 
 def prepare(
@@ -104,7 +113,7 @@ def prepare(
             for p in m.car_gate.parameters():
                 p.requires_grad_(True)
     by_tensor = {names[n]: v for n, v in neuron_params.items()}
-    sparse_grads = _sparse_weight_grads(model, by_tensor) if config.strict else None
+    sparse_grads = _sparse_weight_grads(model, by_tensor) if config.strict and config.sparse_weight_grad else None
     cache: dict[tuple[str, str], tuple[dict, dict]] = {}
 
     def selection_for(pair: tuple[str, str]):
@@ -132,7 +141,7 @@ def prepare(
     def build_optimizer(model_: nn.Module, train_cfg) -> torch.optim.Optimizer:
         groups = param_groups(model_, train_cfg.weight_decay)
         dims = {p: nd for p, (_, nd) in by_tensor.items() if p.dim() == 2}
-        return NeuronSparseAdamW(
+        optimizer = NeuronSparseAdamW(
             groups,
             lr=train_cfg.lr,
             betas=tuple(train_cfg.adam_betas),
@@ -140,6 +149,9 @@ def prepare(
             neuron_dims=dims,
             strict=config.strict,
         )
+        if sparse_grads is not None:
+            sparse_grads.enabled = _compact_grads_usable(train_cfg)
+        return optimizer
 
     def on_step_start(info: StepInfo, model_: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         assert info.pair is not None, "landermt plans ask for language-pair-homogeneous steps (sampler 'pair')"
@@ -147,7 +159,7 @@ def prepare(
         sel, scl = selection_for(pair)
         if isinstance(optimizer, NeuronSparseAdamW):
             optimizer.set_selection(sel, scl or None)
-        if sparse_grads is not None:
+        if sparse_grads is not None and sparse_grads.enabled:
             for p, nd in sparse_grads.dims.items():
                 sparse_grads.set_rows(p, sel[p], nd)
         if car_mlps:
@@ -171,6 +183,7 @@ def prepare(
         "specific neurons": f"{n_spec:,} / {n_all:,}",
         "neurons_used": config.neurons_used,
         "optimizer": f"NeuronSparseAdamW(strict={config.strict}{', scaled' if config.scaled else ''})",
+        "sparse weight gradients": sparse_grads is not None,
         "car": config.car,
     }
     plan = TrainingPlan(
@@ -183,4 +196,5 @@ def prepare(
         model=model,
     )
     plan.selection_for = selection_for  # type: ignore[attr-defined]
+    plan.sparse_grads = sparse_grads  # type: ignore[attr-defined]
     return model, plan
