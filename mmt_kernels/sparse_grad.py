@@ -87,6 +87,11 @@ class SparseWeightGrad:
             weight.compact_grad = None
         self.rows[weight], self.dims[weight] = r, neuron_dim
 
+    def clear(self, weight: nn.Parameter) -> None:
+        """Back to the dense dW for ``weight`` (until the next ``set_rows``)."""
+        self.rows.pop(weight, None)
+        weight.compact_grad = None
+
 
 class _SparseLinear(torch.autograd.Function):
     @staticmethod

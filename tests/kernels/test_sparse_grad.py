@@ -130,7 +130,7 @@ def test_landermt_plan_routes_selected_weights_to_compact_grads(tmp_path):
         nmap = lm.NeuronMap(langs, [1], units, imp, lm.categorise(imp, 0.25), {"method": {"neuron_kind": "ffn"}})
         path = tmp_path / "n.safetensors"
         nmap.save(path)
-        return lm.prepare(model, lm.Config(neurons_file=str(path)))
+        return lm.prepare(model, lm.Config(neurons_file=str(path), sparse_weight_grad=True))
 
     ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(2))
     dense_model, _ = build()

@@ -47,6 +47,12 @@ def _sparse_weight_grads(model: nn.Module, by_tensor: dict) -> SparseWeightGrad 
     return sparse if sparse.dims else None
 
 
+# "auto" routes a weight through the compact path when at most this fraction of its neurons is selected: measured
+# on CPU (bench/bench_sparse_adamw.py, docs/methods.md), the compact dW costs 0.2-0.7x the dense one at 50%, about
+# 0.4-0.95x at 75% and 1.0-1.3x at 95% (its gather of the selected columns stops paying).
+AUTO_MAX_FRACTION = 0.75
+
+
 def _compact_grads_usable(train_cfg) -> bool:
     """Compact gradients bypass DDP's all-reduce and fp16's gradient scaler (both see ``.grad`` only)."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -113,7 +119,9 @@ def prepare(
             for p in m.car_gate.parameters():
                 p.requires_grad_(True)
     by_tensor = {names[n]: v for n, v in neuron_params.items()}
-    sparse_grads = _sparse_weight_grads(model, by_tensor) if config.strict and config.sparse_weight_grad else None
+    sparse_grads = (
+        _sparse_weight_grads(model, by_tensor) if config.strict and config.sparse_weight_grad is not False else None
+    )
     cache: dict[tuple[str, str], tuple[dict, dict]] = {}
 
     def selection_for(pair: tuple[str, str]):
@@ -161,7 +169,10 @@ def prepare(
             optimizer.set_selection(sel, scl or None)
         if sparse_grads is not None and sparse_grads.enabled:
             for p, nd in sparse_grads.dims.items():
-                sparse_grads.set_rows(p, sel[p], nd)
+                if config.sparse_weight_grad == "auto" and len(sel[p]) > AUTO_MAX_FRACTION * p.shape[nd]:
+                    sparse_grads.clear(p)  # the dense dW this step
+                else:
+                    sparse_grads.set_rows(p, sel[p], nd)
         if car_mlps:
             set_car_pair(car_mlps, nmap, pair)
 
@@ -183,7 +194,7 @@ def prepare(
         "specific neurons": f"{n_spec:,} / {n_all:,}",
         "neurons_used": config.neurons_used,
         "optimizer": f"NeuronSparseAdamW(strict={config.strict}{', scaled' if config.scaled else ''})",
-        "sparse weight gradients": sparse_grads is not None,
+        "sparse weight gradients": config.sparse_weight_grad if sparse_grads is not None else False,
         "car": config.car,
     }
     plan = TrainingPlan(
