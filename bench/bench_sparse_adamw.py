@@ -1,5 +1,5 @@
-"""Family 1 benchmarks: neuron-sparse AdamW vs masked torch AdamW and gather/AdamW/scatter, and one LANDeRMT step
-vs one full fine-tuning step.
+"""Family 1 benchmarks: neuron-sparse AdamW vs masked torch AdamW and gather/AdamW/scatter, the neuron-sparse weight
+gradient vs the dense dW, and one LANDeRMT step vs one full fine-tuning step.
 
 Run: ``pytest bench/bench_sparse_adamw.py -q --benchmark-only`` (add ``-k small`` for the quick shapes).
 Rows go to ``bench/results/<device>.md`` through ``bench/common.py``. Timings are medians, peers run side by side
@@ -124,6 +124,42 @@ def test_sparse_adamw_vs_peers(benchmark, shape, neuron_dim, frac):
     row["copy_GB/s"] = _bandwidth() / 1e9
     row["state_vs_full"] = compact_bytes / full_bytes
     common.record(SUITE, row)
+
+
+@pytest.mark.parametrize("frac", [0.10, 0.50], ids=lambda f: f"{int(f * 100)}pct")
+@pytest.mark.parametrize(
+    "shape,neuron_dim", SHAPES, ids=lambda s: "x".join(map(str, s)) if isinstance(s, tuple) else f"dim{s}"
+)
+def test_sparse_weight_grad_vs_dense_dw(benchmark, shape, neuron_dim, frac):
+    """The selected neurons' weight gradient (``sparse_weight_grad_``, compact fp32 ``[K, C]``) vs the dense dW that
+    autograd computes (``dy.T @ x``), 512 tokens, fp32. Memory: the gradient plus AdamW's two moments, compact
+    (``[K, C]`` each) vs dense (``[R, C]`` each). Target (issue 12): time <= 0.2x and memory <= 15% at 10%."""
+    torch.manual_seed(0)
+    N = 512
+    out_f, in_f = shape  # the weight is [out, in]; rows = output neurons (gate/up), columns = input ones (down)
+    x = torch.randn(N, in_f, device=DEVICE)
+    dy = torch.randn(N, out_f, device=DEVICE)
+    R = shape[neuron_dim]
+    rows = torch.randperm(R, device=DEVICE)[: max(1, int(frac * R))].sort().values
+    a, b = (dy, x) if neuron_dim == 0 else (x, dy)
+    acc = torch.zeros(rows.numel(), b.shape[1], device=DEVICE)
+    t_dense = common.median_time(lambda: dy.t() @ x, device=DEVICE, warmup=1, reps=5)
+    t_ours = common.median_time(lambda: mmt_kernels.sparse_weight_grad_(acc, a, rows, b), device=DEVICE, reps=5)
+    benchmark.pedantic(lambda: mmt_kernels.sparse_weight_grad_(acc, a, rows, b), rounds=1, iterations=1)
+    K, C = acc.shape
+    common.record(
+        SUITE + "_weight_grad",
+        {
+            "weight": "x".join(map(str, shape)),
+            "neurons": "rows" if neuron_dim == 0 else "columns",
+            "selected": f"{int(frac * 100)}%",
+            "tokens": N,
+            "dense_dW_ms": t_dense * 1e3,
+            "sparse_ms": t_ours * 1e3,
+            "time_vs_dense": t_ours / t_dense,
+            "grad_and_state_vs_dense": (3 * K * C) / (3 * R * C),  # state of one selection (a union over pairs is more)
+        },
+    )
 
 
 def _tiny_model():
