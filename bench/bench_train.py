@@ -5,10 +5,12 @@ Each case builds the method's plan exactly as ``mmt train`` does (``prepare``, i
 its extra loss) and runs the trainer's per-micro-batch work (``mmt.train.lm_loss_sum``: the fused linear +
 cross-entropy unless ``fused=off``). The HF peer: ``model(**batch).loss`` (full logits), ``torch.optim.AdamW``
 (foreach) over every trainable parameter, embeddings frozen as in the demo. LANDeRMT uses a random neuron map
-over the demo-sized selection (4 of 18 blocks, 10% specific neurons).
+over the demo-sized selection (4 of 18 blocks, 10% specific neurons); ``landermt_ls`` trains only the pair's
+specific neurons (the LS ablation), where the neuron-sparse weight gradients run.
 
 Run: ``pytest bench/bench_train.py -q --benchmark-only``. ``MMT_BENCH_TRAIN_MODEL`` (default ``gemma3-270m``: the
-real model when its package is installed, else random weights of its config), ``MMT_BENCH_TRAIN_BATCH``
+real model when its package is installed, else random weights of its config; ``tiny``: a small Gemma 3 from
+``mmt.testing``, for loaded machines), ``MMT_BENCH_TRAIN_BATCH``
 (default ``8x64``), ``MMT_BENCH_TRAIN_REPEATS`` (default 3), ``MMT_BENCH_TRAIN_PRECISION`` (``fp32,bf16``).
 """
 
@@ -31,7 +33,7 @@ MODEL = os.environ.get("MMT_BENCH_TRAIN_MODEL", "gemma3-270m")
 B, T = (int(x) for x in os.environ.get("MMT_BENCH_TRAIN_BATCH", "8x64").split("x"))
 REPEATS = int(os.environ.get("MMT_BENCH_TRAIN_REPEATS", "3"))
 PRECISIONS = os.environ.get("MMT_BENCH_TRAIN_PRECISION", "fp32,bf16").split(",")
-CASES = ["hf_full", "mfti", "mfti_unfused", "landermt", "mixmoe", "directional_lora"]
+CASES = ["hf_full", "mfti", "mfti_unfused", "landermt", "landermt_ls", "mixmoe", "directional_lora"]
 _BASE: dict[str, float] = {}
 
 
@@ -55,6 +57,12 @@ def _model():
 def _load():
     from mmt.models import load_model
 
+    if MODEL == "tiny":  # for loaded shared CPUs, where one real step takes tens of seconds
+        from mmt.testing import tiny_model
+
+        model = tiny_model("gemma3", vocab=16384, hidden=256, layers=8, heads=4, intermediate=1024, seed=0)
+        model.config.use_cache = False
+        return model.to(DEVICE), "tiny Gemma 3 (mmt.testing; 8 layers, hidden 256, FFN 1024, vocab 16384)"
     try:
         model, _ = load_model(name_or_path=MODEL, verbose=False)
         source = f"{MODEL} (real weights)"
@@ -81,10 +89,11 @@ def _load():
     return model.to(DEVICE), source
 
 
-def _landermt(model):
+def _landermt(model, used="general+specific"):
     from mmt.methods import landermt as lm
+    from mmt.models import decoder_layers
 
-    n = len(lm.decoder_layers(model)[1]) if hasattr(lm, "decoder_layers") else 18
+    n = len(decoder_layers(model)[1])
     layers = list(range(n - 4, n))
     units = lm.neuron_units(model, layers, "ffn")
     langs = ["de", "en", "fr"]
@@ -93,7 +102,7 @@ def _landermt(model):
     nmap = lm.NeuronMap(langs, layers, units, imp, lm.categorise(imp, 0.10), {"method": {"neuron_kind": "ffn"}})
     path = os.path.join(tempfile.mkdtemp(), "neurons.safetensors")
     nmap.save(path)
-    return lm.prepare(model, lm.Config(neurons_file=path))
+    return lm.prepare(model, lm.Config(neurons_file=path, neurons_used=used))
 
 
 def _prepare(case, model):
@@ -112,6 +121,8 @@ def _prepare(case, model):
         model, plan = mfti.prepare(model, mfti.Config(freeze_embeddings=True))
     elif case == "landermt":
         model, plan = _landermt(model)
+    elif case == "landermt_ls":  # LANDeRMT-LS: specific neurons only, where the compact weight gradients run
+        model, plan = _landermt(model, "specific")
     elif case == "mixmoe":
         from mmt.methods import mixmoe
 

@@ -24,10 +24,12 @@ TORCH_LIBRARY(mmt, m) {
   // Several tensors in one call (one CUDA launch over a device-side descriptor table). Per tensor i:
   // state_rows[i] (int64 [K_i], optional) is the compact-state row of each selected neuron (state may hold
   // more neurons than are selected now, e.g. the union over language pairs); row_steps[i] is int64.
+  // compact_grad=true (needs compact): grads[i] is fp32 [K_i, C_i], row k = selected neuron k's gradient.
   m.def(
       "sparse_adamw_multi_(Tensor(a!)[] params, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor[] grads, "
       "Tensor[] rows, Tensor?[] state_rows, Tensor?[] row_scales, Tensor?[] row_steps, float lr, float beta1, "
-      "float beta2, float eps, float weight_decay, int step, int[] neuron_dims, bool compact) -> ()");
+      "float beta2, float eps, float weight_decay, int step, int[] neuron_dims, bool compact, "
+      "bool compact_grad=False) -> ()");
   // Taylor importance: acc[j] += sum_t token_weight[t] * |act[t, j] * grad[t, j]| over act/grad [N, M]
   // (token_weight = 1/len(seq) on a sequence's tokens, 0 on padding: a per-sequence token mean).
   m.def("taylor_accumulate_(Tensor(a!) acc, Tensor act, Tensor grad, Tensor token_weight) -> ()");

@@ -14,6 +14,7 @@ struct SparseAdamWArgs {
   float one_minus_beta1, one_minus_beta2, decay;  // formed in double: 1 - 0.99f loses 5e-6 relative
   int64_t step, neuron_dim;
   bool compact;
+  bool compact_grad;  // grad is fp32 [K, C] (row k = selected neuron k), not param-shaped
 };
 
 inline SparseAdamWArgs check_sparse_adamw(const at::Tensor& param, const at::Tensor& exp_avg,
@@ -22,17 +23,21 @@ inline SparseAdamWArgs check_sparse_adamw(const at::Tensor& param, const at::Ten
                                           const std::optional<at::Tensor>& row_step, double lr, double beta1,
                                           double beta2, double eps, double weight_decay, int64_t step,
                                           int64_t neuron_dim, bool compact, c10::DeviceType device,
-                                          bool has_state_rows = false) {
+                                          bool has_state_rows = false, bool compact_grad = false) {
   TORCH_CHECK(param.device().type() == device, "sparse_adamw_: param is on ", param.device(), ", expected ", device);
   TORCH_CHECK(param.dim() == 1 || param.dim() == 2, "sparse_adamw_: param must be 1-D or 2-D, got shape ",
               param.sizes());
   TORCH_CHECK(neuron_dim == 0 || (neuron_dim == 1 && param.dim() == 2),
               "sparse_adamw_: neuron_dim must be 0, or 1 for a 2-D param; got ", neuron_dim);
   TORCH_CHECK(param.is_contiguous() && grad.is_contiguous(), "sparse_adamw_: param and grad must be contiguous");
-  TORCH_CHECK(grad.sizes() == param.sizes(), "sparse_adamw_: grad shape ", grad.sizes(), " != param shape ",
-              param.sizes());
-  TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "sparse_adamw_: grad dtype ", grad.scalar_type(),
-              " != param dtype ", param.scalar_type());
+  TORCH_CHECK(grad.device() == param.device(), "sparse_adamw_: grad on ", grad.device(), ", param on ",
+              param.device());
+  if (!compact_grad) {
+    TORCH_CHECK(grad.sizes() == param.sizes(), "sparse_adamw_: grad shape ", grad.sizes(), " != param shape ",
+                param.sizes());
+    TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "sparse_adamw_: grad dtype ", grad.scalar_type(),
+                " != param dtype ", param.scalar_type());
+  }
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.is_contiguous(),
               "sparse_adamw_: rows must be a contiguous 1-D int64 tensor");
   TORCH_CHECK(rows.device() == param.device(), "sparse_adamw_: rows on ", rows.device(), ", param on ",
@@ -42,6 +47,11 @@ inline SparseAdamWArgs check_sparse_adamw(const at::Tensor& param, const at::Ten
   const int64_t d0 = param.size(0), d1 = param.dim() == 2 ? param.size(1) : 1;
   a.R = neuron_dim == 0 ? d0 : d1;
   a.C = neuron_dim == 0 ? d1 : d0;
+  if (compact_grad) {
+    TORCH_CHECK(compact, "sparse_adamw_: compact_grad needs compact state");
+    TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.numel() == a.K * a.C, "sparse_adamw_: a compact grad must "
+                "be fp32 [K=", a.K, ", C=", a.C, "], got ", grad.scalar_type(), " ", grad.sizes());
+  }
   for (const at::Tensor* s : {&exp_avg, &exp_avg_sq}) {
     TORCH_CHECK(s->scalar_type() == at::kFloat && s->is_contiguous() && s->device() == param.device(),
                 "sparse_adamw_: optimizer state must be contiguous fp32 on the param's device");
@@ -75,7 +85,7 @@ inline SparseAdamWArgs check_sparse_adamw(const at::Tensor& param, const at::Ten
   a.one_minus_beta1 = static_cast<float>(1.0 - beta1);
   a.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   a.decay = static_cast<float>(1.0 - lr * weight_decay);
-  a.step = step; a.neuron_dim = neuron_dim; a.compact = compact;
+  a.step = step; a.neuron_dim = neuron_dim; a.compact = compact; a.compact_grad = compact_grad;
   return a;
 }
 
@@ -86,7 +96,7 @@ inline std::vector<SparseAdamWArgs> check_sparse_adamw_multi(
     const at::TensorList grads, const at::TensorList rows, const c10::List<std::optional<at::Tensor>>& state_rows,
     const c10::List<std::optional<at::Tensor>>& row_scales, const c10::List<std::optional<at::Tensor>>& row_steps,
     double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step, at::IntArrayRef neuron_dims,
-    bool compact, c10::DeviceType device) {
+    bool compact, bool compact_grad, c10::DeviceType device) {
   const size_t n = params.size();
   TORCH_CHECK(exp_avgs.size() == n && exp_avg_sqs.size() == n && grads.size() == n && rows.size() == n &&
                   state_rows.size() == n && row_scales.size() == n && row_steps.size() == n &&
@@ -99,7 +109,7 @@ inline std::vector<SparseAdamWArgs> check_sparse_adamw_multi(
     TORCH_CHECK(!sr || compact, "sparse_adamw_multi_: state_rows[", i, "] needs compact=true");
     SparseAdamWArgs a = check_sparse_adamw(params[i], exp_avgs[i], exp_avg_sqs[i], grads[i], rows[i], rs, st, lr,
                                            beta1, beta2, eps, weight_decay, step, neuron_dims[i], compact, device,
-                                           sr.has_value());
+                                           sr.has_value(), compact_grad);
     if (sr) {
       TORCH_CHECK(sr->scalar_type() == at::kLong && sr->numel() == a.K && sr->is_contiguous() &&
                       sr->device() == params[i].device(),

@@ -663,7 +663,13 @@ class Trainer:
                     self.plan.after_backward(self.raw_model, info)
             grad_norm = None
             if cfg.max_grad_norm and cfg.max_grad_norm > 0 and trainable:
-                grad_norm = _as_float(self.acc.clip_grad_norm_(trainable, cfg.max_grad_norm))
+                # an optimizer that clips what it applies (NeuronSparseAdamW: selected neurons, compact grads)
+                own_clip = getattr(self.torch_optimizer, "clip_grad_norm_", None)
+                if own_clip is not None and self.acc.num_processes == 1 and not self.deepspeed:
+                    self.acc.unscale_gradients()
+                    grad_norm = _as_float(own_clip(cfg.max_grad_norm))
+                else:
+                    grad_norm = _as_float(self.acc.clip_grad_norm_(trainable, cfg.max_grad_norm))
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)

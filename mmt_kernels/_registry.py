@@ -35,6 +35,8 @@ class OpSpec:
     cuda: bool = True  # has a CUDA C++ kernel; False: Triton runs it on GPU, even when "cuda" is forced
     fp64: tuple[str, ...] = ("reference", "cpu")  # backends that accept fp64 inputs
     autograd: type[torch.autograd.Function] | None = None  # what the public wrapper applies off the reference
+    cpu_order: tuple[str, ...] = CPU_ORDER  # auto's order on CPU tensors, fastest first by measurement
+    cuda_order: tuple[str, ...] | None = None  # auto's order on CUDA tensors; None: from `cuda`
 
 
 class Op:
@@ -172,7 +174,10 @@ def _choose(
         if not ok:
             raise BackendUnavailableError(f"backend {wanted!r} cannot run mmt op {name!r}: {why}")
         return wanted
-    order = (DEFAULT_CUDA_ORDER if spec.cuda else TRITON_ONLY_CUDA_ORDER) if device_type == "cuda" else CPU_ORDER
+    if device_type == "cuda":
+        order = spec.cuda_order or (DEFAULT_CUDA_ORDER if spec.cuda else TRITON_ONLY_CUDA_ORDER)
+    else:
+        order = spec.cpu_order
     for candidate in order:
         if (dtype == torch.float64 and candidate not in spec.fp64) or candidate in unable:
             continue

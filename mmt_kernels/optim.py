@@ -14,7 +14,15 @@ Two modes:
 * ``strict=False``: the original LANDeRMT scripts' behaviour: ``torch.optim.AdamW`` over the masked (and
   optionally scaled) gradient with full-size state, so masked rows still decay and move on stale moments.
 
-All updates of a param group run through one ``sparse_adamw_multi_`` call (a single kernel launch on CUDA).
+All updates of a param group run through one ``sparse_adamw_multi_`` call (a single kernel launch on CUDA), two
+when some parameters carry compact gradients.
+
+Compact gradients (strict mode): a weight trained through :func:`~mmt_kernels.sparse_linear` has no ``.grad`` but
+``weight.compact_grad``, fp32 ``[K, C]``, one row per neuron of its current selection in sorted order (columns
+stored transposed). ``step`` consumes it as it is; the dense ``dW`` never exists. :meth:`clip_grad_norm_` clips
+what the optimizer applies: the gradient of the selected neurons only (compact buffers as they are, dense
+gradients restricted to the selection; frozen parameters excluded), before any per-neuron scale. So training with
+and without compact gradients clips identically.
 """
 
 from __future__ import annotations
@@ -79,6 +87,7 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
     """
 
     shard_local_state = True  # under FSDP2 the state tensors are plain local shards, not DTensors
+    accepts_compact_grad = True  # step() consumes ``p.compact_grad`` (see the module docstring)
 
     def __init__(
         self,
@@ -275,6 +284,75 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
             known = union
         return torch.searchsorted(known, rows_cpu).to(p.device)
 
+    # ---- gradients ----------------------------------------------------------------------------------------------
+    def _applied_grad(self, p: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+        """(the gradient ``step`` applies to ``p``, whether it is compact); None when ``p`` does not step."""
+        cg = getattr(p, "compact_grad", None)
+        if cg is not None and p.grad is not None:
+            raise RuntimeError(
+                "NeuronSparseAdamW: a parameter has both .grad and .compact_grad; route it through one path"
+            )
+        if cg is None and p.grad is None:
+            return None, False
+        rows = self._rows.get(p)
+        if rows is not None and rows.numel() == 0:
+            return None, False  # frozen for this selection
+        if cg is None:
+            return p.grad, False
+        if not self.strict:
+            raise RuntimeError(
+                "NeuronSparseAdamW(strict=False) needs dense gradients (it masks them); got compact_grad"
+            )
+        R, C = _neurons_and_width(p, self._dims[p])
+        k = R if rows is None else rows.numel()
+        if cg.dtype != torch.float32 or cg.shape != (k, C):
+            raise RuntimeError(
+                f"NeuronSparseAdamW: compact_grad of a parameter of shape {tuple(p.shape)} is {cg.dtype} "
+                f"{tuple(cg.shape)}; the current selection needs fp32 [{k}, {C}] (was the selection changed "
+                "between the backward and the step?)"
+            )
+        return cg, True
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip the gradients this optimizer applies to a total ``norm_type`` norm of at most ``max_norm``
+        (``torch.nn.utils.clip_grad_norm_``'s formula) and return their norm before clipping.
+
+        Counted: compact gradients whole; dense gradients of parameters with a selection only at the selected
+        neurons; other dense gradients whole; frozen parameters (empty selection) not at all. Dense gradients
+        are scaled whole (their unselected entries are never applied)."""
+        counted, scaled = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                g, compact = self._applied_grad(p)
+                if g is None:
+                    continue
+                scaled.append(g)
+                rows = self._rows.get(p)
+                if compact or rows is None:
+                    counted.append(g)
+                else:
+                    nd = self._dims[p] if g.dim() == 2 else 0
+                    counted.append(g.index_select(nd, rows))
+        if not counted:
+            return torch.zeros(())
+        norms = torch._foreach_norm(counted, norm_type)
+        total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), norm_type)
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(scaled, coef)
+        return total
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                cg = getattr(p, "compact_grad", None)
+                if cg is not None:
+                    if set_to_none:
+                        p.compact_grad = None
+                    else:
+                        cg.zero_()
+
     # ---- the step -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
@@ -284,18 +362,17 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            by_device: dict[torch.device, dict[str, list]] = {}
+            by_device: dict[tuple[torch.device, bool], dict[str, list]] = {}
             for p in group["params"]:
-                if p.grad is None:
+                grad, compact_grad = self._applied_grad(p)
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError("NeuronSparseAdamW does not take sparse gradients")
                 rows = self._rows.get(p)
-                if rows is not None and rows.numel() == 0:
-                    continue  # frozen for this selection
                 state = self._init_state(p)
                 lists = by_device.setdefault(
-                    p.device,
+                    (p.device, compact_grad),
                     {
                         k: []
                         for k in (
@@ -312,8 +389,11 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                         )
                     },
                 )
-                grad = _local(p.grad)
-                grad = (grad if grad.dtype == p.dtype else grad.to(p.dtype)).contiguous()
+                if not compact_grad:  # compact gradients are never DTensors (dense dW under FSDP2)
+                    grad = _local(grad)
+                    if grad.dtype != p.dtype:
+                        grad = grad.to(p.dtype)
+                grad = grad.contiguous()
                 scale = self._scale.get(p)
                 state["step"] += 1
                 if self.strict:
@@ -343,7 +423,7 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                 lists["grads"].append(grad)
                 lists["rows"].append(rows)
                 lists["neuron_dims"].append(self._dims[p])
-            for lists in by_device.values():
+            for (_, compact_grad), lists in by_device.items():
                 if self.strict:
                     sparse_adamw_multi_(
                         lists["params"],
@@ -362,6 +442,7 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                         row_scales=lists["row_scales"],
                         row_steps=lists["row_steps"],
                         compact=True,
+                        compact_grad=compact_grad,
                         backend=self.backend,
                         validate=False,
                     )  # set_selection validated them

@@ -202,6 +202,7 @@ def _multi_reference(
     step,
     neuron_dims,
     compact,
+    compact_grad=False,
 ):
     _ref.sparse_adamw_multi_(
         params,
@@ -220,6 +221,7 @@ def _multi_reference(
         step=step,
         neuron_dims=neuron_dims,
         compact=compact,
+        compact_grad=compact_grad,
     )
 
 
@@ -240,6 +242,7 @@ def _multi_fake(
     step,
     neuron_dims,
     compact,
+    compact_grad=False,
 ):
     return None
 
@@ -249,7 +252,7 @@ SPARSE_ADAMW_MULTI = register(
         name="sparse_adamw_multi_",
         schema="(Tensor(a!)[] params, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor[] grads, Tensor[] rows, "
         "Tensor?[] state_rows, Tensor?[] row_scales, Tensor?[] row_steps, float lr, float beta1, float beta2, "
-        "float eps, float weight_decay, int step, int[] neuron_dims, bool compact) -> ()",
+        "float eps, float weight_decay, int step, int[] neuron_dims, bool compact, bool compact_grad=False) -> ()",
         reference=_multi_reference,
         fake=_multi_fake,
         triton="sparse_adamw:sparse_adamw_multi_",
@@ -275,6 +278,7 @@ def sparse_adamw_multi_(
     row_scales=None,
     row_steps=None,
     compact: bool = False,
+    compact_grad: bool = False,
     backend: str | None = None,
     validate: bool = True,
 ) -> None:
@@ -284,6 +288,8 @@ def sparse_adamw_multi_(
     ``state_rows[i]`` (int64 [K_i], needs ``compact=True``) maps selected neuron k to its row of a compact state
     ``[U_i, C_i]`` that may hold more neurons than are selected now (NeuronSparseAdamW keeps the union of every
     selection a parameter has trained). ``row_steps[i]`` is int64. All tensors share one device.
+    ``compact_grad=True`` (needs ``compact``): each ``grads[i]`` is fp32 ``[K_i, C_i]``, row k the gradient of
+    selected neuron k (``W.compact_grad`` from :func:`~mmt_kernels.sparse_linear`; columns stored transposed).
     ``validate=False`` skips the index checks (rows in range and increasing, state rows in range, steps >= 1),
     for callers that validated them once (NeuronSparseAdamW): on a GPU they cost a few small kernels per tensor.
     """
@@ -308,6 +314,8 @@ def sparse_adamw_multi_(
     ):
         if len(lst) != n:
             raise ValueError(f"sparse_adamw_multi_: {name} has {len(lst)} entries for {n} params")
+    if compact_grad and not compact:
+        raise ValueError("sparse_adamw_multi_: compact_grad=True needs compact=True (compact state)")
     if n == 0:
         return
     device = params[0].device
@@ -316,13 +324,24 @@ def sparse_adamw_multi_(
         where = f"sparse_adamw_multi_[{i}]"
         if params[i].device != device:
             raise ValueError(f"{where}: param on {params[i].device}, param 0 on {device}: one device per call")
+        grad_i = grads[i]
+        if compact_grad:  # the shared checks below compare grad with param: check the compact one here
+            nd = neuron_dims[i]
+            per = params[i].numel() // max(params[i].shape[nd] if params[i].dim() == 2 else params[i].shape[0], 1)
+            g = grads[i]
+            if g.dtype != torch.float32 or g.numel() != rows[i].numel() * per or g.device != device:
+                raise ValueError(
+                    f"{where}: a compact grad must be fp32 [{rows[i].numel()}, {per}] (one row per selected "
+                    f"neuron) on {device}, got {g.dtype} {tuple(g.shape)} on {g.device}"
+                )
+            grad_i = params[i]
         if sr is None:
             try:
                 _check(
                     params[i],
                     exp_avgs[i],
                     exp_avg_sqs[i],
-                    grads[i],
+                    grad_i,
                     rows[i],
                     row_scales[i],
                     neuron_dims[i],
@@ -349,7 +368,7 @@ def sparse_adamw_multi_(
                     params[i],
                     exp_avgs[i],
                     exp_avg_sqs[i],
-                    grads[i],
+                    grad_i,
                     torch.empty(fake_k, dtype=torch.int64, device=device),
                     None,
                     nd,
@@ -392,4 +411,5 @@ def sparse_adamw_multi_(
         step,
         neuron_dims,
         compact,
+        compact_grad,
     )

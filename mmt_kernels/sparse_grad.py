@@ -26,7 +26,9 @@ SPARSE_WGRAD = register(
         reference=_ref.sparse_weight_grad_,
         fake=lambda *args: None,
         triton="sparse_grad:sparse_weight_grad_",
-        cuda=False,
+        cuda=True,
+        # the CUDA kernel is SIMT fp32 FMA; Triton's tl.dot takes the tensor cores: Triton first until measured
+        cuda_order=("triton", "cuda", "reference"),
     )
 )
 
@@ -68,6 +70,7 @@ class SparseWeightGrad:
 
     def __init__(self, backend: str | None = None):
         self.backend = backend
+        self.enabled = True  # a user of the routed layers may switch them back to the dense dW
         self.rows: dict[nn.Parameter, torch.Tensor] = {}
         self.dims: dict[nn.Parameter, int] = {}
 
@@ -85,6 +88,11 @@ class SparseWeightGrad:
         if old is None or old.shape != r.shape or not torch.equal(old, r) or self.dims.get(weight) != neuron_dim:
             weight.compact_grad = None
         self.rows[weight], self.dims[weight] = r, neuron_dim
+
+    def clear(self, weight: nn.Parameter) -> None:
+        """Back to the dense dW for ``weight`` (until the next ``set_rows``)."""
+        self.rows.pop(weight, None)
+        weight.compact_grad = None
 
 
 class _SparseLinear(torch.autograd.Function):

@@ -27,15 +27,19 @@ inline T act_fwd(T g, int64_t act) {
   return T(0.5) * g * (T(1) + std::tanh(c * (g + a * g * g * g)));
 }
 
+// act(g) and act'(g) together: one exp (silu) or one tanh (gelu) per element instead of two.
 template <typename T>
-inline T act_bwd(T g, int64_t act) {  // d act / d g
+inline void act_fwd_bwd(T g, int64_t act, T& a, T& da) {
   if (act == 0) {
     const T s = T(1) / (T(1) + std::exp(-g));
-    return s * (T(1) + g * (T(1) - s));
+    a = g * s;
+    da = s * (T(1) + g * (T(1) - s));
+    return;
   }
-  const T c = T(0.7978845608028654), a = T(0.044715);
-  const T t = std::tanh(c * (g + a * g * g * g));
-  return T(0.5) * (T(1) + t) + T(0.5) * g * (T(1) - t * t) * c * (T(1) + T(3) * a * g * g);
+  const T c = T(0.7978845608028654), k = T(0.044715);
+  const T t = std::tanh(c * (g + k * g * g * g));
+  a = T(0.5) * g * (T(1) + t);
+  da = T(0.5) * (T(1) + t) + T(0.5) * g * (T(1) - t * t) * c * (T(1) + T(3) * k * g * g);
 }
 
 // mm_out takes Tensor&; slices (narrow/select) are rvalues, so bind them to a named copy first.
@@ -275,9 +279,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moe_grouped_mlp_backward_cpu(
       at::parallel_for(0, M, 4096, [&](int64_t b, int64_t end) {
         for (int64_t i = b; i < end; ++i) {
           const acc_t gv = static_cast<acc_t>(gp[i]), uv = static_cast<acc_t>(up[i]), dv = static_cast<acc_t>(dhp[i]);
-          const acc_t a = act_fwd<acc_t>(gv, act);
+          acc_t a, da;
+          act_fwd_bwd<acc_t>(gv, act, a, da);
           if (hp) hp[i] = static_cast<scalar_t>(a * uv);
-          dgp[i] = static_cast<scalar_t>(dv * uv * act_bwd<acc_t>(gv, act));
+          dgp[i] = static_cast<scalar_t>(dv * uv * da);
           dhp[i] = static_cast<scalar_t>(dv * a);  // du overwrites dh in place
         }
       });

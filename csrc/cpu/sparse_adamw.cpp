@@ -13,15 +13,16 @@
 namespace mmt {
 namespace {
 
-template <typename scalar_t>
-void sparse_adamw_cpu_impl(const SparseAdamWArgs& a, scalar_t* param, const scalar_t* grad, float* m, float* v,
+// grad_t: scalar_t for a param-shaped grad, float for a compact [K, C] one (read at k * C + c).
+template <typename scalar_t, typename grad_t>
+void sparse_adamw_cpu_impl(const SparseAdamWArgs& a, scalar_t* param, const grad_t* grad, float* m, float* v,
                            const int64_t* rows, const int64_t* state_rows, const float* row_scale,
                            const float* step_size, const float* bc2_sqrt) {
   const float decay = a.decay, b1 = a.beta1, b2 = a.beta2, eps = a.eps;
   const float omb1 = a.one_minus_beta1, omb2 = a.one_minus_beta2;
-  auto update = [&](int64_t pidx, int64_t sidx, int64_t k) {
+  auto update = [&](int64_t pidx, int64_t sidx, int64_t gidx, int64_t k) {
     const float scale = row_scale ? row_scale[k] : 1.0f;
-    const float g = static_cast<float>(grad[pidx]) * scale;
+    const float g = static_cast<float>(grad[gidx]) * scale;
     float p = static_cast<float>(param[pidx]) * decay;
     const float mk = b1 * m[sidx] + omb1 * g;
     const float vk = b2 * v[sidx] + omb2 * g * g;
@@ -36,7 +37,8 @@ void sparse_adamw_cpu_impl(const SparseAdamWArgs& a, scalar_t* param, const scal
       for (int64_t k = begin; k < end; ++k) {
         const int64_t base = rows[k] * C;
         const int64_t sbase = a.compact ? (state_rows ? state_rows[k] : k) * C : base;
-        for (int64_t c = 0; c < C; ++c) update(base + c, sbase + c, k);
+        const int64_t gbase = a.compact_grad ? k * C : base;
+        for (int64_t c = 0; c < C; ++c) update(base + c, sbase + c, gbase + c, k);
       }
     });
   } else {
@@ -54,7 +56,7 @@ void sparse_adamw_cpu_impl(const SparseAdamWArgs& a, scalar_t* param, const scal
           const int64_t srow = state_rows ? state_rows[k] : k;
           for (int64_t c = c0; c < c1; ++c) {
             const int64_t pidx = c * R + n;
-            update(pidx, a.compact ? srow * C + c : pidx, k);
+            update(pidx, a.compact ? srow * C + c : pidx, a.compact_grad ? k * C + c : pidx, k);
           }
         }
       }
@@ -83,9 +85,15 @@ void run_one(const SparseAdamWArgs& a, at::Tensor& param, at::Tensor& exp_avg, a
     TORCH_CHECK(r[k] >= 0 && r[k] < a.R, "sparse_adamw_: rows[", k, "]=", r[k], " outside [0, ", a.R, ")");
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "sparse_adamw_cpu", [&] {
-    sparse_adamw_cpu_impl<scalar_t>(a, param.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-                                    exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), r, srows, scale,
-                                    step_size.data(), bc2_sqrt.data());
+    if (a.compact_grad) {
+      sparse_adamw_cpu_impl<scalar_t, float>(a, param.data_ptr<scalar_t>(), grad.data_ptr<float>(),
+                                             exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), r, srows,
+                                             scale, step_size.data(), bc2_sqrt.data());
+    } else {
+      sparse_adamw_cpu_impl<scalar_t, scalar_t>(a, param.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                                                exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), r, srows,
+                                                scale, step_size.data(), bc2_sqrt.data());
+    }
   });
 }
 
@@ -105,10 +113,10 @@ void sparse_adamw_multi_cpu(at::TensorList params, at::TensorList exp_avgs, at::
                             const c10::List<std::optional<at::Tensor>>& row_scales,
                             const c10::List<std::optional<at::Tensor>>& row_steps, double lr, double beta1,
                             double beta2, double eps, double weight_decay, int64_t step, at::IntArrayRef neuron_dims,
-                            bool compact) {
+                            bool compact, bool compact_grad) {
   const std::vector<SparseAdamWArgs> args =
       check_sparse_adamw_multi(params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, lr,
-                               beta1, beta2, eps, weight_decay, step, neuron_dims, compact, at::kCPU);
+                               beta1, beta2, eps, weight_decay, step, neuron_dims, compact, compact_grad, at::kCPU);
   for (size_t i = 0; i < args.size(); ++i) {
     at::Tensor p = params[i], m = exp_avgs[i], v = exp_avg_sqs[i];
     run_one(args[i], p, m, v, grads[i], rows[i], state_rows.get(i), row_scales.get(i), row_steps.get(i));

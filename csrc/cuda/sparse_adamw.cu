@@ -65,8 +65,9 @@ __device__ __forceinline__ void multi_update(const SparseAdamWTensor& d, const S
     bc2_sqrt = static_cast<float>(sqrt(-expm1(s * a.log_beta2)));
   }
   T* param = static_cast<T*>(d.param);
-  const T* grad = static_cast<const T*>(d.grad);
-  const float g = to_f32(grad[pidx]) * (d.row_scale ? d.row_scale[k] : 1.0f);
+  const float g_raw = d.compact_grad ? static_cast<const float*>(d.grad)[k * d.C + c]
+                                     : to_f32(static_cast<const T*>(d.grad)[pidx]);
+  const float g = g_raw * (d.row_scale ? d.row_scale[k] : 1.0f);
   const float m = a.beta1 * d.exp_avg[sidx] + a.one_minus_beta1 * g;
   const float v = a.beta2 * d.exp_avg_sq[sidx] + a.one_minus_beta2 * g * g;
   d.exp_avg[sidx] = m;

@@ -34,7 +34,7 @@ cudaError_t launch_sparse_adamw(const SparseAdamWParams& p, DType dtype, cudaStr
 // tensors; block b belongs to the tensor with the last block_start <= b.
 struct SparseAdamWTensor {
   void* param;
-  const void* grad;
+  const void* grad;           // param-shaped in the param's dtype, or fp32 [K, C] when compact_grad
   float* exp_avg;
   float* exp_avg_sq;
   const int64_t* rows;        // [K]
@@ -47,6 +47,7 @@ struct SparseAdamWTensor {
   float step_size_all, bc2_sqrt_all;
   int neuron_dim;
   int dtype;  // DType
+  int compact_grad;  // grad is fp32 [K, C] (row k = selected neuron k)
 };
 
 struct SparseAdamWMultiArgs {

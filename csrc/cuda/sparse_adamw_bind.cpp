@@ -56,10 +56,11 @@ void sparse_adamw_multi_cuda(at::TensorList params, at::TensorList exp_avgs, at:
                              const c10::List<std::optional<at::Tensor>>& row_scales,
                              const c10::List<std::optional<at::Tensor>>& row_steps, double lr, double beta1,
                              double beta2, double eps, double weight_decay, int64_t step, at::IntArrayRef neuron_dims,
-                             bool compact) {
+                             bool compact, bool compact_grad) {
   const std::vector<SparseAdamWArgs> args =
       check_sparse_adamw_multi(params, exp_avgs, exp_avg_sqs, grads, rows, state_rows, row_scales, row_steps, lr,
-                               beta1, beta2, eps, weight_decay, step, neuron_dims, compact, at::kCUDA);
+                               beta1, beta2, eps, weight_decay, step, neuron_dims, compact, compact_grad,
+                               at::kCUDA);
   const int n = static_cast<int>(args.size());
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -89,6 +90,7 @@ void sparse_adamw_multi_cuda(at::TensorList params, at::TensorList exp_avgs, at:
     d.step_size_all = step_size_all;
     d.bc2_sqrt_all = bc2_sqrt_all;
     d.neuron_dim = static_cast<int>(a.neuron_dim);
+    d.compact_grad = compact_grad ? 1 : 0;
     d.dtype = static_cast<int>(to_cuda_dtype(params[i].scalar_type(), "sparse_adamw_"));
     int64_t outer = 0, inner_blocks = 1;
     cuda::sparse_adamw_multi_tiling(a.K, a.C, d.neuron_dim, &outer, &inner_blocks);

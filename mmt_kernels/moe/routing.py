@@ -1,6 +1,8 @@
 """Stage 1: the router's FFT features and top-k routing.
 
-There is no CUDA C++ kernel for the FFT features: on GPU, Triton runs them (also when ``cuda`` is forced).
+There is no CUDA C++ kernel for the FFT features: on GPU, Triton runs them (also when ``cuda`` is forced). On CPU,
+``auto`` takes the reference (``torch.fft.rfft``, an O(d log d) FFT): the C++ DFT GEMM ran at 0.67-0.80x of it
+(``bench/bench_moe.py``); ``backend="cpu"`` still runs the GEMM.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ MOE_FFT_FEATURES = register(
         triton="moe:fft_features",
         cuda=False,
         autograd=_FFTFeatures,
+        cpu_order=("reference", "cpu"),
     )
 )
 MOE_FFT_FEATURES_BACKWARD = register(
@@ -66,6 +69,7 @@ MOE_FFT_FEATURES_BACKWARD = register(
         fake=lambda grad, reim, basis: grad.new_empty(grad.shape[0], basis.shape[0]),
         triton="moe:fft_features_backward",
         cuda=False,
+        cpu_order=("reference", "cpu"),
     )
 )
 

@@ -29,15 +29,17 @@ def sparse_adamw_(
     step,
     neuron_dim=0,
     compact=False,
+    compact_grad=False,
 ):
     """Decoupled-weight-decay Adam (``torch.optim.AdamW`` math) on neurons ``rows`` of ``param``, in place.
 
     Unselected neurons are untouched: no decay, no moment update. State is fp32; ``compact`` state is
     [K, C] (row k belongs to neuron rows[k]); bias correction uses ``row_step[k]`` if given, else ``step``.
+    ``compact_grad``: ``grad`` is fp32 [K, C] too (row k = neuron rows[k]'s gradient, columns transposed).
     """
     acc = torch.float64 if param.dtype == torch.float64 else torch.float32  # fp64 = golden for tests
     p = neuron_view(param, neuron_dim)
-    g = neuron_view(grad, neuron_dim)[rows].to(acc)
+    g = (grad.reshape(rows.numel(), p.shape[1]) if compact_grad else neuron_view(grad, neuron_dim)[rows]).to(acc)
     if row_scale is not None:
         g = g * row_scale.to(acc).unsqueeze(1)
     if compact:
@@ -87,6 +89,7 @@ def sparse_adamw_multi_(
     step,
     neuron_dims,
     compact=False,
+    compact_grad=False,
 ):
     """``sparse_adamw_`` on each tensor i. With ``state_rows[i]`` the compact state is [U, C] (U >= K) and
     selected neuron k owns state row ``state_rows[i][k]`` (e.g. the union of neurons over language pairs)."""
@@ -109,6 +112,7 @@ def sparse_adamw_multi_(
                 step=step,
                 neuron_dim=neuron_dims[i],
                 compact=compact,
+                compact_grad=compact_grad,
             )
             continue
         per_neuron = neuron_view(p, neuron_dims[i]).shape[1]
@@ -130,6 +134,7 @@ def sparse_adamw_multi_(
             step=step,
             neuron_dim=neuron_dims[i],
             compact=True,
+            compact_grad=compact_grad,
         )
         m2[sr] = ms
         v2[sr] = vs

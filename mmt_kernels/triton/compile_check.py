@@ -144,21 +144,23 @@ def cases():
     for dtype in DTYPES:
         for R, C, K in sweep(dtype, ((1, 1, 1), (4096, 4096, 48), (100, 33, 7))):
             for neuron_dim in (0, 1):
-                for compact in (False, True):
+                for compact, cgrad in ((False, False), (True, False), (True, True)):
                     n = R if neuron_dim == 0 else C
                     param = _t(R, C, dtype=dtype)
                     state = _t(K, param.numel() // n) if compact else _t(R, C)
+                    grad = state.clone() if cgrad else param.clone()
                     rows = _ids(K, n)
                     extra = (torch.rand(K), torch.ones(K, dtype=torch.int64)) if compact else (None, None)
                     out.append(
                         (
-                            f"sparse_adamw_ {dtype} [{R},{C}] K={K} dim={neuron_dim} compact={compact}",
-                            lambda p=param, s=state, r=rows, e=extra, nd=neuron_dim, c=compact: (
+                            f"sparse_adamw_ {dtype} [{R},{C}] K={K} dim={neuron_dim} compact={compact} "
+                            f"compact_grad={cgrad}",
+                            lambda p=param, s=state, g=grad, r=rows, e=extra, nd=neuron_dim, c=compact, cg=cgrad: (
                                 sparse_adamw.sparse_adamw_(
                                     p,
                                     s,
                                     s.clone(),
-                                    p.clone(),
+                                    g,
                                     r,
                                     *e,
                                     1e-3,
@@ -170,6 +172,7 @@ def cases():
                                     nd,
                                     c,
                                     r if c else None,
+                                    cg,
                                 )
                             ),
                         )

@@ -37,6 +37,7 @@ def _sparse_adamw_kernel(
     HAS_ROW_STEP: tl.constexpr,
     COMPACT: tl.constexpr,
     HAS_STATE_ROWS: tl.constexpr,
+    COMPACT_GRAD: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -65,7 +66,10 @@ def _sparse_adamw_kernel(
         step_size = tl.zeros([BLOCK_K], dtype=tl.float32) + step_size
         bc2_sqrt = tl.zeros([BLOCK_K], dtype=tl.float32) + bc2_sqrt
 
-    g = tl.load(grad_ptr + pidx, mask=mask, other=0.0).to(tl.float32)
+    if COMPACT_GRAD:  # fp32 [K, C], row k = selected neuron k
+        g = tl.load(grad_ptr + ks[:, None] * C + cs[None, :], mask=mask, other=0.0)
+    else:
+        g = tl.load(grad_ptr + pidx, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
         g = g * tl.load(scale_ptr + ks, mask=kmask, other=0.0)[:, None]
     w = tl.load(param_ptr + pidx, mask=mask, other=0.0).to(tl.float32)
@@ -102,6 +106,7 @@ def sparse_adamw_(
     neuron_dim=0,
     compact=False,
     state_rows=None,
+    compact_grad=False,
 ):
     K = rows.numel()
     if param.dim() == 1:
@@ -144,6 +149,7 @@ def sparse_adamw_(
         HAS_ROW_STEP=row_step is not None,
         COMPACT=compact,
         HAS_STATE_ROWS=state_rows is not None,
+        COMPACT_GRAD=compact_grad,
         BLOCK_K=block_k,
         BLOCK_C=block_c,
     )
@@ -166,6 +172,7 @@ def sparse_adamw_multi_(
     step,
     neuron_dims,
     compact=False,
+    compact_grad=False,
 ):
     """One launch per tensor: Triton has no portable way to walk a table of raw pointers of mixed dtypes
     (the CUDA backend does the single-launch version)."""
@@ -187,4 +194,5 @@ def sparse_adamw_multi_(
             neuron_dim=neuron_dims[i],
             compact=compact,
             state_rows=state_rows[i],
+            compact_grad=compact_grad,
         )

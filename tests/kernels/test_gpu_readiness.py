@@ -171,6 +171,8 @@ def test_default_backends_on_cuda(cuda_build):
     assert _registry.choose("moe_grouped_mlp", "cuda") == "triton"
     assert _registry.choose("moe_fft_features", "cuda", backend="cuda") == "triton"  # no CUDA C++ kernel
     assert MERGE.choose("cuda", None, torch.bfloat16) == "cuda"
+    assert _registry.choose("sparse_weight_grad_", "cuda") == "triton"  # tensor cores; its CUDA kernel is SIMT
+    assert _registry.choose("sparse_weight_grad_", "cuda", backend="cuda") == "cuda"
 
 
 def test_merge_of_more_than_32_tensors_falls_back_to_triton_on_cuda(cuda_build):

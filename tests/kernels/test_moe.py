@@ -248,6 +248,25 @@ def test_fft_features_match_torch_rfft(backend, dtype, T, d, n_freq):
     assert torch.all(out[1][0] == 0)
 
 
+def test_fft_features_auto_takes_rfft_on_cpu_and_agrees_with_the_gemm():
+    """On CPU ``auto`` runs torch.fft.rfft (faster there than the DFT GEMM); both give the same features and
+    input gradients within a few ulps of fp32."""
+    from mmt_kernels.moe.routing import MOE_FFT_FEATURES, MOE_FFT_FEATURES_BACKWARD
+
+    assert MOE_FFT_FEATURES.choose("cpu") == "reference"
+    assert MOE_FFT_FEATURES_BACKWARD.choose("cpu") == "reference"
+    x = torch.randn(37, 96, generator=torch.Generator().manual_seed(3))
+    g = torch.randn(37, 20, generator=torch.Generator().manual_seed(4))
+    results = []
+    for backend in [None] + (["cpu"] if "cpu" in BACKENDS else []):
+        xx = x.clone().requires_grad_(True)
+        out = moe.fft_features(xx, 20, backend=backend)
+        out.backward(g)
+        results.append((out.detach(), xx.grad))
+    for a, b in zip(results[0], results[-1]):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
 def test_fft_features_keeps_leading_dims_and_checks_n_freq():
     x = torch.randn(2, 3, 16)
     assert moe.fft_features(x, 5).shape == (2, 3, 5)

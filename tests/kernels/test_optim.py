@@ -194,3 +194,101 @@ def test_empty_selection_freezes_the_parameter():
     w.grad = torch.randn(5, 3)
     opt.step()
     assert torch.equal(w.detach(), before)
+
+
+# ---- compact gradients (sparse_linear) and clipping --------------------------------------------------------------
+def _mlp(seed):
+    torch.manual_seed(seed)
+    up = torch.nn.Linear(12, 30, bias=False)  # neurons = rows
+    down = torch.nn.Linear(30, 12, bias=True)  # neurons = columns; its bias trains densely
+    return up, down
+
+
+def _train(compact, backend, steps=4, micro=2, clip=0.05):
+    from mmt_kernels import SparseWeightGrad, sparse_linear
+
+    up, down = _mlp(0)
+    opt = NeuronSparseAdamW(
+        [up.weight, down.weight, down.bias], lr=1e-2, weight_decay=0.1, neuron_dims={down.weight: 1}, backend=backend
+    )
+    sparse = SparseWeightGrad(backend=backend)
+    sels = [torch.tensor([0, 3, 7, 8, 29]), torch.tensor([1, 3, 12, 20])]
+    norms = []
+    gen = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        sel = sels[step % 2]
+        opt.set_selection({up.weight: sel, down.weight: sel})
+        sparse.set_rows(up.weight, sel, 0)
+        sparse.set_rows(down.weight, sel, 1)
+        for _ in range(micro):  # gradient accumulation
+            x = torch.randn(5, 12, generator=gen)
+            if compact:
+                h = sparse_linear(x, up.weight, None, sparse.rows[up.weight], 0, backend=backend)
+                y = sparse_linear(torch.relu(h), down.weight, down.bias, sparse.rows[down.weight], 1, backend=backend)
+            else:
+                y = down(torch.relu(up(x)))
+            (y**2).sum().backward()
+        norms.append(float(opt.clip_grad_norm_(clip)))
+        assert (up.weight.grad is None) == compact
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert getattr(up.weight, "compact_grad", None) is None
+    return up, down, norms
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compact_gradients_train_as_dense_ones(backend):
+    up0, down0 = _mlp(0)
+    up_d, down_d, norms_d = _train(False, backend)
+    up_c, down_c, norms_c = _train(True, backend)
+    assert norms_c == pytest.approx(norms_d, rel=1e-5)
+    assert max(norms_d) > 0.05  # clipping was active
+    torch.testing.assert_close(up_c.weight, up_d.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(down_c.weight, down_d.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(down_c.bias, down_d.bias, rtol=1e-5, atol=1e-6)
+    never = torch.ones(30, dtype=torch.bool)
+    never[[0, 1, 3, 7, 8, 12, 20, 29]] = False
+    for w, w0 in ((up_c.weight, up0.weight), (up_d.weight, up0.weight)):
+        assert torch.equal(w.detach()[never], w0.detach()[never])
+    for w, w0 in ((down_c.weight, down0.weight), (down_d.weight, down0.weight)):
+        assert torch.equal(w.detach()[:, never], w0.detach()[:, never])
+
+
+def test_clip_grad_norm_counts_what_is_applied():
+    gate, down, bias = _params()
+    opt = NeuronSparseAdamW([gate, down, bias], neuron_dims={down: 1})
+    _grads((gate, down, bias), 0)
+    dense = [p.grad.clone() for p in (gate, down, bias)]
+    # no selection: torch's clip_grad_norm_ exactly
+    copies = [torch.nn.Parameter(torch.zeros_like(g)) for g in dense]
+    for c, g in zip(copies, dense):
+        c.grad = g.clone()
+    want = torch.nn.utils.clip_grad_norm_(copies, 1.0)
+    torch.testing.assert_close(opt.clip_grad_norm_(1.0), want)
+    for c, p in zip(copies, (gate, down, bias)):
+        torch.testing.assert_close(p.grad, c.grad)
+    sel = torch.tensor([2, 5])
+    opt.set_selection({gate: sel, down: sel, bias: torch.tensor([], dtype=torch.long)})  # bias frozen
+    for p, g in zip((gate, down, bias), dense):
+        p.grad = g.clone()
+    total = opt.clip_grad_norm_(0.5)
+    expected = torch.cat([dense[0][sel].flatten(), dense[1][:, sel].flatten()]).norm()
+    torch.testing.assert_close(total, expected)
+    torch.testing.assert_close(gate.grad, dense[0] * (0.5 / (expected + 1e-6)))
+    assert torch.equal(bias.grad, dense[2])  # frozen: not counted, not scaled
+
+
+def test_compact_grad_of_another_selection_is_refused():
+    gate, _, _ = _params()
+    opt = NeuronSparseAdamW([gate])
+    opt.set_selection({gate: torch.tensor([1, 2, 3])})
+    gate.compact_grad = torch.zeros(2, 10)
+    with pytest.raises(RuntimeError, match=r"needs fp32 \[3, 10\]"):
+        opt.step()
+    gate.grad = torch.zeros_like(gate)
+    with pytest.raises(RuntimeError, match="both"):
+        opt.step()
+    strict_off = NeuronSparseAdamW([gate], strict=False)
+    gate.grad = None
+    with pytest.raises(RuntimeError, match="dense gradients"):
+        strict_off.step()

@@ -8,6 +8,7 @@ import torch
 import mmt_kernels
 from mmt_kernels import _backend
 from mmt_kernels import reference as ref
+from mmt_kernels.reference.sparse_adamw import neuron_view
 
 from .tolerance import assert_close_to_golden
 
@@ -396,3 +397,130 @@ def test_multi_bad_input_names_the_tensor():
         )
     with pytest.raises(ValueError, match="entries"):
         mmt_kernels.sparse_adamw_multi_([p], [], [torch.zeros(4, 4)], [torch.randn(4, 4)], [torch.tensor([1])], lr=1e-3)
+
+
+# ---- compact gradients (fp32 [K, C], from sparse_linear) -----------------------------------------------------------
+def _compact(grad, rows, nd):
+    return neuron_view(grad, nd)[rows].float().contiguous()
+
+
+@pytest.mark.parametrize("backend", MULTI_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_state_rows", [False, True])
+def test_multi_compact_grad_matches_reference(backend, dtype, with_state_rows):
+    case = _multi_case(dtype, with_state_rows, seed=1)
+    for c in case:  # a compact grad keeps fp32 whatever the param dtype
+        c["grad"] = _compact(c["grad"], c["rows"], c["nd"])
+
+    def run(fn, to, **kw):
+        ps = [to(c["param"]).clone() for c in case]
+        ms = [to(c["m"]).clone() for c in case]
+        vs = [to(c["v"]).clone() for c in case]
+        for i in range(2):
+            fn(
+                ps,
+                ms,
+                vs,
+                [to(c["grad"]) for c in case],
+                [c["rows"] for c in case],
+                lr=1e-2,
+                beta1=0.9,
+                beta2=0.99,
+                eps=1e-8,
+                weight_decay=0.1,
+                step=i + 1,
+                neuron_dims=[c["nd"] for c in case],
+                state_rows=[c["srows"] for c in case],
+                row_scales=[None if c["scale"] is None else to(c["scale"]) for c in case],
+                row_steps=[c["step"] + i for c in case],
+                compact=True,
+                compact_grad=True,
+                **kw,
+            )
+        return ps, ms, vs
+
+    golden = run(_ref_multi, lambda t: t.double())
+    low = run(_ref_multi, lambda t: t)
+    out = run(mmt_kernels.sparse_adamw_multi_, lambda t: t, backend=backend)
+    for j, name in enumerate(("param", "exp_avg", "exp_avg_sq")):
+        for i in range(len(case)):
+            o, lo, gold = out[j][i], low[j][i], golden[j][i]
+            assert_close_to_golden(o, lo, gold.to(o.dtype) if o.dtype != torch.float32 else gold, name=f"{name}[{i}]")
+
+
+@pytest.mark.parametrize("backend", MULTI_BACKENDS)
+def test_multi_compact_grad_equals_dense_grad(backend):
+    """fp32: the same gradient values, read from a compact buffer or from the dense one, give bit-identical steps
+    (unselected neurons untouched either way)."""
+    case = _multi_case(torch.float32, True, seed=2)
+    results = []
+    for compact_grad in (False, True):
+        ps = [c["param"].clone() for c in case]
+        ms, vs = [c["m"].clone() for c in case], [c["v"].clone() for c in case]
+        grads = [_compact(c["grad"], c["rows"], c["nd"]) if compact_grad else c["grad"] for c in case]
+        mmt_kernels.sparse_adamw_multi_(
+            ps,
+            ms,
+            vs,
+            grads,
+            [c["rows"] for c in case],
+            lr=1e-2,
+            weight_decay=0.1,
+            neuron_dims=[c["nd"] for c in case],
+            state_rows=[c["srows"] for c in case],
+            row_scales=[c["scale"] for c in case],
+            row_steps=[c["step"] for c in case],
+            compact=True,
+            compact_grad=compact_grad,
+            backend=backend,
+        )
+        results.append(ps + ms + vs)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("cpu" not in MULTI_BACKENDS, reason="mmt_kernels._C not built")
+def test_multi_compact_grad_opcheck_cpu():
+    args = (
+        [torch.randn(9, 5), torch.randn(4, 6)],
+        [torch.zeros(5, 5), torch.zeros(4, 6)],
+        [torch.zeros(5, 5), torch.zeros(4, 6)],
+        [torch.randn(3, 5), torch.randn(2, 4)],
+        [torch.tensor([0, 4, 8]), torch.tensor([1, 5])],
+        [torch.tensor([4, 0, 2]), torch.tensor([0, 1])],
+        [torch.rand(3), None],
+        [torch.tensor([1, 2, 3]), None],
+        1e-3,
+        0.9,
+        0.999,
+        1e-8,
+        0.01,
+        1,
+        [0, 1],
+        True,
+        True,
+    )
+    torch.library.opcheck(torch.ops.mmt.sparse_adamw_multi_.default, args)
+
+
+def test_multi_compact_grad_bad_input():
+    p = torch.randn(6, 4)
+    args = ([p], [torch.zeros(2, 4)], [torch.zeros(2, 4)])
+    with pytest.raises(ValueError, match="compact grad must be fp32"):
+        mmt_kernels.sparse_adamw_multi_(
+            *args, [torch.randn(3, 4)], [torch.tensor([1, 2])], lr=1e-3, compact=True, compact_grad=True
+        )
+    with pytest.raises(ValueError, match="compact grad must be fp32"):
+        mmt_kernels.sparse_adamw_multi_(
+            *args, [torch.randn(2, 4).double()], [torch.tensor([1, 2])], lr=1e-3, compact=True, compact_grad=True
+        )
+    with pytest.raises(ValueError, match="needs compact=True"):
+        mmt_kernels.sparse_adamw_multi_(
+            [p],
+            [torch.zeros(6, 4)],
+            [torch.zeros(6, 4)],
+            [torch.randn(2, 4)],
+            [torch.tensor([1, 2])],
+            lr=1e-3,
+            compact_grad=True,
+        )

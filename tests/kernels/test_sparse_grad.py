@@ -110,13 +110,16 @@ def test_bad_input_names_the_problem():
         S.SparseWeightGrad().set_rows(nn.Linear(3, 4).weight, torch.tensor([4]), 0)
 
 
-def test_landermt_plan_routes_selected_weights_to_compact_grads(tmp_path, monkeypatch):
-    """With an optimizer that takes compact gradients, LANDeRMT's selected gate/up/down weights get only their
-    selected neurons' gradient (equal to those rows/columns of the dense dW) and no dense ``.grad``."""
+def test_landermt_plan_routes_selected_weights_to_compact_grads(tmp_path):
+    """Once the plan has built its NeuronSparseAdamW, LANDeRMT's selected gate/up/down weights get only their
+    selected neurons' gradient (equal to those rows/columns of the dense dW) and no dense ``.grad``; before it
+    (and with ``sparse_weight_grad=False``) the dense dW."""
     from mmt.methods import landermt as lm
     from mmt.methods.base import StepInfo
     from mmt.testing import tiny_model
-    from mmt_kernels import NeuronSparseAdamW
+
+    class TC:
+        lr, weight_decay, adam_betas, adam_eps = 1e-3, 0.0, [0.9, 0.999], 1e-8
 
     def build():
         model = tiny_model("llama", vocab=64, hidden=32, layers=2, heads=4, intermediate=40)
@@ -127,15 +130,15 @@ def test_landermt_plan_routes_selected_weights_to_compact_grads(tmp_path, monkey
         nmap = lm.NeuronMap(langs, [1], units, imp, lm.categorise(imp, 0.25), {"method": {"neuron_kind": "ffn"}})
         path = tmp_path / "n.safetensors"
         nmap.save(path)
-        return lm.prepare(model, lm.Config(neurons_file=str(path)))
+        return lm.prepare(model, lm.Config(neurons_file=str(path), sparse_weight_grad=True))
 
     ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(2))
     dense_model, _ = build()
     dense_model(input_ids=ids, labels=ids).loss.backward()
-    monkeypatch.setattr(NeuronSparseAdamW, "accepts_compact_grad", True, raising=False)
     model, plan = build()
     sel, _ = plan.selection_for(("de", "en"))
-    plan.on_step_start(StepInfo(step=0, pair=("de", "en")), model, None)
+    opt = plan.build_optimizer(model, TC)
+    plan.on_step_start(StepInfo(step=0, pair=("de", "en")), model, opt)
     model(input_ids=ids, labels=ids).loss.backward()
     dense = dict(dense_model.named_parameters())
     checked = 0

@@ -222,6 +222,49 @@ def test_strict_selective_finetuning(arch, tok, data_dir, tmp_path):
             assert torch.equal(p.detach(), before[name]), f"{name} is outside the selected layers but moved"
 
 
+def test_sparse_weight_grads_train_as_dense_ones(tok, data_dir, tmp_path):
+    """The compact weight-gradient path and the dense dW give the same training: same clipped norms, same weights
+    within fp32 tolerance, never-selected neurons bit-identical to the start in both."""
+    pairs = [("de", "en"), ("en", "de"), ("de", "en")]  # fr-specific neurons never train
+    runs = []
+    for on in (True, False):
+        model, plan, opt, nmap = _prepared("llama", tok, data_dir, tmp_path, sparse_weight_grad=on)
+        assert (plan.sparse_grads is not None and plan.sparse_grads.enabled) is on
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        norms = []
+        for step, pair in enumerate(pairs):
+            plan.on_step_start(StepInfo(step=step, pair=pair), model, opt)
+            for micro in range(2):  # accumulation
+                batch = lm._encode(tok, SENTS[pair[0]][2 * micro : 2 * micro + 2], 32, "cpu")
+                model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+                ).loss.backward()
+            unit_param = dict(model.named_parameters())[nmap.units[0].params[0][0]]
+            assert (unit_param.grad is None) is on
+            norms.append(float(opt.clip_grad_norm_(0.01)))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        runs.append((dict(model.named_parameters()), before, norms, nmap))
+    (on_p, before, norms_on, nmap), (off_p, _, norms_off, _) = runs
+    # "auto" (default): compact only where at most 75% of a weight's neurons train (here 25% are specific)
+    for used, compact in (("general+specific", False), ("specific", True)):
+        model, plan, opt, nmap = _prepared("llama", tok, data_dir, tmp_path, neurons_used=used)
+        plan.on_step_start(StepInfo(step=0, pair=("de", "en")), model, opt)
+        assert len(plan.sparse_grads.rows) == (3 if compact else 0), used
+    assert norms_on == pytest.approx(norms_off, rel=1e-4) and min(norms_on) > 0.01
+    for name, p in on_p.items():
+        torch.testing.assert_close(p, off_p[name], rtol=1e-4, atol=1e-6, msg=name)
+    for unit in nmap.units:
+        never = torch.ones(unit.size, dtype=torch.bool)
+        for pair in pairs:
+            never[nmap.keep(unit.name, pair)] = False
+        assert never.any()
+        for name, nd in unit.params:
+            view = (lambda t: t) if nd == 0 else (lambda t: t.t())  # noqa: E731
+            for params in (on_p, off_p):
+                assert torch.equal(view(params[name].detach())[never], view(before[name])[never]), name
+
+
 def test_pair_switch_and_variants(tok, data_dir, tmp_path):
     model, plan, opt, nmap = _prepared("llama", tok, data_dir, tmp_path, scaled=True, neurons_used="specific")
     unit = nmap.units[0]
@@ -283,6 +326,10 @@ def test_config_rejects_unknown_values():
         lm.Config(neurons_used="all")
     with pytest.raises(ValueError, match="unknown key"):
         lm.Config.from_dict({"specific_ratios": 0.1})
+    with pytest.raises(ValueError, match="sparse_weight_grad"):
+        lm.Config(sparse_weight_grad="sometimes")
+    assert lm.Config.from_dict({"sparse_weight_grad": "off"}).sparse_weight_grad is False
+    assert lm.Config.from_dict({"sparse_weight_grad": "auto"}).sparse_weight_grad == "auto"
 
 
 def test_cli_detect_then_train(tok_dir, tok, data_dir, tmp_path):

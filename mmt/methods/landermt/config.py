@@ -36,6 +36,10 @@ class Config(MethodConfig):
     scale_normalise: divide c by its mean over selected neurons [our choice] (the original code uses raw sums,
         an arbitrary lr multiplier; False reproduces it).
     strict: strict sparse AdamW (unselected neurons do not move); False = torch AdamW on masked gradients.
+    sparse_weight_grad: with strict, the backward of the selected gate/up/down projections computes only the
+        selected neurons' weight gradient (compact, never the dense dW) [speed only: same training]. "auto": per
+        weight and step, when at most 75% of its neurons are selected (above that the dense dW is as fast);
+        true: always; false: never. Used in single-process runs without fp16 loss scaling.
     train_other: in "ffn" mode, also train the other parameters of the selected layers (attention, norms)
         densely (the code trains every module of a selected block).
     car: add the CAR routing gate to the FFN of the selected layers.
@@ -63,6 +67,7 @@ class Config(MethodConfig):
     scaled: bool = False
     scale_normalise: bool = False
     strict: bool = True
+    sparse_weight_grad: bool | str = "auto"
     train_other: bool = True
     car: bool = False
     car_specific_gate: str = "one_minus"
@@ -87,6 +92,10 @@ class Config(MethodConfig):
                 f"car_specific_gate must be 'one_minus' or 'none', got {self.car_specific_gate!r}",
             ),
             (self.n_layers >= 1, f"n_layers must be >= 1, got {self.n_layers}"),
+            (
+                self.sparse_weight_grad in (True, False, "auto"),
+                f"sparse_weight_grad must be true, false or 'auto', got {self.sparse_weight_grad!r}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:

@@ -24,25 +24,40 @@ from .neurons import NeuronMap
 
 def _sparse_weight_grads(model: nn.Module, by_tensor: dict) -> SparseWeightGrad | None:
     """Route the selected ``nn.Linear`` weights through ``sparse_linear``: their backward computes only the
-    selected neurons' weight gradient, into ``weight.compact_grad``. On only when the optimizer consumes compact
-    gradients (``NeuronSparseAdamW.accepts_compact_grad``); otherwise the dense ``.grad`` path stays."""
+    selected neurons' weight gradient, into ``weight.compact_grad``. Off (dense ``.grad``) until the plan's
+    ``build_optimizer`` builds the ``NeuronSparseAdamW`` that consumes them and switches it on."""
     if not getattr(NeuronSparseAdamW, "accepts_compact_grad", False):
         return None
     sparse = SparseWeightGrad()
+    sparse.enabled = False
     for mod in model.modules():
-        if type(mod) is not nn.Linear or mod.weight not in by_tensor:
+        # an instance forward is already someone's (CAR's gated in-projections): those keep the dense dW
+        if type(mod) is not nn.Linear or mod.weight not in by_tensor or "forward" in mod.__dict__:
             continue
         nd = by_tensor[mod.weight][1]
         sparse.dims[mod.weight] = nd
 
         def forward(x, mod=mod, nd=nd):
-            rows = sparse.rows.get(mod.weight)
+            rows = sparse.rows.get(mod.weight) if sparse.enabled else None
             if rows is None or not (torch.is_grad_enabled() and mod.weight.requires_grad):
                 return nn.functional.linear(x, mod.weight, mod.bias)
             return sparse_linear(x, mod.weight, mod.bias, rows, nd)
 
         mod.forward = forward
     return sparse if sparse.dims else None
+
+
+# "auto" routes a weight through the compact path when at most this fraction of its neurons is selected: measured
+# on CPU (bench/bench_sparse_adamw.py, docs/methods.md), the compact dW costs 0.2-0.7x the dense one at 50%, about
+# 0.4-0.95x at 75% and 1.0-1.3x at 95% (its gather of the selected columns stops paying).
+AUTO_MAX_FRACTION = 0.75
+
+
+def _compact_grads_usable(train_cfg) -> bool:
+    """Compact gradients bypass DDP's all-reduce and fp16's gradient scaler (both see ``.grad`` only)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    multi = distributed and torch.distributed.get_world_size() > 1
+    return not multi and getattr(train_cfg, "mixed_precision", "no") != "fp16"
 
 
 def prepare(
@@ -104,7 +119,9 @@ def prepare(
             for p in m.car_gate.parameters():
                 p.requires_grad_(True)
     by_tensor = {names[n]: v for n, v in neuron_params.items()}
-    sparse_grads = _sparse_weight_grads(model, by_tensor) if config.strict else None
+    sparse_grads = (
+        _sparse_weight_grads(model, by_tensor) if config.strict and config.sparse_weight_grad is not False else None
+    )
     cache: dict[tuple[str, str], tuple[dict, dict]] = {}
 
     def selection_for(pair: tuple[str, str]):
@@ -132,7 +149,7 @@ def prepare(
     def build_optimizer(model_: nn.Module, train_cfg) -> torch.optim.Optimizer:
         groups = param_groups(model_, train_cfg.weight_decay)
         dims = {p: nd for p, (_, nd) in by_tensor.items() if p.dim() == 2}
-        return NeuronSparseAdamW(
+        optimizer = NeuronSparseAdamW(
             groups,
             lr=train_cfg.lr,
             betas=tuple(train_cfg.adam_betas),
@@ -140,6 +157,9 @@ def prepare(
             neuron_dims=dims,
             strict=config.strict,
         )
+        if sparse_grads is not None:
+            sparse_grads.enabled = _compact_grads_usable(train_cfg)
+        return optimizer
 
     def on_step_start(info: StepInfo, model_: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         assert info.pair is not None, "landermt plans ask for language-pair-homogeneous steps (sampler 'pair')"
@@ -147,9 +167,12 @@ def prepare(
         sel, scl = selection_for(pair)
         if isinstance(optimizer, NeuronSparseAdamW):
             optimizer.set_selection(sel, scl or None)
-        if sparse_grads is not None:
+        if sparse_grads is not None and sparse_grads.enabled:
             for p, nd in sparse_grads.dims.items():
-                sparse_grads.set_rows(p, sel[p], nd)
+                if config.sparse_weight_grad == "auto" and len(sel[p]) > AUTO_MAX_FRACTION * p.shape[nd]:
+                    sparse_grads.clear(p)  # the dense dW this step
+                else:
+                    sparse_grads.set_rows(p, sel[p], nd)
         if car_mlps:
             set_car_pair(car_mlps, nmap, pair)
 
@@ -185,6 +208,7 @@ def prepare(
         "specific neurons": f"{n_spec:,} / {n_all:,}",
         "neurons_used": config.neurons_used,
         "optimizer": f"NeuronSparseAdamW(strict={config.strict}{', scaled' if config.scaled else ''})",
+        "sparse weight gradients": config.sparse_weight_grad if sparse_grads is not None else False,
         "car": config.car,
     }
     plan = TrainingPlan(
@@ -198,4 +222,5 @@ def prepare(
         model=model,
     )
     plan.selection_for = selection_for  # type: ignore[attr-defined]
+    plan.sparse_grads = sparse_grads  # type: ignore[attr-defined]
     return model, plan
