@@ -665,7 +665,7 @@ class Trainer:
             if cfg.max_grad_norm and cfg.max_grad_norm > 0 and trainable:
                 # an optimizer that clips what it applies (NeuronSparseAdamW: selected neurons, compact grads)
                 own_clip = getattr(self.torch_optimizer, "clip_grad_norm_", None)
-                if own_clip is not None and self.acc.num_processes == 1 and not self.deepspeed:
+                if own_clip is not None and not self.deepspeed:
                     self.acc.unscale_gradients()
                     grad_norm = _as_float(own_clip(cfg.max_grad_norm))
                 else:

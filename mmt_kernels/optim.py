@@ -321,25 +321,39 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
         Counted: compact gradients whole; dense gradients of parameters with a selection only at the selected
         neurons; other dense gradients whole; frozen parameters (empty selection) not at all. Dense gradients
         are scaled whole (their unselected entries are never applied)."""
-        counted, scaled = [], []
+        counted, scaled, mesh = [], [], None
         for group in self.param_groups:
             for p in group["params"]:
                 g, compact = self._applied_grad(p)
                 if g is None:
                     continue
+                if hasattr(g, "device_mesh"):  # FSDP2: this shard's part; the norm is reduced over shards below
+                    mesh = g.device_mesh
+                g = _local(g)
                 scaled.append(g)
                 rows = self._rows.get(p)
                 if compact or rows is None:
                     counted.append(g)
                 else:
                     nd = self._dims[p] if g.dim() == 2 else 0
-                    counted.append(g.index_select(nd, rows))
-        if not counted:
+                    counted.append(g.index_select(nd, rows))  # rows are this shard's (see set_selection)
+        if not counted and mesh is None:
             return torch.zeros(())
-        norms = torch._foreach_norm(counted, norm_type)
-        total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), norm_type)
+        device = counted[0].device if counted else scaled[0].device
+        norms = torch._foreach_norm(counted, norm_type) if counted else []
+        stacked = torch.stack([n.float() for n in norms]) if norms else torch.zeros(1, device=device)
+        p_inf = norm_type == float("inf")
+        if mesh is None:
+            total = torch.linalg.vector_norm(stacked, norm_type)
+        else:
+            import torch.distributed as dist
+
+            part = stacked.max() if p_inf else stacked.pow(norm_type).sum()
+            dist.all_reduce(part, op=dist.ReduceOp.MAX if p_inf else dist.ReduceOp.SUM, group=mesh.get_group())
+            total = part if p_inf else part.pow(1.0 / norm_type)
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(scaled, coef)
+        if scaled:
+            torch._foreach_mul_(scaled, coef)
         return total
 
     def zero_grad(self, set_to_none: bool = True) -> None:
