@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -488,3 +489,26 @@ def test_deepspeed_refuses_landermt_and_names_the_engines_that_run_it(tiny_dir, 
     assert (
         "'landermt' does not run under DEEPSPEED" in r.stderr and "FSDP2 (examples/accelerate/fsdp2.yaml)" in r.stderr
     )
+
+
+# ------------------------------------------------------------------------------------------------- 7B recipes
+
+RECIPES = sorted((REPO / "examples" / "configs").glob("*_7b*.yaml"))
+
+
+def test_every_method_has_a_7b_recipe_that_names_its_engine():
+    """One 7B recipe per method (Mix-MoE: both stages); each names in its header the accelerate config it is launched
+    with, that file exists, and the global batch splits over 8 processes."""
+    from mmt.config import load_config
+
+    methods = {}
+    for path in RECIPES:
+        cfg = load_config(str(path), [])
+        methods.setdefault(cfg.method_name, []).append(path.name)
+        header = "".join(line for line in path.read_text().splitlines(True) if line.startswith("#"))
+        named = re.findall(r"--config_file (examples/accelerate/\S+\.yaml)", header)
+        assert named, f"{path.name}: no accelerate config named in the header"
+        assert all((REPO / n).is_file() for n in named), named
+        assert cfg.train.batch_size % (8 * cfg.train.micro_batch_size) == 0, path.name
+    assert set(methods) == {"mfti", "landermt", "mixmoe", "directional"}, methods
+    assert len(methods["mixmoe"]) == 2
