@@ -383,3 +383,23 @@ def test_cli_detect_then_train(tok_dir, tok, data_dir, tmp_path):
     )
     assert rc == 0
     assert (tmp_path / "run" / "final" / "landermt_neurons.safetensors").is_file()
+
+
+def test_deep_copy_of_a_prepared_model_computes_with_its_own_weights(tok, data_dir, tmp_path):
+    """The compact-gradient forward is bound to its module: a deep copy (direction-aware units, LoRA merges, the
+    test matrix's checkpoint references) must not keep computing with the original's weights."""
+    import copy
+
+    model, plan, opt, _ = _prepared("llama", tok, data_dir, tmp_path, sparse_weight_grad=True)
+    plan.on_step_start(StepInfo(step=0, pair=("de", "en")), model, opt)
+    clone = copy.deepcopy(model)
+    patched = [m for m in clone.modules() if "forward" in m.__dict__ and isinstance(m, torch.nn.Linear)]
+    assert patched  # the selected FFN projections run the compact-gradient forward
+    ids = lm._encode(tok, SENTS["de"][:2], 32, "cpu")["input_ids"]
+    with torch.no_grad():
+        original = model(input_ids=ids).logits
+        assert torch.equal(clone(input_ids=ids).logits, original)
+        for m in patched:  # only the patched projections of the copy change
+            m.weight.mul_(0.5)
+        assert not torch.allclose(clone(input_ids=ids).logits, original)
+        assert torch.equal(model(input_ids=ids).logits, original)

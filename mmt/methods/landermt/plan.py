@@ -4,6 +4,7 @@ neurons and the specific neurons of its language pair (``NeuronSparseAdamW``).""
 from __future__ import annotations
 
 import shutil
+import types
 import warnings
 from pathlib import Path
 
@@ -37,13 +38,14 @@ def _sparse_weight_grads(model: nn.Module, by_tensor: dict) -> SparseWeightGrad 
         nd = by_tensor[mod.weight][1]
         sparse.dims[mod.weight] = nd
 
-        def forward(x, mod=mod, nd=nd):
-            rows = sparse.rows.get(mod.weight) if sparse.enabled else None
-            if rows is None or not (torch.is_grad_enabled() and mod.weight.requires_grad):
-                return nn.functional.linear(x, mod.weight, mod.bias)
-            return sparse_linear(x, mod.weight, mod.bias, rows, nd)
+        def forward(self, x, nd=nd):
+            rows = sparse.rows.get(self.weight) if sparse.enabled else None
+            if rows is None or not (torch.is_grad_enabled() and self.weight.requires_grad):
+                return nn.functional.linear(x, self.weight, self.bias)
+            return sparse_linear(x, self.weight, self.bias, rows, nd)
 
-        mod.forward = forward
+        # a bound method, not a closure over ``mod``: a deep copy of the model then computes with its own weights
+        mod.forward = types.MethodType(forward, mod)
     return sparse if sparse.dims else None
 
 
