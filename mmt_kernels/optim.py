@@ -132,6 +132,9 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
         self._pos: dict[torch.Tensor, torch.Tensor] = {}  # its rows in the compact state (strict)
         self._scale: dict[torch.Tensor, torch.Tensor] = {}  # optional fp32 per-selected-neuron grad scale
         self._all: dict[torch.Tensor, torch.Tensor] = {}  # cached arange(R)
+        # parameters whose selection is empty: frozen. A shard can hold none of a non-empty selection's neurons:
+        # then strict mode leaves it alone, but the non-strict mode still decays and steps all its rows
+        self._frozen: set[torch.Tensor] = set()
         # set_selection fast path: the same index/scale tensor objects as a previous call (a method switching
         # between per-pair selections every step) skip validation and host-device copies. Entries keep the
         # source object alive so its id cannot be reused; the union size tells whether positions are stale.
@@ -166,6 +169,10 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
             if p not in self._dims:
                 raise ValueError("NeuronSparseAdamW.set_selection: tensor is not an optimized parameter")
             scale_in = scales.get(p)
+            if rows is not None and torch.as_tensor(rows).numel() == 0:
+                self._frozen.add(p)
+            else:
+                self._frozen.discard(p)
             key = (id(rows), id(scale_in))
             hit = self._seen.get(p, {}).get(key) if rows is not None else None
             if (
@@ -295,8 +302,8 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
         if cg is None and p.grad is None:
             return None, False
         rows = self._rows.get(p)
-        if rows is not None and rows.numel() == 0:
-            return None, False  # frozen for this selection
+        if rows is not None and rows.numel() == 0 and (self.strict or p in self._frozen):
+            return None, False  # frozen for this selection (strict: no selected neuron on this shard)
         if cg is None:
             return p.grad, False
         if not self.strict:
@@ -506,7 +513,7 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
             raise RuntimeError("NeuronSparseAdamW.remap_parameters: call it before set_selection and step")
         for p in moved:
             self._dims[mapping[p]] = self._dims.pop(p)
-            self._all.pop(p, None), self._seen.pop(p, None), self.state.pop(p, None)
+            self._all.pop(p, None), self._seen.pop(p, None), self.state.pop(p, None), self._frozen.discard(p)
 
     # ---- (de)serialisation --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -516,6 +523,7 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
             "strict": self.strict,
             "selection": {index[p]: r.cpu() + _span(p, self._dims[p])[0] for p, r in self._rows.items()},  # global
             "scale": {index[p]: s.cpu() for p, s in self._scale.items()},
+            "frozen": sorted(index[p] for p in self._frozen),
         }
         return sd
 
@@ -547,11 +555,13 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                     f"NeuronSparseAdamW.load_state_dict: parameter {sid} was trained with "
                     f"neuron_dim {st['neuron_dim']}, here {self._dims[p]}"
                 )
-        self._rows.clear(), self._pos.clear(), self._scale.clear(), self._seen.clear()
+        self._rows.clear(), self._pos.clear(), self._scale.clear(), self._seen.clear(), self._frozen.clear()
         sel = {params[saved_ids.index(i)]: r for i, r in extra.get("selection", {}).items()}
         scl = {params[saved_ids.index(i)]: s for i, s in extra.get("scale", {}).items()}
         if sel:
             self.set_selection(sel, {p: s for p, s in scl.items() if p in sel})
+        if "frozen" in extra:  # a shard's empty part of a selection is not a frozen parameter
+            self._frozen = {params[saved_ids.index(i)] for i in extra["frozen"]}
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state tensors (moments, neuron indices, step counters)."""
