@@ -28,9 +28,9 @@ from typing import Any, Iterable, Mapping, Union
 import yaml
 
 from mmt.errors import ConfigError
+from mmt.precision import PRECISIONS
 from mmt.registry import get_method
 
-PRECISIONS = ("no", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "inverse_sqrt", "linear")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 SOURCE_KINDS = ("parallel", "tatoeba", "flores", "jsonl", "alma", "hf", "mono")
@@ -151,7 +151,7 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0  # 0 disables clipping
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str = "auto"  # auto (bf16 where native, see mmt/precision.py) | no | bf16 | fp16
     save_every: int = 250  # optimizer steps; 0 disables periodic checkpoints
     keep_last: int = 2
     log_every: int = 10
@@ -180,6 +180,7 @@ class EvalConfig:
     off_target: bool = True
     spbleu: bool = False  # also spBLEU (sacrebleu tokenize=flores200; needs its SentencePiece model file)
     comet_model: str | None = None  # local path to a COMET checkpoint (needs unbabel-comet)
+    precision: str = "auto"  # generation maths: auto (bf16 where native) | no | bf16 | fp16
     output_dir: str | None = None  # default: <train.output_dir>/eval
 
 
@@ -283,6 +284,7 @@ def _validate(obj: Any, where: str) -> None:
         check(obj.first_line >= 0, "first_line", "must be >= 0")
         languages("directions", obj.directions, directions=True)
         check(obj.shots >= 0, "shots", "must be >= 0")
+        check(obj.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
 
 
 # ------------------------------------------------------------------------------------------------------------------

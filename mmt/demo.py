@@ -49,7 +49,7 @@ DEMO_CONFIG: dict = {
     "eval": {
         "test_set": "flores200/devtest",
         "directions": ["de-en", "en-de", "fr-en", "en-fr"],
-        "max_sentences": 16,
+        "max_sentences": 64,
         "batch_size": 16,
         "num_beams": 1,
         "max_new_tokens": 48,
@@ -71,7 +71,7 @@ Writes before.json/.md, after.json/.md, demo_results.json, demo.png and loss.png
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     p.add_argument("--output-dir", default="runs/demo", help="where results go (default runs/demo)")
     p.add_argument("--steps", type=int, help="training steps (default 24)")
-    p.add_argument("--sentences", type=int, help="test sentences per direction (default 16)")
+    p.add_argument("--sentences", type=int, help="test sentences per direction (default 64)")
     p.add_argument("--shots", type=int, default=0, help="also score the untuned model k-shot (default 0: off)")
     p.add_argument("--builtin-data", action="store_true", help="use the built-in sample even if shared data exists")
 

@@ -38,6 +38,9 @@ from mmt.data import (
 )
 from mmt.data.prompts import CHAT_USER_TEMPLATE, PromptBuilder
 from mmt.errors import CheckpointError, ConfigError, require
+from mmt.precision import resolve as resolve_precision
+from mmt.scorers import describe as describe_scorers
+from mmt.scorers import scorer_status
 
 # --------------------------------------------------------------------------------------------
 # generation
@@ -112,12 +115,15 @@ def generate(
     progress: bool = False,
     template: str | None = None,
     direction: tuple[str, str] | None = None,
+    precision: str = "auto",
 ) -> list[str]:
     """Translate each prompt (greedy or beam search); returns cleaned hypotheses in input order.
 
     ``template``: cut each hypothesis at that template's next field marker (see :func:`postprocess`).
-    ``direction``: (src, tgt) to route a direction-dependent model for (CAR); set before generating."""
+    ``direction``: (src, tgt) to route a direction-dependent model for (CAR); set before generating.
+    ``precision``: the maths of an fp32 model (``auto``: bf16 where native, see :mod:`mmt.precision`)."""
     from mmt.arch import set_direction
+    from mmt.precision import autocast
 
     if direction is not None:
         set_direction(model, *direction)
@@ -135,20 +141,21 @@ def generate(
         idx = order[start : start + batch_size]
         batch = collate_prompts(tokenizer, [prompts[i] for i in idx], max_length=max_prompt_tokens)
         batch = {k: v.to(device) for k, v in batch.items()}
-        gen = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            do_sample=False,
-            early_stopping=True if num_beams > 1 else False,
-            stopping_criteria=stop,
-            pad_token_id=pad_token_id(tokenizer),
-            eos_token_id=eos,
-            use_cache=True,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
+        with autocast(precision, model):
+            gen = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                do_sample=False,
+                early_stopping=True if num_beams > 1 else False,
+                stopping_criteria=stop,
+                pad_token_id=pad_token_id(tokenizer),
+                eos_token_id=eos,
+                use_cache=True,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
         new = gen[:, batch["input_ids"].shape[1] :]
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for i, t in zip(idx, texts):
@@ -356,6 +363,9 @@ def evaluate(
     k = eval_cfg.shots if shots is None else shots
     tpl = eval_cfg.template or template
     directions = [L.parse_direction(d) for d in eval_cfg.directions]
+    scorers = scorer_status(eval_cfg)
+    if log:
+        log("\n".join(f"[{label}] {line}" for line in describe_scorers(scorers).splitlines()))
     results, hyps_all = [], {}
     for s, t in directions:
         t0 = time.time()
@@ -382,6 +392,7 @@ def evaluate(
             progress=progress,
             template=CHAT_USER_TEMPLATE.get(tpl, tpl),
             direction=(s, t),
+            precision=eval_cfg.precision,
         )
         r = DirectionResult(
             direction=f"{s}-{t}",
@@ -393,7 +404,7 @@ def evaluate(
         )
         if eval_cfg.off_target:
             r.off_target = off_target_rate(hyps, t)
-        if getattr(eval_cfg, "spbleu", False):
+        if scorers["spBLEU"] == "on":
             r.spbleu = spbleu(hyps, refs)
         if eval_cfg.comet_model:
             r.comet = comet(eval_cfg.comet_model, srcs, hyps, refs)
@@ -407,12 +418,19 @@ def evaluate(
         "shots": k,
         "num_beams": eval_cfg.num_beams,
         "max_new_tokens": eval_cfg.max_new_tokens,
+        "precision": resolve_precision(eval_cfg.precision, _device_of(model)),
         "test_set": str(test_folder),
         "first_line": eval_cfg.first_line,
         "max_sentences": eval_cfg.max_sentences,
+        "scorers": scorers,
         "seen_directions": None if seen is None else sorted(_norm_direction(d) for d in seen),
     }
     return EvalReport(label=label, results=results, hypotheses=hyps_all, settings=settings)
+
+
+def _device_of(model) -> torch.device:
+    param = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    return param.device if param is not None else torch.device("cpu")
 
 
 def _norm_direction(d: str) -> str:

@@ -45,6 +45,7 @@ from mmt.data.summary import summarize
 from mmt.errors import CheckpointError, ConfigError, MethodError
 from mmt.methods.base import StepInfo, TrainingPlan, default_optimizer
 from mmt.models import load_model, write_model
+from mmt.precision import resolve as resolve_precision
 from mmt.registry import get_method
 from mmt.tracking import accelerator_kwargs, end_trackers, init_trackers, log_metrics
 from mmt_kernels.loss import gather_loss_positions, linear_cross_entropy
@@ -232,6 +233,12 @@ class TrainResult:
     resumed_from: str | None = None
 
 
+def _accelerator_device() -> str:
+    """The device type ``Accelerator()`` will pick (what ``mixed_precision: auto`` is resolved for)."""
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+
+
 class Trainer:
     """Runs ``plan`` on ``model`` with the examples of ``train_set``.
 
@@ -257,7 +264,7 @@ class Trainer:
             kwargs = [DistributedDataParallelKwargs(find_unused_parameters=plan.ddp_find_unused_parameters)]
             # accumulation is done here (no_sync + our own loss scaling), so accelerate sees 1
             accelerator = Accelerator(
-                mixed_precision=train_cfg.mixed_precision,
+                mixed_precision=resolve_precision(train_cfg.mixed_precision, _accelerator_device()),
                 gradient_accumulation_steps=1,
                 kwargs_handlers=kwargs,
                 **accelerator_kwargs(train_cfg),

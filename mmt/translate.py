@@ -175,6 +175,7 @@ def translate_lines(
     num_beams: int = 1,
     max_new_tokens: int = 150,
     progress: bool = True,
+    precision: str = "auto",
 ) -> list[str]:
     """Translate ``lines``; blank lines come back blank without being decoded."""
     from mmt.data import PromptBuilder
@@ -193,6 +194,7 @@ def translate_lines(
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,
         progress=progress,
+        precision=precision,
     )
     out = [""] * len(lines)
     for i, h in zip(keep, hyps):
@@ -230,6 +232,12 @@ receiving <src>-<tgt>.txt per direction."""
     p.add_argument("--beams", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=150)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "no", "bf16", "fp16"],
+        help="maths of an fp32 model: auto = bf16 autocast where the device has native bf16 (default), no = fp32",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -257,6 +265,7 @@ def run_translate(args: argparse.Namespace) -> int:
             num_beams=args.beams,
             max_new_tokens=args.max_new_tokens,
             progress=progress,
+            precision=args.precision,
         )
         out = args.output if len(directions) == 1 else str(Path(args.output) / f"{s}-{t}.txt")
         write_output(out, hyps)

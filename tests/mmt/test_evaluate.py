@@ -93,8 +93,12 @@ def test_evaluate_on_folder_with_shots(tok, tmp_path):
         test_set="test", directions=["de-en"], shots=2, shots_from="dev", max_new_tokens=4, off_target=False
     )
     m = tiny_model("llama", vocab=len(tok))
-    rep = E.evaluate(m, tok, ec, data_dir=tmp_path, label="tiny", log=None, progress=False)
+    lines: list[str] = []
+    rep = E.evaluate(m, tok, ec, data_dir=tmp_path, label="tiny", log=lines.append, progress=False)
     assert rep.results[0].n == 2 and rep.settings["shots"] == 2
+    # the optional scorers say up front whether they are on, and the report keeps it
+    assert "[tiny] scorer COMET: off: no eval.comet_model given" in lines[0]
+    assert rep.settings["scorers"]["spBLEU"] == "off: eval.spbleu is false" and rep.settings["precision"] == "no"
     assert "xx->en" in rep.averages() and "| de-en | 2 |" in rep.markdown()
     out = E.write_report(rep, tmp_path / "out")
     assert (out / "tiny.json").is_file() and (out / "tiny_hyps" / "de-en.txt").read_text().count("\n") == 2
