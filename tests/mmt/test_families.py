@@ -272,3 +272,35 @@ def matrix(tmp_path_factory, family_data, tok):
 def test_cell(matrix, family, variant):
     result = matrix(family)[variant]
     assert result == "pass", f"{family} x {variant}: {result}"
+
+
+@pytest.mark.parametrize("family", ["gemma3", "bloom"])
+def test_every_method_trains_under_bf16_autocast(family_data, tok, tmp_path, monkeypatch, family):
+    """`auto` precision is bf16 on bf16 CPUs, so every method must train under bf16 autocast: finite losses,
+    and the weights it trains (fp32 masters) move."""
+    import math
+
+    from mmt import train
+    from mmt.testing import tiny_model
+
+    monkeypatch.setenv("MMT_DATA_DIR", str(family_data))  # LANDeRMT's detection reads FLORES dev from here
+    stage1: dict = {}
+    for variant in ("mfti_full", "mfti_lora", "landermt_ffn", "landermt_ffn_car", "mixmoe_stage1", "mixmoe_stage2"):
+        model = tiny_model(family, vocab=len(tok), hidden=32, intermediate=64, layers=2, heads=4, seed=0)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        out = tmp_path / variant
+        extra = ["train.mixed_precision=bf16", "train.save_every=0"]
+        if variant == "mixmoe_stage2":
+            extra.append(f"method.stage1_path={stage1['out']}")
+        cfg = _config(variant, family_data, out, extra)
+        trained, _tok, _plan, result = train.run(cfg, model=model, tokenizer=tok, print_plan=False)
+        if variant == "mixmoe_stage1":
+            stage1["out"] = str(out)
+        assert result.losses and all(math.isfinite(x) for x in result.losses), (variant, result.losses)
+        moved = [
+            n
+            for n, p in trained.named_parameters()
+            if p.requires_grad and (n not in before or not torch.equal(p.detach(), before[n]))
+        ]
+        assert moved, f"{variant}: no trainable weight changed under bf16"
+        assert all(p.dtype == torch.float32 for p in trained.parameters()), f"{variant}: masters left fp32"
