@@ -786,7 +786,10 @@ def run(cfg: Any, model: nn.Module | None = None, tokenizer: Any = None, *, prin
         raise ConfigError(f"train.output_dir={str(out)!r}: {blocking} is a file, not a folder")
     if model is None:
         model, tokenizer = load_model(cfg.model)
-    model, plan = get_method(cfg.method_name).prepare(model, cfg.method, tokenizer=tokenizer)
+    prepare = get_method(cfg.method_name).prepare
+    # a method that reads data while preparing (LANDeRMT's detection) reads it from the run's data folder
+    extra = {"data_dir": cfg.data.data_dir} if "data_dir" in inspect.signature(prepare).parameters else {}
+    model, plan = prepare(model, cfg.method, tokenizer=tokenizer, **extra)
     plan.model = model
     train_set = build_train_set(cfg.data, tokenizer, plan=plan)
     trainer = Trainer(model, tokenizer, plan, train_set, cfg.train, data_cfg=cfg.data, run_config=cfg.to_dict())

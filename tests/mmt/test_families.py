@@ -283,7 +283,7 @@ def test_every_method_trains_under_bf16_autocast(family_data, tok, tmp_path, mon
     from mmt import train
     from mmt.testing import tiny_model
 
-    monkeypatch.setenv("MMT_DATA_DIR", str(family_data))  # LANDeRMT's detection reads FLORES dev from here
+    monkeypatch.delenv("MMT_DATA_DIR", raising=False)  # detection must read the config's data.data_dir
     stage1: dict = {}
     for variant in ("mfti_full", "mfti_lora", "landermt_ffn", "landermt_ffn_car", "mixmoe_stage1", "mixmoe_stage2"):
         model = tiny_model(family, vocab=len(tok), hidden=32, intermediate=64, layers=2, heads=4, seed=0)
