@@ -34,6 +34,15 @@ inline float bits_float(uint32_t u) {
   return f;
 }
 
+// `c ? a : +0.0f` and `c ? a : b` as bit masks, the same bits as the ternaries. Under GCC's default
+// -ftrapping-math a float compare feeding ?: is not if-converted, so a loop holding one does not vectorise
+// (measured: the merge loop ran scalar, ~5 ns per element and task).
+inline float keep_if(bool c, float a) { return bits_float(float_bits(a) & (0u - static_cast<uint32_t>(c))); }
+inline float select(bool c, float a, float b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return bits_float((float_bits(a) & m) | (float_bits(b) & ~m));
+}
+
 // Conversions written branch-free so that loops around them vectorise; the same values as c10's.
 inline float to_f32(float v) { return v; }
 inline float to_f32(c10::BFloat16 v) { return bits_float(static_cast<uint32_t>(v.x) << 16); }
@@ -47,10 +56,11 @@ inline float from_f32<float>(float v) {
 }
 template <>
 inline c10::BFloat16 from_f32<c10::BFloat16>(float v) {
-  // c10's round-to-nearest-even, with its NaN (0x7FC0) as a select instead of a branch.
+  // c10's round-to-nearest-even, with its NaN (0x7FC0) as an integer select (see keep_if) instead of a branch.
   const uint32_t u = float_bits(v);
   const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : r), c10::BFloat16::from_bits());
+  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return c10::BFloat16(static_cast<uint16_t>(nan ? 0x7FC0u : r), c10::BFloat16::from_bits());
 }
 template <>
 inline c10::Half from_f32<c10::Half>(float v) {

@@ -1,55 +1,69 @@
 // Family 3, CPU: the hot loops of merge.cpp. No include guard on purpose: merge.cpp includes this file
 // twice, inside namespaces compiled for the baseline ISA and for AVX2, and picks one at run time.
-// Every loop is branch-free over elements (selects, not ifs; the DARE hash in 32-bit integer lanes) so the
-// compiler vectorises it; the arithmetic is the reference's, term by term, so results stay bit-identical.
-// Needs, from the including file: float_bits, bits_float, to_f32, from_f32 (merge_scalar.h) and merge_hash.h.
+// The element loops are branch-free (bit-mask selects, keep_if/select, not ifs or float ?:; the DARE hash in
+// 32-bit integer lanes) so the compiler vectorises them; the arithmetic is the reference's, term by term, so
+// results stay bit-identical.
+// Needs, from the including file: float_bits, bits_float, keep_if, select, to_f32, from_f32 and merge_hash.h.
 
 // ---- threshold: one pass counting |x - b| above a bracket and collecting the values inside it -------------
 
-constexpr int64_t kScanGroup = 16;
+constexpr int kScanBlock = 512;
 
-// Over [begin, end): returns how many magnitudes exceed `hi` and appends those in [lo, hi] to `cand`
-// (magnitudes as their fp32 bit patterns, which order like the values; bit 31 is 0, so int32 compares).
+// Magnitudes of one block as fp32 bit patterns (they order like the values; bit 31 is 0, so int32 compares).
+template <typename scalar_t, bool HAS_BASE>
+void magnitude_bits(const scalar_t* __restrict__ x, const scalar_t* __restrict__ b, int len, int32_t* __restrict__ u) {
+  for (int j = 0; j < len; ++j) {
+    const float v = HAS_BASE ? to_f32(x[j]) - to_f32(b[j]) : to_f32(x[j]);
+    u[j] = static_cast<int32_t>(float_bits(std::fabs(v)));
+  }
+}
+
+// Over [begin, end): returns how many magnitudes exceed `hi` and appends those in [lo, hi] to `cand`.
+// Per block: a vectorised pass that converts and counts, then (if any is inside) a branch-free compaction.
 template <typename scalar_t, bool HAS_BASE>
 int64_t scan_bracket(const scalar_t* __restrict__ x, const scalar_t* __restrict__ b, int64_t begin, int64_t end,
                      int32_t lo, int32_t hi, std::vector<int32_t>& cand) {
+  alignas(64) int32_t u[kScanBlock], in[kScanBlock];
   int64_t above = 0;
-  int64_t i = begin;
-  for (; i + kScanGroup <= end; i += kScanGroup) {
-    int32_t u[kScanGroup];
+  for (int64_t i = begin; i < end; i += kScanBlock) {
+    const int len = static_cast<int>(std::min<int64_t>(kScanBlock, end - i));
+    magnitude_bits<scalar_t, HAS_BASE>(x + i, HAS_BASE ? b + i : nullptr, len, u);
     int32_t n_above = 0, n_in = 0;
-    for (int j = 0; j < kScanGroup; ++j) {
-      const float v = HAS_BASE ? to_f32(x[i + j]) - to_f32(b[i + j]) : to_f32(x[i + j]);
-      u[j] = static_cast<int32_t>(float_bits(std::fabs(v)));
+    for (int j = 0; j < len; ++j) {
       n_above += u[j] > hi;
       n_in += (u[j] >= lo) & (u[j] <= hi);
     }
     above += n_above;
-    if (n_in) {  // rare when the bracket is tight: the only branch, once per group
-      for (int j = 0; j < kScanGroup; ++j) {
-        if (u[j] >= lo && u[j] <= hi) cand.push_back(u[j]);
+    if (n_in) {
+      int m = 0;
+      for (int j = 0; j < len; ++j) {  // store every value, advance past the ones inside: no branch
+        in[m] = u[j];
+        m += (u[j] >= lo) & (u[j] <= hi);
       }
+      cand.insert(cand.end(), in, in + m);
     }
-  }
-  for (; i < end; ++i) {
-    const float v = HAS_BASE ? to_f32(x[i]) - to_f32(b[i]) : to_f32(x[i]);
-    const int32_t u = static_cast<int32_t>(float_bits(std::fabs(v)));
-    above += u > hi;
-    if (u >= lo && u <= hi) cand.push_back(u);
   }
   return above;
 }
 
 // Radix-select histogram of one chunk: counts digit `shift` of the magnitudes whose higher bits equal
-// `prefix` (the fallback when a sampled bracket misses, e.g. on heavily tied data).
+// `prefix` (the fallback when a sampled bracket misses, e.g. on heavily tied data). Four interleaved
+// sub-histograms: tied data hits a few bins, and one histogram would serialise on their store-to-load chains.
 template <typename scalar_t, bool HAS_BASE>
 void radix_histogram(const scalar_t* __restrict__ x, const scalar_t* __restrict__ b, int64_t begin, int64_t end,
                      uint32_t* h, int shift, uint32_t dmask, int fixed_shift, uint32_t prefix) {
-  for (int64_t i = begin; i < end; ++i) {
-    const float v = HAS_BASE ? to_f32(x[i]) - to_f32(b[i]) : to_f32(x[i]);
-    const uint32_t u = float_bits(std::fabs(v));
-    if (fixed_shift == 32 || (u >> fixed_shift) == (prefix >> fixed_shift)) ++h[(u >> shift) & dmask];
+  alignas(64) int32_t u[kScanBlock];
+  std::vector<uint32_t> sub(4 * static_cast<size_t>(dmask + 1), 0u);
+  uint32_t* h4[4] = {sub.data(), sub.data() + (dmask + 1), sub.data() + 2 * (dmask + 1), sub.data() + 3 * (dmask + 1)};
+  for (int64_t i = begin; i < end; i += kScanBlock) {
+    const int len = static_cast<int>(std::min<int64_t>(kScanBlock, end - i));
+    magnitude_bits<scalar_t, HAS_BASE>(x + i, HAS_BASE ? b + i : nullptr, len, u);
+    for (int j = 0; j < len; ++j) {
+      const auto w = static_cast<uint32_t>(u[j]);
+      if (fixed_shift == 32 || (w >> fixed_shift) == (prefix >> fixed_shift)) ++h4[j & 3][(w >> shift) & dmask];
+    }
   }
+  for (uint32_t d = 0; d <= dmask; ++d) h[d] += h4[0][d] + h4[1][d] + h4[2][d] + h4[3][d];
 }
 
 // ---- merge: per block of kBlock elements, the K tasks in order, accumulating in fp32 ---------------------
@@ -78,21 +92,22 @@ void accumulate(const scalar_t* __restrict__ x, int len, uint32_t start, const f
   for (int i = 0; i < len; ++i) {
     float t = to_f32(x[i]);
     if constexpr (METHOD != merge::kLinear && HAS_BASE) t -= bval[i];
-    if constexpr (METHOD == merge::kTies) t = std::fabs(t) >= th ? t : 0.0f;
+    if constexpr (METHOD == merge::kTies) t = keep_if(std::fabs(t) >= th, t);
     if constexpr (kDare) {
       // merge::dare_keep, spelled out so it stays in vector lanes: (h >> 8) < 2^24 fits int32.
       uint32_t h = merge::fmix32((start + static_cast<uint32_t>(i)) ^ key);
       h = merge::fmix32(h + key);
-      t = static_cast<int32_t>(h >> 8) < keep24 ? t * sc : 0.0f;
+      t = keep_if(static_cast<int32_t>(h >> 8) < keep24, t * sc);
     }
     if constexpr (!kTiesLike) {
       const float term = w * t;
       tot[i] = FIRST ? term : tot[i] + term;
     } else {
-      const float cp = t > 0.0f ? 1.0f : 0.0f, cq = t < 0.0f ? 1.0f : 0.0f;
+      const bool gp = t > 0.0f, gn = t < 0.0f;
+      const float cp = keep_if(gp, 1.0f), cq = keep_if(gn, 1.0f);
       const float v = COUNT ? cp - cq : t;
       const float wt = w * t;
-      const float p = t > 0.0f ? wt : 0.0f, q = t < 0.0f ? wt : 0.0f;
+      const float p = keep_if(gp, wt), q = keep_if(gn, wt);
       vote[i] = FIRST ? v : vote[i] + v;
       pos[i] = FIRST ? p : pos[i] + p;
       neg[i] = FIRST ? q : neg[i] + q;
@@ -135,8 +150,10 @@ void merge_blocks(const MergeArgs& a, const scalar_t* const* xs, const scalar_t*
         } else {
           float m;
           if constexpr (kTiesLike) {
-            const float mp = pos[i] / std::max(cpos[i], 1.0f), mn = neg[i] / std::max(cneg[i], 1.0f);
-            m = vote[i] >= 0.0f ? mp : mn;
+            // std::max(c, 1.0f) is c < 1 ? 1 : c
+            const float mp = pos[i] / select(cpos[i] < 1.0f, 1.0f, cpos[i]);
+            const float mn = neg[i] / select(cneg[i] < 1.0f, 1.0f, cneg[i]);
+            m = select(vote[i] >= 0.0f, mp, mn);
           } else {
             m = tot[i];
           }
@@ -189,6 +206,7 @@ float kth_largest(const scalar_t* x, const scalar_t* b, int64_t n, int64_t k) {
     return static_cast<int32_t>(float_bits(std::fabs(v)));
   };
   int32_t lo = 0, hi = std::numeric_limits<int32_t>::max();
+  bool predict_overflow = false;
   if (n > 4 * kSample) {  // smaller tensors: every element is a candidate
     std::vector<int32_t> s(kSample);
     for (int64_t j = 0; j < kSample; ++j) s[j] = mag(j * n / kSample);
@@ -199,14 +217,18 @@ float kth_largest(const scalar_t* x, const scalar_t* b, int64_t n, int64_t k) {
     const auto hi_pos = static_cast<int64_t>(std::floor(c - m)), lo_pos = static_cast<int64_t>(std::ceil(c + m));
     if (hi_pos >= 0) hi = s[hi_pos];
     if (lo_pos < kSample) lo = s[lo_pos];
+    // Heavily tied data (bf16 task vectors take few distinct values) puts many elements inside the bracket:
+    // when the sample says the collecting pass would overflow, skip it and go straight to radix select.
+    const auto inside = std::count_if(s.begin(), s.end(), [&](int32_t v) { return v >= lo && v <= hi; });
+    predict_overflow = inside * 16 > kSample;  // more than 1/16 inside; the pass gives up at 1/8
   }
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t cap = n / 8 + kChunk;  // collected values kept at most (4 bytes each)
   std::vector<std::vector<int32_t>> cand(chunks);
   std::vector<int64_t> above(chunks, 0);
   std::atomic<int64_t> collected{0};
-  std::atomic<bool> overflow{false};
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  std::atomic<bool> overflow{predict_overflow};
+  if (!predict_overflow) at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       if (overflow.load(std::memory_order_relaxed)) return;
       above[c] = scan_bracket<scalar_t, HAS_BASE>(x, b, c * kChunk, std::min(n, (c + 1) * kChunk), lo, hi, cand[c]);
