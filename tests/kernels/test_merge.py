@@ -188,6 +188,20 @@ def test_cpu_threshold_large_paths_exact(monkeypatch, isa, dtype, data, with_bas
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="no C++ kernels")
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_threshold_when_the_sample_misses(monkeypatch, isa):
+    # Large values exactly where the kernel samples (stride n / 2^14), zeros elsewhere: the sampled bracket
+    # misses the k-th value, and radix select must still find it.
+    _set_isa(monkeypatch, isa)
+    n, S = 300_001, 1 << 14
+    x = torch.zeros(n)
+    x[torch.arange(S) * n // S] = torch.arange(1, S + 1, dtype=torch.float32)
+    for dens in (0.2, 0.01, 0.05):
+        got = M.magnitude_threshold([x, -x], None, density=dens, backend="cpu")
+        assert torch.equal(got, R.magnitude_threshold([x, -x], None, [int(dens * n)] * 2)), dens
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no C++ kernels")
 def test_cpu_isa_paths_agree_with_each_other(monkeypatch):
     tensors, base = make_case((5, 4099), 4, torch.bfloat16, seed=11)
     outs = []
