@@ -128,6 +128,89 @@ def test_edge_cases(backend):
     )
 
 
+# ---- the CPU kernel's paths: baseline vs AVX2 build, sampled bracket vs radix fallback -----------------
+
+CPU_ISAS = ["default", "baseline"]  # MMT_CPU_ISA=baseline forces the non-AVX2 build of merge_loops.h
+
+
+def _set_isa(monkeypatch, isa):
+    if isa == "baseline":
+        monkeypatch.setenv("MMT_CPU_ISA", "baseline")
+    else:
+        monkeypatch.delenv("MMT_CPU_ISA", raising=False)
+
+
+def _bits(t):
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no C++ kernels")
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 7, 255, 257, 513, 70001])  # around the 256/512 blocks and vector widths
+@pytest.mark.parametrize("method", R.METHODS)
+def test_cpu_isa_paths_match_reference_bitwise(monkeypatch, isa, dtype, n, method):
+    _set_isa(monkeypatch, isa)
+    tensors, base = make_case((n,), 3, dtype, seed=n + 1)
+    kw = {"density": 0.3, "weights": [0.5, 1.0, 1.5], "seed": 7}
+    if method == "linear":
+        kw.pop("density")
+    got = M.merge(tensors, base, method=method, backend="cpu", **kw)
+    want = M.merge(tensors, base, method=method, backend="reference", **kw)
+    assert torch.equal(_bits(got), _bits(want))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no C++ kernels")
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("data", ["smooth", "tied", "zeros"])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_cpu_threshold_large_paths_exact(monkeypatch, isa, dtype, data, with_base):
+    # n > 4 * 2^14: the kernel samples a bracket; tied bf16 deltas make it skip to radix select, and all-zero
+    # tasks put every element in one bin. Several densities, including the extremes.
+    _set_isa(monkeypatch, isa)
+    n = 300_001
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(n, generator=g).to(dtype)
+    if data == "smooth":
+        xs = [(base.float() + torch.randn(n, generator=g) * 0.01).to(dtype) for _ in range(3)]
+    elif data == "tied":
+        xs = [(base.float() + torch.randint(-3, 4, (n,), generator=g) / 64).to(dtype) for _ in range(3)]
+    else:
+        xs = [base.clone() for _ in range(3)]
+    b = base if with_base else None
+    for dens in ([0.2, 0.013, 0.9], [1.0 / n, 1.0, 0.5]):
+        ks = [int(d * n) for d in dens]
+        got = M.magnitude_threshold(xs, b, density=dens, backend="cpu")
+        assert torch.equal(got, R.magnitude_threshold(xs, b, ks)), (data, dens)
+    got = M.merge(xs, b, method="ties", density=0.2, backend="cpu")
+    assert torch.equal(_bits(got), _bits(M.merge(xs, b, method="ties", density=0.2, backend="reference")))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no C++ kernels")
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_threshold_when_the_sample_misses(monkeypatch, isa):
+    # Large values exactly where the kernel samples (stride n / 2^14), zeros elsewhere: the sampled bracket
+    # misses the k-th value, and radix select must still find it.
+    _set_isa(monkeypatch, isa)
+    n, S = 300_001, 1 << 14
+    x = torch.zeros(n)
+    x[torch.arange(S) * n // S] = torch.arange(1, S + 1, dtype=torch.float32)
+    for dens in (0.2, 0.01, 0.05):
+        got = M.magnitude_threshold([x, -x], None, density=dens, backend="cpu")
+        assert torch.equal(got, R.magnitude_threshold([x, -x], None, [int(dens * n)] * 2)), dens
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="no C++ kernels")
+def test_cpu_isa_paths_agree_with_each_other(monkeypatch):
+    tensors, base = make_case((5, 4099), 4, torch.bfloat16, seed=11)
+    outs = []
+    for isa in CPU_ISAS:
+        _set_isa(monkeypatch, isa)
+        outs.append(M.merge(tensors, base, method="dare_ties", density=0.4, seed=3, backend="cpu"))
+    assert torch.equal(_bits(outs[0]), _bits(outs[1]))
+
+
 # ---- the reference is the published definition (as implemented in peft) -----------------------------
 
 peft_mu = pytest.importorskip("peft.utils.merge_utils")
