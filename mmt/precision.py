@@ -16,8 +16,10 @@ import contextlib
 import functools
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # mmt.config reads PRECISIONS, and reading a config must not import torch
+    import torch
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 AUTO_ENV = "MMT_AUTO_PRECISION"
@@ -39,6 +41,8 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve(precision: str, device: torch.device | str = "cpu") -> str:
     """``precision`` with ``auto`` replaced by ``bf16`` or ``no`` for ``device``."""
+    import torch
+
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
@@ -59,6 +63,8 @@ def resolve(precision: str, device: torch.device | str = "cpu") -> str:
 def autocast(precision: str, model: torch.nn.Module):
     """The autocast context that runs ``model``'s fp32 maths in ``precision`` (a no-op for ``no``, and for a
     model whose weights are already in half precision)."""
+    import torch
+
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     chosen = resolve(precision, device)

@@ -274,7 +274,19 @@ def test_cell(matrix, family, variant):
     assert result == "pass", f"{family} x {variant}: {result}"
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process and refuses another mixed precision once it exists (a
+    fresh `mmt train` process never meets this); this test needs bf16 after other tests ran with fp32."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
 @pytest.mark.parametrize("family", ["gemma3", "bloom"])
+@pytest.mark.usefixtures("fresh_accelerator_state")
 def test_every_method_trains_under_bf16_autocast(family_data, tok, tmp_path, monkeypatch, family):
     """`auto` precision is bf16 on bf16 CPUs, so every method must train under bf16 autocast: finite losses,
     and the weights it trains (fp32 masters) move."""
