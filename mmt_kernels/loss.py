@@ -266,9 +266,11 @@ def linear_cross_entropy(
         raise TypeError(
             f"linear_cross_entropy: hidden is {hidden.dtype}, weight {weight.dtype} (outside autocast they must match)"
         )
-    # a trained weight takes a [V, H] update per chunk: larger chunks, fewer passes over dW
-    budget = (256 << 20) if weight.requires_grad and torch.is_grad_enabled() else (64 << 20)
-    chunk = int(chunk_rows or default_chunk_rows(weight.shape[0], hidden.dtype, budget))
+    # 512 MiB of logits per chunk (512 rows at a 262k vocabulary in fp32): each chunk's two products read the
+    # whole [V, H] weight (and a trained one takes a [V, H] update), so rows per chunk set the products' arithmetic
+    # intensity; 64 rows left the fp32 loss 1.5x slower than the unfused one on CPU, 512 rows match it (256: 1.04x),
+    # at 16.5% of the unfused loss's peak memory at 2048 x 262144 (bench/results/cpu-x86_64-2cores-fused-loss.md)
+    chunk = int(chunk_rows or default_chunk_rows(weight.shape[0], hidden.dtype, 512 << 20))
     if chunk < 1:
         raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk}")
     with torch.autocast(device_type, enabled=False):

@@ -14,12 +14,14 @@ namespace mmt {
 namespace {
 
 // exp(x) for x <= 88.7 to ~2 ulp: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2]; x below -87.3 flushes to 0.
+// Branch-free so that GCC vectorises the loops that call it: clamping with min/max, rounding to the nearest
+// integer with the 1.5 * 2^23 trick (std::floor is a libm call or a control-flow path without SSE4.1 and
+// -ffast-math, and either stopped the vectoriser: the loops below ran one float at a time until 2026-12).
 inline float vexp(float x) {
   const float lo = -87.3f, hi = 88.7f;
-  const bool under = x < lo;
-  x = x < lo ? lo : (x > hi ? hi : x);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  const float xc = std::min(std::max(x, lo), hi);
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -30,7 +32,7 @@ inline float vexp(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(float));
-  return under ? 0.0f : p * scale;
+  return p * scale * static_cast<float>(x >= lo);  // a multiply, not a select: AVX2 vectorises it too
 }
 
 inline float vtanh(float y) { return 1.0f - 2.0f / (vexp(2.0f * y) + 1.0f); }
@@ -41,18 +43,48 @@ inline float capped(T v, float cap) {
   return cap > 0.0f ? cap * vtanh(x / cap) : x;
 }
 
+// The row loops are written once per case (capped or not) with the cap test outside: a test inside the loop
+// body is control flow the vectoriser refuses.
 template <typename T>
 __attribute__((target_clones("avx512f", "avx2", "default")))
-float row_lse(const T* z, int64_t V, float cap) {
+float row_max(const T* z, int64_t V, float cap) {
   float m = -INFINITY;
+  if (cap > 0.0f) {
 #pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < V; ++j) m = std::max(m, capped(z[j], cap));
-  if (m == -INFINITY) return m;
-  // the sum of V terms is kept in double: an fp32 running sum over a 262k vocabulary drifts by many ulps
+    for (int64_t j = 0; j < V; ++j) m = std::max(m, cap * vtanh(static_cast<float>(z[j]) / cap));
+  } else {
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < V; ++j) m = std::max(m, static_cast<float>(z[j]));
+  }
+  return m;
+}
+
+// sum_j exp(z_j - m): fp32 lanes over blocks of 2048 entries, blocks added in double (an fp32 running sum over
+// a 262k vocabulary drifts by many ulps; 2048 terms spread over the vector lanes do not).
+template <typename T>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+double row_sumexp(const T* z, int64_t V, float m, float cap) {
   double s = 0.0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < V; ++j) s += static_cast<double>(vexp(capped(z[j], cap) - m));
-  return m + static_cast<float>(std::log(s));
+  for (int64_t j0 = 0; j0 < V; j0 += 2048) {
+    const int64_t j1 = std::min(V, j0 + 2048);
+    float b = 0.0f;
+    if (cap > 0.0f) {
+#pragma omp simd reduction(+ : b)
+      for (int64_t j = j0; j < j1; ++j) b += vexp(cap * vtanh(static_cast<float>(z[j]) / cap) - m);
+    } else {
+#pragma omp simd reduction(+ : b)
+      for (int64_t j = j0; j < j1; ++j) b += vexp(static_cast<float>(z[j]) - m);
+    }
+    s += static_cast<double>(b);
+  }
+  return s;
+}
+
+template <typename T>
+float row_lse(const T* z, int64_t V, float cap) {
+  const float m = row_max(z, V, cap);
+  if (m == -INFINITY) return m;
+  return m + static_cast<float>(std::log(row_sumexp(z, V, m, cap)));
 }
 
 template <typename T>

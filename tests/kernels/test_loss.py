@@ -91,6 +91,25 @@ def test_extreme_logits_stay_finite(backend):
     torch.testing.assert_close(loss.double(), g_loss, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_exp_over_the_whole_range(backend):
+    """The gradient of a row with lse = 0 is exp(z): the vectorised exp of the C++ kernel (rounding by the
+    1.5 * 2^23 trick, clamping by min/max) against fp64 exp from -87 to 80, at most the smallest normal float
+    below -87.3 (the C++ kernel flushes to 0), at a length that is no multiple of any vector width."""
+    z = torch.linspace(-87.0, 80.0, 16 * 2048 + 13, dtype=torch.float64).float()
+    low = torch.tensor([-1e4, -100.0, -87.5, float("-inf")])
+    row = torch.cat([z, low])[None].contiguous()
+    target = torch.tensor([IGN + 1])  # a live row; its target column gets exp(z) - 1
+    target[0] = 5
+    out = row.clone()
+    mmt_kernels.cross_entropy_grad_(out, target, torch.zeros(1), torch.ones(1), backend=backend)
+    want = row.double().exp()
+    want[0, 5] -= 1.0
+    live = torch.arange(row.shape[1]) < z.numel()
+    torch.testing.assert_close(out[0, live].double(), want[0, live], rtol=4e-7, atol=0.0)
+    assert (out[0, ~live] >= 0).all() and (out[0, ~live] <= torch.finfo(torch.float32).tiny).all()
+
+
 def _lce_case(N, H, V, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, H, generator=gen).to(dtype)
