@@ -38,7 +38,7 @@ from mmt.data import (
 )
 from mmt.data.prompts import CHAT_USER_TEMPLATE, PromptBuilder
 from mmt.errors import CheckpointError, ConfigError, require
-from mmt.precision import resolve as resolve_precision
+from mmt.precision import autocast, resolve_for
 from mmt.scorers import describe as describe_scorers
 from mmt.scorers import scorer_status
 
@@ -123,7 +123,6 @@ def generate(
     ``direction``: (src, tgt) to route a direction-dependent model for (CAR); set before generating.
     ``precision``: the maths of an fp32 model (``auto``: bf16 where native, see :mod:`mmt.precision`)."""
     from mmt.arch import set_direction
-    from mmt.precision import autocast
 
     if direction is not None:
         set_direction(model, *direction)
@@ -418,7 +417,7 @@ def evaluate(
         "shots": k,
         "num_beams": eval_cfg.num_beams,
         "max_new_tokens": eval_cfg.max_new_tokens,
-        "precision": resolve_precision(eval_cfg.precision, _device_of(model)),
+        "precision": resolve_for(eval_cfg.precision, model),
         "test_set": str(test_folder),
         "first_line": eval_cfg.first_line,
         "max_sentences": eval_cfg.max_sentences,
@@ -426,11 +425,6 @@ def evaluate(
         "seen_directions": None if seen is None else sorted(_norm_direction(d) for d in seen),
     }
     return EvalReport(label=label, results=results, hypotheses=hyps_all, settings=settings)
-
-
-def _device_of(model) -> torch.device:
-    param = next(model.parameters(), None) if hasattr(model, "parameters") else None
-    return param.device if param is not None else torch.device("cpu")
 
 
 def _norm_direction(d: str) -> str:

@@ -60,14 +60,19 @@ def resolve(precision: str, device: torch.device | str = "cpu") -> str:
     return "no"
 
 
+def resolve_for(precision: str, model) -> str:
+    """``precision`` resolved for the device of ``model``'s parameters (the CPU for a model without any)."""
+    param = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    return resolve(precision, param.device if param is not None else "cpu")
+
+
 def autocast(precision: str, model: torch.nn.Module):
     """The autocast context that runs ``model``'s fp32 maths in ``precision`` (a no-op for ``no``, and for a
     model whose weights are already in half precision)."""
     import torch
 
+    chosen = resolve_for(precision, model)
     param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    chosen = resolve(precision, device)
     if chosen == "no" or param is None or param.dtype != torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if chosen == "bf16" else torch.float16)
+    return torch.autocast(param.device.type, dtype=torch.bfloat16 if chosen == "bf16" else torch.float16)

@@ -21,6 +21,7 @@ import yaml
 
 from mmt import languages as L
 from mmt.errors import ConfigError, DataError, ModelLoadError
+from mmt.precision import PRECISIONS
 
 GATE_MANIFEST = "directional.json"
 
@@ -235,7 +236,7 @@ receiving <src>-<tgt>.txt per direction."""
     p.add_argument(
         "--precision",
         default="auto",
-        choices=["auto", "no", "bf16", "fp16"],
+        choices=PRECISIONS,
         help="maths of an fp32 model: auto = bf16 autocast where the device has native bf16 (default), no = fp32",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

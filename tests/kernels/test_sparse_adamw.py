@@ -351,13 +351,16 @@ def test_multi_equals_single_tensor_calls(backend):
 
 
 @pytest.mark.skipif("cpu" not in MULTI_BACKENDS, reason="mmt_kernels._C not built")
-def test_multi_opcheck_cpu():
+@pytest.mark.parametrize("compact_grad", [False, True])
+def test_multi_opcheck_cpu(compact_grad):
     ps = [torch.randn(9, 5), torch.randn(4, 6)]
+    # dense gradients have the params' shapes; compact ones one row per selected neuron ([K, C], columns transposed)
+    grads = [torch.randn(3, 5), torch.randn(2, 4)] if compact_grad else [torch.randn(9, 5), torch.randn(4, 6)]
     args = (
         ps,
         [torch.zeros(5, 5), torch.zeros(4, 6)],
         [torch.zeros(5, 5), torch.zeros(4, 6)],
-        [torch.randn(9, 5), torch.randn(4, 6)],
+        grads,
         [torch.tensor([0, 4, 8]), torch.tensor([1, 5])],
         [torch.tensor([4, 0, 2]), torch.tensor([0, 1])],
         [torch.rand(3), None],
@@ -370,6 +373,7 @@ def test_multi_opcheck_cpu():
         1,
         [0, 1],
         True,
+        compact_grad,
     )
     torch.library.opcheck(torch.ops.mmt.sparse_adamw_multi_.default, args)
 
@@ -477,30 +481,6 @@ def test_multi_compact_grad_equals_dense_grad(backend):
         results.append(ps + ms + vs)
     for a, b in zip(*results):
         assert torch.equal(a, b)
-
-
-@pytest.mark.skipif("cpu" not in MULTI_BACKENDS, reason="mmt_kernels._C not built")
-def test_multi_compact_grad_opcheck_cpu():
-    args = (
-        [torch.randn(9, 5), torch.randn(4, 6)],
-        [torch.zeros(5, 5), torch.zeros(4, 6)],
-        [torch.zeros(5, 5), torch.zeros(4, 6)],
-        [torch.randn(3, 5), torch.randn(2, 4)],
-        [torch.tensor([0, 4, 8]), torch.tensor([1, 5])],
-        [torch.tensor([4, 0, 2]), torch.tensor([0, 1])],
-        [torch.rand(3), None],
-        [torch.tensor([1, 2, 3]), None],
-        1e-3,
-        0.9,
-        0.999,
-        1e-8,
-        0.01,
-        1,
-        [0, 1],
-        True,
-        True,
-    )
-    torch.library.opcheck(torch.ops.mmt.sparse_adamw_multi_.default, args)
 
 
 def test_multi_compact_grad_bad_input():
