@@ -12,8 +12,10 @@ import json
 import math
 import mmap
 import os
+import queue
 import shutil
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -194,10 +196,20 @@ class StreamingWriter:
     """Writes a sharded safetensors checkpoint whose layout is planned up front.
 
     The header of each shard (names, dtypes, shapes, offsets) is known before merging, so every
-    tensor is written at its offset as soon as it is computed and then dropped.
+    tensor is written at its offset as soon as it is computed and then dropped. The writes, and the
+    fsync of each shard once its last tensor is in, run on a background thread, overlapped with merging
+    the next tensors; at most ``max_pending`` tensors wait for it (they are what the overlap costs in memory).
+    An error on that thread is raised by the next ``write`` or by ``close``.
     """
 
-    def __init__(self, out_dir: Path, plan: list[TensorPlan], shard_bytes: int, weights_name: str = "model"):
+    def __init__(
+        self,
+        out_dir: Path,
+        plan: list[TensorPlan],
+        shard_bytes: int,
+        weights_name: str = "model",
+        max_pending: int = 2,
+    ):
         self.dir = out_dir
         self.weights_name = weights_name
         shards: list[list[TensorPlan]] = [[]]
@@ -242,25 +254,65 @@ class StreamingWriter:
             self.total_bytes += offset
         self.expected = {name: (dtype, shape) for name, dtype, shape in plan}
         self.written: set[str] = set()
+        self._left = [len(items) for items in shards]  # tensors still to come, per shard
+        self._pending: queue.Queue = queue.Queue(maxsize=max(1, max_pending))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="mmt-merge-writer", daemon=True)
+        self._thread.start()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         dtype, shape = self.expected[name]
         assert tensor.dtype == dtype and tuple(tensor.shape) == shape, (
             f"{name} planned as {dtype}{list(shape)}, got {tensor.dtype}{list(tensor.shape)}"
         )
-        shard, offset = self.where[name]
-        f = self.handles[shard]
-        f.seek(offset)
-        t = tensor.detach().contiguous().cpu()
-        if t.numel():
-            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        assert name not in self.written, f"{name} written twice"
+        self._raise_pending_error()
+        self._pending.put((name, tensor.detach().contiguous().cpu()))
         self.written.add(name)
 
-    def close(self) -> None:
+    def _drain(self) -> None:
+        while (item := self._pending.get()) is not None:
+            if self._error is not None:
+                continue  # keep taking items so that write() never blocks on a dead writer
+            name, t = item
+            try:
+                shard, offset = self.where[name]
+                f = self.handles[shard]
+                f.seek(offset)
+                if t.numel():
+                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                self._left[shard] -= 1
+                if self._left[shard] == 0:  # the shard is complete: make it durable now, not at the end
+                    f.flush()
+                    os.fsync(f.fileno())
+                    f.close()
+            except BaseException as exc:  # re-raised on the caller's thread
+                self._error = exc
+
+    def _raise_pending_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._pending.put(None)
+            self._thread.join()
+
+    def abort(self) -> None:
+        """Stop the writer thread and close every file (the caller removes the directory)."""
+        self._stop()
         for f in self.handles:
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
+            if not f.closed:
+                f.close()
+
+    def close(self) -> None:
+        self._stop()
+        self._raise_pending_error()
+        for f in self.handles:  # shards left open had no tensors (an empty shard cannot be planned, but be safe)
+            if not f.closed:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
         missing = set(self.expected) - self.written
         assert not missing, f"tensors never written: {sorted(missing)[:5]}"
         if len(self.names) > 1:

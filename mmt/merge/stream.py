@@ -49,6 +49,7 @@ def merge_checkpoints(cfg: MergeConfig, progress: bool = True) -> MergeReport:
     compute = NAMED_DTYPES[cfg.dtype] if cfg.dtype else None
     device = torch.device(cfg.device)
     backend = None if cfg.backend == "auto" else cfg.backend
+    writer = None
     try:
         writer = StreamingWriter(tmp, plan, parse_size(cfg.shard_size))
         bar = tqdm(plan, desc=f"merge ({cfg.method}, K={len(models)})", unit="tensor", disable=not progress)
@@ -99,6 +100,8 @@ def merge_checkpoints(cfg: MergeConfig, progress: bool = True) -> MergeReport:
         write_card_and_config(tmp, cfg, report)
         write_report_and_commit(tmp, output, cfg.to_dict(), report)
     except BaseException:
+        if writer is not None:
+            writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report

@@ -135,6 +135,33 @@ def test_failed_merge_leaves_no_output(ckpts, tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".out.tmp-*"))
 
 
+def test_write_error_on_the_writer_thread_fails_the_merge(ckpts, tmp_path, monkeypatch):
+    """Shards are written on a background thread: a full disk there must fail the merge, not be lost."""
+    from mmt.merge import io as merge_io
+
+    real_drain = merge_io.StreamingWriter._drain
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, attr):
+            return getattr(self.f, attr)
+
+    def drain_on_full_disk(self):
+        self.handles = [FullDisk(f) for f in self.handles]
+        real_drain(self)
+
+    monkeypatch.setattr(merge_io.StreamingWriter, "_drain", drain_on_full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        mm.merge_checkpoints(_cfg(ckpts, tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
 def test_killed_merge_leaves_no_complete_looking_output(ckpts, tmp_path):
     out = tmp_path / "out"
     cfg = json.dumps(

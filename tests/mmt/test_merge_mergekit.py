@@ -1,4 +1,5 @@
-"""``tie_break: exact_k`` against mergekit itself, when mergekit is installed (here, or in MMT_MERGEKIT_PATH)."""
+"""mmt merge against mergekit itself, when mergekit is installed (here, or in MMT_MERGEKIT_PATH): the same mergekit
+YAML run by both tools gives the same bf16 checkpoint (``tie_break: exact_k`` for the magnitude cut-offs)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from mmt import merge as mm
-
-try:
-    from mmt.testing import tiny_model
-except ImportError:
-    from mmt.testing import tiny_model
+from mmt.testing import tiny_model
 
 
 def _mergekit_env() -> dict[str, str] | None:
@@ -84,3 +81,79 @@ def test_exact_k_equals_mergekit_ties_bit_for_bit(tmp_path):
     for name, w in want.items():
         assert torch.equal(exact[name].view(torch.int16), w.view(torch.int16)), name
     assert any(not torch.equal(thr[n], w) for n, w in want.items())  # the default keeps the ties, and differs
+
+
+def _bf16_models(root: Path, n: int) -> list[str]:
+    paths = []
+    for i in range(n):
+        m = tiny_model("llama", vocab=256, hidden=64, layers=2, intermediate=128)
+        if i:
+            g = torch.Generator().manual_seed(i)
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.01)
+        m.to(torch.bfloat16).save_pretrained(root / f"m{i}", safe_serialization=True)
+        paths.append(str(root / f"m{i}"))
+    return paths
+
+
+def _run_mergekit(env, cfg: dict, root: Path, name: str) -> dict[str, torch.Tensor]:
+    src = root / f"{name}.yml"
+    src.write_text(yaml.safe_dump(cfg))
+    subprocess.run(
+        [sys.executable, "-m", "mergekit.scripts.run_yaml", str(src), str(root / f"mk_{name}"), "--no-copy-tokenizer"],
+        env=env,
+        check=True,
+        timeout=600,
+        capture_output=True,
+    )
+    return _state(root / f"mk_{name}")
+
+
+def _ulp_bf16(x: torch.Tensor) -> torch.Tensor:
+    """One bf16 unit in the last place at each value of x."""
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float32), torch.frexp(x.float()).exponent - 8)
+
+
+# (method, per-model parameters, extra top-level keys, at most 1 bf16 ulp apart instead of bit-identical)
+_METHODS = [
+    ("task_arithmetic", {"weight": 0.5}, {}, False),
+    ("ties", {"weight": 1.0, "density": 0.3}, {}, False),
+    ("breadcrumbs", {"weight": 1.0, "density": 0.7, "gamma": 0.05}, {}, False),
+    ("breadcrumbs_ties", {"weight": 1.0, "density": 0.7, "gamma": 0.05}, {}, False),
+    ("model_stock", None, {}, False),
+    ("linear", "weights", {}, True),  # fp32 sums in another order: a few elements round to the neighbouring bf16
+    ("slerp", "slerp", {"parameters": {"t": 0.3}}, True),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,params,extra,one_ulp", _METHODS, ids=[m[0] for m in _METHODS])
+def test_mergekit_yaml_gives_mergekits_checkpoint(tmp_path, method, params, extra, one_ulp):
+    env = _mergekit_env()
+    if env is None:
+        pytest.skip("mergekit is not installed (set MMT_MERGEKIT_PATH to a folder holding it)")
+    paths = _bf16_models(tmp_path, 4)
+    if params == "weights":  # linear: no base, unequal weights
+        cfg = {"models": [{"model": p, "parameters": {"weight": w}} for p, w in zip(paths[1:], (1.0, 0.5, 0.25))]}
+    elif params == "slerp":
+        cfg = {"base_model": paths[0], "models": [{"model": paths[0]}, {"model": paths[1]}]}
+    else:
+        models = [{"model": p, **({"parameters": params} if params else {})} for p in paths[1:]]
+        cfg = {"base_model": paths[0], "models": models}
+    cfg = {"merge_method": method, **cfg, **extra, "dtype": "float32", "out_dtype": "bfloat16"}
+    want = _run_mergekit(env, cfg, tmp_path, method)
+    mm.run_merge(
+        mm.load_merge_config(tmp_path / f"{method}.yml", ["tie_break=exact_k", f"output={tmp_path / 'mmt'}"]),
+        progress=False,
+    )
+    got = _state(tmp_path / "mmt")
+    assert want.keys() <= got.keys()
+    for name, w in want.items():
+        assert got[name].dtype == w.dtype == torch.bfloat16, name
+        if not one_ulp:
+            assert torch.equal(got[name].view(torch.int16), w.view(torch.int16)), name
+        else:
+            gap = (got[name].float() - w.float()).abs()
+            assert bool((gap <= _ulp_bf16(w)).all()), f"{name}: {float(gap.max())}"
+            assert float((gap > 0).float().mean()) < 0.01, name  # rounding, not another formula
