@@ -15,6 +15,11 @@ has less free memory than it needs. ``MMT_BENCH_MERGEKIT_SCALE=small`` uses 6 la
 
 A second, small case checks fidelity: mergekit's fp32 TIES against ``mmt merge`` with ``tie_break: exact_k``
 (expected: no element differs) and with the default ``tie_break: threshold``.
+
+``MMT_BENCH_MERGEKIT_METHODS=ties,dare_ties,...`` adds a section per shape set with one row per method (K = 4,
+both tools in fp32 maths with bf16 output, the same mergekit YAML): wall time, peak RSS and the share of output
+elements that differ (``tie_break: exact_k``; DARE and DELLA draw their own random masks, so theirs differ by
+design). ``MMT_BENCH_MERGEKIT_CKPTS=DIR`` reuses checkpoints written earlier by ``--write DIR 8 SCALE``.
 """
 
 from __future__ import annotations
@@ -224,19 +229,86 @@ def fidelity(root: Path, mk: str) -> list[str]:
     return lines
 
 
+# mergekit parameters per method for the methods section (K = 4 models over a base)
+_SWEEP_PARAMS = {
+    "ties": {"weight": 1.0, "density": DENSITY},
+    "dare_ties": {"weight": 1.0, "density": DENSITY},
+    "breadcrumbs_ties": {"weight": 1.0, "density": 0.9, "gamma": 0.01},
+    "della": {"weight": 1.0, "density": DENSITY, "epsilon": 0.1},
+    "task_arithmetic": {"weight": 0.5},
+    "model_stock": None,
+}
+_RANDOM_METHODS = ("dare_ties", "dare_linear", "della", "della_linear")
+
+
+def methods_section(root: Path, dirs: list[Path], mk: str, methods: list[str], title: str) -> str:
+    import yaml
+
+    lines = [
+        f"### {title.removeprefix('## ')}: methods, K = 4",
+        "",
+        "Both tools run the same mergekit YAML (fp32 maths, bf16 output); mmt with `tie_break: exact_k`. "
+        f"Load average {os.getloadavg()[0]:.1f} before the first run.",
+        "",
+        "| method | mmt wall s | mmt peak RSS | mergekit wall s | mergekit peak RSS | mergekit / mmt time "
+        "| elements that differ |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method in methods:
+        params = _SWEEP_PARAMS[method]
+        models = [{"model": str(d), **({"parameters": params} if params else {})} for d in dirs[1:]]
+        cfg = {
+            "merge_method": method,
+            "base_model": str(dirs[0]),
+            "models": models,
+            "dtype": "float32",
+            "out_dtype": "bfloat16",
+        }
+        src = root / f"sweep_{method}.yml"
+        src.write_text(yaml.safe_dump(cfg))
+        out_mk, out_mmt = root / f"sweep_mk_{method}", root / f"sweep_mmt_{method}"
+        r_mk = _run("mergekit.scripts.run_yaml", [str(src), str(out_mk), "--no-copy-tokenizer"], env_path=mk or None)
+        r_mmt = _run(
+            "mmt.cli",
+            ["merge", str(src), "--no-progress", "--overwrite", "-o", str(out_mmt), "tie_break=exact_k"],
+        )
+        if r_mk.get("error") or r_mmt.get("error"):
+            lines.append(f"| {method} | {r_mmt.get('error') or ''} | | {r_mk.get('error') or ''} | | | |")
+            continue
+        want, got = _tensors(out_mk), _tensors(out_mmt)
+        n = sum(t.numel() for t in want.values())
+        diff = sum(int((got[k].view(torch.int16) != v.view(torch.int16)).sum()) for k, v in want.items())
+        note = " (own random masks)" if method in _RANDOM_METHODS else ""
+        lines.append(
+            f"| {method} | {r_mmt['wall_s']:.1f} | {r_mmt['rss_mb'] / 1024:.1f} GB | {r_mk['wall_s']:.1f} | "
+            f"{r_mk['rss_mb'] / 1024:.1f} GB | {r_mk['wall_s'] / r_mmt['wall_s']:.1f}x | "
+            f"{100 * diff / n:.3f}%{note} |"
+        )
+        for d in (out_mk, out_mmt):
+            subprocess.run(["rm", "-rf", str(d)], check=False)
+    return "\n".join(lines + [""])
+
+
 def main() -> str:
     mk = mergekit_path()
     small = SCALE == "small"
     rows, notes = [], []
+    sweep = [m for m in os.environ.get("MMT_BENCH_MERGEKIT_METHODS", "").split(",") if m]
+    unknown = sorted(set(sweep) - set(_SWEEP_PARAMS))
+    if unknown:
+        raise SystemExit(f"MMT_BENCH_MERGEKIT_METHODS: unknown {unknown}; known: {sorted(_SWEEP_PARAMS)}")
     with tempfile.TemporaryDirectory(dir=os.environ.get("MMT_BENCH_TMP")) as tmp:
         root = Path(tmp)
-        # Written by a child process, so that this one stays small: a forked child's peak RSS starts at ours.
-        subprocess.run(
-            [sys.executable, __file__, "--write", str(root / "ck"), "8", SCALE],
-            check=True,
-            env=dict(os.environ, PYTHONPATH=str(REPO)),
-        )
-        dirs8 = [root / "ck" / ("base" if m == 0 else f"m{m}") for m in range(9)]
+        ckpts = Path(os.environ["MMT_BENCH_MERGEKIT_CKPTS"]) if os.environ.get("MMT_BENCH_MERGEKIT_CKPTS") else None
+        if ckpts is None:
+            ckpts = root / "ck"
+            # Written by a child process, so that this one stays small: a forked child's peak RSS starts at ours.
+            subprocess.run(
+                [sys.executable, __file__, "--write", str(ckpts), "8", SCALE],
+                check=True,
+                env=dict(os.environ, PYTHONPATH=str(REPO)),
+            )
+        dirs8 = [ckpts / ("base" if m == 0 else f"m{m}") for m in range(9)]
         n_params = sum(math.prod(s) for s in _shapes(dirs8[0]).values())
         for k in (4, 8):
             dirs = dirs8[: k + 1]
@@ -266,11 +338,12 @@ def main() -> str:
                     )
                     continue
                 rows.append((f"K={k}", tool, run_mergekit(root, dirs, root / f"mk_k{k}_{int(fp32)}", fp32, mk)))
+        title = "## Reduced shapes (6 layers, 64k vocabulary)" if small else "## Gemma 3 270M's full shapes"
+        sweep_text = methods_section(root, dirs8[:5], mk, sweep, title) if sweep and mk is not None else ""
         if mk is not None:
             notes += fidelity(root, mk)
         else:
             notes.append("mergekit is not installed here (nor in MMT_MERGEKIT_PATH): only mmt was measured")
-    title = "## Reduced shapes (6 layers, 64k vocabulary)" if small else "## Gemma 3 270M's full shapes"
     lines = [
         title,
         "",
@@ -290,6 +363,8 @@ def main() -> str:
         else:
             lines.append(f"| {case} | {tool} | {r['wall_s']:.1f} | {r['rss_mb'] / 1024:.1f} GB |")
     lines += [""] + [f"- {n}" for n in notes] + [""]
+    if sweep_text:
+        lines += [sweep_text]
     section = "\n".join(lines)
     # One file, one section per shape set: a run replaces its own section and keeps the other.
     sections = {}

@@ -33,7 +33,12 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "eval": ("mmt.cli", "add_eval_args", "run_eval", "score a model on FLORES-style test sets (BLEU, chrF++)"),
     "demo": ("mmt.demo", "add_args", "run_demo", "CPU demo: score Gemma 3 270M, fine-tune with mFTI, score again"),
     "detect": ("mmt.methods.landermt", "add_detect_args", "run_detect", "LANDeRMT: detect language-aware neurons"),
-    "merge": ("mmt.merge", "add_args", "run", "merge fine-tuned checkpoints (linear, TIES, DARE), streaming"),
+    "merge": (
+        "mmt.merge",
+        "add_args",
+        "run",
+        "merge checkpoints or LoRA adapters, streaming: TIES, DARE, DELLA, SLERP, model stock, ... (reads mergekit YAML)",
+    ),
     "analyze": (
         "mmt.analyze",
         "add_args",

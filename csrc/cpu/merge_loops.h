@@ -192,10 +192,76 @@ void merge_all(const MergeArgs& a, const scalar_t* const* xs, const scalar_t* ba
 
 // ---- threshold driver --------------------------------------------------------------------------------------
 
+// Tied data (bf16 task vectors put ~1/8 of all elements inside a sampled bracket): instead of collecting them,
+// one pass counts the magnitudes above the bracket and histograms those inside it, 2^s bit patterns a bin and
+// at most kBracketBins bins. With s = 0 that pass is exact; otherwise the next pass histograms the chosen bin
+// (bf16 ranges fit two passes). Counts are integers, summed per thread: the result is the same for any thread
+// count. Returns false when the k-th value lies outside [lo, hi] (the caller falls back to radix select).
+constexpr int kBracketBinsLog2 = 18;
+
+template <typename scalar_t, bool HAS_BASE>
+bool bracket_histogram_select(const scalar_t* x, const scalar_t* b, int64_t n, int64_t k, int32_t lo, int32_t hi,
+                              float* result) {
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  while (true) {
+    const auto range = static_cast<uint64_t>(static_cast<int64_t>(hi) - lo) + 1;  // bit patterns in [lo, hi]
+    int s = 0;
+    while (((range - 1) >> s) >= (uint64_t{1} << kBracketBinsLog2)) ++s;
+    const auto bins = static_cast<size_t>(((range - 1) >> s) + 1);
+    std::vector<int64_t> hist(bins, 0);
+    std::atomic<int64_t> above{0};
+    std::mutex merge_lock;
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      alignas(64) int32_t u[kScanBlock], in[kScanBlock];
+      std::vector<uint32_t> local(bins, 0u);  // one thread's counts: at most 2^32 - 1 elements a flush
+      int64_t local_above = 0, since_flush = 0;
+      auto flush = [&] {
+        std::lock_guard<std::mutex> guard(merge_lock);
+        for (size_t d = 0; d < bins; ++d) hist[d] += local[d];
+        std::fill(local.begin(), local.end(), 0u);
+        since_flush = 0;
+      };
+      for (int64_t i = c0 * kChunk, end = std::min(n, c1 * kChunk); i < end; i += kScanBlock) {
+        const int len = static_cast<int>(std::min<int64_t>(kScanBlock, end - i));
+        magnitude_bits<scalar_t, HAS_BASE>(x + i, HAS_BASE ? b + i : nullptr, len, u);
+        int32_t n_above = 0;
+        int m = 0;
+        for (int j = 0; j < len; ++j) {
+          n_above += u[j] > hi;
+          in[m] = u[j];
+          m += (u[j] >= lo) & (u[j] <= hi);
+        }
+        local_above += n_above;
+        for (int j = 0; j < m; ++j) ++local[static_cast<uint32_t>(in[j] - lo) >> s];
+        if ((since_flush += len) >= (int64_t{1} << 31)) flush();
+      }
+      flush();
+      above.fetch_add(local_above);
+    });
+    int64_t cum = above.load();
+    if (cum >= k) return false;  // the k-th largest is above hi
+    int64_t d = static_cast<int64_t>(bins) - 1;
+    for (; d >= 0; --d) {
+      if (cum + hist[d] >= k) break;
+      cum += hist[d];
+    }
+    if (d < 0) return false;  // below lo
+    const int64_t bin_lo = static_cast<int64_t>(lo) + (d << s);
+    if (s == 0) {
+      *result = bits_float(static_cast<uint32_t>(bin_lo));
+      return true;
+    }
+    lo = static_cast<int32_t>(bin_lo);
+    hi = static_cast<int32_t>(std::min<int64_t>(hi, bin_lo + (int64_t{1} << s) - 1));
+  }
+}
+
 // k-th largest |x - b| (|x| when b is null) as fp32, exact; 1 <= k <= n. A strided sample brackets the
 // answer, one pass counts the magnitudes above the bracket and collects those inside it, and nth_element
 // finishes on the few collected. When the bracket misses (or holds too many, on heavily tied data), a radix
-// select over the bit patterns (three histogram passes) finds it instead. Either way the result is the
+// select over the bit patterns (three histogram passes) finds it instead; heavily tied data, which would
+// overflow the collection, goes to bracket_histogram_select (one or two passes). Either way the result is the
 // exact k-th value, whatever the sample or the thread count.
 template <typename scalar_t, bool HAS_BASE>
 float kth_largest(const scalar_t* x, const scalar_t* b, int64_t n, int64_t k) {
@@ -221,6 +287,10 @@ float kth_largest(const scalar_t* x, const scalar_t* b, int64_t n, int64_t k) {
     // when the sample says the collecting pass would overflow, skip it and go straight to radix select.
     const auto inside = std::count_if(s.begin(), s.end(), [&](int32_t v) { return v >= lo && v <= hi; });
     predict_overflow = inside * 16 > kSample;  // more than 1/16 inside; the pass gives up at 1/8
+  }
+  if (predict_overflow) {
+    float r;
+    if (bracket_histogram_select<scalar_t, HAS_BASE>(x, b, n, k, lo, hi, &r)) return r;
   }
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const int64_t cap = n / 8 + kChunk;  // collected values kept at most (4 bytes each)

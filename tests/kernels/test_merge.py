@@ -166,7 +166,7 @@ def test_cpu_isa_paths_match_reference_bitwise(monkeypatch, isa, dtype, n, metho
 @pytest.mark.parametrize("data", ["smooth", "tied", "zeros"])
 @pytest.mark.parametrize("with_base", [True, False])
 def test_cpu_threshold_large_paths_exact(monkeypatch, isa, dtype, data, with_base):
-    # n > 4 * 2^14: the kernel samples a bracket; tied bf16 deltas make it skip to radix select, and all-zero
+    # n > 4 * 2^14: the kernel samples a bracket; tied bf16 deltas make it histogram the bracket, and all-zero
     # tasks put every element in one bin. Several densities, including the extremes.
     _set_isa(monkeypatch, isa)
     n = 300_001
