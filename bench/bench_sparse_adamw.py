@@ -35,16 +35,14 @@ def _bandwidth() -> float:
 def _gather_scatter_step(p, g, rows, m, v, step, neuron_dim):
     """Plain torch: gather the selected neurons, AdamW on the slice with compact state, scatter back."""
     b1, b2, lr, eps, wd = HP["beta1"], HP["beta2"], HP["lr"], HP["eps"], HP["weight_decay"]
-    w = p.index_select(neuron_dim, rows)
+    w = p.index_select(neuron_dim, rows)  # [K, C] rows, [C, K] columns: the compact state's layout
     gs = g.index_select(neuron_dim, rows)
-    if neuron_dim == 1:  # compact state is [K, C]
-        w, gs = w.t(), gs.t()
     w.mul_(1 - lr * wd)
     m.mul_(b1).add_(gs, alpha=1 - b1)
     v.mul_(b2).addcmul_(gs, gs, value=1 - b2)
     denom = (v.sqrt() / (1 - b2**step) ** 0.5).add_(eps)
     w.addcdiv_(m, denom, value=-lr / (1 - b1**step))
-    p.index_copy_(neuron_dim, rows, w if neuron_dim == 0 else w.t())
+    p.index_copy_(neuron_dim, rows, w)
 
 
 @pytest.mark.parametrize("frac", FRACTIONS, ids=lambda f: f"{int(f * 100)}pct")
@@ -63,8 +61,9 @@ def test_sparse_adamw_vs_peers(benchmark, shape, neuron_dim, frac):
     mask = torch.zeros(mask_shape, device=dev)
     mask.view(-1)[rows] = 1.0
 
-    # ours: the fused op with compact state (what NeuronSparseAdamW runs)
-    m_c, v_c = torch.zeros(K, C, device=dev), torch.zeros(K, C, device=dev)
+    # ours: the fused op with compact state (what NeuronSparseAdamW runs): [K, C] for rows, [C, K] for columns
+    compact_shape = (K, C) if neuron_dim == 0 else (C, K)
+    m_c, v_c = torch.zeros(compact_shape, device=dev), torch.zeros(compact_shape, device=dev)
 
     def ours():
         return mmt_kernels.sparse_adamw_(
@@ -101,7 +100,7 @@ def test_sparse_adamw_vs_peers(benchmark, shape, neuron_dim, frac):
             common.note(SUITE, f"masked AdamW ({name}) unavailable on {dev}: {type(exc).__name__}")
         del w
     # (b) gather / AdamW on the slice / scatter, plain torch
-    m_g, v_g = torch.zeros(K, C, device=dev), torch.zeros(K, C, device=dev)
+    m_g, v_g = torch.zeros(compact_shape, device=dev), torch.zeros(compact_shape, device=dev)
     peers["gather_scatter"] = common.median_time(
         lambda: _gather_scatter_step(p, g, rows, m_g, v_g, 5, neuron_dim), warmup=1, reps=3, device=dev
     )
@@ -131,9 +130,10 @@ def test_sparse_adamw_vs_peers(benchmark, shape, neuron_dim, frac):
     "shape,neuron_dim", SHAPES, ids=lambda s: "x".join(map(str, s)) if isinstance(s, tuple) else f"dim{s}"
 )
 def test_sparse_weight_grad_vs_dense_dw(benchmark, shape, neuron_dim, frac):
-    """The selected neurons' weight gradient (``sparse_weight_grad_``, compact fp32 ``[K, C]``) vs the dense dW that
-    autograd computes (``dy.T @ x``), 512 tokens, fp32. Memory: the gradient plus AdamW's two moments, compact
-    (``[K, C]`` each) vs dense (``[R, C]`` each). Target (issue 12): time <= 0.2x and memory <= 15% at 10%."""
+    """The selected neurons' weight gradient (``sparse_weight_grad_``, compact fp32 ``[K, C]``, ``[C, K]`` for
+    columns) vs the dense dW that autograd computes (``dy.T @ x``), 512 tokens, fp32. Memory: the gradient plus
+    AdamW's two moments, compact (``K x C`` each) vs dense (``R x C`` each). Target (issue 12): time <= 0.2x and
+    memory <= 15% at 10%."""
     torch.manual_seed(0)
     N = 512
     out_f, in_f = shape  # the weight is [out, in]; rows = output neurons (gate/up), columns = input ones (down)
@@ -142,11 +142,15 @@ def test_sparse_weight_grad_vs_dense_dw(benchmark, shape, neuron_dim, frac):
     R = shape[neuron_dim]
     rows = torch.randperm(R, device=DEVICE)[: max(1, int(frac * R))].sort().values
     a, b = (dy, x) if neuron_dim == 0 else (x, dy)
-    acc = torch.zeros(rows.numel(), b.shape[1], device=DEVICE)
+    K, C, cols = rows.numel(), b.shape[1], neuron_dim == 1
+    acc = torch.zeros((C, K) if cols else (K, C), device=DEVICE)
     t_dense = common.median_time(lambda: dy.t() @ x, device=DEVICE, warmup=1, reps=5)
-    t_ours = common.median_time(lambda: mmt_kernels.sparse_weight_grad_(acc, a, rows, b), device=DEVICE, reps=5)
-    benchmark.pedantic(lambda: mmt_kernels.sparse_weight_grad_(acc, a, rows, b), rounds=1, iterations=1)
-    K, C = acc.shape
+
+    def ours():
+        return mmt_kernels.sparse_weight_grad_(acc, a, rows, b, transposed=cols)
+
+    t_ours = common.median_time(ours, device=DEVICE, reps=5)
+    benchmark.pedantic(ours, rounds=1, iterations=1)
     common.record(
         SUITE + "_weight_grad",
         {

@@ -74,7 +74,7 @@ TORCH_LIBRARY(mmt, m) {
   m.def("cross_entropy_grad_(Tensor(a!) logits, Tensor target, Tensor lse, Tensor grad_loss, int ignore_index, "
         "float softcap) -> ()");
   // ---- neuron-sparse weight gradient ------------------------------------------------------------
-  // acc[K, C] += a[:, rows].T @ b (fp32 acc): rows of dW = dy.T @ x (a = dy, b = x) or its columns, transposed
-  // (a = x, b = dy), for the K selected neurons only.
-  m.def("sparse_weight_grad_(Tensor(a!) acc, Tensor a, Tensor rows, Tensor b) -> ()");
+  // acc[K, C] += a[:, rows].T @ b (fp32 acc): rows of dW = dy.T @ x (a = dy, b = x), for the K selected neurons
+  // only; transposed: acc[C, K] += b.T @ a[:, rows], the selected columns of dW (a = x, b = dy) as they lie in dW.
+  m.def("sparse_weight_grad_(Tensor(a!) acc, Tensor a, Tensor rows, Tensor b, bool transposed=False) -> ()");
 }

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace mmt {
@@ -14,8 +15,17 @@ struct SparseAdamWArgs {
   float one_minus_beta1, one_minus_beta2, decay;  // formed in double: 1 - 0.99f loses 5e-6 relative
   int64_t step, neuron_dim;
   bool compact;
-  bool compact_grad;  // grad is fp32 [K, C] (row k = selected neuron k), not param-shaped
+  bool compact_grad;  // grad is fp32 in the compact layout (below), not param-shaped
+  // Compact state/grad layout: [K, C] for rows (neuron k at k * C + c), [C, K] for columns (neuron_dim 1, at
+  // c * K + k: a param row's K selected elements and their state are then both walked contiguously). With
+  // state_rows the state holds U >= K neurons: [U, C] or [C, U], and U is its row length for columns.
+  int64_t U;
 };
+
+// "[K, C]" for row neurons, "[C, K]" for columns: the compact layout, for error messages.
+inline std::string compact_shape(int64_t k, int64_t c, int64_t neuron_dim) {
+  return "[" + std::to_string(neuron_dim == 0 ? k : c) + ", " + std::to_string(neuron_dim == 0 ? c : k) + "]";
+}
 
 inline SparseAdamWArgs check_sparse_adamw(const at::Tensor& param, const at::Tensor& exp_avg,
                                           const at::Tensor& exp_avg_sq, const at::Tensor& grad,
@@ -50,16 +60,17 @@ inline SparseAdamWArgs check_sparse_adamw(const at::Tensor& param, const at::Ten
   if (compact_grad) {
     TORCH_CHECK(compact, "sparse_adamw_: compact_grad needs compact state");
     TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.numel() == a.K * a.C, "sparse_adamw_: a compact grad must "
-                "be fp32 [K=", a.K, ", C=", a.C, "], got ", grad.scalar_type(), " ", grad.sizes());
+                "be fp32 ", compact_shape(a.K, a.C, neuron_dim), " (K=", a.K, ", C=", a.C, "), got ",
+                grad.scalar_type(), " ", grad.sizes());
   }
   for (const at::Tensor* s : {&exp_avg, &exp_avg_sq}) {
     TORCH_CHECK(s->scalar_type() == at::kFloat && s->is_contiguous() && s->device() == param.device(),
                 "sparse_adamw_: optimizer state must be contiguous fp32 on the param's device");
-    if (compact && has_state_rows) {  // [U, C] with U >= K: rows addressed through state_rows
-      TORCH_CHECK(a.C == 0 || s->numel() % a.C == 0, "sparse_adamw_: compact state needs whole rows of ", a.C,
-                  " elements, got shape ", s->sizes());
+    if (compact && has_state_rows) {  // [U, C] or [C, U] with U >= K: neurons addressed through state_rows
+      TORCH_CHECK(a.C == 0 || s->numel() % a.C == 0, "sparse_adamw_: compact state needs whole neurons of ", a.C,
+                  " elements (", neuron_dim == 0 ? "[U, C]" : "[C, U]", "), got shape ", s->sizes());
     } else if (compact) {
-      TORCH_CHECK(s->numel() == a.K * a.C, "sparse_adamw_: compact state needs ", a.K, "x", a.C,
+      TORCH_CHECK(s->numel() == a.K * a.C, "sparse_adamw_: compact state needs ", compact_shape(a.K, a.C, neuron_dim),
                   " elements, got shape ", s->sizes());
     } else {
       TORCH_CHECK(s->sizes() == param.sizes(), "sparse_adamw_: full state shape ", s->sizes(),
@@ -86,6 +97,7 @@ inline SparseAdamWArgs check_sparse_adamw(const at::Tensor& param, const at::Ten
   a.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   a.decay = static_cast<float>(1.0 - lr * weight_decay);
   a.step = step; a.neuron_dim = neuron_dim; a.compact = compact; a.compact_grad = compact_grad;
+  a.U = (compact && has_state_rows && a.C > 0) ? exp_avg.numel() / a.C : a.K;
   return a;
 }
 

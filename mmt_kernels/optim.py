@@ -8,9 +8,10 @@ The active selection is switched between steps with :meth:`NeuronSparseAdamW.set
 Two modes:
 
 * ``strict=True`` (default): unselected neurons get no decay, no moment update, no change at all. State is
-  compact: each parameter keeps fp32 moments for the union of neurons it has ever trained (``[U, C]``) and a
-  step counter per neuron, so bias correction stays right when a neuron trains only on some steps. Memory is
-  proportional to that union, not to the parameter.
+  compact: each parameter keeps fp32 moments for the union of neurons it has ever trained (``[U, C]`` for row
+  neurons, ``[C, U]`` for columns, laid out like the parameter so that a parameter row's selected elements are
+  contiguous in the state too) and a step counter per neuron, so bias correction stays right when a neuron trains
+  only on some steps. Memory is proportional to that union, not to the parameter.
 * ``strict=False``: the original LANDeRMT scripts' behaviour: ``torch.optim.AdamW`` over the masked (and
   optionally scaled) gradient with full-size state, so masked rows still decay and move on stale moments.
 
@@ -18,8 +19,8 @@ All updates of a param group run through one ``sparse_adamw_multi_`` call (a sin
 when some parameters carry compact gradients.
 
 Compact gradients (strict mode): a weight trained through :func:`~mmt_kernels.sparse_linear` has no ``.grad`` but
-``weight.compact_grad``, fp32 ``[K, C]``, one row per neuron of its current selection in sorted order (columns
-stored transposed). ``step`` consumes it as it is; the dense ``dW`` never exists. :meth:`clip_grad_norm_` clips
+``weight.compact_grad``, fp32 ``[K, C]`` (rows) or ``[C, K]`` (columns), one entry per neuron of its current
+selection in sorted order. ``step`` consumes it as it is; the dense ``dW`` never exists. :meth:`clip_grad_norm_` clips
 what the optimizer applies: the gradient of the selected neurons only (compact buffers as they are, dense
 gradients restricted to the selection; frozen parameters excluded), before any per-neuron scale. So training with
 and without compact gradients clips identically.
@@ -34,6 +35,10 @@ import torch
 from .sparse_adamw import sparse_adamw_multi_
 
 __all__ = ["NeuronSparseAdamW"]
+
+# Saved in state_dict()["neuron_sparse"]["state_layout"]. 2: a column-neuron parameter's compact state is
+# [C, U]; 1 (checkpoints without the key): it was [U, C], transposed on load.
+STATE_LAYOUT = 2
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -82,7 +87,8 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
 
     DTensor parameters (FSDP2, sharded on dim 0): every process updates its own shard. Selections are given in
     global neuron indices and kept as this shard's (rows of a row shard; columns keep their indices); the state
-    (compact or full) is this shard's alone, never gathered. After an engine swaps the parameter objects, call
+    (compact or full) is this shard's alone, never gathered: a column parameter's ``[C, U]`` state is split along
+    C like the parameter's rows. After an engine swaps the parameter objects, call
     :meth:`remap_parameters` before the first selection.
     """
 
@@ -257,9 +263,10 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
         if not state:
             R, C = _neurons_and_width(p, self._dims[p])
             if self.strict:
+                shape = (0, C) if self._dims[p] == 0 or p.dim() == 1 else (C, 0)  # [U, C] rows, [C, U] columns
                 state["neurons"] = torch.empty(0, dtype=torch.int64, device=p.device)
-                state["exp_avg"] = torch.zeros(0, C, dtype=torch.float32, device=p.device)
-                state["exp_avg_sq"] = torch.zeros(0, C, dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
                 state["neuron_step"] = torch.zeros(0, dtype=torch.int64, device=p.device)
             else:
                 state["exp_avg"] = torch.zeros(_local(p).shape, dtype=torch.float32, device=p.device)
@@ -278,18 +285,23 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
         if new.numel():
             union = torch.cat([known, new]).sort().values
             old_at = torch.searchsorted(union, known).to(p.device)
-            C = state["exp_avg"].shape[1]
-            for key, shape in (
-                ("exp_avg", (union.numel(), C)),
-                ("exp_avg_sq", (union.numel(), C)),
-                ("neuron_step", (union.numel(),)),
-            ):
+            _, C = _neurons_and_width(p, self._dims[p])
+            columns = self._columns(p)
+            moments = (C, union.numel()) if columns else (union.numel(), C)
+            for key, shape in (("exp_avg", moments), ("exp_avg_sq", moments), ("neuron_step", (union.numel(),))):
                 grown = torch.zeros(shape, dtype=state[key].dtype, device=p.device)
-                grown[old_at] = state[key]
+                if columns and key != "neuron_step":
+                    grown[:, old_at] = state[key]
+                else:
+                    grown[old_at] = state[key]
                 state[key] = grown
             state["neurons"] = neurons = union.to(p.device)
             known = union
         return torch.searchsorted(known, rows_cpu).to(p.device)
+
+    def _columns(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s neurons are columns: its compact state and gradient are then [C, U] / [C, K]."""
+        return self._dims[p] == 1 and p.dim() == 2
 
     # ---- gradients ----------------------------------------------------------------------------------------------
     def _applied_grad(self, p: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
@@ -312,11 +324,12 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
             )
         R, C = _neurons_and_width(p, self._dims[p])
         k = R if rows is None else rows.numel()
-        if cg.dtype != torch.float32 or cg.shape != (k, C):
+        want = (C, k) if self._columns(p) else (k, C)
+        if cg.dtype != torch.float32 or cg.shape != want:
             raise RuntimeError(
                 f"NeuronSparseAdamW: compact_grad of a parameter of shape {tuple(p.shape)} is {cg.dtype} "
-                f"{tuple(cg.shape)}; the current selection needs fp32 [{k}, {C}] (was the selection changed "
-                "between the backward and the step?)"
+                f"{tuple(cg.shape)}; the current selection needs fp32 [{want[0]}, {want[1]}] (was the selection "
+                "changed between the backward and the step?)"
             )
         return cg, True
 
@@ -524,6 +537,7 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
             "selection": {index[p]: r.cpu() + _span(p, self._dims[p])[0] for p, r in self._rows.items()},  # global
             "scale": {index[p]: s.cpu() for p, s in self._scale.items()},
             "frozen": sorted(index[p] for p in self._frozen),
+            "state_layout": STATE_LAYOUT,
         }
         return sd
 
@@ -540,6 +554,12 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
             raise ValueError(
                 f"NeuronSparseAdamW.load_state_dict: {len(saved_ids)} saved parameters, {len(params)} here"
             )
+        layout = int(extra.get("state_layout", 1))
+        if layout not in (1, STATE_LAYOUT):
+            raise ValueError(
+                f"NeuronSparseAdamW.load_state_dict: unknown state_layout {layout} (this version reads 1 and "
+                f"{STATE_LAYOUT}); was the checkpoint written by a newer mmt_kernels?"
+            )
         base = {k: v for k, v in state_dict.items() if k != "neuron_sparse"}
         super().load_state_dict(base)
         # torch casts floating state to the param dtype; the moments here are fp32 whatever the param: restore
@@ -555,6 +575,8 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
                     f"NeuronSparseAdamW.load_state_dict: parameter {sid} was trained with "
                     f"neuron_dim {st['neuron_dim']}, here {self._dims[p]}"
                 )
+            if self.strict and "neurons" in st:
+                self._check_compact_state(p, sid, st, layout)
         self._rows.clear(), self._pos.clear(), self._scale.clear(), self._seen.clear(), self._frozen.clear()
         sel = {params[saved_ids.index(i)]: r for i, r in extra.get("selection", {}).items()}
         scl = {params[saved_ids.index(i)]: s for i, s in extra.get("scale", {}).items()}
@@ -562,6 +584,25 @@ class NeuronSparseAdamW(torch.optim.Optimizer):
             self.set_selection(sel, {p: s for p, s in scl.items() if p in sel})
         if "frozen" in extra:  # a shard's empty part of a selection is not a frozen parameter
             self._frozen = {params[saved_ids.index(i)] for i in extra["frozen"]}
+
+    def _check_compact_state(self, p: torch.Tensor, sid: Any, st: dict[str, Any], layout: int) -> None:
+        """A loaded compact state in this version's layout: a layout-1 column state ([U, C]) is transposed; any
+        other shape is refused (a wrong layout would load silently wrong)."""
+        _, C = _neurons_and_width(p, self._dims[p])
+        U = st["neurons"].numel()
+        columns = self._columns(p)
+        if columns and layout == 1:
+            for key in ("exp_avg", "exp_avg_sq"):
+                if st[key].shape == (U, C):
+                    st[key] = st[key].t().contiguous()
+        want = (C, U) if columns else (U, C)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if tuple(st[key].shape) != want:
+                raise ValueError(
+                    f"NeuronSparseAdamW.load_state_dict: parameter {sid} (shape {tuple(p.shape)}, neuron_dim "
+                    f"{self._dims[p]}) has {key} of shape {tuple(st[key].shape)}; expected [{want[0]}, {want[1]}] "
+                    f"({'[C, U]' if columns else '[U, C]'} for its {U} state neurons)"
+                )
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state tensors (moments, neuron indices, step counters)."""

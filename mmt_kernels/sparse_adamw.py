@@ -82,6 +82,12 @@ SPARSE_ADAMW = register(
 )
 
 
+def _compact_shape(k, c, neuron_dim) -> str:
+    """The compact layout, for messages: [K, C] for row neurons, [C, K] for columns (a param row's selected
+    elements contiguous)."""
+    return f"[{k}, {c}]" if neuron_dim == 0 else f"[{c}, {k}]"
+
+
 def _check(
     param, exp_avg, exp_avg_sq, grad, rows, row_scale, neuron_dim, compact, row_step=None, step=1, check_rows=True
 ):
@@ -105,10 +111,16 @@ def _check(
         if s.dtype != torch.float32:
             raise TypeError(f"sparse_adamw_: {name} must be fp32, got {s.dtype}")
         want = (rows.numel() * per_neuron) if compact else param.numel()
-        if s.numel() != want or (not compact and s.shape != param.shape):
+        # a 2-D compact state must have the layout's shape: a [K, C] column state is the old, wrong layout
+        want_2d = (rows.numel(), per_neuron) if neuron_dim == 0 else (per_neuron, rows.numel())
+        if s.numel() != want or (s.shape != param.shape if not compact else s.dim() == 2 and s.shape != want_2d):
             raise ValueError(
                 f"sparse_adamw_: {name} has shape {tuple(s.shape)}; expected "
-                + (f"[{rows.numel()}, {per_neuron}] (compact)" if compact else f"{tuple(param.shape)}")
+                + (
+                    f"{_compact_shape(rows.numel(), per_neuron, neuron_dim)} (compact)"
+                    if compact
+                    else f"{tuple(param.shape)}"
+                )
             )
     if row_scale is not None and (row_scale.dtype != torch.float32 or row_scale.numel() != rows.numel()):
         raise ValueError(
@@ -158,8 +170,9 @@ def sparse_adamw_(
 ) -> None:
     """One strict AdamW step on neurons ``rows`` (sorted int64) of ``param``, in place.
 
-    ``exp_avg``/``exp_avg_sq`` are fp32, either param-shaped or, with ``compact=True``, ``[K, C]`` with
-    one row per selected neuron. ``row_step`` ([K]) gives per-neuron step counts for bias correction
+    ``exp_avg``/``exp_avg_sq`` are fp32, either param-shaped or, with ``compact=True``, one entry per selected
+    neuron: ``[K, C]`` for rows (row k = neuron ``rows[k]``), ``[C, K]`` for columns (``neuron_dim=1``, column
+    k = neuron ``rows[k]``: like the param, whose row c holds the K selected elements). ``row_step`` ([K]) gives per-neuron step counts for bias correction
     (neurons that train only for some language pairs); ``row_scale`` ([K] fp32) scales each gradient.
     """
     _check(param, exp_avg, exp_avg_sq, grad, rows, row_scale, neuron_dim, compact, row_step, step)
@@ -285,11 +298,12 @@ def sparse_adamw_multi_(
     """``sparse_adamw_`` on several tensors in one call (one kernel launch on the CUDA backend).
 
     Lists are per tensor; ``neuron_dims``/``state_rows``/``row_scales``/``row_steps`` default to 0/None.
-    ``state_rows[i]`` (int64 [K_i], needs ``compact=True``) maps selected neuron k to its row of a compact state
-    ``[U_i, C_i]`` that may hold more neurons than are selected now (NeuronSparseAdamW keeps the union of every
-    selection a parameter has trained). ``row_steps[i]`` is int64. All tensors share one device.
-    ``compact_grad=True`` (needs ``compact``): each ``grads[i]`` is fp32 ``[K_i, C_i]``, row k the gradient of
-    selected neuron k (``W.compact_grad`` from :func:`~mmt_kernels.sparse_linear`; columns stored transposed).
+    ``state_rows[i]`` (int64 [K_i], needs ``compact=True``) maps selected neuron k to its entry of a compact state
+    that may hold more neurons than are selected now (NeuronSparseAdamW keeps the union of every selection a
+    parameter has trained): row ``state_rows[i][k]`` of ``[U_i, C_i]`` for row neurons, column of ``[C_i, U_i]``
+    for column neurons. ``row_steps[i]`` is int64. All tensors share one device.
+    ``compact_grad=True`` (needs ``compact``): each ``grads[i]`` is fp32 in the compact layout, ``[K_i, C_i]``
+    for rows, ``[C_i, K_i]`` for columns (``W.compact_grad`` from :func:`~mmt_kernels.sparse_linear`).
     ``validate=False`` skips the index checks (rows in range and increasing, state rows in range, steps >= 1),
     for callers that validated them once (NeuronSparseAdamW): on a GPU they cost a few small kernels per tensor.
     """
@@ -329,10 +343,16 @@ def sparse_adamw_multi_(
             nd = neuron_dims[i]
             per = params[i].numel() // max(params[i].shape[nd] if params[i].dim() == 2 else params[i].shape[0], 1)
             g = grads[i]
-            if g.dtype != torch.float32 or g.numel() != rows[i].numel() * per or g.device != device:
+            want_2d = (rows[i].numel(), per) if nd == 0 else (per, rows[i].numel())
+            if (
+                g.dtype != torch.float32
+                or g.numel() != rows[i].numel() * per
+                or (g.dim() == 2 and g.shape != want_2d)
+                or g.device != device
+            ):
                 raise ValueError(
-                    f"{where}: a compact grad must be fp32 [{rows[i].numel()}, {per}] (one row per selected "
-                    f"neuron) on {device}, got {g.dtype} {tuple(g.shape)} on {g.device}"
+                    f"{where}: a compact grad must be fp32 {_compact_shape(rows[i].numel(), per, nd)} (one entry "
+                    f"per selected neuron) on {device}, got {g.dtype} {tuple(g.shape)} on {g.device}"
                 )
             grad_i = params[i]
         if sr is None:
@@ -362,7 +382,7 @@ def sparse_adamw_multi_(
                 )
             nd = neuron_dims[i]
             per = params[i].numel() // max(params[i].shape[nd] if params[i].dim() == 2 else params[i].shape[0], 1)
-            fake_k = exp_avgs[i].numel() // max(per, 1)  # the check wants [K, C]; the state here is [U, C]
+            fake_k = exp_avgs[i].numel() // max(per, 1)  # the check wants K neurons; the state here holds U
             try:
                 _check(
                     params[i],

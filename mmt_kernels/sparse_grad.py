@@ -3,10 +3,12 @@
 A layer trained through :class:`~mmt_kernels.NeuronSparseAdamW` updates only the selected neurons of its weight
 (rows of gate/up, ``neuron_dim=0``; columns of down, ``neuron_dim=1``). :func:`sparse_linear` computes
 ``x @ W.T`` and, in the backward, the exact input gradient and only those neurons' weight gradient, accumulated
-into ``W.compact_grad`` (fp32 ``[K, C]``, one row per selected neuron in the sorted order of the selection; the
-transposed layout for columns, so both are contiguous). ``W.grad`` stays ``None``: the full dW is never built.
+into ``W.compact_grad`` in the optimizer's compact layout: fp32 ``[K, C]`` for rows (row k = neuron k of the sorted
+selection), ``[C, K]`` for columns (``dW[:, rows]`` as it lies in dW). ``W.grad`` stays ``None``: the full dW is
+never built.
 
-Op ``sparse_weight_grad_(acc!, a, rows, b)``: ``acc += a[:, rows].T @ b`` (see the reference for ``a``/``b``).
+Op ``sparse_weight_grad_(acc!, a, rows, b, transposed=False)``: ``acc += a[:, rows].T @ b`` (``[K, C]``) or, when
+``transposed``, ``acc += b.T @ a[:, rows]`` (``[C, K]``); see the reference for ``a``/``b``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ __all__ = ["SparseWeightGrad", "sparse_linear", "sparse_weight_grad_"]
 SPARSE_WGRAD = register(
     OpSpec(
         name="sparse_weight_grad_",
-        schema="(Tensor(a!) acc, Tensor a, Tensor rows, Tensor b) -> ()",
+        schema="(Tensor(a!) acc, Tensor a, Tensor rows, Tensor b, bool transposed=False) -> ()",
         reference=_ref.sparse_weight_grad_,
         fake=lambda *args: None,
         triton="sparse_grad:sparse_weight_grad_",
@@ -34,9 +36,16 @@ SPARSE_WGRAD = register(
 
 
 def sparse_weight_grad_(
-    acc: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, b: torch.Tensor, *, backend: str | None = None
+    acc: torch.Tensor,
+    a: torch.Tensor,
+    rows: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    transposed: bool = False,
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """``acc += a[:, rows].T @ b`` in place (``a [N, R]``, ``rows`` int64 ``[K]``, ``b [N, C]``, ``acc [K, C]``).
+    """``acc += a[:, rows].T @ b`` in place (``a [N, R]``, ``rows`` int64 ``[K]``, ``b [N, C]``, ``acc [K, C]``);
+    with ``transposed``, ``acc += b.T @ a[:, rows]`` (``acc [C, K]``, the column neurons' layout).
 
     ``acc`` is fp32 (fp64 for the reference's golden mode); ``a``/``b`` fp32, bf16 or fp16 of one dtype."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
@@ -45,9 +54,11 @@ def sparse_weight_grad_(
         )
     if rows.dtype != torch.int64 or rows.dim() != 1:
         raise TypeError(f"sparse_weight_grad_: rows must be a 1-D int64 tensor, got {rows.dtype} {tuple(rows.shape)}")
-    if acc.shape != (rows.numel(), b.shape[1]):
+    want = (b.shape[1], rows.numel()) if transposed else (rows.numel(), b.shape[1])
+    if acc.shape != want:
         raise ValueError(
-            f"sparse_weight_grad_: acc has shape {tuple(acc.shape)}; expected [{rows.numel()}, {b.shape[1]}]"
+            f"sparse_weight_grad_: acc has shape {tuple(acc.shape)}; expected [{want[0]}, {want[1]}]"
+            + (" ([C, K], transposed)" if transposed else " ([K, C])")
         )
     if acc.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"sparse_weight_grad_: acc must be fp32 (or fp64), got {acc.dtype}")
@@ -59,7 +70,7 @@ def sparse_weight_grad_(
         if t.device != acc.device:
             raise ValueError(f"sparse_weight_grad_: {name} is on {t.device}, acc on {acc.device}")
     which = SPARSE_WGRAD.choose(acc.device, backend, acc.dtype if acc.dtype == torch.float64 else a.dtype)
-    SPARSE_WGRAD(which, acc, a.contiguous(), rows.contiguous(), b.contiguous())
+    SPARSE_WGRAD(which, acc, a.contiguous(), rows.contiguous(), b.contiguous(), bool(transposed))
     return acc
 
 
@@ -110,11 +121,14 @@ class _SparseLinear(torch.autograd.Function):
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
         if x2.dtype != dy2.dtype:
             x2 = x2.to(dy2.dtype)
-        a, b = (dy2, x2) if ctx.neuron_dim == 0 else (x2, dy2)
+        # rows: dy[:, rows].T @ x, [K, C]; columns: dy.T @ x[:, rows], [C, K] (the optimizer's column layout)
+        columns = ctx.neuron_dim == 1
+        a, b = (x2, dy2) if columns else (dy2, x2)
         p = ctx.weight_param
         if getattr(p, "compact_grad", None) is None:
-            p.compact_grad = torch.zeros(ctx.rows.numel(), b.shape[1], dtype=torch.float32, device=p.device)
-        sparse_weight_grad_(p.compact_grad, a, ctx.rows, b, backend=ctx.backend)
+            k, c = ctx.rows.numel(), b.shape[1]
+            p.compact_grad = torch.zeros((c, k) if columns else (k, c), dtype=torch.float32, device=p.device)
+        sparse_weight_grad_(p.compact_grad, a, ctx.rows, b, transposed=columns, backend=ctx.backend)
         db = dy2.float().sum(0).to(dy.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, None, db, None, None, None
 

@@ -1,5 +1,5 @@
 // Family 1, CPU: strict neuron-sparse AdamW. OpenMP over neurons (or param rows for column
-// neurons); the inner loop is contiguous so the compiler vectorises it.
+// neurons); the inner loop is contiguous in the state so the compiler vectorises it.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/torch.h>
@@ -13,7 +13,7 @@
 namespace mmt {
 namespace {
 
-// grad_t: scalar_t for a param-shaped grad, float for a compact [K, C] one (read at k * C + c).
+// grad_t: scalar_t for a param-shaped grad, float for a compact one (the state's layout, see SparseAdamWArgs).
 template <typename scalar_t, typename grad_t>
 void sparse_adamw_cpu_impl(const SparseAdamWArgs& a, scalar_t* param, const grad_t* grad, float* m, float* v,
                            const int64_t* rows, const int64_t* state_rows, const float* row_scale,
@@ -42,22 +42,23 @@ void sparse_adamw_cpu_impl(const SparseAdamWArgs& a, scalar_t* param, const grad
       }
     });
   } else {
-    // Neurons are columns. Threads own tiles of kTile param rows; for each selected column k the tile's state
-    // slice (state row k, elements c0..c1) is contiguous, and the param cache lines of a tile are reused by
-    // neighbouring selected columns. Walking all K per param row instead would stride the compact state by C
-    // floats per element (a cache miss each).
-    constexpr int64_t kTile = 32;
-    const int64_t tiles = (C + kTile - 1) / kTile;
-    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t c0 = t * kTile, c1 = std::min(C, c0 + kTile);
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t n = rows[k];
-          const int64_t srow = state_rows ? state_rows[k] : k;
-          for (int64_t c = c0; c < c1; ++c) {
-            const int64_t pidx = c * R + n;
-            update(pidx, a.compact ? srow * C + c : pidx, a.compact_grad ? k * C + c : pidx, k);
+    // Neurons are columns: threads own param rows c; the compact state and grad are [C, K] (or [C, U]), so
+    // row c's K selected elements are contiguous there, and the param reads stay within param row c (rows[]
+    // sorted). The [K, C] layout strided these by C floats each: a cache line and TLB miss per element.
+    const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(K, 1));
+    at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t prow = c * R, srow = c * a.U, grow = c * K;
+        if (!a.compact) {
+          for (int64_t k = 0; k < K; ++k) update(prow + rows[k], prow + rows[k], prow + rows[k], k);
+        } else if (state_rows) {
+          for (int64_t k = 0; k < K; ++k) {
+            update(prow + rows[k], srow + state_rows[k], a.compact_grad ? grow + k : prow + rows[k], k);
           }
+        } else if (a.compact_grad) {  // the hot path of sparse_linear + NeuronSparseAdamW: state and grad contiguous
+          for (int64_t k = 0; k < K; ++k) update(prow + rows[k], grow + k, grow + k, k);
+        } else {
+          for (int64_t k = 0; k < K; ++k) update(prow + rows[k], grow + k, prow + rows[k], k);
         }
       }
     });
@@ -74,10 +75,9 @@ void run_one(const SparseAdamWArgs& a, at::Tensor& param, at::Tensor& exp_avg, a
   const float* scale = row_scale ? row_scale->data_ptr<float>() : nullptr;
   const int64_t* srows = state_rows ? state_rows->data_ptr<int64_t>() : nullptr;
   if (srows) {  // an out-of-range state row would write outside the state: check on the host (cheap, K ints)
-    const int64_t U = exp_avg.numel() / a.C;
     for (int64_t k = 0; k < a.K; ++k) {
-      TORCH_CHECK(srows[k] >= 0 && srows[k] < U, "sparse_adamw_multi_: state_rows[", k, "]=", srows[k],
-                  " outside the state's ", U, " rows");
+      TORCH_CHECK(srows[k] >= 0 && srows[k] < a.U, "sparse_adamw_multi_: state_rows[", k, "]=", srows[k],
+                  " outside the state's ", a.U, " neurons");
     }
   }
   const int64_t* r = rows.data_ptr<int64_t>();

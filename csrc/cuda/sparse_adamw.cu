@@ -1,5 +1,7 @@
 // Family 1, CUDA: strict neuron-sparse AdamW. One thread per element of the selected neurons,
 // 4 elements per thread along the contiguous axis; fp32 math and state whatever the param dtype.
+// Compact state (and grad) is [K, C] for row neurons, [C, K] for columns: the inner (thread) axis is then
+// contiguous in the state for both, so a warp's state accesses coalesce.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -32,7 +34,7 @@ __global__ void sparse_adamw_kernel(SparseAdamWParams p) {
     const int64_t n = p.rows[k];
     assert(n >= 0 && n < p.R && "sparse_adamw_: rows value outside [0, neurons)");
     const int64_t pidx = p.neuron_dim == 0 ? n * p.C + c : c * p.R + n;
-    const int64_t sidx = p.compact ? k * p.C + c : pidx;
+    const int64_t sidx = !p.compact ? pidx : p.neuron_dim == 0 ? k * p.C + c : c * p.K + k;
     const float step_size = p.step_size ? p.step_size[k] : p.step_size_all;
     const float bc2_sqrt = p.bc2_sqrt ? p.bc2_sqrt[k] : p.bc2_sqrt_all;
     assert(bc2_sqrt > 0.0f && "sparse_adamw_: row_step values must be >= 1");
@@ -56,7 +58,7 @@ __device__ __forceinline__ void multi_update(const SparseAdamWTensor& d, const S
   assert(n >= 0 && n < d.R && "sparse_adamw_multi_: rows value outside [0, neurons)");
   const int64_t pidx = d.neuron_dim == 0 ? n * d.C + c : c * d.R + n;
   const int64_t srow = d.state_rows ? d.state_rows[k] : k;
-  const int64_t sidx = a.compact ? srow * d.C + c : pidx;
+  const int64_t sidx = !a.compact ? pidx : d.neuron_dim == 0 ? srow * d.C + c : c * d.U + srow;
   float step_size = d.step_size_all, bc2_sqrt = d.bc2_sqrt_all;
   if (d.row_step) {  // 1 - beta^s = -expm1(s log beta), in double: fp32 would lose ~5e-6 relative
     const double s = static_cast<double>(d.row_step[k]);
@@ -65,7 +67,8 @@ __device__ __forceinline__ void multi_update(const SparseAdamWTensor& d, const S
     bc2_sqrt = static_cast<float>(sqrt(-expm1(s * a.log_beta2)));
   }
   T* param = static_cast<T*>(d.param);
-  const float g_raw = d.compact_grad ? static_cast<const float*>(d.grad)[k * d.C + c]
+  const int64_t gidx = d.neuron_dim == 0 ? k * d.C + c : c * d.K + k;  // compact grad: the state's layout
+  const float g_raw = d.compact_grad ? static_cast<const float*>(d.grad)[gidx]
                                      : to_f32(static_cast<const T*>(d.grad)[pidx]);
   const float g = g_raw * (d.row_scale ? d.row_scale[k] : 1.0f);
   const float m = a.beta1 * d.exp_avg[sidx] + a.one_minus_beta1 * g;

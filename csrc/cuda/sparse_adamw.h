@@ -12,7 +12,7 @@ namespace cuda {
 struct SparseAdamWParams {
   void* param;             // [R, C] (neuron_dim 0) or [C, R] (neuron_dim 1), contiguous
   const void* grad;        // same shape and dtype as param
-  float* exp_avg;          // compact [K, C] or param-shaped
+  float* exp_avg;          // compact [K, C] (rows) / [C, K] (columns), or param-shaped
   float* exp_avg_sq;
   const int64_t* rows;     // [K] neuron indices
   const float* row_scale;  // [K] or nullptr
@@ -34,20 +34,21 @@ cudaError_t launch_sparse_adamw(const SparseAdamWParams& p, DType dtype, cudaStr
 // tensors; block b belongs to the tensor with the last block_start <= b.
 struct SparseAdamWTensor {
   void* param;
-  const void* grad;           // param-shaped in the param's dtype, or fp32 [K, C] when compact_grad
-  float* exp_avg;
+  const void* grad;           // param-shaped in the param's dtype, or fp32 in the state's layout when compact_grad
+  float* exp_avg;             // compact [U, C] (rows) / [C, U] (columns), or param-shaped
   float* exp_avg_sq;
   const int64_t* rows;        // [K]
-  const int64_t* state_rows;  // [K] compact-state row per selected neuron, or nullptr (row k)
+  const int64_t* state_rows;  // [K] compact-state neuron (row, or column for columns) per selected one, or nullptr
   const float* row_scale;     // [K] or nullptr
   const int64_t* row_step;    // [K] per-neuron step counts, or nullptr (then step_size_all / bc2_sqrt_all)
   int64_t K, R, C;
+  int64_t U;             // neurons in the compact state (K without state_rows): a column state's row length
   int64_t block_start;   // first block of this tensor
   int64_t inner_blocks;  // blocks along the contiguous axis
   float step_size_all, bc2_sqrt_all;
   int neuron_dim;
   int dtype;  // DType
-  int compact_grad;  // grad is fp32 [K, C] (row k = selected neuron k)
+  int compact_grad;  // grad is fp32 [K, C] (rows) / [C, K] (columns), selected neuron k at index k
 };
 
 struct SparseAdamWMultiArgs {

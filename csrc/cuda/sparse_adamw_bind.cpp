@@ -86,7 +86,7 @@ void sparse_adamw_multi_cuda(at::TensorList params, at::TensorList exp_avgs, at:
     d.state_rows = sr ? sr->data_ptr<int64_t>() : nullptr;
     d.row_scale = rs ? rs->data_ptr<float>() : nullptr;
     d.row_step = st ? st->data_ptr<int64_t>() : nullptr;
-    d.K = a.K; d.R = a.R; d.C = a.C;
+    d.K = a.K; d.R = a.R; d.C = a.C; d.U = a.U;
     d.step_size_all = step_size_all;
     d.bc2_sqrt_all = bc2_sqrt_all;
     d.neuron_dim = static_cast<int>(a.neuron_dim);

@@ -12,6 +12,12 @@ def neuron_view(t: torch.Tensor, neuron_dim: int) -> torch.Tensor:
     return t if neuron_dim == 0 else t.t()
 
 
+def compact_view(t: torch.Tensor, k: int, c: int, neuron_dim: int) -> torch.Tensor:
+    """A compact state or gradient as [K neurons, C]: stored [K, C] for rows, [C, K] for columns (neuron_dim=1,
+    so that a param row's K selected elements are contiguous there too)."""
+    return t.view(k, c) if neuron_dim == 0 else t.view(c, k).t()
+
+
 def sparse_adamw_(
     param,
     exp_avg,
@@ -34,17 +40,19 @@ def sparse_adamw_(
     """Decoupled-weight-decay Adam (``torch.optim.AdamW`` math) on neurons ``rows`` of ``param``, in place.
 
     Unselected neurons are untouched: no decay, no moment update. State is fp32; ``compact`` state is
-    [K, C] (row k belongs to neuron rows[k]); bias correction uses ``row_step[k]`` if given, else ``step``.
-    ``compact_grad``: ``grad`` is fp32 [K, C] too (row k = neuron rows[k]'s gradient, columns transposed).
+    [K, C] for rows (row k belongs to neuron rows[k]) and [C, K] for columns (column k belongs to neuron
+    rows[k]); bias correction uses ``row_step[k]`` if given, else ``step``. ``compact_grad``: ``grad`` is fp32
+    in the compact state's layout ([K, C] for rows, [C, K] for columns).
     """
     acc = torch.float64 if param.dtype == torch.float64 else torch.float32  # fp64 = golden for tests
     p = neuron_view(param, neuron_dim)
-    g = (grad.reshape(rows.numel(), p.shape[1]) if compact_grad else neuron_view(grad, neuron_dim)[rows]).to(acc)
+    K, C = rows.numel(), p.shape[1]
+    g = (compact_view(grad, K, C, neuron_dim) if compact_grad else neuron_view(grad, neuron_dim)[rows]).to(acc)
     if row_scale is not None:
         g = g * row_scale.to(acc).unsqueeze(1)
     if compact:
-        m_view = exp_avg.view(rows.numel(), p.shape[1])
-        v_view = exp_avg_sq.view(rows.numel(), p.shape[1])
+        m_view = compact_view(exp_avg, K, C, neuron_dim)
+        v_view = compact_view(exp_avg_sq, K, C, neuron_dim)
         m, v = m_view, v_view
     else:
         m_full, v_full = neuron_view(exp_avg, neuron_dim), neuron_view(exp_avg_sq, neuron_dim)
@@ -91,8 +99,9 @@ def sparse_adamw_multi_(
     compact=False,
     compact_grad=False,
 ):
-    """``sparse_adamw_`` on each tensor i. With ``state_rows[i]`` the compact state is [U, C] (U >= K) and
-    selected neuron k owns state row ``state_rows[i][k]`` (e.g. the union of neurons over language pairs)."""
+    """``sparse_adamw_`` on each tensor i. With ``state_rows[i]`` the compact state is [U, C] for rows ([C, U] for
+    columns, U >= K) and selected neuron k owns state row (column) ``state_rows[i][k]`` (e.g. the union of neurons
+    over language pairs)."""
     for i, p in enumerate(params):
         m, v, sr = exp_avgs[i], exp_avg_sqs[i], state_rows[i]
         if sr is None:
@@ -116,8 +125,9 @@ def sparse_adamw_multi_(
             )
             continue
         per_neuron = neuron_view(p, neuron_dims[i]).shape[1]
-        m2, v2 = m.view(-1, per_neuron), v.view(-1, per_neuron)
-        ms, vs = m2[sr].clone(), v2[sr].clone()  # gather the selected neurons' state rows
+        # [U, C] as it is, or a [C, U] column state seen as [U, C]; gather the selected neurons' state
+        m2, v2 = (compact_view(t, t.numel() // max(per_neuron, 1), per_neuron, neuron_dims[i]) for t in (m, v))
+        ms, vs = (t[sr] if neuron_dims[i] == 0 else t[sr].t().contiguous() for t in (m2, v2))
         sparse_adamw_(
             p,
             ms,
@@ -136,5 +146,5 @@ def sparse_adamw_multi_(
             compact=True,
             compact_grad=compact_grad,
         )
-        m2[sr] = ms
-        v2[sr] = vs
+        m2[sr] = compact_view(ms, sr.numel(), per_neuron, neuron_dims[i])
+        v2[sr] = compact_view(vs, sr.numel(), per_neuron, neuron_dims[i])

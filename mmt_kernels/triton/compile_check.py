@@ -147,7 +147,8 @@ def cases():
                 for compact, cgrad in ((False, False), (True, False), (True, True)):
                     n = R if neuron_dim == 0 else C
                     param = _t(R, C, dtype=dtype)
-                    state = _t(K, param.numel() // n) if compact else _t(R, C)
+                    per = param.numel() // n
+                    state = (_t(K, per) if neuron_dim == 0 else _t(per, K)) if compact else _t(R, C)  # [C, K]: cols
                     grad = state.clone() if cgrad else param.clone()
                     rows = _ids(K, n)
                     extra = (torch.rand(K), torch.ones(K, dtype=torch.int64)) if compact else (None, None)

@@ -1,6 +1,8 @@
 """Family 1, Triton: strict neuron-sparse AdamW over a [BLOCK_K, BLOCK_C] tile of selected neurons.
 
-The launcher takes contiguous tensors (the registered op checks it): offsets come from the shapes.
+The launcher takes contiguous tensors (the registered op checks it): offsets come from the shapes. A compact
+state (and grad) is [K, C] for row neurons and [C, K] ([C, U] with state rows) for columns: element (k, c) sits at
+``k * s_k + c * s_c`` with the strides the launcher passes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ def _sparse_adamw_kernel(
     C,
     stride_n,
     stride_c,
+    s_k,
+    s_c,
+    g_k,
+    g_c,
     beta1,
     beta2,
     one_minus_beta1,
@@ -50,11 +56,11 @@ def _sparse_adamw_kernel(
     mask = kmask[:, None] & (cs < C)[None, :]
     neurons = tl.load(rows_ptr + ks, mask=kmask, other=0)
     pidx = neurons[:, None] * stride_n + cs[None, :] * stride_c
-    if HAS_STATE_ROWS:  # compact state [U, C] holding more neurons than are selected now
+    if HAS_STATE_ROWS:  # compact state holding more neurons than are selected now
         srows = tl.load(srows_ptr + ks, mask=kmask, other=0)
-        sidx = srows[:, None] * C + cs[None, :]
+        sidx = srows[:, None] * s_k + cs[None, :] * s_c
     elif COMPACT:
-        sidx = ks[:, None] * C + cs[None, :]
+        sidx = ks[:, None] * s_k + cs[None, :] * s_c
     else:
         sidx = pidx
 
@@ -66,8 +72,8 @@ def _sparse_adamw_kernel(
         step_size = tl.zeros([BLOCK_K], dtype=tl.float32) + step_size
         bc2_sqrt = tl.zeros([BLOCK_K], dtype=tl.float32) + bc2_sqrt
 
-    if COMPACT_GRAD:  # fp32 [K, C], row k = selected neuron k
-        g = tl.load(grad_ptr + ks[:, None] * C + cs[None, :], mask=mask, other=0.0)
+    if COMPACT_GRAD:  # fp32 in the compact state's layout, selected neuron k at index k
+        g = tl.load(grad_ptr + ks[:, None] * g_k + cs[None, :] * g_c, mask=mask, other=0.0)
     else:
         g = tl.load(grad_ptr + pidx, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
@@ -117,7 +123,11 @@ def sparse_adamw_(
         C, stride_n, stride_c = param.shape[0], 1, param.shape[1]
     if K == 0 or C == 0:
         return
-    # Column neurons read strided along C, so favour a wide K tile there.
+    columns = param.dim() == 2 and neuron_dim == 1
+    U = exp_avg.numel() // C if state_rows is not None else K  # neurons in the compact state
+    s_k, s_c = (1, U) if columns else (C, 1)
+    g_k, g_c = (1, K) if columns else (C, 1)
+    # Column neurons: K is the contiguous axis of the param row and of the [C, K] state: favour a wide K tile.
     block_c = min(triton.next_power_of_2(C), 256 if neuron_dim == 0 else 16)
     block_k = min(triton.next_power_of_2(K), max(1, 4096 // block_c))
     grid = (triton.cdiv(K, block_k), triton.cdiv(C, block_c))
@@ -137,6 +147,10 @@ def sparse_adamw_(
         C,
         stride_n,
         stride_c,
+        s_k,
+        s_c,
+        g_k,
+        g_c,
         float(beta1),
         float(beta2),
         1.0 - beta1,

@@ -1,4 +1,4 @@
-"""Neuron-sparse weight gradient, Triton: acc[K, C] += a[:, rows].T @ b.
+"""Neuron-sparse weight gradient, Triton: acc[K, C] += a[:, rows].T @ b, or acc[C, K] (``transposed``).
 
 One program per [BLOCK_K, BLOCK_C] tile of the accumulator walks the N tokens in BLOCK_N steps; the selected
 columns of ``a`` are gathered by index as the tile loads (no gathered copy). Loads convert to fp32 (bf16 dot
@@ -13,7 +13,18 @@ import triton.language as tl
 
 @triton.jit
 def _kernel(
-    acc_ptr, a_ptr, rows_ptr, b_ptr, N, R, K, C, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr
+    acc_ptr,
+    a_ptr,
+    rows_ptr,
+    b_ptr,
+    N,
+    R,
+    K,
+    C,
+    TRANSPOSED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pk = tl.program_id(0)
     pc = tl.program_id(1)
@@ -33,16 +44,19 @@ def _kernel(
             b_ptr + ns[:, None].to(tl.int64) * C + cs[None, :], mask=nmask[:, None] & cmask[None, :], other=0.0
         ).to(tl.float32)
         total += tl.dot(at, bt, input_precision="ieee")
-    idx = ks[:, None].to(tl.int64) * C + cs[None, :]
+    if TRANSPOSED:  # [C, K]: the column neurons' layout
+        idx = cs[None, :].to(tl.int64) * K + ks[:, None]
+    else:
+        idx = ks[:, None].to(tl.int64) * C + cs[None, :]
     mask = kmask[:, None] & cmask[None, :]
     old = tl.load(acc_ptr + idx, mask=mask, other=0.0)
     tl.store(acc_ptr + idx, old + total, mask=mask)
 
 
-def sparse_weight_grad_(acc, a, rows, b):
+def sparse_weight_grad_(acc, a, rows, b, transposed=False):
     N, R = a.shape
-    K, C = acc.shape
+    K, C = rows.numel(), b.shape[1]
     if K == 0 or C == 0 or N == 0:
         return
     grid = (triton.cdiv(K, 32), triton.cdiv(C, 32))
-    _kernel[grid](acc, a, rows, b, N, R, K, C, BLOCK_N=32, BLOCK_K=32, BLOCK_C=32)
+    _kernel[grid](acc, a, rows, b, N, R, K, C, TRANSPOSED=transposed, BLOCK_N=32, BLOCK_K=32, BLOCK_C=32)

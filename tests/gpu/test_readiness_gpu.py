@@ -122,7 +122,7 @@ def test_sparse_adamw_columns_past_2_31_elements(backend):
     param = torch.zeros(C, R, device=DEV, dtype=torch.bfloat16)
     grad = torch.ones_like(param)
     rows = torch.tensor([0, R - 1], device=DEV)
-    m, v = torch.zeros(2, C, device=DEV), torch.zeros(2, C, device=DEV)
+    m, v = torch.zeros(C, 2, device=DEV), torch.zeros(C, 2, device=DEV)  # [C, K]
     mmt_kernels.sparse_adamw_(param, m, v, grad, rows, lr=1e-2, neuron_dim=1, compact=True, backend=backend)
     assert (param[:, R - 1] != 0).all() and (param[:, 0] != 0).all()
     assert not param[:, 1 : R - 1].any()

@@ -38,8 +38,9 @@ def test_sparse_adamw_matches_reference(backend, dtype, shape, neuron_dim):
     rows = torch.randperm(R, device=dev, generator=gen)[: R // 10].sort().values
     K = rows.numel()
     param = torch.randn(shape, device=dev, generator=gen).to(dtype)
-    m = torch.randn(K, C, device=dev, generator=gen) * 0.1
-    v = torch.rand(K, C, device=dev, generator=gen) * 0.01
+    state = (K, C) if neuron_dim == 0 else (C, K)  # compact: [K, C] rows, [C, K] columns
+    m = torch.randn(state, device=dev, generator=gen) * 0.1
+    v = torch.rand(state, device=dev, generator=gen) * 0.01
     g = torch.randn(shape, device=dev, generator=gen).to(dtype)
     row_step = torch.randint(1, 50, (K,), device=dev, generator=gen)
     scale = torch.rand(K, device=dev, generator=gen)
@@ -75,8 +76,8 @@ def test_multi_one_launch_matches_reference(backend, dtype):
                 nd=nd,
                 rows=rows,
                 srows=srows,
-                m=torch.randn(U, C, device=dev, generator=gen) * 0.1,
-                v=torch.rand(U, C, device=dev, generator=gen) * 0.01,
+                m=torch.randn((U, C) if nd == 0 else (C, U), device=dev, generator=gen) * 0.1,  # [C, U]: columns
+                v=torch.rand((U, C) if nd == 0 else (C, U), device=dev, generator=gen) * 0.01,
                 g=torch.randn(shape, device=dev, generator=gen).to(dtype),
                 st=torch.randint(1, 9, (rows.numel(),), device=dev, generator=gen),
             )

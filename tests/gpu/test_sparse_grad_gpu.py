@@ -19,7 +19,8 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize(
     "N,R,C,K", [(512, 11008, 4096, 1100), (512, 4096, 11008, 409), (37, 65, 129, 63), (1, 1, 1, 1)]
 )
-def test_matches_reference(backend, dtype, N, R, C, K):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_matches_reference(backend, dtype, N, R, C, K, transposed):
     ok, why = _backend.available(backend, "cuda", "sparse_weight_grad_")
     if not ok:
         pytest.skip(f"{backend} unavailable: {why}")
@@ -27,14 +28,15 @@ def test_matches_reference(backend, dtype, N, R, C, K):
     a = torch.randn(N, R, device="cuda", generator=gen).to(dtype)
     b = torch.randn(N, C, device="cuda", generator=gen).to(dtype)
     rows = torch.randperm(R, device="cuda", generator=gen)[:K].sort().values
-    acc0 = torch.randn(K, C, device="cuda", generator=gen)
+    shape = (C, K) if transposed else (K, C)  # [C, K]: the column neurons' layout
+    acc0 = torch.randn(shape, device="cuda", generator=gen)
     golden = acc0.double().clone()
-    ref.sparse_weight_grad_(golden, a.double(), rows, b.double())
+    ref.sparse_weight_grad_(golden, a.double(), rows, b.double(), transposed)
     low = acc0.clone()
-    ref.sparse_weight_grad_(low, a, rows, b)
+    ref.sparse_weight_grad_(low, a, rows, b, transposed)
     out = acc0.clone()
-    S.sparse_weight_grad_(out, a, rows, b, backend=backend)
+    S.sparse_weight_grad_(out, a, rows, b, transposed=transposed, backend=backend)
     assert_close_to_golden(out, low, golden, factor=2.0, ulps=4.0 * N**0.5 + 4, name="acc")
-    nan = poison_(torch.empty(K, C, device="cuda"))
-    S.sparse_weight_grad_(nan, a, rows, b, backend=backend)
+    nan = poison_(torch.empty(shape, device="cuda"))
+    S.sparse_weight_grad_(nan, a, rows, b, transposed=transposed, backend=backend)
     assert torch.isnan(nan).all()

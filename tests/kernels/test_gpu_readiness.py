@@ -40,9 +40,10 @@ def test_sparse_adamw_on_transposed_param_changes_only_the_selected_neurons(back
     C = param.numel() // R
     kw = dict(lr=1e-2, weight_decay=0.1, step=3, neuron_dim=neuron_dim, compact=True)
     want = param.clone()
-    m_ref, v_ref = torch.zeros(3, C), torch.zeros(3, C)
+    shape = (3, C) if neuron_dim == 0 else (C, 3)  # compact: [K, C] for rows, [C, K] for columns
+    m_ref, v_ref = torch.zeros(shape), torch.zeros(shape)
     ref.sparse_adamw_(want, m_ref, v_ref, grad, rows, None, None, beta1=0.9, beta2=0.999, eps=1e-8, **kw)
-    m, v = torch.zeros(3, C).t().contiguous().t(), torch.zeros(3, C)  # a strided state, too
+    m, v = torch.zeros(shape).t().contiguous().t(), torch.zeros(shape)  # a strided state, too
     before = storage.clone()
     mmt_kernels.sparse_adamw_(param, m, v, grad, rows, backend=backend, **kw)
     torch.testing.assert_close(param, want, rtol=1e-6, atol=1e-7)
@@ -193,12 +194,12 @@ def test_fp64_moe_on_cuda_runs_the_reference(cuda_build):
 
 
 def sparse_adamw_multi_opcheck_args(dev):
-    """A bf16 column-neuron param with a compact state of its 2 selected columns, next to an fp32 row param
-    with a union state addressed through state_rows."""
+    """A bf16 column-neuron param with a compact state of its 2 selected columns ([C, K]), next to an fp32 row
+    param with a union state addressed through state_rows."""
     return (
         [torch.randn(9, 5, device=dev), torch.randn(4, 6, device=dev, dtype=torch.bfloat16)],
-        [torch.zeros(5, 5, device=dev), torch.zeros(2, 4, device=dev)],
-        [torch.zeros(5, 5, device=dev), torch.zeros(2, 4, device=dev)],
+        [torch.zeros(5, 5, device=dev), torch.zeros(4, 2, device=dev)],
+        [torch.zeros(5, 5, device=dev), torch.zeros(4, 2, device=dev)],
         [torch.randn(9, 5, device=dev), torch.randn(4, 6, device=dev, dtype=torch.bfloat16)],
         [torch.tensor([0, 4, 8], device=dev), torch.tensor([1, 5], device=dev)],
         [torch.tensor([4, 0, 2], device=dev), None],

@@ -41,9 +41,9 @@ def test_unselected_rows_bit_identical_after_10_steps_with_weight_decay(backend)
     assert torch.equal(bias.detach()[keep], before[2][keep])
     assert not torch.equal(gate.detach()[sel], before[0][sel])
     assert not torch.equal(down.detach()[:, sel], before[1][:, sel])
-    # compact state: 4 of 24 neurons
+    # compact state: 4 of 24 neurons, [U, C] for rows, [C, U] for columns
     assert opt.state[gate]["exp_avg"].shape == (4, 10)
-    assert opt.state[down]["exp_avg"].shape == (4, 10)
+    assert opt.state[down]["exp_avg"].shape == (10, 4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -158,6 +158,60 @@ def test_state_dict_round_trip(strict, tmp_path):
     opt2.step()
     for p, q in zip(params, clone):
         assert torch.equal(p, q)
+
+
+def _old_layout(sd, column_ids):
+    """``sd`` as the previous version saved it: no state_layout marker, column moments [U, C]."""
+    old = {**sd, "state": {i: dict(st) for i, st in sd["state"].items()}, "neuron_sparse": dict(sd["neuron_sparse"])}
+    del old["neuron_sparse"]["state_layout"]
+    for i in column_ids:
+        for k in ("exp_avg", "exp_avg_sq"):
+            old["state"][i][k] = old["state"][i][k].t().contiguous()
+    return old
+
+
+@pytest.mark.parametrize("square", [False, True])
+def test_old_layout_state_dict_is_converted_on_load(square):
+    """A checkpoint of the [U, C] column layout loads transposed into [C, U] and resumes exactly (square: U == C,
+    where only the marker tells the layouts apart)."""
+    gate, down, bias = _params()
+    opt = NeuronSparseAdamW([gate, down, bias], lr=1e-2, weight_decay=0.1, neuron_dims={down: 1})
+    sel = torch.arange(10) if square else torch.tensor([1, 4, 20])
+    for step in range(3):
+        opt.set_selection({gate: sel, down: sel, bias: sel})
+        _grads((gate, down, bias), step)
+        opt.step()
+    sd = opt.state_dict()
+    assert sd["neuron_sparse"]["state_layout"] == 2
+    clone = [torch.nn.Parameter(p.detach().clone()) for p in (gate, down, bias)]
+    opt2 = NeuronSparseAdamW(clone, lr=1e-2, weight_decay=0.1, neuron_dims={clone[1]: 1})
+    opt2.load_state_dict(_old_layout(sd, [1]))
+    for p, q in zip((gate, down, bias), clone):
+        for k in ("exp_avg", "exp_avg_sq", "neurons", "neuron_step"):
+            assert torch.equal(opt.state[p][k], opt2.state[q][k]), k
+    _grads((gate, down, bias), 10)
+    _grads(clone, 10)
+    opt.step()
+    opt2.step()
+    for p, q in zip((gate, down, bias), clone):
+        assert torch.equal(p, q)
+
+
+def test_state_dict_of_a_wrong_layout_is_refused():
+    gate, down, bias = _params()
+    opt = NeuronSparseAdamW([gate, down, bias], neuron_dims={down: 1})
+    opt.set_selection({down: torch.tensor([1, 4, 20])})
+    _grads((gate, down, bias), 0)
+    opt.step()
+    sd = opt.state_dict()
+    bad = _old_layout(sd, [1])
+    bad["neuron_sparse"]["state_layout"] = 2  # claims the new layout, holds the old one
+    ps = _params()
+    with pytest.raises(ValueError, match=r"parameter 1 .*exp_avg of shape \(3, 10\); expected \[10, 3\]"):
+        NeuronSparseAdamW(ps, neuron_dims={ps[1]: 1}).load_state_dict(bad)
+    sd["neuron_sparse"]["state_layout"] = 3
+    with pytest.raises(ValueError, match="unknown state_layout 3"):
+        NeuronSparseAdamW(ps, neuron_dims={ps[1]: 1}).load_state_dict(sd)
 
 
 def test_compact_state_memory_scales_with_the_selection():
@@ -287,6 +341,12 @@ def test_compact_grad_of_another_selection_is_refused():
         opt.step()
     gate.grad = torch.zeros_like(gate)
     with pytest.raises(RuntimeError, match="both"):
+        opt.step()
+    _, down, _ = _params()
+    opt = NeuronSparseAdamW([down], neuron_dim=1)
+    opt.set_selection({down: torch.tensor([1, 2, 3])})
+    down.compact_grad = torch.zeros(3, 10)  # [K, C]: columns take [C, K]
+    with pytest.raises(RuntimeError, match=r"needs fp32 \[10, 3\]"):
         opt.step()
     strict_off = NeuronSparseAdamW([gate], strict=False)
     gate.grad = None

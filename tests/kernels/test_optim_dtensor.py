@@ -78,7 +78,7 @@ def _run(rank: int, world: int, init_file: str, strict: bool) -> None:
         st = sh_opt.state[sh["rows"]]
         assert st["exp_avg"].shape[1] == 4 and int(st["neurons"].max()) < local_rows  # local, compact
         st = sh_opt.state[sh["cols"]]
-        assert st["exp_avg"].shape == (st["neurons"].numel(), local_rows)  # column neurons x this shard's rows
+        assert st["exp_avg"].shape == (local_rows, st["neurons"].numel())  # [C, U]: split along C like the param
     # resume from this process's state_dict (selections saved in global indices)
     sd = sh_opt.state_dict()
     sh2 = {k: torch.nn.Parameter(distribute_tensor(v.detach().full_tensor(), mesh, [Shard(0)])) for k, v in sh.items()}

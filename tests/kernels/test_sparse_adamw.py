@@ -10,9 +10,10 @@ from mmt_kernels import _backend
 from mmt_kernels import reference as ref
 from mmt_kernels.reference.sparse_adamw import neuron_view
 
-from .tolerance import assert_close_to_golden
+from .tolerance import assert_close_to_golden, poison_
 
 BACKENDS = [b for b in ("reference", "cpu", "triton") if _backend.available(b, "cpu", "sparse_adamw_")[0]]
+MULTI_BACKENDS = [b for b in ("reference", "cpu", "triton") if _backend.available(b, "cpu", "sparse_adamw_multi_")[0]]
 HP = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
 
 
@@ -22,7 +23,8 @@ def make_case(shape, neuron_dim, k, dtype, compact, with_scale, with_row_step, s
     rows = torch.randperm(n_neurons, generator=gen)[:k].sort().values
     param = torch.randn(shape, generator=gen).to(dtype)
     per_neuron = param.numel() // max(n_neurons, 1)
-    state_shape = (k, per_neuron) if compact else shape
+    # compact: [K, C] for rows, [C, K] for columns
+    state_shape = ((k, per_neuron) if neuron_dim == 0 else (per_neuron, k)) if compact else shape
     m = torch.randn(state_shape, generator=gen) * 0.1
     v = torch.rand(state_shape, generator=gen) * 0.01
     scale = torch.rand(k, generator=gen) * 2 if with_scale else None
@@ -65,6 +67,9 @@ CASES = [
     ((37,), 0, 5),
     ((64, 1), 0, 64),
     ((5, 9), 0, 0),
+    ((5, 9), 1, 0),
+    ((3, 40), 1, 1),
+    ((1, 1), 1, 1),
 ]
 
 
@@ -124,6 +129,56 @@ def test_unselected_neurons_bit_identical_after_10_steps(backend, neuron_dim):
     assert torch.equal(view(param)[keep], view(before)[keep])
     assert torch.all(view(m)[keep] == 0) and torch.all(view(v)[keep] == 0)
     assert not torch.equal(view(param)[~keep], view(before)[~keep])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_compact_state_is_the_full_state_columns(backend, dtype):
+    """Column neurons' compact state is [C, K]: exactly the selected columns of a param-shaped state, in place
+    (the layout itself, independent of the reference)."""
+    gen = torch.Generator().manual_seed(3)
+    shape, rows = (37, 70), torch.tensor([0, 2, 3, 33, 69])
+    param = torch.randn(shape, generator=gen).to(dtype)
+    m_full, v_full = torch.randn(shape, generator=gen) * 0.1, torch.rand(shape, generator=gen) * 0.01
+    grad = torch.randn(shape, generator=gen).to(dtype)
+    kw = dict(lr=1e-2, weight_decay=0.1, step=2, neuron_dim=1, backend=backend)
+    p_full, p_compact = param.clone(), param.clone()
+    m_c, v_c = m_full[:, rows].contiguous(), v_full[:, rows].contiguous()
+    mmt_kernels.sparse_adamw_(p_full, m_full, v_full, grad, rows, **kw)
+    mmt_kernels.sparse_adamw_(p_compact, m_c, v_c, grad, rows, compact=True, **kw)
+    assert torch.equal(p_compact, p_full)
+    assert torch.equal(m_c, m_full[:, rows]) and torch.equal(v_c, v_full[:, rows])
+
+
+@pytest.mark.parametrize("backend", MULTI_BACKENDS)
+@pytest.mark.parametrize("compact_grad", [False, True])
+def test_column_union_state_leaves_unused_columns_alone(backend, compact_grad):
+    """A [C, U] column state addressed through state_rows: unused state columns (poisoned) stay untouched and
+    never leak into the update; the used ones are the reference's."""
+    gen = torch.Generator().manual_seed(4)
+    shape, rows, srows, U = (19, 45), torch.tensor([3, 7, 40, 44]), torch.tensor([5, 0, 2, 6]), 8
+    param = torch.randn(shape, generator=gen)
+    m, v = torch.randn(shape[0], U, generator=gen) * 0.1, torch.rand(shape[0], U, generator=gen) * 0.01
+    unused = torch.ones(U, dtype=torch.bool)
+    unused[srows] = False
+    m[:, unused] = v[:, unused] = poison_(torch.empty(shape[0], U - rows.numel()))
+    dense = torch.randn(shape, generator=gen)
+    grad = _compact(dense, rows, 1) if compact_grad else dense
+    outs = []
+    for fn, kw in ((_ref_multi, {}), (mmt_kernels.sparse_adamw_multi_, dict(backend=backend))):
+        p2, m2, v2 = param.clone(), m.clone(), v.clone()
+        kws = dict(state_rows=[srows], row_scales=[None], row_steps=[torch.tensor([1, 2, 3, 4])])
+        fn([p2], [m2], [v2], [grad], [rows], lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=1,
+           neuron_dims=[1], compact=True, compact_grad=compact_grad, **kws, **kw)  # fmt: skip
+        outs.append((p2, m2, v2))
+    (p_ref, m_ref, v_ref), (p_out, m_out, v_out) = outs
+    assert torch.isfinite(p_out).all() and torch.isnan(m_out[:, unused]).all() and torch.isnan(v_out[:, unused]).all()
+    torch.testing.assert_close(p_out, p_ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(m_out, m_ref, rtol=1e-6, atol=1e-7, equal_nan=True)
+    torch.testing.assert_close(v_out, v_ref, rtol=1e-6, atol=1e-7, equal_nan=True)
+    keep = torch.ones(shape[1], dtype=torch.bool)
+    keep[rows] = False
+    assert torch.equal(p_out[:, keep], param[:, keep])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -240,7 +295,6 @@ def test_torch_compile_fullgraph(backend):
 
 
 # ---- sparse_adamw_multi_ ----------------------------------------------------------------------------------------
-MULTI_BACKENDS = [b for b in ("reference", "cpu", "triton") if _backend.available(b, "cpu", "sparse_adamw_multi_")[0]]
 
 
 def _multi_case(dtype, with_state_rows, seed=0):
@@ -257,11 +311,12 @@ def _multi_case(dtype, with_state_rows, seed=0):
             srows = torch.randperm(U, generator=gen)[:k]
         else:
             U, srows = k, None
+        state = (U, per) if nd == 0 else (per, U)  # [U, C] for rows, [C, U] for columns
         out.append(
             dict(
                 param=torch.randn(shape, generator=gen).to(dtype),
-                m=torch.randn(U, per, generator=gen) * 0.1,
-                v=torch.rand(U, per, generator=gen) * 0.01,
+                m=torch.randn(state, generator=gen) * 0.1,
+                v=torch.rand(state, generator=gen) * 0.01,
                 rows=rows,
                 srows=srows,
                 nd=nd,
@@ -326,8 +381,8 @@ def test_multi_equals_single_tensor_calls(backend):
     rows = [torch.tensor([0, 3, 10]), torch.tensor([1, 39])]
     dims = [0, 1]
     singles = [p.clone() for p in ps]
-    ms1 = [torch.zeros(3, 7), torch.zeros(2, 5)]
-    vs1 = [torch.zeros(3, 7), torch.zeros(2, 5)]
+    ms1 = [torch.zeros(3, 7), torch.zeros(5, 2)]  # [K, C] rows, [C, K] columns
+    vs1 = [torch.zeros(3, 7), torch.zeros(5, 2)]
     ms2, vs2 = [m.clone() for m in ms1], [v.clone() for v in vs1]
     mmt_kernels.sparse_adamw_multi_(
         ps, ms1, vs1, gs, rows, lr=1e-2, weight_decay=0.1, step=3, neuron_dims=dims, compact=True, backend=backend
@@ -354,8 +409,8 @@ def test_multi_equals_single_tensor_calls(backend):
 @pytest.mark.parametrize("compact_grad", [False, True])
 def test_multi_opcheck_cpu(compact_grad):
     ps = [torch.randn(9, 5), torch.randn(4, 6)]
-    # dense gradients have the params' shapes; compact ones one row per selected neuron ([K, C], columns transposed)
-    grads = [torch.randn(3, 5), torch.randn(2, 4)] if compact_grad else [torch.randn(9, 5), torch.randn(4, 6)]
+    # dense gradients have the params' shapes; compact ones the state's layout ([K, C] rows, [C, K] columns)
+    grads = [torch.randn(3, 5), torch.randn(4, 2)] if compact_grad else [torch.randn(9, 5), torch.randn(4, 6)]
     args = (
         ps,
         [torch.zeros(5, 5), torch.zeros(4, 6)],
@@ -403,9 +458,9 @@ def test_multi_bad_input_names_the_tensor():
         mmt_kernels.sparse_adamw_multi_([p], [], [torch.zeros(4, 4)], [torch.randn(4, 4)], [torch.tensor([1])], lr=1e-3)
 
 
-# ---- compact gradients (fp32 [K, C], from sparse_linear) -----------------------------------------------------------
+# ---- compact gradients (fp32 [K, C] rows / [C, K] columns, from sparse_linear) -------------------------------------
 def _compact(grad, rows, nd):
-    return neuron_view(grad, nd)[rows].float().contiguous()
+    return (neuron_view(grad, 0)[rows] if nd == 0 else grad[:, rows]).float().contiguous()
 
 
 @pytest.mark.parametrize("backend", MULTI_BACKENDS)

@@ -19,49 +19,57 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1, 1, 1), (37, 50, 19, 7), (70, 33, 65, 33), (5, 40, 9, 0), (0, 12, 8, 3)]
 
 
-def _case(N, R, C, K, dtype, seed=0):
+def _case(N, R, C, K, dtype, seed=0, transposed=False):
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(N, R, generator=gen).to(dtype)
     b = torch.randn(N, C, generator=gen).to(dtype)
     rows = torch.randperm(R, generator=gen)[:K].sort().values
-    acc0 = torch.randn(K, C, generator=gen)
+    acc0 = torch.randn((C, K) if transposed else (K, C), generator=gen)  # [C, K]: the column neurons' layout
     return acc0, a, rows, b
+
+
+def _expected(acc0, a, rows, b, transposed):
+    picked = a.double()[:, rows]
+    return acc0.double() + (b.double().t() @ picked if transposed else picked.t() @ b.double())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,R,C,K", SHAPES)
-def test_matches_reference(backend, dtype, N, R, C, K):
-    acc0, a, rows, b = _case(N, R, C, K, dtype)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_matches_reference(backend, dtype, N, R, C, K, transposed):
+    acc0, a, rows, b = _case(N, R, C, K, dtype, transposed=transposed)
     golden = acc0.double().clone()
-    ref.sparse_weight_grad_(golden, a.double(), rows, b.double())
+    ref.sparse_weight_grad_(golden, a.double(), rows, b.double(), transposed)
+    torch.testing.assert_close(golden, _expected(acc0, a, rows, b, transposed))  # the reference's own layout
     low = acc0.clone()
-    ref.sparse_weight_grad_(low, a, rows, b)
+    ref.sparse_weight_grad_(low, a, rows, b, transposed)
     out = acc0.clone()
-    S.sparse_weight_grad_(out, a, rows, b, backend=backend)
+    S.sparse_weight_grad_(out, a, rows, b, transposed=transposed, backend=backend)
     # a different summation order (blocked GEMM) than the reference: a few ulps of the sum's magnitude
     assert_close_to_golden(out, low, golden, factor=2.0, ulps=4.0 * max(N, 1) ** 0.5 + 4, name="acc")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_unsorted_and_poisoned(backend):
-    acc0, a, rows, b = _case(20, 30, 11, 6, torch.float32)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_non_contiguous_unsorted_and_poisoned(backend, transposed):
+    acc0, a, rows, b = _case(20, 30, 11, 6, torch.float32, transposed=transposed)
     wide = torch.randn(20, 60)
     wide[:, ::2] = a
-    rows = rows.flip(0)  # any order: row k of acc belongs to rows[k]
+    rows = rows.flip(0)  # any order: neuron k of acc belongs to rows[k]
     out = acc0.clone()
-    S.sparse_weight_grad_(out, wide[:, ::2], rows, b.t().contiguous().t(), backend=backend)
-    expected = acc0.double() + a.double()[:, rows].t() @ b.double()
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
-    nan = poison_(torch.empty(6, 11))  # accumulates: NaN stays NaN in every element it touches
-    S.sparse_weight_grad_(nan, a, rows, b, backend=backend)
+    S.sparse_weight_grad_(out, wide[:, ::2], rows, b.t().contiguous().t(), transposed=transposed, backend=backend)
+    torch.testing.assert_close(out.double(), _expected(acc0, a, rows, b, transposed), rtol=1e-5, atol=1e-5)
+    nan = poison_(torch.empty(acc0.shape))  # accumulates: NaN stays NaN in every element it touches
+    S.sparse_weight_grad_(nan, a, rows, b, transposed=transposed, backend=backend)
     assert torch.isnan(nan).all()
 
 
 @pytest.mark.skipif(not _backend.available("cpu", "cpu", "sparse_weight_grad_")[0], reason="no C++ kernels")
-def test_opcheck():
-    acc0, a, rows, b = _case(9, 10, 7, 4, torch.float32)
-    torch.library.opcheck(torch.ops.mmt.sparse_weight_grad_.default, (acc0, a, rows, b))
+@pytest.mark.parametrize("transposed", [False, True])
+def test_opcheck(transposed):
+    acc0, a, rows, b = _case(9, 10, 7, 4, torch.float32, transposed=transposed)
+    torch.library.opcheck(torch.ops.mmt.sparse_weight_grad_.default, (acc0, a, rows, b, transposed))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -88,7 +96,7 @@ def test_sparse_linear_compact_grads_equal_dense_rows(backend, neuron_dim, dtype
     assert lin.weight.grad is None, "the dense dW must never be built"
     torch.testing.assert_close(lin.bias.grad, dense.bias.grad)
     dw = dense.weight.grad.float()
-    expected = dw[rows] if neuron_dim == 0 else dw[:, rows].t()
+    expected = dw[rows] if neuron_dim == 0 else dw[:, rows]  # [K, C] rows, [C, K] columns
     tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(lin.weight.compact_grad, expected, **tol)
     # a new selection drops the old buffer
@@ -100,6 +108,8 @@ def test_bad_input_names_the_problem():
     acc0, a, rows, b = _case(4, 6, 3, 2, torch.float32)
     with pytest.raises(ValueError, match="acc has shape"):
         S.sparse_weight_grad_(torch.zeros(3, 3), a, rows, b)
+    with pytest.raises(ValueError, match=r"acc has shape \(2, 3\); expected \[3, 2\] \(\[C, K\], transposed\)"):
+        S.sparse_weight_grad_(acc0, a, rows, b, transposed=True)  # a [K, C] buffer for columns
     with pytest.raises(TypeError, match="rows must be a 1-D int64"):
         S.sparse_weight_grad_(acc0, a, rows.int(), b)
     with pytest.raises(TypeError, match="share a floating dtype"):
@@ -148,7 +158,7 @@ def test_landermt_plan_routes_selected_weights_to_compact_grads(tmp_path):
             assert p.grad is None, f"{name}: dense dW built"
             nd = 1 if "down" in name else 0
             full = dense[name].grad
-            expected = full[rows] if nd == 0 else full[:, rows].t()
+            expected = full[rows] if nd == 0 else full[:, rows]
             torch.testing.assert_close(p.compact_grad, expected, rtol=1e-5, atol=1e-6)
             checked += 1
     assert checked == 3  # gate, up, down of the selected layer

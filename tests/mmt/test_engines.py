@@ -295,12 +295,13 @@ def test_landermt_fsdp2_two_processes_match_one_strict_per_shard(tiny_dir, jsonl
         by_name = {order[i]: st for i, st in sd["state"].items()}
         assert len(by_name) == len(order)
         for name, st in by_name.items():
-            assert st["exp_avg"].shape[0] == st["neurons"].numel()  # compact: one state row per known neuron
+            columns = st["neuron_dim"] == 1  # compact: [U, C] for row neurons, [C, U] for columns
+            assert st["exp_avg"].shape[1 if columns else 0] == st["neurons"].numel()  # one entry per known neuron
             if name.endswith(("gate_proj.weight", "up_proj.weight")):  # row neurons: this shard's, local indices
                 assert st["neuron_dim"] == 0 and st["exp_avg"].shape[1] == hidden
                 assert 0 < st["neurons"].numel() < inter // 2 and int(st["neurons"].max()) < inter // 2
             elif name.endswith("down_proj.weight"):  # column neurons keep their indices; width = this row shard
-                assert st["neuron_dim"] == 1 and st["exp_avg"].shape[1] == hidden // 2
+                assert columns and st["exp_avg"].shape[0] == hidden // 2
                 assert 0 < st["neurons"].numel() < inter
 
 
