@@ -190,6 +190,27 @@ def merge(
     return MERGE(which, tensors, base, w, use_thr, dens, method, float(lam), int(seed), sign == "count")
 
 
-def dare_keep_mask(numel: int, task: int, seed: int, density: float, device=None) -> torch.Tensor:
-    """bool [numel]: the elements of task ``task`` that DARE keeps (identical on every backend)."""
-    return _ref.dare_keep_mask(numel, task, seed, density, device)
+def dare_keep_mask(
+    numel: int, task: int, seed: int, density: float, device=None, backend: str | None = None
+) -> torch.Tensor:
+    """bool [numel]: the elements of task ``task`` that DARE keeps (identical on every backend).
+
+    On a kernel backend the mask is read off the fused DARE itself: a ``dare_linear`` merge of ``task`` zero
+    tensors and one tensor of ones is nonzero exactly where task ``task`` keeps an element (its hash key
+    depends on the seed and the task index only). That is one vectorised pass per input instead of the
+    reference's two hashes in int64 tensor ops, ~50x slower.
+    """
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"dare_keep_mask: density must be in [0, 1], got {density}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if density == 0.0:
+        return torch.zeros(numel, dtype=torch.bool, device=device)
+    K = task + 1
+    which = MERGE.choose(device, backend, torch.float32, _unable(K))
+    if which == "reference" or numel == 0:
+        return _ref.dare_keep_mask(numel, task, seed, density, device)
+    zeros = torch.zeros(numel, dtype=torch.float32, device=device)
+    ones = torch.ones(numel, dtype=torch.float32, device=device)
+    dens = [1.0] * task + [float(density)]
+    out = MERGE(which, [zeros] * task + [ones], None, [1.0] * K, None, dens, "dare_linear", 1.0, int(seed), False)
+    return out != 0

@@ -317,7 +317,7 @@ def merge_one(
         taus = []
         for k, (x, d) in enumerate(zip(xs, s.densities)):
             tau = x.float() - b.float()
-            keep = kmerge.dare_keep_mask(tau.numel(), k, seed, d, tau.device).view(tau.shape)
+            keep = kmerge.dare_keep_mask(tau.numel(), k, seed, d, tau.device, backend).view(tau.shape)
             kept = torch.where(keep, tau, 0.0)
             taus.append(kept / d if rescale_how == "inverse_p" else _rescale(tau, kept, rescale_how))
     elif method == "task_arithmetic":

@@ -266,6 +266,16 @@ def test_dare_mask_statistics_and_reproducibility():
     assert R.dare_keep_mask(n, 0, 0, 1.0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dare_keep_mask_from_the_kernel_equals_the_reference(backend):
+    for n in (0, 1, 7, 257, 5003):  # around the kernels' block sizes
+        for task in (0, 1, 4):
+            for p in (0.0, 0.1, 0.5, 1.0):
+                got = M.dare_keep_mask(n, task, 99, p, backend=backend)
+                assert got.dtype == torch.bool and got.shape == (n,)
+                assert torch.equal(got, R.dare_keep_mask(n, task, 99, p)), (n, task, p)
+
+
 # ---- errors, opcheck, compile ------------------------------------------------------------------------
 
 
