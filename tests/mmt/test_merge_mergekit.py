@@ -39,16 +39,7 @@ def test_exact_k_equals_mergekit_ties_bit_for_bit(tmp_path):
     env = _mergekit_env()
     if env is None:
         pytest.skip("mergekit is not installed (set MMT_MERGEKIT_PATH to a folder holding it)")
-    paths = []
-    for i in range(4):
-        m = tiny_model("llama", vocab=256, hidden=64, layers=2, intermediate=128)
-        if i:
-            g = torch.Generator().manual_seed(i)
-            with torch.no_grad():
-                for p in m.parameters():
-                    p.add_(torch.randn(p.shape, generator=g) * 0.01)
-        m.to(torch.bfloat16).save_pretrained(tmp_path / f"m{i}", safe_serialization=True)
-        paths.append(str(tmp_path / f"m{i}"))
+    paths = _bf16_models(tmp_path, 4)
     cfg = {
         "merge_method": "ties",
         "base_model": paths[0],
