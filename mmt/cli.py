@@ -39,6 +39,12 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
         "run",
         "merge checkpoints or LoRA adapters, streaming: TIES, DARE, DELLA, SLERP, model stock, ... (reads mergekit YAML)",
     ),
+    "extract-lora": (
+        "mmt.merge.extract",
+        "add_args",
+        "run",
+        "extract a LoRA adapter from a fine-tuned checkpoint and its base (truncated SVD of the deltas)",
+    ),
     "analyze": (
         "mmt.analyze",
         "add_args",
