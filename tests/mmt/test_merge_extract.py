@@ -251,3 +251,33 @@ def test_cli_error_in_a_fresh_process_has_no_traceback(ckpts, tmp_path):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"checkpoint {tmp_path / 'missing'} is not a directory" in proc.stderr
+
+
+@pytest.mark.slow
+def test_bias_deltas_as_lora_bias_or_module_saved(tmp_path):
+    """Qwen2 has q/k/v biases: a target's bias delta goes to lora_B.bias, a non-target's module is saved whole."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mmt.testing import tiny_model
+
+    base = tiny_model("qwen2", vocab=128, hidden=32, layers=1, intermediate=64)
+    base.save_pretrained(tmp_path / "base")
+    g = torch.Generator().manual_seed(3)
+    attn = base.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.q_proj.weight.add_(_low_rank(attn.q_proj.weight.shape, 2, g))
+        attn.q_proj.bias.add_(torch.randn(attn.q_proj.bias.shape, generator=g) * 0.1)
+        attn.k_proj.bias.add_(torch.randn(attn.k_proj.bias.shape, generator=g) * 0.1)
+    base.save_pretrained(tmp_path / "tuned")
+    rep = extract_lora(tmp_path / "base", tmp_path / "tuned", tmp_path / "ad", 2, progress=False)
+    conf = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert conf["lora_bias"] and conf["modules_to_save"] == ["model.layers.0.self_attn.k_proj"]
+    assert rep.bias_deltas == ["model.layers.0.self_attn.q_proj.bias"] and list(rep.modules) == [
+        "model.layers.0.self_attn.q_proj"
+    ]
+    ids = torch.tensor([[1, 5, 9, 17, 33]])
+    with torch.no_grad():
+        want = base(ids).logits
+        m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "ad")
+        torch.testing.assert_close(m(ids).logits, want, atol=1e-5, rtol=0)
