@@ -282,6 +282,7 @@ def extract_lora(
             if not (t.is_floating_point() and b.is_floating_point()):
                 if not torch.equal(b, t):
                     report.left_out[name] = f"non-float tensor ({t.dtype}) differs"
+                base_ck.release(name), tuned_ck.release(name)
                 continue
             same = torch.equal(b, t) if b.dtype == t.dtype else torch.equal(b.float(), t.float())
             if same:
@@ -291,6 +292,7 @@ def extract_lora(
             module, _, param = name.rpartition(".")
             if patterns and not any(p.search(module) for p in patterns):
                 report.left_out[name] = "not selected by --modules"
+                base_ck.release(name), tuned_ck.release(name)
                 continue
             kind = _kind(module, t.ndim, kinds)
             wd = out_dtype or t.dtype
