@@ -71,6 +71,7 @@ class ExtractReport:
         return {k: (len(v), sum(v) / len(v), min(v)) for k, v in sorted(kinds.items())}
 
     def summary(self) -> str:
+        """A few lines for the terminal; the full lists are in extract_report.json and the card."""
         e = self.energies()
         ranks = sorted({v["rank"] for v in self.modules.values()})
         rank_txt = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
@@ -83,7 +84,7 @@ class ExtractReport:
             + ", ".join(f"{k} {mean:.4f} (min {lo:.4f}, {n})" for k, (n, mean, lo) in self.by_kind().items()),
         ]
         if self.saved:
-            lines.append(f"modules_to_save (full weights): {', '.join(self.saved)}")
+            lines.append(f"modules_to_save (full weights): {len(self.saved)}: {_grouped(self.saved)}")
         if self.bias_deltas:
             lines.append(f"bias deltas as lora_B.bias: {len(self.bias_deltas)}")
         if self.left_out:
@@ -145,6 +146,15 @@ class _SpillWriter:
     def abort(self) -> None:
         if not self.fh.closed:
             self.fh.close()
+
+
+def _grouped(modules: list[str]) -> str:
+    """``model.layers.3.input_layernorm`` and its siblings in other layers as one ``model.layers.*.input_layernorm x18``."""
+    groups: dict[str, int] = {}
+    for m in modules:
+        key = re.sub(r"\.\d+\.", ".*.", m)
+        groups[key] = groups.get(key, 0) + 1
+    return ", ".join(k if n == 1 else f"{k} x{n}" for k, n in groups.items())
 
 
 def _module_kinds(path: Path) -> tuple[dict[str, str], bool]:
