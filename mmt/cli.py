@@ -37,7 +37,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
         "mmt.merge",
         "add_args",
         "run",
-        "merge checkpoints or LoRA adapters, streaming: TIES, DARE, DELLA, SLERP, model stock, ... (reads mergekit YAML)",
+        "merge checkpoints or LoRA adapters, streaming: TIES, DARE, DELLA, SLERP, NuSLERP, SCE, model stock, ... "
+        "(reads mergekit YAML)",
     ),
     "extract-lora": (
         "mmt.merge.extract",

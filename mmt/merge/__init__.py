@@ -13,8 +13,8 @@ directory that looks like a finished checkpoint. Next to the weights go config.j
 YAML config (every key but ``models``/``adapters`` and ``output`` has a default)::
 
     method: ties                # linear | task_arithmetic | ties | dare_linear | dare_ties | breadcrumbs |
-                                # breadcrumbs_ties | della | della_linear | slerp | model_stock
-    base_model: runs/base       # needed by every method but linear
+                                # breadcrumbs_ties | della | della_linear | slerp | model_stock | nuslerp | sce
+    base_model: runs/base       # needed by every method but linear and nuslerp
     models:                     # K fine-tuned checkpoints: a path, or {path, weight, density, epsilon, gamma}
       - {path: runs/group1/final, weight: 1.0}
       - runs/group2/final
@@ -26,6 +26,9 @@ YAML config (every key but ``models``/``adapters`` and ``output`` has a default)
     epsilon: 0.15               # della: keep probabilities span density -/+ epsilon by magnitude rank
     t: 0.5                      # slerp: 0 = base_model, 1 = the model
     filter_wise: false          # model_stock: one interpolation per row instead of per tensor
+    nuslerp_flatten: true       # nuslerp (2 models, t = w1 / (w0 + w1)): one vector per tensor; false: per row
+    nuslerp_row_wise: false     # nuslerp, with nuslerp_flatten false: per column (vectors along dim 0) instead
+    select_topk: 1.0            # sce: fraction of elements kept, those of highest variance across the models
     sign: total                 # TIES sign election: total | count
     seed: 0                     # DARE/DELLA draws (mixed with each tensor's name)
     normalize: null             # null = the method's default (see mmt.merge.methods)
@@ -41,7 +44,7 @@ YAML config (every key but ``models``/``adapters`` and ``output`` has a default)
     backend: auto               # mmt_kernels backend (auto | reference | cpu | triton | cuda)
     stats: false                # per-tensor sign-conflict statistics (merge_stats.json, + plot)
 
-Numeric settings (``weight``, ``density``, ``lam``, ``epsilon``, ``gamma``, ``t``) may be gradients over the
+Numeric settings (``weight``, ``density``, ``lam``, ``epsilon``, ``gamma``, ``t``, ``select_topk``) may be gradients over the
 layers or per-tensor filter lists, globally or per model: see :mod:`mmt.merge.plan`. A mergekit config
 (``merge_method``, ``models: [{model, parameters}]``, ``parameters``, ``dtype``, ``out_dtype``,
 ``tokenizer_source``, whole-model ``slices``) is read as it is: see :mod:`mmt.merge.compat`.

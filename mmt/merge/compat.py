@@ -19,8 +19,17 @@ from mmt.errors import MergeError
 
 from .plan import METHODS
 
-_PARAMS = {"weight": "weight", "density": "density", "lambda": "lam", "epsilon": "epsilon", "gamma": "gamma", "t": "t"}
-_FLAGS = ("normalize", "rescale", "filter_wise", "int8_mask")  # booleans, one per merge
+_PARAMS = {
+    "weight": "weight",
+    "density": "density",
+    "lambda": "lam",
+    "epsilon": "epsilon",
+    "gamma": "gamma",
+    "t": "t",
+    "select_topk": "select_topk",
+}
+# booleans, one per merge
+_FLAGS = ("normalize", "rescale", "filter_wise", "int8_mask", "nuslerp_flatten", "nuslerp_row_wise")
 _MODEL_PARAMS = ("weight", "density", "epsilon", "gamma")
 _OWN_KEYS = (
     "output",

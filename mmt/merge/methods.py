@@ -21,6 +21,17 @@ only the task values that agree with it are averaged), and the result is added t
   (``t = 1``); nearly collinear pairs (|cos| > 0.9995) are interpolated linearly.
 * ``model_stock`` (Jang et al., 2024): ``t = K cos / (1 + (K - 1) cos)`` from the mean pairwise cosine of the
   task vectors (per row with ``filter_wise``); out = t * mean(x_k) + (1 - t) * base.
+* ``nuslerp`` (mergekit's NuSLERP): spherical interpolation of exactly two models at ``t = w_1 / (w_0 + w_1)``
+  from the two models' ``weight`` (0.5 when they sum to ~0); with a base_model, of their task vectors, added
+  to the base. ``nuslerp_flatten: true`` (default) treats the tensor as one vector; ``false`` interpolates each
+  vector along the last dim (each row of a matrix), or along dim 0 (each column) with ``nuslerp_row_wise: true``,
+  mergekit's naming. Vectors with ``1 - cos^2 <= 1e-16`` are interpolated linearly.
+* ``sce`` (Wan et al., 2024, FuseChat, arXiv:2408.07990): Select the ``select_topk`` fraction of the elements
+  whose task values vary most across the models (population variance, ``k = floor(select_topk * nonzero)``,
+  ``torch.topk`` order at ties, as mergekit); Calculate each model's weight as its mean squared selected task
+  value over the sum of these; Erase the values whose sign disagrees with the sign of their sum (``sign: count``:
+  of their signs' sum); the merge is base + lam * the weighted mean of the surviving values (weights of the
+  surviving models only), mergekit's ``sce``. Takes no ``weight``.
 
 ``semantics: mergekit`` (set when a mergekit config is read) follows mergekit where it differs: weights
 enter the sign vote and the consensus mean divides by the agreeing tasks' weights; ``normalize`` and
@@ -254,6 +265,49 @@ def model_stock(xs: list[torch.Tensor], base: torch.Tensor, filter_wise: bool = 
     return (t * mean + (1 - t) * w0).reshape(shape)
 
 
+def nuslerp(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, *, flatten: bool = True, row_wise: bool = False, eps: float = 1e-8
+) -> torch.Tensor:
+    """NuSLERP (fp32): v0 at t = 0 to v1 at t = 1, of the whole tensor (flatten) or per vector (see module doc)."""
+    shape = v0.shape
+    a, c = v0.float(), v1.float()
+    if flatten:
+        a, c = a.reshape(-1), c.reshape(-1)
+    elif row_wise:  # the vectors run along dim 0
+        a, c = a.transpose(0, -1), c.transpose(0, -1)
+    ua = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    uc = c / c.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (ua * uc).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    linear = (1 - cos * cos) <= eps * eps
+    theta = torch.acos(torch.where(linear, 0.0, cos))  # acos(1) = 0 keeps the unused branch finite
+    out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * c) / torch.sin(theta)
+    out = torch.where(linear, (1 - t) * a + t * c, out)
+    if row_wise and not flatten:
+        out = out.transpose(0, -1)
+    return out.reshape(shape)
+
+
+def sce(taus: list[torch.Tensor], select_topk: float, sign: str = "total") -> torch.Tensor:
+    """SCE's merged task vector (fp32) from K task vectors: select by variance, weight by energy, erase, mean."""
+    tv = torch.stack([t.float() for t in taus])
+    if select_topk < 1:
+        var = torch.var(tv, dim=0, correction=0)
+        k = int(int(torch.count_nonzero(var)) * select_topk)
+        keep = torch.zeros(var.numel(), dtype=tv.dtype, device=tv.device)
+        if k:
+            keep[torch.topk(var.abs().reshape(-1), k=k, largest=True).indices] = 1
+        tv = tv * keep.view(var.shape).unsqueeze(0)
+        del var, keep
+    energy = tv.square().reshape(tv.shape[0], -1).mean(dim=1)
+    total = float(energy.sum())
+    w = torch.full_like(energy, 1.0 / tv.shape[0]) if abs(total) < 1e-6 else energy / total
+    w = w.view(-1, *[1] * (tv.dim() - 1))
+    elect = tv.sign().sum(dim=0) if sign == "count" else tv.sum(dim=0)
+    majority = (elect >= 0).to(tv.dtype) * 2 - 1
+    w_kept = w * (tv.sign() == majority)
+    return (tv * w_kept).sum(dim=0) / w_kept.sum(dim=0).clamp(min=1e-6)
+
+
 def merge_one(
     cfg: "MergeConfig",
     name: str,
@@ -270,6 +324,17 @@ def merge_one(
         return slerp(s.t, b, xs[0])
     if method == "model_stock":
         return model_stock(xs, b, cfg.filter_wise)
+    if method == "nuslerp":
+        w0, w1 = s.weights
+        t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+        how = dict(flatten=cfg.nuslerp_flatten, row_wise=cfg.nuslerp_row_wise)
+        if b is None:
+            return nuslerp(t, xs[0], xs[1], **how)
+        bf = b.float()
+        return bf + nuslerp(t, xs[0].float() - bf, xs[1].float() - bf, **how)
+    if method == "sce":
+        delta = sce([x.float() - b.float() for x in xs], s.select_topk, cfg.sign)
+        return b.float() + s.lam * delta
     mergekit = cfg.semantics == "mergekit"
     consensus = method in _CONSENSUS
     normalize = cfg.normalize

@@ -1,7 +1,7 @@
 """What a merge does: its config (YAML -> :class:`MergeConfig`), which tensors it writes, and each one's settings.
 
-A numeric setting (``weight``, ``density``, ``lam``, ``epsilon``, ``gamma``, ``t``) is given globally or per
-model, and may be
+A numeric setting (``weight``, ``density``, ``lam``, ``epsilon``, ``gamma``, ``t``, ``select_topk``) is given
+globally or per model (``select_topk`` globally only), and may be
 
 * a number: the same for every tensor;
 * a gradient, a list of numbers: interpolated over the layers, the first value at layer 0 and the last at
@@ -33,9 +33,12 @@ NAMED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 KERNEL_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 METHODS = KERNEL_METHODS + ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock")
+METHODS += ("nuslerp", "sce")
+NO_BASE_METHODS = ("linear", "nuslerp")  # the methods base_model is optional for
 # Methods that elect a sign per element and combine only the agreeing task values.
 CONSENSUS_METHODS = ("ties", "dare_ties", "breadcrumbs_ties", "della")
-SETTINGS = ("weight", "density", "lam", "epsilon", "gamma", "t")  # numeric, per tensor (filters, gradients)
+# numeric, per tensor (filters, gradients)
+SETTINGS = ("weight", "density", "lam", "epsilon", "gamma", "t", "select_topk")
 MODEL_SETTINGS = ("weight", "density", "epsilon", "gamma")  # may also be set per model
 
 
@@ -108,6 +111,9 @@ class MergeConfig:
     normalize: bool | None = None
     rescale: bool | None = None
     filter_wise: bool = False
+    nuslerp_flatten: bool = True
+    nuslerp_row_wise: bool = False
+    select_topk: Any = 1.0
     semantics: str = "mmt"
     sign: str = "total"
     seed: int = 0
@@ -161,7 +167,7 @@ class MergeConfig:
             raise MergeError(f"{where}: method {self.method!r} is not one of {', '.join(METHODS)}")
         if bool(self.models) == bool(self.adapters):
             raise MergeError(f"{where}: give exactly one of 'models' (checkpoints) or 'adapters' (LoRA)")
-        if self.models and self.method != "linear" and not self.base_model:
+        if self.models and self.method not in NO_BASE_METHODS and not self.base_model:
             raise MergeError(f"{where}: method {self.method!r} needs base_model (task vectors are model - base)")
         if self.adapters and self.method not in KERNEL_METHODS:
             raise MergeError(f"{where}: LoRA adapters merge with {', '.join(KERNEL_METHODS)}, not {self.method!r}")
@@ -171,6 +177,7 @@ class MergeConfig:
             )
         if self.method == "model_stock" and len(self.models) < 2:
             raise MergeError(f"{where}: model_stock needs at least 2 models besides base_model")
+        self._validate_nuslerp_sce(where)
         for key, allowed in (
             ("sign", ("total", "count")),
             ("lora_mode", ("svd", "factor")),
@@ -181,7 +188,7 @@ class MergeConfig:
                 raise MergeError(f"{where}: {key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
         if self.rescale and not self.method.startswith(("dare", "della")):
             raise MergeError(f"{where}: rescale applies to the dare and della methods, not {self.method!r}")
-        if self.normalize is not None and self.method in ("slerp", "model_stock"):
+        if self.normalize is not None and self.method in ("slerp", "model_stock", "nuslerp", "sce"):
             raise MergeError(f"{where}: normalize does not apply to {self.method}")
         for key in ("dtype", "out_dtype"):
             value = getattr(self, key)
@@ -202,6 +209,42 @@ class MergeConfig:
             d = self.density if spec.density is None else spec.density
             if isinstance(d, (int, float)):
                 self.check_density(float(d), f"{where}: density {d} for {spec.path}")
+
+    def _validate_nuslerp_sce(self, where: str) -> None:
+        for key in ("nuslerp_flatten", "nuslerp_row_wise"):
+            if not isinstance(getattr(self, key), bool):
+                raise MergeError(f"{where}: {key} must be true or false, got {getattr(self, key)!r}")
+        if self.method == "nuslerp":
+            if len(self.models) != 2:
+                raise MergeError(
+                    f"{where}: nuslerp interpolates exactly 2 models (besides base_model), got {len(self.models)}"
+                )
+            if self.t != 0.5:  # the field's default; nuslerp's t comes from the two weights
+                raise MergeError(
+                    f"{where}: nuslerp takes per-model weights, not t (t = w1 / (w0 + w1)), got t={self.t!r}"
+                )
+            if self.nuslerp_row_wise and self.nuslerp_flatten:  # mergekit would flatten and ignore row_wise
+                raise MergeError(f"{where}: nuslerp_row_wise: true needs nuslerp_flatten: false")
+        elif self.nuslerp_row_wise or not self.nuslerp_flatten:
+            raise MergeError(f"{where}: nuslerp_flatten and nuslerp_row_wise apply to nuslerp, not {self.method!r}")
+        if self.method == "sce":
+            if len(self.models) < 2:
+                raise MergeError(f"{where}: sce needs at least 2 models besides base_model (it selects by variance)")
+            for spec in self.models:
+                if spec.weight != 1.0:  # mergekit's sce takes no weight either
+                    raise MergeError(
+                        f"{where}: sce computes each model's weight from its task vector; weight {spec.weight!r} "
+                        f"for {spec.path} is not used, leave it out"
+                    )
+        if self.select_topk != 1.0 and self.method != "sce":
+            raise MergeError(f"{where}: select_topk applies to sce, not {self.method!r}")
+        if isinstance(self.select_topk, (int, float)) and not isinstance(self.select_topk, bool):
+            self.check_select_topk(float(self.select_topk), f"{where}: select_topk")
+
+    @staticmethod
+    def check_select_topk(value: float, what: str) -> None:
+        if not 0.0 < value <= 1.0:
+            raise MergeError(f"{what} {value} is outside (0, 1] (the fraction of elements kept)")
 
     def check_density(self, d: float, what: str) -> None:
         if not 0.0 <= d <= 1.0 or (self.method.startswith(("dare", "della")) and d == 0.0):
@@ -225,6 +268,7 @@ class TensorSettings:
     gammas: list[float]
     lam: float
     t: float
+    select_topk: float = 1.0
 
 
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -281,7 +325,10 @@ def tensor_settings(cfg: MergeConfig, name: str, num_layers: int) -> TensorSetti
         gammas=per_model("gamma"),
         lam=one(cfg.lam, "lam"),
         t=one(cfg.t, "t"),
+        select_topk=one(cfg.select_topk, "select_topk"),
     )
+    if cfg.method == "sce":
+        cfg.check_select_topk(s.select_topk, f"tensor {name}: select_topk")
     for spec, d, eps in zip(cfg.models, s.densities, s.epsilons):
         cfg.check_density(d, f"tensor {name}: density {d} for {spec.path}")
         if cfg.method.startswith("della") and not (0.0 < d - eps and d + eps <= 1.0):

@@ -99,6 +99,8 @@ REFERENCES = {
     "della_linear": "DELLA-Merging's MagPrune (Deep et al., 2024, arXiv:2406.11617) with task arithmetic",
     "slerp": "spherical linear interpolation (Shoemake, 1985)",
     "model_stock": "Model Stock (Jang et al., 2024, arXiv:2403.19522)",
+    "nuslerp": "NuSLERP, mergekit's spherical interpolation of two models or of their task vectors",
+    "sce": "SCE, select, calculate, erase (Wan et al., 2024, FuseChat, arXiv:2408.07990)",
 }
 # The settings each method reads, for the card.
 _USES = {
@@ -113,6 +115,8 @@ _USES = {
     "della_linear": ("density", "epsilon", "lam", "seed"),
     "slerp": ("t",),
     "model_stock": ("filter_wise",),
+    "nuslerp": ("nuslerp_flatten", "nuslerp_row_wise"),
+    "sce": ("select_topk", "lam", "sign"),
 }
 
 

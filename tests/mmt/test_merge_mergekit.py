@@ -115,11 +115,16 @@ _METHODS = [
     ("model_stock", None, {}, False),
     ("linear", "weights", {}, True),  # fp32 sums in another order: a few elements round to the neighbouring bf16
     ("slerp", "slerp", {"parameters": {"t": 0.3}}, True),
+    ("nuslerp", "nuslerp", {}, False),  # task vectors from the base, the whole tensor as one vector
+    ("nuslerp", "nuslerp_rows", {"parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}}, False),
+    ("sce", None, {"parameters": {"select_topk": 0.5}}, False),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,params,extra,one_ulp", _METHODS, ids=[m[0] for m in _METHODS])
+@pytest.mark.parametrize(
+    "method,params,extra,one_ulp", _METHODS, ids=[m[1] if m[1] == "nuslerp_rows" else m[0] for m in _METHODS]
+)
 def test_mergekit_yaml_gives_mergekits_checkpoint(tmp_path, method, params, extra, one_ulp):
     env = _mergekit_env()
     if env is None:
@@ -129,6 +134,11 @@ def test_mergekit_yaml_gives_mergekits_checkpoint(tmp_path, method, params, extr
         cfg = {"models": [{"model": p, "parameters": {"weight": w}} for p, w in zip(paths[1:], (1.0, 0.5, 0.25))]}
     elif params == "slerp":
         cfg = {"base_model": paths[0], "models": [{"model": paths[0]}, {"model": paths[1]}]}
+    elif params == "nuslerp":  # the base listed among the models, as mergekit's examples do
+        models = [{"model": p, "parameters": {"weight": w}} for p, w in zip(paths[1:3], (1.0, 0.5))]
+        cfg = {"base_model": paths[0], "models": [{"model": paths[0]}, *models]}
+    elif params == "nuslerp_rows":  # no base: the models themselves, per column
+        cfg = {"models": [{"model": p, "parameters": {"weight": w}} for p, w in zip(paths[1:3], (0.25, 1.0))]}
     else:
         models = [{"model": p, **({"parameters": params} if params else {})} for p in paths[1:]]
         cfg = {"base_model": paths[0], "models": models}

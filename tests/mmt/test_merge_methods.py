@@ -299,3 +299,199 @@ def test_config_errors_for_new_methods():
         _cfg("ties", rescale=True)
     with pytest.raises(MergeError, match="LoRA adapters merge with"):
         MergeConfig.from_dict(dict(method="della", adapters=["a"]))
+
+
+# ---- nuslerp and sce ------------------------------------------------------------------------------------------
+
+
+def _nuslerp_direct(t, v0, v1, flatten=True, row_wise=False):
+    """float64, one vector at a time: the slerp formula, linear when the vectors are (anti)parallel."""
+    a, c = v0.double(), v1.double()
+    if flatten:
+        a, c = a.reshape(1, -1), c.reshape(1, -1)
+    elif row_wise:  # vectors along dim 0
+        a, c = a.movedim(0, -1), c.movedim(0, -1)
+    moved = a.shape
+    a, c = a.reshape(-1, moved[-1]), c.reshape(-1, moved[-1])
+    out = torch.empty_like(a)
+    for i in range(a.shape[0]):
+        x, y = a[i], c[i]
+        cos = float(torch.dot(x, y) / (max(float(x.norm()), 1e-7) * max(float(y.norm()), 1e-7)))
+        cos = min(1.0, max(-1.0, cos))
+        if 1 - cos * cos <= 1e-16:
+            out[i] = (1 - t) * x + t * y
+        else:
+            th = math.acos(cos)
+            out[i] = (math.sin((1 - t) * th) * x + math.sin(t * th) * y) / math.sin(th)
+    out = out.reshape(moved)
+    if row_wise and not flatten:
+        out = out.movedim(-1, 0)
+    return out.reshape(v0.shape)
+
+
+def _nus_cfg(weights=(1.0, 1.0), base=True, **kw):
+    raw = dict(method="nuslerp", models=[{"path": f"m{i}", "weight": w} for i, w in enumerate(weights)], output="o")
+    if base:
+        raw["base_model"] = "base"
+    raw.update(kw)
+    return MergeConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(48, 40), (7,), (1,), (3, 5, 2)], ids=str)
+@pytest.mark.parametrize("how", ["flatten", "rows", "row_wise"])
+def test_nuslerp_matches_its_definition(dtype, shape, how):
+    xs, b = _inputs(shape=shape, k=2, dtype=dtype, seed=len(shape))
+    flags = {
+        "flatten": {},
+        "rows": dict(nuslerp_flatten=False),
+        "row_wise": dict(nuslerp_flatten=False, nuslerp_row_wise=True),
+    }[how]
+    for weights, t in (((1.0, 1.0), 0.5), ((2.0, 1.0), 1 / 3), ((1.0, -1.0), 0.5), ((1.0, 0.0), 0.0)):
+        for base in (True, False):
+            got = _run(_nus_cfg(weights, base, **flags), xs, b if base else None)
+            assert got.dtype == torch.float32 and got.shape == b.shape
+            if base:
+                want = b.double() + _nuslerp_direct(
+                    t, xs[0] - b.double(), xs[1] - b.double(), "flatten" == how, how == "row_wise"
+                )
+            else:
+                want = _nuslerp_direct(t, xs[0], xs[1], how == "flatten", how == "row_wise")
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # t = 0 is the first model
+    torch.testing.assert_close(
+        _run(_nus_cfg((1.0, 0.0), False, **flags), xs, None), xs[0].float(), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_nuslerp_keeps_the_norm_of_orthogonal_vectors_and_is_linear_when_parallel():
+    v0, v1 = torch.tensor([[3.0, 0.0], [1.0, 2.0]]), torch.tensor([[0.0, 3.0], [2.0, 4.0]])
+    got = _run(_nus_cfg(base=False, nuslerp_flatten=False), [v0, v1], None)
+    torch.testing.assert_close(got[0], torch.tensor([3 / math.sqrt(2), 3 / math.sqrt(2)]))  # on the circle
+    torch.testing.assert_close(got[1], torch.tensor([1.5, 3.0]))  # parallel rows: the midpoint
+    # per column (nuslerp_row_wise) is per row of the transpose
+    cols = _run(_nus_cfg(base=False, nuslerp_flatten=False, nuslerp_row_wise=True), [v0, v1], None)
+    rows_t = _run(_nus_cfg(base=False, nuslerp_flatten=False), [v0.T.contiguous(), v1.T.contiguous()], None)
+    torch.testing.assert_close(cols, rows_t.T)
+
+
+def _sce_direct(taus, topk, count=False):
+    """float64: Select (top-k variance), Calculate (sum-of-squares weights), Erase (minority signs), weighted mean."""
+    d = torch.stack([t.double().reshape(-1) for t in taus])
+    if topk < 1:
+        var = ((d - d.mean(0)) ** 2).mean(0)
+        k = int(int((var != 0).sum()) * topk)
+        keep = torch.zeros_like(var, dtype=torch.bool)
+        if k:
+            order = var.argsort(descending=True)
+            assert k == len(var) or var[order[k - 1]] > var[order[k]], "ties at the cut-off: pick another fixture"
+            keep[order[:k]] = True
+        d = d * keep
+    energy = (d**2).sum(1)
+    eta = energy / energy.sum() if energy.sum() > 0 else torch.full_like(energy, 1 / len(taus))
+    vote = d.sign().sum(0) if count else d.sum(0)
+    agree = d.sign() == torch.where(vote >= 0, 1.0, -1.0)
+    w = eta[:, None] * agree
+    return ((w * d).sum(0) / w.sum(0).clamp(min=1e-6)).reshape(taus[0].shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(48, 40), (7,), (1,), (3, 5, 2)], ids=str)
+@pytest.mark.parametrize("topk", [1.0, 0.5, 0.05])
+def test_sce_matches_its_definition(dtype, shape, topk):
+    g = torch.Generator().manual_seed(sum(shape))
+    b = (torch.randn(shape, generator=g) * 0.02).to(dtype)  # small base: bf16 task values without many ties
+    xs = [(b.float() + torch.randn(shape, generator=g) * s).to(dtype) for s in (0.05, 0.1, 0.02)]
+    taus = [x.double() - b.double() for x in xs]
+    for lam, sign in ((1.0, "total"), (0.6, "count")):
+        got = _run(_cfg("sce", select_topk=topk, lam=lam, sign=sign), xs, b)
+        want = b.double() + lam * _sce_direct(taus, topk, count=sign == "count")
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    if math.prod(shape) * topk < 1:  # nothing selected: the base
+        assert torch.equal(got, b.float())
+
+
+def test_sce_selects_by_variance_and_weights_by_energy():
+    b = torch.zeros(4)
+    # element 0 varies most, element 3 not at all; model 1 has 4x model 0's energy on what is kept
+    xs = [torch.tensor([1.0, 0.1, 0.1, 0.3]), torch.tensor([-2.0, 0.3, 0.2, 0.3])]
+    got = _run(_cfg("sce", k=2, select_topk=0.5), xs, b)  # 3 nonzero variances, k = 1: element 0
+    torch.testing.assert_close(got, torch.tensor([-2.0, 0.0, 0.0, 0.0]))  # +1 is erased by the elected sign
+    got = _run(_cfg("sce", k=2), xs, b)
+    e0, e1 = 1 + 0.01 + 0.01 + 0.09, 4 + 0.09 + 0.04 + 0.09
+    w0, w1 = e0 / (e0 + e1), e1 / (e0 + e1)
+    want = torch.tensor([-2.0, (w0 * 0.1 + w1 * 0.3) / (w0 + w1), (w0 * 0.1 + w1 * 0.2) / (w0 + w1), 0.3])
+    torch.testing.assert_close(got, want)
+
+
+def test_nuslerp_and_sce_config_errors():
+    with pytest.raises(MergeError, match="nuslerp interpolates exactly 2 models .* got 3"):
+        _cfg("nuslerp", k=3)
+    with pytest.raises(MergeError, match="nuslerp interpolates exactly 2 models .* got 1"):
+        _nus_cfg(weights=(1.0,))
+    with pytest.raises(MergeError, match=r"nuslerp takes per-model weights, not t .* got t=0\.3"):
+        _nus_cfg(t=0.3)
+    with pytest.raises(MergeError, match="nuslerp_row_wise: true needs nuslerp_flatten: false"):
+        _nus_cfg(nuslerp_row_wise=True)
+    with pytest.raises(MergeError, match="nuslerp_flatten must be true or false, got 'yes'"):
+        _nus_cfg(nuslerp_flatten="yes")
+    with pytest.raises(MergeError, match="nuslerp_flatten and nuslerp_row_wise apply to nuslerp, not 'ties'"):
+        _cfg("ties", nuslerp_flatten=False)
+    with pytest.raises(MergeError, match="normalize does not apply to nuslerp"):
+        _nus_cfg(normalize=True)
+    for bad in (0, 0.0, -0.1, 1.5):
+        with pytest.raises(MergeError, match=rf"select_topk {float(bad)} is outside \(0, 1\]"):
+            _cfg("sce", select_topk=bad)
+    cfg = _cfg("sce", select_topk=[{"filter": "mlp", "value": 2.0}, {"value": 0.5}])
+    with pytest.raises(MergeError, match=rf"tensor {NAME}: select_topk 2\.0 is outside"):
+        tensor_settings(cfg, NAME, 3)
+    assert tensor_settings(cfg, "model.norm.weight", 3).select_topk == 0.5
+    with pytest.raises(MergeError, match="select_topk applies to sce, not 'ties'"):
+        _cfg("ties", select_topk=0.5)
+    with pytest.raises(MergeError, match="sce needs at least 2 models"):
+        _cfg("sce", k=1)
+    with pytest.raises(MergeError, match=r"sce computes each model's weight .* weight 0\.5 for m1"):
+        _cfg("sce", k=2, models=["m0", {"path": "m1", "weight": 0.5}])
+    with pytest.raises(MergeError, match="method 'sce' needs base_model"):
+        MergeConfig.from_dict(dict(method="sce", models=["a", "b"]))
+    with pytest.raises(MergeError, match="normalize does not apply to sce"):
+        _cfg("sce", normalize=False)
+
+
+def test_mergekit_configs_of_nuslerp_and_sce_are_read():
+    mk = {
+        "merge_method": "nuslerp",
+        "base_model": "base",
+        "models": [
+            {"model": "base"},
+            {"model": "a", "parameters": {"weight": 2.0}},
+            {"model": "b", "parameters": {"weight": 1.0}},
+        ],
+        "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+        "output": "o",
+    }
+    cfg = MergeConfig.from_dict(mk)
+    assert [(s.path, s.weight) for s in cfg.models] == [("a", 2.0), ("b", 1.0)]
+    assert cfg.base_model == "base" and cfg.semantics == "mergekit"
+    assert (cfg.nuslerp_flatten, cfg.nuslerp_row_wise) == (False, True)
+    cfg = MergeConfig.from_dict({**mk, "base_model": None, "models": mk["models"][1:], "parameters": {}})
+    assert cfg.base_model is None and cfg.nuslerp_flatten is True
+    sce = {"merge_method": "sce", "base_model": "base", "models": ["a", "b"], "parameters": {"select_topk": [0.2, 0.6]}}
+    cfg = MergeConfig.from_dict({**sce, "output": "o"})
+    assert cfg.select_topk == [0.2, 0.6] and tensor_settings(cfg, NAME, 3).select_topk == pytest.approx(0.4)
+    bad = {**sce, "models": [{"model": "a", "parameters": {"select_topk": 0.5}}, "b"]}
+    with pytest.raises(MergeError, match="select_topk"):
+        MergeConfig.from_dict(bad)
+
+
+def test_examples_of_nuslerp_and_sce_load():
+    from pathlib import Path
+
+    from mmt.merge.plan import load_merge_config
+
+    root = Path(__file__).resolve().parents[2] / "examples" / "merge"
+    nus = load_merge_config(root / "nuslerp.yaml")
+    assert nus.method == "nuslerp" and [s.weight for s in nus.models] == [2.0, 1.0]
+    sce = load_merge_config(root / "sce.yaml")
+    assert sce.method == "sce" and sce.select_topk == 0.3 and len(sce.models) == 3 and sce.semantics == "mergekit"
