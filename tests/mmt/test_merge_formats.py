@@ -210,7 +210,7 @@ def test_mergekit_config_read_as_it_is(ckpts, tmp_path, capsys):
     [
         ({"tokenizer_source": "union"}, "tokenizer_source: union"),
         ({"parameters": {"densty": 0.2}}, r"parameter\(s\) \['densty'\] are not supported"),
-        ({"merge_method": "sce"}, "merge_method 'sce' is not supported"),
+        ({"merge_method": "arcee_fusion"}, "merge_method 'arcee_fusion' is not supported"),
         ({"base_model": "org/model+lora"}, r"applies a LoRA to a model"),
         (
             {
