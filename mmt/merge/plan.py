@@ -644,9 +644,16 @@ def _plan_slices(cfg: MergeConfig) -> MergePlan:
         if path not in cks:
             ck = cks[path] = Checkpoint(path)
             by_layer: dict[int, list[str]] = {}
+            stacks = set()
             for n in ck.names():
                 if (m := _LAYER.search(n)) is not None:
                     by_layer.setdefault(int(m.group(1)), []).append(n)
+                    stacks.add(n[: m.start()])
+            if len(stacks) > 1:  # mergekit too refuses slices of a model with several modules
+                raise MergeError(
+                    f"slices: {path} has more than one stack of layers ({', '.join(sorted(stacks))}); "
+                    "slices apply to a model with one (a text decoder)"
+                )
             layer_names[path] = by_layer
         return cks[path]
 
