@@ -13,8 +13,9 @@ directory that looks like a finished checkpoint. Next to the weights go config.j
 YAML config (every key but ``models``/``adapters`` and ``output`` has a default)::
 
     method: ties                # linear | task_arithmetic | ties | dare_linear | dare_ties | breadcrumbs |
-                                # breadcrumbs_ties | della | della_linear | slerp | model_stock | nuslerp | sce
-    base_model: runs/base       # needed by every method but linear and nuslerp
+                                # breadcrumbs_ties | della | della_linear | slerp | model_stock | nuslerp | sce |
+                                # passthrough (one model or one source per slice, copied)
+    base_model: runs/base       # needed by every method but linear, nuslerp and passthrough
     models:                     # K fine-tuned checkpoints: a path, or {path, weight, density, epsilon, gamma}
       - {path: runs/group1/final, weight: 1.0}
       - runs/group2/final
@@ -47,7 +48,10 @@ YAML config (every key but ``models``/``adapters`` and ``output`` has a default)
 Numeric settings (``weight``, ``density``, ``lam``, ``epsilon``, ``gamma``, ``t``, ``select_topk``) may be gradients over the
 layers or per-tensor filter lists, globally or per model: see :mod:`mmt.merge.plan`. A mergekit config
 (``merge_method``, ``models: [{model, parameters}]``, ``parameters``, ``dtype``, ``out_dtype``,
-``tokenizer_source``, whole-model ``slices``) is read as it is: see :mod:`mmt.merge.compat`.
+``tokenizer_source``, ``slices``) is read as it is: see :mod:`mmt.merge.compat`.
+
+``slices`` instead of ``models`` stacks layer ranges of the inputs (``method: passthrough`` copies them, the
+frankenmerge) or merges them per slice, with settings per slice and per source: see :mod:`mmt.merge.plan`.
 
 LoRA adapters instead of full checkpoints: ``adapters: [dir, ...]`` (peft adapter directories),
 ``lora_mode: svd`` (dense ``s*B@A`` per module, merged, truncated back to ``rank`` by SVD) or

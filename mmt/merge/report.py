@@ -101,6 +101,7 @@ REFERENCES = {
     "model_stock": "Model Stock (Jang et al., 2024, arXiv:2403.19522)",
     "nuslerp": "NuSLERP, mergekit's spherical interpolation of two models or of their task vectors",
     "sce": "SCE, select, calculate, erase (Wan et al., 2024, FuseChat, arXiv:2408.07990)",
+    "passthrough": "passthrough: layers copied unchanged (frankenmerge, as mergekit's passthrough)",
 }
 # The settings each method reads, for the card.
 _USES = {
@@ -117,6 +118,7 @@ _USES = {
     "model_stock": ("filter_wise",),
     "nuslerp": ("nuslerp_flatten", "nuslerp_row_wise"),
     "sce": ("select_topk", "lam", "sign"),
+    "passthrough": (),
 }
 
 
@@ -129,13 +131,16 @@ def model_card(cfg: Any, report: MergeReport, config_yaml: str) -> str:
     import yaml
 
     specs = cfg.models or cfg.adapters
+    first = specs[0].path if specs else cfg.slices[0].sources[0].path
     front = {
-        "base_model": cfg.base_model or specs[0].path,
+        "base_model": cfg.base_model or first,
         "library_name": "peft" if cfg.adapters else "transformers",
         "tags": ["mmt", "merge", cfg.method],
     }
     what = "LoRA adapters" if cfg.adapters else "checkpoints"
     base = f" of `{cfg.base_model}`" if cfg.base_model else ""
+    if cfg.slices:
+        what = f"{len(cfg.slices)} slices of checkpoints"
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).strip(),
@@ -154,6 +159,19 @@ def model_card(cfg: Any, report: MergeReport, config_yaml: str) -> str:
     for s in specs:
         density = cfg.density if s.density is None else s.density
         lines.append(f"| `{s.path}` | {_fmt(s.weight)} | {_fmt(density)} |")
+    if cfg.slices:  # one row per source, in output order
+        lines[-2:] = ["| slice | output layers | model | layers | weight | density |", "|---|---|---|---|---|---|"]
+        start = 0
+        for i, sl in enumerate(cfg.slices):
+            a, b = sl.sources[0].layer_range
+            for src in sl.sources:
+                weight = next((v for v in (src.weight, sl.weight) if v is not None), 1.0)
+                density = next((v for v in (src.density, sl.density) if v is not None), cfg.density)
+                lines.append(
+                    f"| {i} | {start}-{start + b - a - 1} | `{src.path}` | {src.layer_range[0]}-{src.layer_range[1] - 1}"
+                    f" | {_fmt(weight)} | {_fmt(density)} |"
+                )
+            start += b - a
     lines += ["", "## Method and settings", ""]
     for key in _USES.get(cfg.method, ()):
         lines.append(f"- {key}: {_fmt(getattr(cfg, key))}")
@@ -164,7 +182,7 @@ def model_card(cfg: Any, report: MergeReport, config_yaml: str) -> str:
         f"- compute dtype: {cfg.dtype or same}; output dtype: {cfg.out_dtype or cfg.dtype or same}",
         f"- conventions: {cfg.semantics}"
         + (" (weights, normalisation and rescaling as mergekit)" if cfg.semantics == "mergekit" else ""),
-        f"- tokenizer: from `{cfg.tokenizer_source or cfg.base_model or specs[0].path}`"
+        f"- tokenizer: from `{cfg.tokenizer_source or cfg.base_model or first}`"
         + (", chat template replaced" if cfg.chat_template else ""),
     ]
     lines += [
@@ -191,9 +209,19 @@ def write_card_and_config(out: Path, cfg: Any, report: MergeReport) -> None:
 
     data = cfg.to_dict()
     data["overwrite"] = False
-    data.pop("adapters" if cfg.models else "models")
-    key = "models" if cfg.models else "adapters"
-    data[key] = [{k: v for k, v in spec.items() if v is not None} for spec in data[key]]
+    key = "models" if cfg.models else "adapters" if cfg.adapters else "slices"
+    for other in {"models", "adapters", "slices"} - {key}:
+        data.pop(other)
+    if key == "slices":
+        data[key] = [
+            {
+                **{k: v for k, v in sl.items() if v is not None and k != "sources"},
+                "sources": [{k: v for k, v in src.items() if v is not None} for src in sl["sources"]],
+            }
+            for sl in data[key]
+        ]
+    else:
+        data[key] = [{k: v for k, v in spec.items() if v is not None} for spec in data[key]]
     text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     (out / "merge_config.yaml").write_text(text, encoding="utf-8")
     (out / "README.md").write_text(model_card(cfg, report, text), encoding="utf-8")

@@ -11,10 +11,10 @@ import torch
 
 from mmt.errors import MergeError
 
-from .io import FLOAT_DTYPES, Checkpoint, StreamingWriter, TensorPlan, atomic_output
+from .io import FLOAT_DTYPES, StreamingWriter, TensorPlan, atomic_output
 from .lora import merge_lora_adapters
 from .methods import merge_one, sign_conflict
-from .plan import NAMED_DTYPES, MergeConfig, layer_count, parse_size, plan_tensors, tensor_seed, tensor_settings
+from .plan import NAMED_DTYPES, PASSTHROUGH, MergeConfig, parse_size, plan_merge, tensor_seed
 from .report import MergeReport, peak_rss_mb, plot_stats, write_card_and_config, write_report_and_commit
 
 TOKENIZER_FILES = (
@@ -31,60 +31,65 @@ TOKENIZER_FILES = (
 
 
 def merge_checkpoints(cfg: MergeConfig, progress: bool = True) -> MergeReport:
-    """Merge ``cfg.models`` (into ``cfg.base_model``) and write ``cfg.output`` atomically."""
+    """Merge ``cfg.models`` (into ``cfg.base_model``), or build ``cfg.slices``, and write ``cfg.output`` atomically."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
-    models = [Checkpoint(s.path) for s in cfg.models]
-    base = Checkpoint(cfg.base_model) if cfg.base_model else None
-    ref = base or models[0]
-    plan = plan_tensors(cfg, models, base)
-    num_layers = layer_count(ref.path, ref.names())
-    settings = {name: tensor_settings(cfg, name, num_layers) for name, _, _ in plan}  # every bad value, up front
+    mp = plan_merge(cfg)  # every input, shape and setting checked before the output exists
+    jobs, ref = mp.jobs, mp.reference
+    plan = [(j.name, j.dtype, j.shape) for j in jobs]
     tokenizer_dir = _tokenizer_source(cfg, ref.path)
     template = _chat_template(cfg)
     output = Path(cfg.output)
     tmp = atomic_output(output, cfg.overwrite)
-    report = MergeReport(output=str(output), method=cfg.method, num_models=len(models))
+    num_inputs = len({ck.path for j in jobs for ck, _ in j.inputs + ([j.base] if j.base else [])})
+    report = MergeReport(output=str(output), method=cfg.method, num_models=len(cfg.models) or num_inputs)
     compute = NAMED_DTYPES[cfg.dtype] if cfg.dtype else None
     device = torch.device(cfg.device)
     backend = None if cfg.backend == "auto" else cfg.backend
     writer = None
     try:
         writer = StreamingWriter(tmp, plan, parse_size(cfg.shard_size))
-        bar = tqdm(plan, desc=f"merge ({cfg.method}, K={len(models)})", unit="tensor", disable=not progress)
-        inputs = models + ([base] if base is not None else [])
-        for i, (name, dtype, shape) in enumerate(bar):
-            if i + 1 < len(plan):
-                for ck in inputs:
-                    ck.prefetch(plan[i + 1][0])
-            b = base.get(name) if base is not None else None
-            xs = [ck.get(name) for ck in models]
+        desc = f"merge ({cfg.method}, " + (f"{len(cfg.slices)} slices)" if cfg.slices else f"K={len(cfg.models)})")
+        bar = tqdm(jobs, desc=desc, unit="tensor", disable=not progress)
+        for i, job in enumerate(bar):
+            reads = job.inputs + ([job.base] if job.base is not None else [])
+            if i + 1 < len(jobs):
+                nxt = jobs[i + 1]
+                for ck, n in nxt.inputs + ([nxt.base] if nxt.base is not None else []):
+                    ck.prefetch(n)
+            name, dtype, jcfg, s = job.name, job.dtype, job.cfg, job.settings
+            b = job.base[0].get(job.base[1]) if job.base is not None else None
+            xs = [ck.get(n) for ck, n in job.inputs]
             report.bytes_read += sum(x.nbytes for x in xs) + (b.nbytes if b is not None else 0)
             if not xs[0].is_floating_point():
-                for spec, x in zip(cfg.models, xs):  # integer buffers are copied, but must agree
+                for (ck, _), x in zip(job.inputs, xs):  # integer buffers are copied, but must agree
                     if not torch.equal(x, xs[0]):
-                        raise MergeError(f"non-float tensor {name} differs between checkpoints ({spec.path})")
+                        raise MergeError(f"non-float tensor {name} differs between checkpoints ({ck.path})")
                 writer.write(name, xs[0] if b is None else b)
                 report.tensors_copied += 1
-                for ck in inputs:
-                    ck.release(name)
+                for ck, n in reads:
+                    ck.release(n)
                 continue
             work = compute or xs[0].dtype
             xs = [x.to(device=device, dtype=work) for x in xs]
             b = b.to(device=device, dtype=work) if b is not None else None
-            merged = merge_one(cfg, name, xs, b, settings[name], tensor_seed(cfg.seed, name), backend)
+            if jcfg.method == PASSTHROUGH:  # mergekit's: the one input, times its scale if it has one
+                merged = xs[0] if s.scales[0] is None else xs[0] * s.scales[0]
+                report.tensors_copied += 1
+            else:
+                merged = merge_one(jcfg, name, xs, b, s, tensor_seed(cfg.seed, name), backend)
+                report.tensors_merged += 1
             if cfg.stats and b is not None:
                 report.stats[name] = sign_conflict([x - b for x in xs])
             writer.write(name, merged.to(dtype))
-            report.tensors_merged += 1
             report.parameters += merged.numel()
             del xs, b, merged
-            for ck in inputs:
-                ck.release(name)
+            for ck, n in reads:
+                ck.release(n)
         writer.close()
         report.bytes_written = writer.total_bytes
-        write_model_config(ref.path, tmp, plan)
+        write_model_config(ref.path, tmp, plan, mp.layers)
         if tokenizer_dir is not None:
             for f in TOKENIZER_FILES:
                 if (tokenizer_dir / f).exists():
@@ -150,8 +155,26 @@ def _write_chat_template(out: Path, template: str) -> None:
             conf.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
-def write_model_config(src: Path, dst: Path, plan: list[TensorPlan]) -> None:
-    """The reference's config.json, with its dtype set to the output's (when the output has one float dtype)."""
+# Per-layer lists in a config: rebuilt from the source layers when slices restack the layers (Gemma 3's
+# sliding/full attention pattern, SmolLM3's rope-less layers). mergekit sets only the layer count, so such an
+# output fails transformers' check that layer_types has num_hidden_layers entries.
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
+
+
+def _layer_node(data: dict) -> dict:
+    """The part of a config.json that counts the layers (the top level, or ``text_config``)."""
+    for node in (data, data.get("text_config") or {}):
+        if isinstance(node.get("num_hidden_layers"), int):
+            return node
+    return data
+
+
+def write_model_config(
+    src: Path, dst: Path, plan: list[TensorPlan], layers: list[tuple[Path, int]] | None = None
+) -> None:
+    """The reference's config.json, with its dtype set to the output's (when the output has one float dtype);
+    with ``layers`` (slices: each output layer's source checkpoint and layer), the layer count and the per-layer
+    lists are the output's."""
     conf = src / "config.json"
     if not conf.exists():
         return
@@ -162,6 +185,26 @@ def write_model_config(src: Path, dst: Path, plan: list[TensorPlan]) -> None:
         for key in ("torch_dtype", "dtype"):
             if key in data or key == "torch_dtype":
                 data[key] = name
+    if layers is not None:
+        node = _layer_node(data)
+        node["num_hidden_layers"] = len(layers)
+        sources: dict[Path, dict] = {}
+        for key in PER_LAYER_KEYS:
+            if key not in node:
+                continue
+            values = []
+            for path, index in layers:
+                if path not in sources:
+                    f = path / "config.json"
+                    sources[path] = _layer_node(json.loads(f.read_text())) if f.exists() else {}
+                per_layer = sources[path].get(key)
+                if not isinstance(per_layer, list) or index >= len(per_layer):
+                    raise MergeError(
+                        f"cannot write {key} of the output's layer {len(values)}: {path / 'config.json'} has no "
+                        f"{key} entry for its layer {index}"
+                    )
+                values.append(per_layer[index])
+            node[key] = values
     (dst / "config.json").write_text(json.dumps(data, indent=2))
 
 

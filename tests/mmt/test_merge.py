@@ -346,4 +346,4 @@ def test_shipped_merge_configs_load(path):
     from mmt.merge import load_merge_config
 
     cfg = load_merge_config(path)
-    assert (cfg.models or cfg.adapters) and cfg.output
+    assert (cfg.models or cfg.adapters or cfg.slices) and cfg.output

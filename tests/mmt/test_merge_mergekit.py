@@ -4,6 +4,7 @@ YAML run by both tools gives the same bf16 checkpoint (``tie_break: exact_k`` fo
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -74,10 +75,10 @@ def test_exact_k_equals_mergekit_ties_bit_for_bit(tmp_path):
     assert any(not torch.equal(thr[n], w) for n, w in want.items())  # the default keeps the ties, and differs
 
 
-def _bf16_models(root: Path, n: int) -> list[str]:
+def _bf16_models(root: Path, n: int, layers: int = 2) -> list[str]:
     paths = []
     for i in range(n):
-        m = tiny_model("llama", vocab=256, hidden=64, layers=2, intermediate=128)
+        m = tiny_model("llama", vocab=256, hidden=64, layers=layers, intermediate=128)
         if i:
             g = torch.Generator().manual_seed(i)
             with torch.no_grad():
@@ -158,3 +159,69 @@ def test_mergekit_yaml_gives_mergekits_checkpoint(tmp_path, method, params, extr
             gap = (got[name].float() - w.float()).abs()
             assert bool((gap <= _ulp_bf16(w)).all()), f"{name}: {float(gap.max())}"
             assert float((gap > 0).float().mean()) < 0.01, name  # rounding, not another formula
+
+
+def _slices(paths: list[str], method: str) -> dict:
+    """Two slices over 4-layer models; the second takes other layer ranges, and its own parameters."""
+    m0, m1, m2 = paths[:3]
+
+    def src(m, a, b, **params):
+        return {"model": m, "layer_range": [a, b], **({"parameters": params} if params else {})}
+
+    if method == "passthrough":  # a frankenmerge: 3 layers of m1, then 3 of m2 (pre from m1, post from m2)
+        return {"slices": [{"sources": [src(m1, 0, 3)]}, {"sources": [src(m2, 1, 4, scale=0.5)]}]}
+    if method == "linear":  # weights summing to powers of two, so that normalising them is exact
+        return {
+            "slices": [
+                {"sources": [src(m1, 0, 1, weight=0.75), src(m2, 3, 4)], "parameters": {"weight": 0.25}},
+                {"sources": [src(m1, 1, 4), src(m2, 0, 3, weight=[0.5, 1.5, 3.5])], "parameters": {"weight": 0.5}},
+            ]
+        }
+    if method == "slerp":
+        return {
+            "base_model": m0,
+            "parameters": {"t": 0.5},
+            "slices": [
+                {"sources": [src(m0, 0, 2), src(m1, 0, 2)], "parameters": {"t": [0.1, 0.9]}},
+                {"sources": [src(m0, 2, 4), src(m1, 1, 3)], "parameters": {"t": [{"filter": "mlp", "value": 0.2}]}},
+            ],
+        }
+    return {  # ties
+        "base_model": m0,
+        "parameters": {"density": 0.3, "weight": 1.0},
+        "slices": [
+            {"sources": [src(m0, 0, 2), src(m1, 0, 2), src(m2, 0, 2)], "parameters": {"density": 0.5}},
+            {"sources": [src(m0, 2, 4), src(m1, 2, 4, density=[0.2, 0.6]), src(m2, 1, 3)]},
+        ],
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["passthrough", "linear", "slerp", "ties"])
+def test_mergekit_slices_give_mergekits_checkpoint(tmp_path, method):
+    """Slices: a frankenmerge and per-slice merges (other layer ranges, slice and source parameters, gradients)."""
+    env = _mergekit_env()
+    if env is None:
+        pytest.skip("mergekit is not installed (set MMT_MERGEKIT_PATH to a folder holding it)")
+    paths = _bf16_models(tmp_path, 3, layers=4)
+    cfg = {"merge_method": method, **_slices(paths, method), "dtype": "float32", "out_dtype": "bfloat16"}
+    want = _run_mergekit(env, cfg, tmp_path, method)
+    mm.run_merge(
+        mm.load_merge_config(tmp_path / f"{method}.yml", ["tie_break=exact_k", f"output={tmp_path / 'mmt'}"]),
+        progress=False,
+    )
+    got = _state(tmp_path / "mmt")
+    assert want.keys() == got.keys()
+    for name, w in want.items():
+        assert got[name].dtype == w.dtype == torch.bfloat16, name
+        if method != "slerp":
+            assert torch.equal(got[name].view(torch.int16), w.view(torch.int16)), name
+        else:  # slerp rounds a few elements to the neighbouring bf16, as in test_mergekit_yaml_gives_mergekits_checkpoint
+            gap = (got[name].float() - w.float()).abs()
+            assert bool((gap <= _ulp_bf16(w)).all()), f"{name}: {float(gap.max())}"
+            assert float((gap > 0).float().mean()) < 0.01, name
+    conf = json.loads((tmp_path / "mmt" / "config.json").read_text())
+    assert (
+        conf["num_hidden_layers"]
+        == json.loads((tmp_path / f"mk_{method}" / "config.json").read_text())["num_hidden_layers"]
+    )
