@@ -17,7 +17,7 @@ A second, small case checks fidelity: mergekit's fp32 TIES against ``mmt merge``
 (expected: no element differs) and with the default ``tie_break: threshold``.
 
 ``MMT_BENCH_MERGEKIT_METHODS=ties,dare_ties,...`` adds a section per shape set with one row per method (K = 4,
-both tools in fp32 maths with bf16 output, the same mergekit YAML): wall time, peak RSS and the share of output
+nuslerp K = 2; both tools in fp32 maths with bf16 output, the same mergekit YAML): wall time, peak RSS and the share of output
 elements that differ (``tie_break: exact_k``; DARE and DELLA draw their own random masks, so theirs differ by
 design). ``MMT_BENCH_MERGEKIT_CKPTS=DIR`` reuses checkpoints written earlier by ``--write DIR 8 SCALE``.
 """
@@ -237,7 +237,11 @@ _SWEEP_PARAMS = {
     "della": {"weight": 1.0, "density": DENSITY, "epsilon": 0.1},
     "task_arithmetic": {"weight": 0.5},
     "model_stock": None,
+    "nuslerp": {"weight": 0.5},  # two models: t = 0.5 of the way between their task vectors
+    "sce": None,
 }
+_SWEEP_GLOBAL = {"sce": {"select_topk": 0.5}}  # mergekit parameters of the merge, not of each model
+_SWEEP_K = {"nuslerp": 2}  # methods that take a fixed number of models (the rest: K = 4)
 _RANDOM_METHODS = ("dare_ties", "dare_linear", "della", "della_linear")
 
 
@@ -256,7 +260,8 @@ def methods_section(root: Path, dirs: list[Path], mk: str, methods: list[str], t
     ]
     for method in methods:
         params = _SWEEP_PARAMS[method]
-        models = [{"model": str(d), **({"parameters": params} if params else {})} for d in dirs[1:]]
+        inputs = dirs[1 : 1 + _SWEEP_K.get(method, len(dirs) - 1)]
+        models = [{"model": str(d), **({"parameters": params} if params else {})} for d in inputs]
         cfg = {
             "merge_method": method,
             "base_model": str(dirs[0]),
@@ -264,6 +269,8 @@ def methods_section(root: Path, dirs: list[Path], mk: str, methods: list[str], t
             "dtype": "float32",
             "out_dtype": "bfloat16",
         }
+        if method in _SWEEP_GLOBAL:
+            cfg["parameters"] = _SWEEP_GLOBAL[method]
         src = root / f"sweep_{method}.yml"
         src.write_text(yaml.safe_dump(cfg))
         out_mk, out_mmt = root / f"sweep_mk_{method}", root / f"sweep_mmt_{method}"
@@ -279,8 +286,9 @@ def methods_section(root: Path, dirs: list[Path], mk: str, methods: list[str], t
         n = sum(t.numel() for t in want.values())
         diff = sum(int((got[k].view(torch.int16) != v.view(torch.int16)).sum()) for k, v in want.items())
         note = " (own random masks)" if method in _RANDOM_METHODS else ""
+        label = f"{method} (K={_SWEEP_K[method]})" if method in _SWEEP_K else method
         lines.append(
-            f"| {method} | {r_mmt['wall_s']:.1f} | {r_mmt['rss_mb'] / 1024:.1f} GB | {r_mk['wall_s']:.1f} | "
+            f"| {label} | {r_mmt['wall_s']:.1f} | {r_mmt['rss_mb'] / 1024:.1f} GB | {r_mk['wall_s']:.1f} | "
             f"{r_mk['rss_mb'] / 1024:.1f} GB | {r_mk['wall_s'] / r_mmt['wall_s']:.1f}x | "
             f"{100 * diff / n:.3f}%{note} |"
         )
