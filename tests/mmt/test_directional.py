@@ -66,9 +66,12 @@ def _cfg(jsonl, out, *extra):
     )
 
 
-@pytest.mark.parametrize("lora", [True, False])
-def test_run_directional_trains_units_merges_and_gates(tok, jsonl_data, tmp_path, lora):
-    cfg = _cfg(jsonl_data, tmp_path / "run", f"method.lora={str(lora).lower()}")
+# save_model=false is what `mmt experiment` passes: the units must still write the final/ the merge reads
+@pytest.mark.parametrize("lora, save_model", [(True, True), (False, True), (True, False)])
+def test_run_directional_trains_units_merges_and_gates(tok, jsonl_data, tmp_path, lora, save_model):
+    cfg = _cfg(
+        jsonl_data, tmp_path / "run", f"method.lora={str(lora).lower()}", f"train.save_model={str(save_model).lower()}"
+    )
     base = tiny_model("llama", vocab=len(tok), seed=0)
     manifest = D.run_directional(cfg, model=base, tokenizer=tok)
     assert set(manifest["units"]) == {"xx-en.a", "xx-en.b", "en-xx.all"}

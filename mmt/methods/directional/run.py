@@ -93,6 +93,7 @@ def run_directional(cfg: Any, *, model: nn.Module | None = None, tokenizer: Any 
         ucfg.method.unit = unit.name
         ucfg.method.directions = ["-".join(d) for d in unit.directions]
         ucfg.train.output_dir = str(out / unit.name)
+        ucfg.train.save_model = True  # the merge and the gate read each unit's final/, whatever the caller saves
         final = out / unit.name / "final"
         weights = final / "adapter" if mcfg.lora else final
         done = (weights / ("adapter_config.json" if mcfg.lora else "config.json")).exists()
