@@ -28,8 +28,8 @@ class MergeReport:
     def summary(self) -> str:
         gbps = self.bytes_read / max(self.seconds, 1e-9) / 1e9
         lines = [
-            f"merged {self.num_models} models with {self.method}: {self.tensors_merged} tensors merged, "
-            f"{self.tensors_copied} copied from the base, {self.parameters:,} parameters",
+            f"merged {self.num_models} model{'s' if self.num_models != 1 else ''} with {self.method}: {self.tensors_merged} tensors merged, "
+            f"{self.tensors_copied} copied as they are, {self.parameters:,} parameters",
             f"read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB in "
             f"{self.seconds:.1f} s ({gbps:.2f} GB/s read), peak RSS {self.peak_rss_mb:.0f} MB",
             f"output: {self.output}",
