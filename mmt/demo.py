@@ -61,7 +61,7 @@ DEMO_CONFIG: dict = {
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.epilog = """examples:
-  mmt demo                                   # Gemma 3 270M, mFTI, de/fr<->en, ~7 min on 2 idle cores
+  mmt demo                                   # Gemma 3 270M, mFTI, de/fr<->en, ~8 min on 2 idle cores
   mmt demo --steps 40 --sentences 32         # longer, more reliable numbers
   mmt demo --config examples/configs/mfti_demo.yaml method.lora=true
   mmt demo --shots 3                         # also score the untuned model 3-shot (slower)
