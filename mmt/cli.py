@@ -80,7 +80,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 EPILOG = """\
 examples:
-  mmt demo                                        # ~7 min on 2 CPU cores; results in runs/demo
+  mmt demo                                        # ~8 min on 2 CPU cores; results in runs/demo
   mmt train --config examples/configs/mfti_demo.yaml
   mmt train --config examples/configs/mfti_7b.yaml train.lr=1e-5 train.output_dir=runs/x
   mmt train --config my.yaml --method landermt    # same data/train sections, another method
